@@ -1,0 +1,151 @@
+"""Mount lifecycle: mount, detach, announce readiness, serve, and unmount cleanly.
+
+Readiness means "the mount answers", not "mount(2) returned": after the kernel mount, a worker
+thread stats the mountpoint, which the event loop must serve; only then is the caller told. So a
+script (or mount(8)) can use the mount the moment ``overlayfuse`` returns.
+
+Detaching forks before any thread or event loop exists. The parent waits on a pipe for one word
+from the child, "ready" or an error line, and exits 0 or 1 with it; the child starts its own
+session, and drops the caller's stdio so that ``$(overlayfuse ...)`` or a captured pipe does not wait
+for the daemon to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from .fs import OverlayOperations
+from .layers import LayerStack
+from .options import MountOptions
+
+log = logging.getLogger(__name__)
+
+#: pyfuse3 starts another request task whenever all are busy, up to this many. Each waits on a thread
+#: at most, so this bounds concurrency, not CPU.
+MAX_REQUEST_TASKS = 64
+
+_READY = b"ready\n"
+
+
+class MountError(Exception):
+    """The mount itself failed (after the options were valid): one line for the user."""
+
+
+def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
+    """Mount, call ON_READY once the mount answers, and serve until unmounted or signalled."""
+    stack = LayerStack.from_dirs(options.lowerdirs, options.upperdir)
+    operations = OverlayOperations(stack, read_only=options.read_only)
+    try:
+        pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount on {options.mountpoint}: {exc}") from None
+    log.info(
+        "mounted %s: lowerdir=%s upperdir=%s%s",
+        options.mountpoint, ":".join(options.lowerdirs), options.upperdir, " (read-only)" if options.read_only else "",
+    )  # fmt: skip
+    unmount = True
+    try:
+        unmount = trio.run(_run, options.mountpoint, on_ready)
+    finally:
+        pyfuse3.close(unmount=unmount)
+        log.info("unmounted %s", options.mountpoint)
+
+
+async def _run(mountpoint: str, on_ready: Callable[[], None]) -> bool:
+    """Serve requests; returns whether we still have to unmount (False when unmounted from outside)."""
+    signalled = False
+
+    async def stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal signalled
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                signalled = True
+                pyfuse3.terminate()
+                return
+
+    async def announce_ready() -> None:
+        # From a worker thread: the event loop serves this stat like any client's.
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        on_ready()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stop_on_signal)
+        nursery.start_soon(announce_ready)
+        await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
+        nursery.cancel_scope.cancel()
+    return signalled
+
+
+def run_detached(options: MountOptions) -> int:
+    """Fork a daemon that mounts; return 0 once its mount answers, 1 (after printing why) if it fails."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read()
+        if message == _READY:
+            return 0
+        os.waitpid(pid, 0)
+        text = message.decode(errors="replace").strip() or "the daemon exited before the mount was ready"
+        print(f"overlayfuse: error: {text}", file=sys.stderr)
+        return 1
+
+    os.close(read_end)
+    os.setsid()
+    os.chdir("/")
+    _detach_stdio()
+    status = 0
+    try:
+        serve(options, on_ready=lambda: _signal_ready(write_end))
+    except MountError as exc:
+        _report(write_end, str(exc))
+        status = 1
+    except BaseException as exc:  # the parent must hear *something* before the daemon dies
+        log.exception("daemon failed")
+        _report(write_end, f"daemon failed: {exc!r}")
+        status = 1
+    os._exit(status)
+
+
+def _signal_ready(fd: int) -> None:
+    try:
+        os.write(fd, _READY)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _report(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _detach_stdio() -> None:
+    """Point stdin, stdout and stderr at /dev/null; log to syslog when there is one."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if os.path.exists("/dev/log"):
+        syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        syslog.setFormatter(logging.Formatter("overlayfuse[%(process)d]: %(levelname)s %(message)s"))
+        root.addHandler(syslog)
+    else:
+        root.addHandler(logging.NullHandler())

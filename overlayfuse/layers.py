@@ -1,0 +1,215 @@
+"""The layer stack, and how a merged name resolves through it.
+
+Pure and synchronous: plain directories in, plain values out, no pyfuse3. The rules are kernel
+overlayfs's (Documentation/filesystems/overlayfs.rst):
+
+- layers are searched top-down (the upper dir, then lowerdirs left to right) and the first match wins;
+- a non-directory hides everything below it; a whiteout hides everything below it;
+- only directories merge, down to the first opaque one, and a non-directory found below a directory
+  ends the merge; a merged directory's own metadata and xattrs come from its topmost layer.
+
+A merged directory is represented by its *branches*: one real directory per layer that takes part,
+topmost first. Looking a name up in it needs only those branches.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import whiteout
+from .whiteout import Opacity
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One layer of the stack: the upper dir (writable) or a lowerdir."""
+
+    index: int
+    """0 is the top of the stack."""
+    root: str
+    """Absolute path of the layer's root directory."""
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """One layer's real directory taking part in a merged directory."""
+
+    layer: Layer
+    path: str
+    opacity: Opacity
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What a merged name resolves to."""
+
+    layer: Layer
+    """The layer holding the topmost (visible) object."""
+    path: str
+    """Real path of the topmost object: its data, metadata and xattrs are the merged object's."""
+    stat: os.stat_result
+    branches: tuple[Branch, ...]
+    """For a directory, every real directory merged into it, topmost first; empty otherwise."""
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.stat.st_mode)
+
+    @property
+    def is_merged(self) -> bool:
+        """A directory with more than one layer behind it (the kernel reports st_nlink 1 for these)."""
+        return len(self.branches) > 1
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStack:
+    """The ordered layers of one mount, topmost first."""
+
+    layers: tuple[Layer, ...]
+
+    @classmethod
+    def from_dirs(cls, lowerdirs: Sequence[str], upperdir: str | None) -> LayerStack:
+        roots = ([upperdir] if upperdir else []) + list(lowerdirs)
+        return cls(
+            tuple(
+                Layer(index=i, root=root, writable=(upperdir is not None and i == 0))
+                for i, root in enumerate(roots)
+            )
+        )
+
+    @property
+    def upper(self) -> Layer | None:
+        return self.layers[0] if self.layers[0].writable else None
+
+    def resolve_root(self) -> Resolved:
+        """The merged root: every layer's root merges into it (layer roots are never opaque)."""
+        branches = tuple(
+            Branch(layer, layer.root, _root_opacity(layer.root)) for layer in self.layers
+        )
+        top = self.layers[0]
+        return Resolved(top, top.root, os.lstat(top.root), branches)
+
+
+def lookup(parent: Sequence[Branch], name: str) -> Resolved | None:
+    """Resolve NAME in the merged directory made of PARENT's branches; None if it does not exist.
+
+    Raises OSError for real errors (ENAMETOOLONG, EACCES, EIO...) so the FUSE boundary can report them.
+    """
+    if whiteout.is_reserved_name(name):
+        return None
+    return _merge(parent, name, _LiveProbe())
+
+
+def list_dir(parent: Sequence[Branch]) -> list[tuple[str, Resolved]]:
+    """Every visible name of a merged directory, each once, resolved: upper names first, then lower.
+
+    Each branch is read once with scandir; the per-name merge then runs on those listings (the same
+    rules as `lookup`), so a directory of N names costs N lstats per layer, not N lookups.
+    """
+    listings = [_Listing.read(branch.path) for branch in parent]
+    order: dict[str, None] = {}
+    for listing in listings:
+        for name in listing.entries:
+            if not whiteout.is_reserved_name(name):
+                order.setdefault(name, None)
+    probe = _ListedProbe(dict(zip((b.path for b in parent), listings)))
+    result = []
+    for name in order:
+        resolved = _merge(parent, name, probe)
+        if resolved is not None:
+            result.append((name, resolved))
+    return result
+
+
+class _LiveProbe:
+    """Asks the real filesystem, one syscall per question (used by single-name lookups)."""
+
+    def lstat(self, branch: Branch, name: str, path: str) -> os.stat_result | None:
+        try:
+            return os.lstat(path)
+        except FileNotFoundError:
+            return None
+
+    def oci_whiteout(self, branch: Branch, name: str) -> bool:
+        return whiteout.oci_whiteout_exists(branch.path, name)
+
+
+@dataclass(slots=True)
+class _Listing:
+    """One real directory, read once."""
+
+    entries: dict[str, os.DirEntry[str]]
+
+    @classmethod
+    def read(cls, path: str) -> _Listing:
+        with os.scandir(path) as it:
+            return cls({entry.name: entry for entry in it})
+
+
+@dataclass(slots=True)
+class _ListedProbe:
+    """Answers from directory listings already read (used when listing a whole directory)."""
+
+    listings: dict[str, _Listing]
+
+    def lstat(self, branch: Branch, name: str, path: str) -> os.stat_result | None:
+        entry = self.listings[branch.path].entries.get(name)
+        if entry is None:
+            return None
+        try:
+            return entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def oci_whiteout(self, branch: Branch, name: str) -> bool:
+        return whiteout.oci_whiteout_name(name) in self.listings[branch.path].entries
+
+
+def _merge(parent: Sequence[Branch], name: str, probe: _LiveProbe | _ListedProbe) -> Resolved | None:
+    """The overlay lookup rules, for one name, over the parent's branches topmost first."""
+    top: tuple[Layer, str, os.stat_result] | None = None
+    branches: list[Branch] = []
+    for branch in parent:
+        path = os.path.join(branch.path, name)
+        st = probe.lstat(branch, name, path)
+        if st is None:
+            if probe.oci_whiteout(branch, name):
+                break
+            continue
+        if whiteout.is_whiteout(path, st, branch.opacity):
+            break
+        if top is None:
+            top = (branch.layer, path, st)
+            if not stat.S_ISDIR(st.st_mode):
+                break
+        elif not stat.S_ISDIR(st.st_mode):
+            break  # a non-directory below a directory ends the merge (the kernel stops there too)
+        opacity = whiteout.read_opacity(path)
+        branches.append(Branch(branch.layer, path, opacity))
+        # A ".wh.NAME" beside NAME in the same layer means "replaced": nothing below shows through.
+        if opacity.opaque or probe.oci_whiteout(branch, name):
+            break
+    if top is None:
+        return None
+    return Resolved(top[0], top[1], top[2], tuple(branches))
+
+
+def _root_opacity(path: str) -> Opacity:
+    """A layer root may carry xattr whiteouts, but its opaque marker is ignored, as in the kernel."""
+    opacity = whiteout.read_opacity(path)
+    return Opacity(opaque=False, has_xattr_whiteouts=opacity.has_xattr_whiteouts)
+
+
+def check_layer_readable(path: str) -> None:
+    """Open and read one entry of a layer root, so an unusable layer fails at mount time, not later."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as it:
+            next(iter(it), None)
+    finally:
+        os.close(fd)
+

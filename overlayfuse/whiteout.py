@@ -1,0 +1,115 @@
+"""How whiteouts and opaque markers look on disk, in every format real layers use.
+
+This is the only module that knows these formats. Everything else asks it questions:
+"is this entry a whiteout?", "does this layer hide NAME below it?", "is this directory opaque?",
+"is this xattr overlay-private?".
+
+Formats read (all of them, in every layer, as fuse-overlayfs does):
+
+- kernel whiteout: a character device 0:0 named like the hidden entry;
+- xattr whiteout (kernel >= 6.7, written by layer builders, never by the kernel): a zero-size regular
+  file carrying ``trusted.overlay.whiteout``, inside a directory marked ``trusted.overlay.opaque=x``;
+- OCI/AUFS whiteout: a file ``.wh.NAME`` beside the hidden entry;
+- opaque directory: ``trusted.overlay.opaque=y``, ``user.overlay.opaque=y``, or a ``.wh..wh..opq`` file
+  inside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+OCI_WHITEOUT_PREFIX = ".wh."
+OCI_OPAQUE_MARKER = ".wh..wh..opq"
+
+#: Both namespaces: the kernel reads ``trusted.`` (``user.`` with ``userxattr``); rootless tools write
+#: ``user.``. We honour both, and hide both from the merged view.
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+XATTR_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+
+
+@dataclass(frozen=True, slots=True)
+class Opacity:
+    """What a layer's directory says about the layers below it."""
+
+    opaque: bool
+    """Hides every same-named directory in lower layers."""
+    has_xattr_whiteouts: bool
+    """Marked ``opaque=x``: zero-size files with the whiteout xattr inside it are whiteouts."""
+
+
+NOT_OPAQUE = Opacity(opaque=False, has_xattr_whiteouts=False)
+
+
+def is_reserved_name(name: str) -> bool:
+    """Names starting with ``.wh.`` are whiteout metadata (OCI image spec) and never visible."""
+    return name.startswith(OCI_WHITEOUT_PREFIX)
+
+
+def oci_whiteout_name(name: str) -> str:
+    """The ``.wh.NAME`` file that hides NAME below the layer holding it."""
+    return OCI_WHITEOUT_PREFIX + name
+
+
+def oci_whiteout_target(name: str) -> str | None:
+    """The name a ``.wh.NAME`` entry hides, or None if NAME is not an OCI whiteout."""
+    if name.startswith(OCI_WHITEOUT_PREFIX) and name != OCI_OPAQUE_MARKER:
+        return name[len(OCI_WHITEOUT_PREFIX) :]
+    return None
+
+
+def is_device_whiteout(st: os.stat_result) -> bool:
+    """The kernel's own whiteout: a character device with device number 0:0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_whiteout(path: str, st: os.stat_result, parent: Opacity) -> bool:
+    """Whether the entry at PATH (already lstat'ed) is a whiteout in either on-disk entry format."""
+    if is_device_whiteout(st):
+        return True
+    if parent.has_xattr_whiteouts and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        return any(_has_xattr(path, name) for name in XATTR_WHITEOUT_XATTRS)
+    return False
+
+
+def oci_whiteout_exists(layer_dir: str, name: str) -> bool:
+    """Whether LAYER_DIR holds a ``.wh.NAME`` file hiding NAME in lower layers."""
+    try:
+        os.lstat(os.path.join(layer_dir, oci_whiteout_name(name)))
+    except OSError as exc:
+        # A 252+ byte NAME cannot have a whiteout: its ".wh." form is too long to exist.
+        if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):
+            return False
+        raise
+    return True
+
+
+def read_opacity(dir_path: str) -> Opacity:
+    """Read a layer directory's opaque markers: the xattrs (both namespaces) and ``.wh..wh..opq``."""
+    values = {_get_xattr(dir_path, name) for name in OPAQUE_XATTRS}
+    if b"y" in values or os.path.lexists(os.path.join(dir_path, OCI_OPAQUE_MARKER)):
+        return Opacity(opaque=True, has_xattr_whiteouts=b"x" in values)
+    if b"x" in values:
+        return Opacity(opaque=False, has_xattr_whiteouts=True)
+    return NOT_OPAQUE
+
+
+def is_private_xattr(name: str) -> bool:
+    """Overlay bookkeeping xattrs: never listed, never readable through the merged view."""
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def _get_xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
+def _has_xattr(path: str, name: str) -> bool:
+    return _get_xattr(path, name) is not None
