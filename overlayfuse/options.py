@@ -135,7 +135,9 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     read_only = False
     fuse_options: set[str] = set()
     warnings: list[str] = []
-    allow_other = default_permissions = (os.geteuid() if euid is None else euid) == 0
+    # As fuse-overlayfs: the kernel checks permissions for everyone, and root's mounts serve every user.
+    default_permissions = True
+    allow_other = (os.geteuid() if euid is None else euid) == 0
     for opts in args.opts:
         for raw in split_escaped(opts, ","):
             if not raw:
