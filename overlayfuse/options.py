@@ -136,8 +136,9 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     fuse_options: set[str] = set()
     warnings: list[str] = []
     # As fuse-overlayfs: the kernel checks permissions for everyone, and root's mounts serve every user.
+    is_root = (os.geteuid() if euid is None else euid) == 0
     default_permissions = True
-    allow_other = (os.geteuid() if euid is None else euid) == 0
+    allow_other = is_root
     for opts in args.opts:
         for raw in split_escaped(opts, ","):
             if not raw:
@@ -182,6 +183,12 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     if upperdir is None:
         read_only = True  # as the kernel: no upper layer means a read-only mount
 
+    if is_root:
+        # Like the kernel's overlay mounted by root (and unlike FUSE's default): device nodes open and
+        # setuid bits work, so a merged rootfs can be chrooted into. "nodev"/"nosuid" still win.
+        for flag in ("dev", "suid"):
+            if "no" + flag not in fuse_options:
+                fuse_options.add(flag)
     if allow_other:
         fuse_options.add("allow_other")
     if default_permissions:

@@ -83,3 +83,10 @@ def test_bad_command_lines(argv: list[str], message: str) -> None:
         parse_args(argv, euid=0)
     assert message in str(excinfo.value)
     assert "\n" not in str(excinfo.value)
+
+
+def test_root_mounts_allow_devices_and_setuid_like_the_kernel() -> None:
+    assert {"dev", "suid"} <= parse_args(["-o", "lowerdir=/l", "/mnt"], euid=0).fuse_options
+    opts = parse_args(["-o", "lowerdir=/l,nodev,nosuid", "/mnt"], euid=0)
+    assert not {"dev", "suid"} & opts.fuse_options
+    assert not {"dev", "suid"} & parse_args(["-o", "lowerdir=/l", "/mnt"], euid=1000).fuse_options
