@@ -1,0 +1,107 @@
+"""A tiny FUSE filesystem whose one file cannot be read until the test says so.
+
+    python -m tests.gatefs CONTROL_DIR MOUNTPOINT
+
+It serves a single regular file, `gated` (1 MiB).  A read of it first creates
+CONTROL_DIR/waiting, then waits (without blocking gatefs itself) until
+CONTROL_DIR/release exists.  Used as a lower layer, it gives a test a lower-layer read
+that stays blocked for exactly as long as the test wants: a real, slow filesystem
+rather than a mock, and no timing guesses.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+FILE_NAME = b"gated"
+FILE_INODE = pyfuse3.ROOT_INODE + 1
+FILE_SIZE = 1 << 20
+FSTYPE = "fuse.gatefs"
+POLL_SECONDS = 0.02  # how quickly a released read notices the release file
+FIXED_NS = 1_600_000_000_000_000_000
+
+
+class GateFS(pyfuse3.Operations):
+    """Root directory with one file whose reads wait for `control/release`."""
+
+    def __init__(self, control: Path) -> None:
+        super().__init__()
+        self.waiting_marker = control / "waiting"
+        self.release_marker = control / "release"
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            attr.st_mode, attr.st_nlink, attr.st_size = stat.S_IFDIR | 0o755, 2, 0
+        elif inode == FILE_INODE:
+            attr.st_mode, attr.st_nlink, attr.st_size = stat.S_IFREG | 0o644, 1, FILE_SIZE
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attr.st_uid = attr.st_gid = 0
+        attr.st_blksize = 4096
+        attr.st_blocks = attr.st_size // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = FIXED_NS
+        return attr
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if parent_inode == pyfuse3.ROOT_INODE and name == FILE_NAME:
+            return self._attr(FILE_INODE)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, FILE_NAME, self._attr(FILE_INODE), 1)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode != FILE_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, direct_io=True)  # every read reaches us
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.waiting_marker.touch()
+        while not self.release_marker.exists():
+            await trio.sleep(POLL_SECONDS)
+        return b"g" * max(0, min(size, FILE_SIZE - off))
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return []
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+
+def main(argv: list[str]) -> int:
+    control, mountpoint = Path(argv[0]), argv[1]
+    pyfuse3.init(GateFS(control), mountpoint, {"fsname=gatefs", "subtype=gatefs", "ro"})
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

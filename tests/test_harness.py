@@ -1,0 +1,73 @@
+"""The comparison harness checked against itself: kernel overlayfs versus kernel overlayfs.
+
+If two kernel mounts of identical trees did not compare equal, every overlayfuse
+failure would be suspect; if a perturbed tree compared equal, every pass would be.
+These tests need no daemon.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.compare import assert_same_errnos, assert_same_view, getdents, take_snapshot
+from tests.mounts import kernel_overlay
+from tests.rich_tree import RICH_PROBES, LayerSet, build_layer_set, rich_layers
+from tests.trees import (
+    CharDev,
+    Entry,
+    File,
+    OciWhiteout,
+    Opaque,
+    Whiteout,
+    kernel_equivalent,
+    make_tree,
+)
+
+pytestmark = pytest.mark.kernel
+
+
+def _mount_both(tmp_path: Path) -> tuple[LayerSet, LayerSet]:
+    layers = rich_layers()
+    return (build_layer_set(tmp_path / "a", layers, kernel=True),
+            build_layer_set(tmp_path / "b", layers, kernel=True))
+
+
+def test_kernel_equals_kernel_and_perturbation_is_seen(tmp_path: Path) -> None:
+    a, b = _mount_both(tmp_path)
+    with kernel_overlay(a.mnt, a.lowers, a.upper, a.work), \
+            kernel_overlay(b.mnt, b.lowers, b.upper, b.work):
+        view_a, _ = assert_same_view(a.mnt, b.mnt, ours_is_kernel=True)
+        assert_same_errnos(a.mnt, b.mnt, RICH_PROBES)
+        assert len(view_a.entries) > 2900
+        os.chmod(b.lowers[0] / "recreated/new_child", 0o600)  # l1, visible
+        os.setxattr(b.lowers[2] / "merged/l3_only", "user.extra", b"1")
+        os.utime(b.lowers[1] / "merged/l2_only", ns=(0, 0))
+        with pytest.raises(AssertionError) as failure:
+            assert_same_view(view_a, take_snapshot(b.mnt), ours_is_kernel=True)
+        message = str(failure.value)
+        assert "'recreated/new_child': mode kernel=100644 ours=100600" in message
+        assert "'merged/l3_only': xattrs" in message
+        assert "'merged/l2_only': mtime_ns" in message
+
+
+def test_getdents_keeps_dot_entries(tmp_path: Path) -> None:
+    make_tree(tmp_path / "t", File("a"))
+    names = sorted(e.name for e in getdents(str(tmp_path / "t")))
+    assert names == [".", "..", "a"]
+
+
+def test_kernel_equivalent_forms(tmp_path: Path) -> None:
+    """OCI and user forms become the kernel's; the built trees look as documented."""
+    entries: list[Entry] = [OciWhiteout("d/x"), Opaque("o", "oci"), Opaque("u", "user")]
+    assert kernel_equivalent(entries) == [Whiteout("d/x"), Opaque("o"), Opaque("u")]
+    root = make_tree(tmp_path / "oci", *entries)
+    assert (root / "d/.wh.x").read_bytes() == b""
+    assert (root / "o/.wh..wh..opq").exists()
+    assert os.getxattr(root / "u", "user.overlay.opaque") == b"y"
+    kroot = make_tree(tmp_path / "kernel", *kernel_equivalent(entries), CharDev("dev", 1, 3))
+    assert os.lstat(kroot / "d/x").st_rdev == 0
+    assert os.getxattr(kroot / "o", "trusted.overlay.opaque") == b"y"
+    assert os.stat(kroot / "dev").st_rdev == os.makedev(1, 3)
