@@ -49,6 +49,7 @@ _MUST_COPY_XATTRS = ("system.posix_acl_access", "system.posix_acl_default", "sec
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 _serial = itertools.count()  # next() on a count is atomic in CPython: safe across worker threads
 
@@ -115,8 +116,18 @@ def rename_exchange(a: str, b: str) -> None:
     _renameat2(a, b, RENAME_EXCHANGE)
 
 
+def rename_whiteout(src: str, dst: str) -> None:
+    """Rename SRC to DST and leave a 0:0 whiteout device at SRC, in one step (needs CAP_MKNOD)."""
+    _renameat2(src, dst, RENAME_WHITEOUT)
+
+
+def staging_path(ws: Workspace) -> str:
+    """A fresh, unused name in the staging dir."""
+    return os.path.join(ws.staging, f"#{os.getpid()}-{next(_serial)}-{secrets.token_hex(4)}")
+
+
 def _copy_up(ws: Workspace, source: str, target: str, size: int | None) -> os.stat_result:
-    staged = os.path.join(ws.staging, f"#{os.getpid()}-{next(_serial)}-{secrets.token_hex(4)}")
+    staged = staging_path(ws)
     st = os.lstat(source)
     if size is not None and not stat.S_ISREG(st.st_mode):
         code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL

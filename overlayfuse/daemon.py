@@ -22,8 +22,12 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import whiteout
+from .copyup import Workspace
 from .fs import OverlayOperations
 from .layers import LayerStack
+from .links import LinkIndex
+from .merged import MergedTree
 from .options import MountOptions
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,18 @@ class MountError(Exception):
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, call ON_READY once the mount answers, and serve until unmounted or signalled."""
     stack = LayerStack.from_dirs(options.lowerdirs, options.upperdir)
-    operations = OverlayOperations(stack, read_only=options.read_only)
+    workspace = style = links = None
+    if options.upperdir and options.workdir and not options.read_only:
+        try:
+            workspace = Workspace.prepare(options.upperdir, options.workdir)
+            style = whiteout.probe_marker_style(workspace.staging)
+            links = LinkIndex.prepare(options.workdir, style.opaque_xattr)
+        except OSError as exc:
+            raise MountError(f"workdir {options.workdir}: {exc.strerror or exc}") from None
+        if not style.device_whiteouts:
+            log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
+    tree = MergedTree(stack, workspace, style, links)
+    operations = OverlayOperations(tree, read_only=options.read_only)
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
     except RuntimeError as exc:

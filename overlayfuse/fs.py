@@ -1,12 +1,11 @@
-"""The FUSE operations: thin async handlers over `layers` and `inodes`.
+"""The FUSE operations: thin async handlers over `merged.MergedTree`.
 
 This is the one place where errors become errno values: every handler runs inside `_boundary`, which
 turns an ``OSError`` from the layers into the same errno for the caller, and anything unexpected into
 EIO with the cause in the log (an exception escaping a pyfuse3 handler would end the mount).
 
-Where the work can be long (file data, whole directories) it runs in a worker thread under a
-`trio.CapacityLimiter`, so one slow request never holds up the others; single lstats stay inline,
-where they cost less than the hop to a thread.
+Handlers decode names, build attributes and keep open-file state; what the merged view means, and
+how it changes, is `merged`'s business.
 """
 
 from __future__ import annotations
@@ -21,24 +20,22 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
-import trio
 
-from . import layers, whiteout
-from .inodes import ROOT_INODE, InodeTable, Node
-from .layers import LayerStack, Resolved
+from . import whiteout
+from .inodes import Node
+from .layers import Resolved
+from .merged import Caller, MergedTree
 
 log = logging.getLogger(__name__)
 
 #: How long the kernel may trust an entry or attributes without asking again. Lower layers never
-#: change under a mount and the upper dir changes only through this daemon, so "a day" is safe.
+#: change under a mount and the upper dir changes only through this daemon, which the kernel sees
+#: happen, so "a day" is safe.
 CACHE_TIMEOUT = 86400.0
 
-#: Worker threads for file data and directory listings: enough to keep a disk queue busy and let
-#: several readers progress at once, few enough to bound memory (each holds at most one 128 KiB read).
-IO_THREADS = 16
-
-#: Open flags that would change a file. Until the write path exists they are refused with EROFS.
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+#: Flags that make no sense on the real file: the kernel already created it (O_CREAT/O_EXCL), and
+#: O_DIRECT would need aligned buffers that Python bytes are not.
+_STRIP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -60,8 +57,14 @@ def _boundary(handler: F) -> F:
             if exc.errno is None:
                 log.error("%s%s failed without an errno: %r; answering EIO", name, _brief(args), exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            log.debug("%s -> %s (%s)", name, errno.errorcode.get(exc.errno, exc.errno), exc)
+            if exc.errno == errno.EIO:
+                log.error("%s%s: EIO from the layers: %s", name, _brief(args), exc)
+            else:
+                log.debug("%s -> %s (%s)", name, errno.errorcode.get(exc.errno, exc.errno), exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        except KeyError as exc:  # an inode or handle the kernel should not have used
+            log.error("%s%s: unknown inode or handle %s; answering ESTALE", name, _brief(args), exc)
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
         except Exception:
             log.exception("%s%s failed unexpectedly; answering EIO", name, _brief(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -70,8 +73,16 @@ def _boundary(handler: F) -> F:
 
 
 def _brief(args: Sequence[Any]) -> str:
-    shown = [a for a in args if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken))]
+    shown = [
+        a if not isinstance(a, bytes) or len(a) <= 64 else f"<{len(a)} bytes>"
+        for a in args
+        if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken, pyfuse3.SetattrFields))
+    ]
     return "(" + ", ".join(repr(a) for a in shown) + ")"
+
+
+def _fuse_error(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
 
 
 @dataclass(slots=True)
@@ -82,32 +93,36 @@ class DirHandle:
     entries: list[tuple[str, Resolved]]
 
 
-def _fuse_error(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
+@dataclass(slots=True)
+class FileHandle:
+    """An open file: the real fd, and which real file it is (a read-only fd follows a copy-up)."""
 
-
-def _refuse_change(name: str) -> Any:
-    """A handler for an operation that would change the merged view: EROFS until the write path."""
-
-    async def refuse(self: OverlayOperations, *args: Any) -> Any:
-        raise _fuse_error(errno.EROFS)
-
-    refuse.__name__ = name
-    return _boundary(refuse)
+    node: Node
+    fd: int
+    path: str
+    writable: bool
 
 
 class OverlayOperations(pyfuse3.Operations):
-    """The merged view of a `LayerStack` as FUSE operations."""
+    """The merged view of a `MergedTree` as FUSE operations."""
 
-    def __init__(self, stack: LayerStack, *, read_only: bool) -> None:
+    def __init__(self, tree: MergedTree, *, read_only: bool) -> None:
         super().__init__()
-        self.stack = stack
+        self.tree = tree
+        self.inodes = tree.inodes
         self.read_only = read_only
-        root = stack.resolve_root()
-        self.inodes = InodeTable(root, [os.lstat(layer.root).st_dev for layer in stack.layers])
         self._dirs: dict[int, DirHandle] = {}
-        self._next_dir_handle = 1
-        self._io = trio.CapacityLimiter(IO_THREADS)
+        self._files: dict[int, FileHandle] = {}
+        self._next_handle = 1
+
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise _fuse_error(errno.EROFS)
 
     # -- attributes -------------------------------------------------------------------------------
 
@@ -118,9 +133,7 @@ class OverlayOperations(pyfuse3.Operations):
         attrs.entry_timeout = CACHE_TIMEOUT
         attrs.attr_timeout = CACHE_TIMEOUT
         attrs.st_mode = st.st_mode
-        # Like the kernel: a merged directory's link count cannot be known cheaply, and 1 tells
-        # find(1) and friends not to rely on it.
-        attrs.st_nlink = 1 if resolved.is_merged else st.st_nlink
+        attrs.st_nlink = self.tree.link_count(resolved, st)
         attrs.st_uid = st.st_uid
         attrs.st_gid = st.st_gid
         attrs.st_rdev = st.st_rdev
@@ -132,17 +145,9 @@ class OverlayOperations(pyfuse3.Operations):
         attrs.st_ctime_ns = st.st_ctime_ns
         return attrs
 
-    def _fresh_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
-        return self._attributes(node.ino, node.resolved, os.lstat(node.resolved.path))
-
-    def _child_path(self, parent: Node, name: str) -> str:
-        return f"{parent.path}/{name}" if parent.path else name
-
-    def _dir_node(self, ino: int) -> Node:
-        node = self.inodes.get(ino)
-        if not node.resolved.is_dir:
-            raise _fuse_error(errno.ENOTDIR)
-        return node
+    def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        resolved = self.tree.fresh(node)
+        return self._attributes(node.ino, resolved, os.lstat(resolved.path))
 
     # -- lookup and attributes --------------------------------------------------------------------
 
@@ -150,20 +155,8 @@ class OverlayOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent = self._dir_node(parent_inode)
-        if name == b".":
-            node = self.inodes.remember(parent.path, parent.resolved, parent.parent)
-            return self._fresh_attributes(node)
-        if name == b"..":
-            grandparent = self.inodes.get(parent.parent)
-            node = self.inodes.remember(grandparent.path, grandparent.resolved, grandparent.parent)
-            return self._fresh_attributes(node)
-        child = os.fsdecode(name)
-        resolved = layers.lookup(parent.resolved.branches, child)
-        if resolved is None:
-            raise _fuse_error(errno.ENOENT)
-        node = self.inodes.remember(self._child_path(parent, child), resolved, parent.ino)
-        return self._attributes(node.ino, resolved, resolved.stat)
+        node = self.tree.lookup(parent_inode, os.fsdecode(name))
+        return self._attributes(node.ino, node.resolved, node.resolved.stat)
 
     @_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -172,15 +165,29 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._fresh_attributes(self.inodes.get(inode))
+        return self._node_attributes(self.inodes.get(inode))
+
+    @_boundary
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        self._check_writable()
+        node = self.inodes.get(inode)
+        if fields.update_size:
+            await self.tree.truncate(node, attr.st_size)
+        changes = _metadata_changes(attr, fields)
+        if changes is not None:
+            await self.tree.change_metadata(node, changes)
+        return self._node_attributes(node)
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.fsencode(os.readlink(self.inodes.get(inode).resolved.path))
+        return os.fsencode(os.readlink(self.tree.fresh(self.inodes.get(inode)).path))
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        st = os.lstat(self.inodes.get(inode).resolved.path)
+        st = os.lstat(self.tree.fresh(self.inodes.get(inode)).path)
         if mode & os.W_OK and self.read_only:
             raise _fuse_error(errno.EROFS)
         return _permitted(st, mode, ctx)
@@ -188,7 +195,7 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         # Like the kernel: the space is the top layer's (where new data would go).
-        real = os.statvfs(self.stack.layers[0].root)
+        real = os.statvfs(self.tree.stack.layers[0].root)
         data = pyfuse3.StatvfsData()
         for field_name in (
             "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
@@ -204,31 +211,83 @@ class OverlayOperations(pyfuse3.Operations):
         attr = os.fsdecode(name)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
-        return os.getxattr(self.inodes.get(inode).resolved.path, attr, follow_symlinks=False)
+        path = self.tree.fresh(self.inodes.get(inode)).path
+        return os.getxattr(path, attr, follow_symlinks=False)
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = os.listxattr(self.inodes.get(inode).resolved.path, follow_symlinks=False)
+        names = os.listxattr(self.tree.fresh(self.inodes.get(inode)).path, follow_symlinks=False)
         return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
+
+    @_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        attr = os.fsdecode(name)
+        if whiteout.is_private_xattr(attr):
+            raise _fuse_error(errno.EPERM)
+        await self.tree.change_metadata(
+            self.inodes.get(inode), lambda path: os.setxattr(path, attr, value, follow_symlinks=False)
+        )
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        attr = os.fsdecode(name)
+        if whiteout.is_private_xattr(attr):
+            raise _fuse_error(pyfuse3.ENOATTR)
+        node = self.inodes.get(inode)
+        # Removing what is not there fails without a copy-up, as in the kernel.
+        os.getxattr(self.tree.fresh(node).path, attr, follow_symlinks=False)
+        await self.tree.change_metadata(node, lambda path: os.removexattr(path, attr, follow_symlinks=False))
 
     # -- file data --------------------------------------------------------------------------------
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if flags & _WRITE_FLAGS:
-            raise _fuse_error(errno.EROFS)
         node = self.inodes.get(inode)
-        # O_NOATIME: like the kernel, reading through the overlay does not touch lower atimes.
-        real_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        if not node.resolved.layer.writable:
-            real_flags |= os.O_NOATIME
-        fd = await trio.to_thread.run_sync(_open_real, node.resolved.path, real_flags, limiter=self._io)
-        # The data cannot change behind the kernel's back: keep its page cache across opens.
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if writing:
+            self._check_writable()
+            resolved = await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
+        else:
+            resolved = self.tree.fresh(node)
+        fd = await self.tree.in_thread(_open_real, resolved, flags)
+        handle = self._new_handle()
+        self._files[handle] = FileHandle(node, fd, resolved.path, writing)
+        # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @_boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_writable()
+        node, fd = await self.tree.create(
+            parent_inode, os.fsdecode(name), stat.S_IFREG | stat.S_IMODE(mode), Caller(ctx.uid, ctx.gid),
+            open_flags=flags,
+        )  # fmt: skip
+        assert fd is not None
+        handle = self._new_handle()
+        self._files[handle] = FileHandle(node, fd, node.resolved.path, True)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True), self._node_attributes(node)
+
+    def _readable_fd(self, handle: FileHandle) -> int:
+        """A read-only fd opened before a copy-up reads the upper copy afterwards, like the kernel's."""
+        current = self.tree.fresh(handle.node).path
+        if not handle.writable and current != handle.path:
+            fd = os.open(current, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            os.close(handle.fd)
+            handle.fd, handle.path = fd, current
+        return handle.fd
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await trio.to_thread.run_sync(os.pread, fh, size, off, limiter=self._io)
+        fd = self._readable_fd(self._files[fh])
+        return await self.tree.in_thread(os.pread, fd, size, off)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.tree.in_thread(os.pwrite, self._files[fh].fd, buf, off)
 
     @_boundary
     async def flush(self, fh: int) -> None:
@@ -236,22 +295,20 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
+        handle = self._files[fh]
+        if handle.writable:
+            await self.tree.in_thread(os.fdatasync if datasync else os.fsync, handle.fd)
 
     @_boundary
     async def release(self, fh: int) -> None:
-        os.close(fh)
+        os.close(self._files.pop(fh).fd)
 
     # -- directories ------------------------------------------------------------------------------
 
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._dir_node(inode)
-        entries = await trio.to_thread.run_sync(
-            layers.list_dir, node.resolved.branches, limiter=self._io
-        )
-        handle = self._next_dir_handle
-        self._next_dir_handle += 1
+        node, entries = await self.tree.list_dir(inode)
+        handle = self._new_handle()
         self._dirs[handle] = DirHandle(node, entries)
         return handle
 
@@ -262,23 +319,22 @@ class OverlayOperations(pyfuse3.Operations):
         # Offsets: 0 and 1 are "." and "..", then entries[i] has offset i + 2. The listing is a
         # snapshot taken at opendir, so an offset always means the same entry.
         if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", self._fresh_attributes(node), 1):
+            if not pyfuse3.readdir_reply(token, b".", self._node_attributes(node), 1):
                 return
             start_id = 1
         if start_id == 1:
             parent = self.inodes.get(node.parent) if node.parent in self.inodes else node
-            if not pyfuse3.readdir_reply(token, b"..", self._fresh_attributes(parent), 2):
+            if not pyfuse3.readdir_reply(token, b"..", self._node_attributes(parent), 2):
                 return
             start_id = 2
         for index in range(start_id - 2, len(handle.entries)):
             name, resolved = handle.entries[index]
-            path = self._child_path(node, name)
-            ino = self.inodes.number_for(path, resolved)
+            ino = self.inodes.number_for(resolved)
             attrs = self._attributes(ino, resolved, resolved.stat)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 3):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
-            self.inodes.remember(path, resolved, node.ino)
+            self.inodes.remember(node.ino, name, resolved)
 
     @_boundary
     async def releasedir(self, fh: int) -> None:
@@ -288,29 +344,96 @@ class OverlayOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return None
 
-    # -- changes: refused until the write path lands ----------------------------------------------
+    # -- namespace changes ------------------------------------------------------------------------
 
-    setattr = _refuse_change("setattr")
-    mknod = _refuse_change("mknod")
-    mkdir = _refuse_change("mkdir")
-    unlink = _refuse_change("unlink")
-    rmdir = _refuse_change("rmdir")
-    symlink = _refuse_change("symlink")
-    rename = _refuse_change("rename")
-    link = _refuse_change("link")
-    create = _refuse_change("create")
-    write = _refuse_change("write")
-    setxattr = _refuse_change("setxattr")
-    removexattr = _refuse_change("removexattr")
+    async def _create(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, **kwargs: Any
+    ) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        node, _ = await self.tree.create(parent_inode, os.fsdecode(name), mode, Caller(ctx.uid, ctx.gid), **kwargs)
+        return self._node_attributes(node)
 
-def _open_real(path: str, flags: int) -> int:
-    try:
-        return os.open(path, flags)
-    except PermissionError:
-        if not flags & os.O_NOATIME:
-            raise
-        # O_NOATIME needs file ownership or CAP_FOWNER: without it, open normally.
-        return os.open(path, flags & ~os.O_NOATIME)
+    @_boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return await self._create(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
+
+    @_boundary
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return await self._create(parent_inode, name, mode, ctx, rdev=rdev)
+
+    @_boundary
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return await self._create(
+            parent_inode, name, stat.S_IFLNK | 0o777, ctx, symlink_target=os.fsdecode(target)
+        )
+
+    @_boundary
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        node = await self.tree.link(inode, new_parent_inode, os.fsdecode(new_name))
+        return self._node_attributes(node)
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        await self.tree.remove(parent_inode, os.fsdecode(name), directory=False)
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        await self.tree.remove(parent_inode, os.fsdecode(name), directory=True)
+
+    @_boundary
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: pyfuse3.RequestContext,
+    ) -> None:  # fmt: skip
+        self._check_writable()
+        await self.tree.rename(
+            parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags
+        )
+
+
+def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> Callable[[str], None] | None:
+    """The chown/chmod/utimens part of a setattr, as one function of the real path (None if none)."""
+    chown = fields.update_uid or fields.update_gid
+    if not (chown or fields.update_mode or fields.update_atime or fields.update_mtime):
+        return None
+
+    def change(path: str) -> None:
+        if chown:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            os.chown(path, uid, gid, follow_symlinks=False)
+        if fields.update_mode and not stat.S_ISLNK(os.lstat(path).st_mode):
+            os.chmod(path, stat.S_IMODE(attr.st_mode))  # after chown, which clears setuid
+        if fields.update_atime or fields.update_mtime:
+            current = os.lstat(path)
+            atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
+            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+
+    return change
+
+
+def _open_real(resolved: Resolved, flags: int) -> int:
+    real_flags = (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW
+    if not resolved.layer.writable:
+        # Like the kernel: reading through the overlay does not touch lower atimes. O_NOATIME needs
+        # file ownership or CAP_FOWNER; without them, open normally.
+        try:
+            return os.open(resolved.path, real_flags | os.O_NOATIME)
+        except PermissionError:
+            pass
+    return os.open(resolved.path, real_flags)
 
 
 def _permitted(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -330,4 +453,4 @@ def _permitted(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bo
     return mode & granted == mode
 
 
-__all__ = ["OverlayOperations", "ROOT_INODE", "CACHE_TIMEOUT"]
+__all__ = ["OverlayOperations", "CACHE_TIMEOUT"]

@@ -7,19 +7,23 @@ report *is* the object's identity in the kernel. It is computed, not counted:
 
     st_ino = (fsid << 56) | real_ino
 
-where ``real_ino`` is the inode number of the object's topmost real file and ``fsid`` numbers the
-distinct filesystems the layers live on (0 for the filesystem of the top layer, then in order of
-first sight). So:
+where ``fsid`` numbers the distinct filesystems the layers live on (0 for the top layer's, then in
+order of first sight) and ``real_ino`` is the inode number of the object's *origin*:
 
-- numbers are unique within the mount (real inode numbers are unique per filesystem);
-- they are stable for as long as the object exists, even across forget and re-lookup, and across
-  remounts of the same layers, with no table to persist;
-- hardlinks within a layer (and across layers on one filesystem) share one number, the kernel sees
-  them as one inode, and ``st_nlink`` is the real count: tar, du, cp -a and find -samefile behave.
+- for a non-directory, its topmost real file;
+- for a directory, the real directory of its *lowest* layer, which copy-up never changes (copy-up
+  adds a branch on top).
+
+So numbers are unique within the mount (real inode numbers are unique per filesystem), stable across
+forget and re-lookup and across remounts, with no table to persist; hardlinks within a layer share one
+number and so one kernel inode, with their real ``st_nlink``.
+
+Copy-up of a non-directory, and a directory moved by rename, get a new real object; the table *pins*
+the new object to the old number for the rest of the mount, so ``st_ino`` never changes while mounted.
 
 Exceptions get a number from a reserved range, remembered for the life of the mount: a real inode
 number too wide for 56 bits, one that would equal the FUSE root's number (1), objects on a 255th
-filesystem, and two merged directories backed by one real directory (overlapping layers).
+filesystem, and two merged objects on one origin (overlapping layers).
 """
 
 from __future__ import annotations
@@ -40,9 +44,16 @@ FSID_SHIFT = 56
 #: Filesystem ids 0..254 map layers' devices; 255 is the reserved range for allocated numbers.
 ALLOCATED_FSID = 0xFF
 
-DirKey = tuple[str, str]  # ("dir", merged path): a directory is its merged path
-FileKey = tuple[str, int, int]  # ("file", st_dev, st_ino): a non-directory is its real inode
-NodeKey = DirKey | FileKey
+Identity = tuple[bool, int, int]  # (is a directory, st_dev, st_ino) of the object's origin
+Name = tuple[int, str]  # (parent inode, name)
+
+
+def identity(resolved: Resolved) -> Identity:
+    """The real object that gives a merged object its number (see the module docstring)."""
+    if resolved.is_dir and resolved.branches:
+        origin = resolved.branches[-1]
+        return (True, origin.dev, origin.ino)
+    return (False, resolved.stat.st_dev, resolved.stat.st_ino)
 
 
 @dataclass(slots=True)
@@ -50,22 +61,22 @@ class Node:
     """One merged object the kernel knows about."""
 
     ino: int
-    key: NodeKey
     resolved: Resolved
-    """The object's topmost real file; for a directory also its branches."""
-    path: str
-    """A merged path ("" for the root, "a/b" below it); for a hardlinked file, the first name seen."""
+    """The object's topmost real file; for a directory also its branches. Checked against
+    `InodeTable.generation` before use, since a directory rename moves whole subtrees."""
     parent: int
-    """Inode number of the directory it was found in (for readdir's "..")."""
+    name: str
+    """One live name of the object (parent inode, name): how to find it again."""
+    identity: Identity
+    checked: int = 0
+    """The table generation at which `resolved` was last known right."""
     lookups: int = 0
-    names: set[str] = field(default_factory=set)
-    """Every merged path this object was looked up by (hardlinks have several)."""
+    names: set[Name] = field(default_factory=set)
+    """Every name the kernel knows this object by (hardlinks have several)."""
 
-
-def node_key(merged_path: str, resolved: Resolved) -> NodeKey:
-    if resolved.is_dir:
-        return ("dir", merged_path)
-    return ("file", resolved.stat.st_dev, resolved.stat.st_ino)
+    @property
+    def is_dir(self) -> bool:
+        return self.resolved.is_dir
 
 
 class InodeTable:
@@ -75,10 +86,13 @@ class InodeTable:
         self._fsids: dict[int, int] = {}
         for dev in layer_devices:
             self._fsids.setdefault(dev, len(self._fsids))
-        self._allocated: dict[NodeKey, int] = {}
+        self._pinned: dict[Identity, int] = {}
         self._next_allocated = 1
-        root_node = Node(ROOT_INODE, ("dir", ""), root, "", ROOT_INODE, lookups=1, names={""})
-        self._nodes: dict[int, Node] = {ROOT_INODE: root_node}
+        self.generation = 0
+        root_identity = identity(root)
+        self._pinned[root_identity] = ROOT_INODE
+        self.root = Node(ROOT_INODE, root, ROOT_INODE, "", root_identity, lookups=1)
+        self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -90,33 +104,72 @@ class InodeTable:
         """The node for INO; KeyError if the kernel asks for one it was never given (a bug)."""
         return self._nodes[ino]
 
-    def number_for(self, merged_path: str, resolved: Resolved) -> int:
+    def number_for(self, resolved: Resolved) -> int:
         """The inode number this object has (or will have) in the mount."""
-        key = node_key(merged_path, resolved)
-        if key == ("dir", ""):
-            return ROOT_INODE
-        allocated = self._allocated.get(key)
-        if allocated is not None:
-            return allocated
-        ino = self._xino(resolved.stat.st_dev, resolved.stat.st_ino)
+        ident = identity(resolved)
+        pinned = self._pinned.get(ident)
+        if pinned is not None:
+            return pinned
+        ino = self._xino(ident[1], ident[2])
         if ino is not None:
             holder = self._nodes.get(ino)
-            if holder is None or holder.key == key:
+            if holder is None or holder.identity == ident:
                 return ino
-        return self._allocate(key)
+        return self._allocate(ident)
 
-    def remember(self, merged_path: str, resolved: Resolved, parent: int) -> Node:
+    def remember(self, parent: int, name: str, resolved: Resolved) -> Node:
         """Record one more kernel reference (a lookup, or an accepted readdirplus entry)."""
-        ino = self.number_for(merged_path, resolved)
+        ino = self.number_for(resolved)
         node = self._nodes.get(ino)
         if node is None:
-            node = Node(ino, node_key(merged_path, resolved), resolved, merged_path, parent)
+            node = Node(ino, resolved, parent, name, identity(resolved), checked=self.generation)
             self._nodes[ino] = node
-        elif node.key[0] == "dir":
+        elif node.is_dir or not node.resolved.layer.writable or resolved.layer.writable:
+            # A hardlinked file copied up through another name keeps its upper copy: the kernel
+            # already treats both names as this one inode.
             node.resolved = resolved
-        node.names.add(merged_path)
+            node.checked = self.generation
+            node.parent, node.name = parent, name
+        node.names.add((parent, name))
         node.lookups += 1
         return node
+
+    def rebind(self, node: Node, resolved: Resolved) -> None:
+        """NODE's object now lives elsewhere (copied up, moved): keep its number for the new one."""
+        node.resolved = resolved
+        node.checked = self.generation
+        new_identity = identity(resolved)
+        if new_identity != node.identity:
+            self._pinned[new_identity] = node.ino
+            node.identity = new_identity
+
+    def pin(self, old: Resolved, new: Resolved) -> None:
+        """An object with no node was replaced by a copy: the copy keeps the original's number."""
+        number = self.number_for(old)
+        self._pinned[identity(new)] = number
+        node = self._nodes.get(number)
+        if node is not None:
+            self.rebind(node, new)
+
+    def renamed(self, node: Node, old: Name, new: Name) -> None:
+        node.names.discard(old)
+        node.names.add(new)
+        node.parent, node.name = new
+        if node.is_dir:
+            self.generation += 1  # everything below it moved: cached resolutions must be rechecked
+
+    def unlinked(self, node: Node, name: Name) -> None:
+        node.names.discard(name)
+        if (node.parent, node.name) == name and node.names:
+            node.parent, node.name = next(iter(node.names))
+
+    def path_of(self, node: Node) -> str:
+        """The merged path of NODE ("" for the root), through the names the kernel gave it."""
+        parts = []
+        while node.ino != ROOT_INODE:
+            parts.append(node.name)
+            node = self._nodes[node.parent]
+        return "/".join(reversed(parts))
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped COUNT references; a node nobody references is freed (never the root)."""
@@ -140,8 +193,8 @@ class InodeTable:
         ino = (fsid << FSID_SHIFT) | real_ino
         return None if ino == ROOT_INODE else ino
 
-    def _allocate(self, key: NodeKey) -> int:
+    def _allocate(self, ident: Identity) -> int:
         ino = (ALLOCATED_FSID << FSID_SHIFT) | self._next_allocated
         self._next_allocated += 1
-        self._allocated[key] = ino
+        self._pinned[ident] = ino
         return ino

@@ -41,6 +41,9 @@ class Branch:
     layer: Layer
     path: str
     opacity: Opacity
+    dev: int
+    ino: int
+    """The real directory's st_dev and st_ino (the lowest branch numbers a merged directory)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +90,16 @@ class LayerStack:
 
     def resolve_root(self) -> Resolved:
         """The merged root: every layer's root merges into it (layer roots are never opaque)."""
+        stats = [os.lstat(layer.root) for layer in self.layers]
         branches = tuple(
-            Branch(layer, layer.root, _root_opacity(layer.root)) for layer in self.layers
+            Branch(layer, layer.root, _root_opacity(layer.root), st.st_dev, st.st_ino)
+            for layer, st in zip(self.layers, stats)
         )
-        top = self.layers[0]
-        return Resolved(top, top.root, os.lstat(top.root), branches)
+        return Resolved(self.layers[0], self.layers[0].root, stats[0], branches)
+
+    def lower_part(self, branches: Sequence[Branch]) -> tuple[Branch, ...]:
+        """The branches below the upper dir: what a name would show if upper did not have it."""
+        return tuple(b for b in branches if not b.layer.writable)
 
 
 def lookup(parent: Sequence[Branch], name: str) -> Resolved | None:
@@ -189,7 +197,7 @@ def _merge(parent: Sequence[Branch], name: str, probe: _LiveProbe | _ListedProbe
         elif not stat.S_ISDIR(st.st_mode):
             break  # a non-directory below a directory ends the merge (the kernel stops there too)
         opacity = whiteout.read_opacity(path)
-        branches.append(Branch(branch.layer, path, opacity))
+        branches.append(Branch(branch.layer, path, opacity, st.st_dev, st.st_ino))
         # A ".wh.NAME" beside NAME in the same layer means "replaced": nothing below shows through.
         if opacity.opaque or probe.oci_whiteout(branch, name):
             break

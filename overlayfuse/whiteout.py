@@ -113,3 +113,67 @@ def _get_xattr(path: str, name: str) -> bytes | None:
 
 def _has_xattr(path: str, name: str) -> bool:
     return _get_xattr(path, name) is not None
+
+
+# -- writing markers ------------------------------------------------------------------------------
+
+DEVICE_WHITEOUT_MODE = stat.S_IFCHR | 0o000
+
+
+@dataclass(frozen=True, slots=True)
+class MarkerStyle:
+    """How this mount writes whiteouts and opaque markers into the upper dir.
+
+    The kernel's forms (a 0:0 device, ``trusted.overlay.opaque``) when the daemon may create them, so
+    the upper dir stays readable by kernel overlayfs; otherwise (no CAP_MKNOD, no CAP_SYS_ADMIN for
+    ``trusted.*``) the OCI ``.wh.NAME`` file and ``user.overlay.opaque``, which fuse-overlayfs and
+    rootless tools write too.
+    """
+
+    device_whiteouts: bool
+    opaque_xattr: str
+
+
+def probe_marker_style(scratch_dir: str) -> MarkerStyle:
+    """Find out, once per mount, which marker forms we may write (SCRATCH_DIR is on the upper fs)."""
+    probe = os.path.join(scratch_dir, f"#probe-{os.getpid()}")
+    try:
+        os.mknod(probe, DEVICE_WHITEOUT_MODE, os.makedev(0, 0))
+        devices = True
+        os.unlink(probe)
+    except PermissionError:
+        devices = False
+    os.mkdir(probe, 0o700)
+    try:
+        os.setxattr(probe, OPAQUE_XATTRS[0], b"y")
+        opaque = OPAQUE_XATTRS[0]
+    except PermissionError:
+        opaque = OPAQUE_XATTRS[1]
+    finally:
+        os.rmdir(probe)
+    return MarkerStyle(device_whiteouts=devices, opaque_xattr=opaque)
+
+
+def write_device_whiteout(path: str) -> None:
+    os.mknod(path, DEVICE_WHITEOUT_MODE, os.makedev(0, 0))
+
+
+def write_oci_whiteout(layer_dir: str, name: str) -> None:
+    fd = os.open(os.path.join(layer_dir, oci_whiteout_name(name)), os.O_WRONLY | os.O_CREAT, 0o000)
+    os.close(fd)
+
+
+def remove_oci_whiteout(layer_dir: str, name: str) -> None:
+    try:
+        os.unlink(os.path.join(layer_dir, oci_whiteout_name(name)))
+    except FileNotFoundError:
+        pass
+
+
+def mark_opaque(dir_path: str, style: MarkerStyle) -> None:
+    os.setxattr(dir_path, style.opaque_xattr, b"y", follow_symlinks=False)
+
+
+def is_marker_entry(name: str, st: os.stat_result) -> bool:
+    """An upper entry that only records a deletion or opacity: safe to drop with its directory."""
+    return is_device_whiteout(st) or is_reserved_name(name)

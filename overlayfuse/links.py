@@ -1,0 +1,94 @@
+"""The hardlink index: the names of a hardlinked lower file stay one file after copy-up.
+
+Copying up one name of a lower file with several links makes an upper copy; without more, the other
+names would keep showing the old lower file (the kernel's behaviour without ``index=on``). And since
+pyfuse3 makes ``st_ino`` the kernel's inode identity, all those names *are* one inode to the kernel.
+So, like the kernel's ``index=on``, we remember the copy: ``WORKDIR/overlayfuse-index/<dev>-<ino>``
+is a hard link to the upper copy of lower inode (dev, ino). A lookup that lands on a lower name of
+that inode answers with the upper copy instead; an operation that needs the name itself in upper (a
+rename, say) links it there from the index.
+
+``st_nlink`` of such a file counts its upper names plus the lower names not yet moved up or deleted;
+that second count lives in an overlay-private xattr on the copy (hidden from the merged view, and
+ignored by the kernel, like its own ``trusted.overlay.nlink``).
+
+The kernel keeps its own index in another format, so a kernel mounted on our upper dir later sees the
+untouched lower names with their old content (as the kernel itself does without ``index=on``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "overlayfuse-index"
+_COUNT_SUFFIX = "overlay.fuse-lower-links"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkIndex:
+    directory: str
+    count_xattr: str
+    """``trusted.`` or ``user.`` + the counter's name, in the namespace this mount may write."""
+
+    @classmethod
+    def prepare(cls, workdir: str, opaque_xattr: str) -> LinkIndex:
+        directory = os.path.join(workdir, INDEX_NAME)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        namespace = opaque_xattr.split(".", 1)[0]
+        return cls(directory, f"{namespace}.{_COUNT_SUFFIX}")
+
+    def entry(self, lower: os.stat_result) -> str:
+        return os.path.join(self.directory, f"{lower.st_dev:x}-{lower.st_ino:x}")
+
+    def holds(self, path: str) -> bool:
+        return os.path.dirname(path) == self.directory
+
+    def find(self, lower: os.stat_result) -> tuple[str, os.stat_result] | None:
+        """The upper copy of a hardlinked lower file, if one of its names was copied up."""
+        if stat.S_ISDIR(lower.st_mode) or lower.st_nlink < 2:
+            return None
+        path = self.entry(lower)
+        try:
+            return path, os.lstat(path)
+        except FileNotFoundError:
+            return None
+
+    def add(self, lower: os.stat_result, upper_copy: str) -> None:
+        """Record UPPER_COPY as the copy of LOWER, whose other lower names are not moved up yet."""
+        entry = self.entry(lower)
+        os.link(upper_copy, entry)
+        os.setxattr(entry, self.count_xattr, str(lower.st_nlink - 1).encode())
+
+    def covered(self, entry_or_copy: str) -> None:
+        """One more lower name of this file now has its own upper name or whiteout."""
+        count = self.lower_names(entry_or_copy)
+        if count:
+            os.setxattr(entry_or_copy, self.count_xattr, str(count - 1).encode())
+
+    def lower_names(self, path: str) -> int | None:
+        """How many lower names of this copied-up file still show it; None if it is not in the index."""
+        try:
+            return int(os.getxattr(path, self.count_xattr, follow_symlinks=False))
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+        except ValueError:
+            log.warning("%s: unreadable %s, counting no lower links", path, self.count_xattr)
+            return 0
+
+    def link_count(self, path: str, st: os.stat_result) -> int:
+        """st_nlink as the merged view shows it: upper names (less the index's) and lower names left."""
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
+            return st.st_nlink
+        lower = self.lower_names(path)
+        return st.st_nlink if lower is None else st.st_nlink - 1 + lower

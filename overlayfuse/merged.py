@@ -1,0 +1,392 @@
+"""The merged namespace: lookups, and every change, over the layer stack and the inode table.
+
+Async (trio) but free of pyfuse3: errors are OSError, which the FUSE boundary (`fs`) maps to errno.
+Blocking work (copy-up, directory listings, creating objects) runs in worker threads; cheap lstats
+run inline.
+
+Changes to the namespace (create, remove, rename, copy-up) are serialised by one lock: each is a
+few syscalls, a copy-up waits for its data, and holding the lock keeps "which layer has this name"
+true from the moment it is decided to the moment it is acted on. Reads, lookups and writes to open
+files never take it, so a long copy-up holds up other changes but not readers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from . import copyup, layers, upper, whiteout
+from .copyup import Workspace
+from .inodes import ROOT_INODE, InodeTable, Node
+from .layers import Branch, LayerStack, Resolved
+from .links import LinkIndex
+from .upper import NewObject
+from .whiteout import NOT_OPAQUE, MarkerStyle
+
+log = logging.getLogger(__name__)
+
+#: Worker threads for file data, copy-ups and directory listings: enough to keep a disk queue busy and
+#: let several readers progress at once, few enough to bound memory (each holds at most one read).
+IO_THREADS = 16
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks for a change: new objects are theirs, as with the kernel's overlay."""
+
+    uid: int
+    gid: int
+
+
+def _error(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code), what) if what else OSError(code, os.strerror(code))
+
+
+class MergedTree:
+    """The merged view of one mount: its layer stack, inode table and (if writable) upper dir."""
+
+    def __init__(
+        self, stack: LayerStack, workspace: Workspace | None = None, style: MarkerStyle | None = None,
+        links: LinkIndex | None = None,
+    ) -> None:  # fmt: skip
+        self.stack = stack
+        self.workspace = workspace
+        self.style = style
+        self.links = links
+        self.inodes = InodeTable(
+            stack.resolve_root(), [os.lstat(layer.root).st_dev for layer in stack.layers]
+        )
+        self.io = trio.CapacityLimiter(IO_THREADS)
+        self._changes = trio.Lock()
+
+    @property
+    def writable(self) -> bool:
+        return self.workspace is not None
+
+    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(func, *args, limiter=self.io)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def fresh(self, node: Node) -> Resolved:
+        """NODE's resolution, re-checked after a directory rename moved things around."""
+        if node.checked == self.inodes.generation:
+            return node.resolved
+        if node.ino == ROOT_INODE:
+            resolved = self.stack.resolve_root()
+        else:
+            parent = self.inodes.get(node.parent)
+            found = self.find(self.fresh(parent), node.name)
+            if found is None:
+                raise _error(errno.ENOENT, node.name)
+            resolved = found
+        node.resolved = resolved
+        node.checked = self.inodes.generation
+        return resolved
+
+    def directory(self, ino: int) -> tuple[Node, Resolved]:
+        node = self.inodes.get(ino)
+        resolved = self.fresh(node)
+        if not resolved.is_dir:
+            raise _error(errno.ENOTDIR)
+        return node, resolved
+
+    def find(self, parent: Resolved, name: str) -> Resolved | None:
+        return self._through_index(layers.lookup(parent.branches, name))
+
+    def _through_index(self, resolved: Resolved | None) -> Resolved | None:
+        """A lower name of a hardlinked file whose other name was copied up shows the upper copy."""
+        if resolved is None or self.links is None or resolved.layer.writable:
+            return resolved
+        hit = self.links.find(resolved.stat)
+        if hit is None:
+            return resolved
+        return Resolved(self.stack.layers[0], hit[0], hit[1], ())
+
+    def link_count(self, resolved: Resolved, st: os.stat_result) -> int:
+        if resolved.is_merged:
+            return 1  # like the kernel: a merged directory's count cannot be known cheaply
+        if self.links is None or not resolved.layer.writable:
+            return st.st_nlink
+        return self.links.link_count(resolved.path, st)
+
+    def lookup(self, parent_ino: int, name: str) -> Node:
+        """Resolve NAME in a directory and count one kernel reference to it."""
+        parent, parent_res = self.directory(parent_ino)
+        if name == ".":
+            return self.inodes.remember(parent.parent, parent.name, parent_res)
+        if name == "..":
+            grandparent = self.inodes.get(parent.parent)
+            return self.inodes.remember(grandparent.parent, grandparent.name, self.fresh(grandparent))
+        found = self.find(parent_res, name)
+        if found is None:
+            raise _error(errno.ENOENT, name)
+        return self.inodes.remember(parent.ino, name, found)
+
+    async def list_dir(self, ino: int) -> tuple[Node, list[tuple[str, Resolved]]]:
+        node, resolved = self.directory(ino)
+        entries = await self.in_thread(layers.list_dir, resolved.branches)
+        if self.links is not None:
+            entries = [(name, self._through_index(r) or r) for name, r in entries]
+        return node, entries
+
+    # -- copy-up -----------------------------------------------------------------------------------
+
+    def _upper_path(self, node: Node) -> str:
+        assert self.workspace is not None
+        path = self.inodes.path_of(node)
+        return os.path.join(self.workspace.upper, path) if path else self.workspace.upper
+
+    async def _ensure_upper(self, node: Node, *, size: int | None = None) -> Resolved:
+        """Copy NODE (and its missing parents, top down) into the upper dir; caller holds the lock.
+
+        SIZE: the file is about to be truncated to SIZE, so only that much data is copied.
+        """
+        resolved = self.fresh(node)
+        if resolved.layer.writable and not (self.links and self.links.holds(resolved.path)):
+            return resolved
+        ws, style = self._require_writable()
+        parent = self.inodes.get(node.parent)
+        parent_res = await self._ensure_upper(parent)
+        target = self._upper_path(node)
+        upper_layer = self.stack.layers[0]
+        if resolved.layer.writable:  # known only through the link index: give it its name in upper
+            assert self.links is not None
+            link = NewObject(resolved.stat.st_mode, 0, 0, link_source=resolved.path)
+            st, _ = await self.in_thread(upper.create, ws, style, parent_res.path, node.name, link)
+            await self.in_thread(self.links.covered, target)
+            linked = Resolved(upper_layer, target, st, ())
+            self.inodes.rebind(node, linked)
+            return linked
+        if size is None:
+            st = await self.in_thread(copyup.copy_up, ws, resolved.path, target)
+        else:
+            st = await self.in_thread(copyup.copy_up_size, ws, resolved.path, target, size)
+        if self.links is not None and not resolved.is_dir and resolved.stat.st_nlink > 1:
+            await self.in_thread(self.links.add, resolved.stat, target)
+        branches: tuple[Branch, ...] = ()
+        if resolved.is_dir:
+            top = Branch(upper_layer, target, NOT_OPAQUE, st.st_dev, st.st_ino)
+            branches = (top,) + resolved.branches
+        copied = Resolved(upper_layer, target, st, branches)
+        self.inodes.rebind(node, copied)
+        log.debug("copied up %s", target)
+        return copied
+
+    def _lower_has(self, parent: Resolved, name: str) -> bool:
+        """Whether lower layers show NAME in this directory: removing it then needs a whiteout."""
+        lower = self.stack.lower_part(parent.branches)
+        return bool(lower) and layers.lookup(lower, name) is not None
+
+    def _require_writable(self) -> tuple[Workspace, MarkerStyle]:
+        if self.workspace is None or self.style is None:
+            raise _error(errno.EROFS)
+        return self.workspace, self.style
+
+    # -- changes -----------------------------------------------------------------------------------
+
+    async def copy_up(self, node: Node, *, size: int | None = None) -> Resolved:
+        """Make NODE's object an upper object (for an open for writing, a truncate, a chmod...)."""
+        self._require_writable()
+        async with self._changes:
+            return await self._ensure_upper(node, size=size)
+
+    async def create(
+        self, parent_ino: int, name: str, mode: int, caller: Caller, *,
+        rdev: int = 0, symlink_target: str = "", open_flags: int = 0,
+    ) -> tuple[Node, int | None]:  # fmt: skip
+        """Create a new object NAME; returns its node (one reference counted) and a regular file's fd."""
+        ws, style = self._require_writable()
+        async with self._changes:
+            parent, parent_res = self.directory(parent_ino)
+            if self.find(parent_res, name) is not None:
+                raise _error(errno.EEXIST, name)
+            parent_res = await self._ensure_upper(parent)
+            gid = caller.gid
+            if parent_res.stat.st_mode & stat.S_ISGID:
+                gid = parent_res.stat.st_gid  # BSD group semantics of setgid directories
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            obj = NewObject(mode, caller.uid, gid, rdev, symlink_target, "", open_flags)
+            st, fd = await self.in_thread(upper.create, ws, style, parent_res.path, name, obj)
+            return self._remember_new(parent, parent_res, name, st), fd
+
+    async def link(self, ino: int, parent_ino: int, name: str) -> Node:
+        ws, style = self._require_writable()
+        async with self._changes:
+            parent, parent_res = self.directory(parent_ino)
+            if self.find(parent_res, name) is not None:
+                raise _error(errno.EEXIST, name)
+            node = self.inodes.get(ino)
+            source = await self._ensure_upper(node)
+            parent_res = await self._ensure_upper(parent)
+            obj = NewObject(source.stat.st_mode, 0, 0, link_source=source.path)
+            st, _ = await self.in_thread(upper.create, ws, style, parent_res.path, name, obj)
+            return self._remember_new(parent, parent_res, name, st)
+
+    def _remember_new(self, parent: Node, parent_res: Resolved, name: str, st: os.stat_result) -> Node:
+        path = os.path.join(parent_res.path, name)
+        branches: tuple[Branch, ...] = ()
+        if stat.S_ISDIR(st.st_mode):
+            opacity = whiteout.read_opacity(path)
+            branches = (Branch(self.stack.layers[0], path, opacity, st.st_dev, st.st_ino),)
+            if not opacity.opaque:
+                lower = layers.lookup(self.stack.lower_part(parent_res.branches), name)
+                if lower is not None and lower.is_dir:
+                    branches += lower.branches
+        return self.inodes.remember(parent.ino, name, Resolved(self.stack.layers[0], path, st, branches))
+
+    async def remove(self, parent_ino: int, name: str, *, directory: bool) -> None:
+        """unlink (DIRECTORY false) or rmdir (true), with the kernel's errors and a whiteout if needed."""
+        ws, style = self._require_writable()
+        async with self._changes:
+            parent, parent_res = self.directory(parent_ino)
+            victim = self.find(parent_res, name)
+            if victim is None:
+                raise _error(errno.ENOENT, name)
+            if directory and not victim.is_dir:
+                raise _error(errno.ENOTDIR, name)
+            if not directory and victim.is_dir:
+                raise _error(errno.EISDIR, name)
+            if directory and await self.in_thread(layers.list_dir, victim.branches):
+                raise _error(errno.ENOTEMPTY, name)
+            parent_res = await self._ensure_upper(parent)
+            leave_whiteout = self._lower_has(parent_res, name)
+            await self.in_thread(
+                lambda: upper.remove(ws, style, parent_res.path, name, leave_whiteout=leave_whiteout)
+            )
+            if self.links is not None and self.links.holds(victim.path):
+                await self.in_thread(self.links.covered, victim.path)
+            victim_ino = self.inodes.number_for(victim)
+            if victim_ino in self.inodes:
+                self.inodes.unlinked(self.inodes.get(victim_ino), (parent.ino, name))
+
+    async def rename(self, old_ino: int, old_name: str, new_ino: int, new_name: str, flags: int) -> None:
+        """rename(2) and renameat2's NOREPLACE and EXCHANGE, over the merged view.
+
+        A directory with lower content is first copied up whole (`upper.copy_up_tree`) so it can move:
+        the kernel says EXDEV there unless redirect_dir is on.
+        """
+        ws, style = self._require_writable()
+        async with self._changes:
+            old_parent, old_res = self.directory(old_ino)
+            new_parent, new_res = self.directory(new_ino)
+            source = self.find(old_res, old_name)
+            if source is None:
+                raise _error(errno.ENOENT, old_name)
+            target = self.find(new_res, new_name)
+            exchange = bool(flags & copyup.RENAME_EXCHANGE)
+            if flags & copyup.RENAME_NOREPLACE and target is not None:
+                raise _error(errno.EEXIST, new_name)
+            if exchange and target is None:
+                raise _error(errno.ENOENT, new_name)
+            if target is not None and not exchange:
+                if source.is_dir and not target.is_dir:
+                    raise _error(errno.ENOTDIR, new_name)
+                if target.is_dir and not source.is_dir:
+                    raise _error(errno.EISDIR, new_name)
+                if target.is_dir and await self.in_thread(layers.list_dir, target.branches):
+                    raise _error(errno.ENOTEMPTY, new_name)
+            source_node = self.inodes.remember(old_parent.ino, old_name, source)
+            target_node = self.inodes.remember(new_parent.ino, new_name, target) if target else None
+            try:
+                if source_node is target_node:
+                    return  # two names of one file: rename(2) does nothing
+                await self._rename_in_upper(
+                    ws, style, (old_parent, old_name, source_node), (new_parent, new_name, target_node), exchange
+                )
+            finally:
+                self.inodes.forget(source_node.ino, 1)
+                if target_node is not None:
+                    self.inodes.forget(target_node.ino, 1)
+
+    async def _rename_in_upper(
+        self, ws: Workspace, style: MarkerStyle,
+        old: tuple[Node, str, Node], new: tuple[Node, str, Node | None], exchange: bool,
+    ) -> None:  # fmt: skip
+        old_parent, old_name, source_node = old
+        new_parent, new_name, target_node = new
+        old_res = await self._ensure_upper(old_parent)
+        new_res = await self._ensure_upper(new_parent)
+        await self._make_movable(ws, style, source_node)
+        if exchange:
+            assert target_node is not None
+            await self._make_movable(ws, style, target_node)
+        old_res, new_res = self.fresh(old_parent), self.fresh(new_parent)
+        source_path = os.path.join(old_res.path, old_name)
+        target_path = os.path.join(new_res.path, new_name)
+        if exchange:
+            await self.in_thread(
+                lambda: upper.exchange(
+                    style, source_path, target_path,
+                    opaque_at_a=self._lower_has(old_res, old_name),
+                    opaque_at_b=self._lower_has(new_res, new_name),
+                )
+            )  # fmt: skip
+        else:
+            leave_whiteout = self._lower_has(old_res, old_name)
+            make_opaque = self._lower_has(new_res, new_name)
+            await self.in_thread(
+                lambda: upper.rename(
+                    ws, style, source_path, target_path, leave_whiteout=leave_whiteout, make_opaque=make_opaque
+                )
+            )
+        old_key, new_key = (old_parent.ino, old_name), (new_parent.ino, new_name)
+        if target_node is not None:
+            if exchange:
+                self.inodes.renamed(target_node, new_key, old_key)
+            else:
+                self.inodes.unlinked(target_node, new_key)
+        self.inodes.renamed(source_node, old_key, new_key)
+        for node in (source_node, target_node):
+            if node is not None and node.ino in self.inodes:
+                found = layers.lookup(self.fresh(self.inodes.get(node.parent)).branches, node.name)
+                if found is not None:
+                    self.inodes.rebind(node, found)
+
+    async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node) -> None:
+        """An object about to be renamed must live wholly in upper: copy it up, a directory with its
+        lower content too."""
+        resolved = await self._ensure_upper(node)
+        if resolved.is_dir and len(resolved.branches) > 1:
+            copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved, resolved.path)
+            for old, new_path in copied:
+                self.inodes.pin(old, _resolve_path(self.stack, new_path))
+            st = os.lstat(resolved.path)
+            top = Branch(self.stack.layers[0], resolved.path, whiteout.read_opacity(resolved.path), st.st_dev, st.st_ino)
+            self.inodes.rebind(node, Resolved(resolved.layer, resolved.path, st, (top,)))
+            self.inodes.generation += 1
+
+    # -- attributes --------------------------------------------------------------------------------
+
+    async def truncate(self, node: Node, size: int) -> Resolved:
+        resolved = self.fresh(node)
+        if not resolved.layer.writable:
+            resolved = await self.copy_up(node, size=size)
+        await self.in_thread(os.truncate, resolved.path, size)
+        return resolved
+
+    async def change_metadata(self, node: Node, change: Callable[[str], None]) -> Resolved:
+        """chmod/chown/utimens/setxattr: copy up (metadata and data: no metacopy), then change."""
+        resolved = await self.copy_up(node)
+        await self.in_thread(change, resolved.path)
+        return resolved
+
+
+def _resolve_path(stack: LayerStack, upper_path: str) -> Resolved:
+    """A freshly copied upper object, resolved on its own (for numbering)."""
+    st = os.lstat(upper_path)
+    layer = stack.layers[0]
+    branches: tuple[Branch, ...] = ()
+    if stat.S_ISDIR(st.st_mode):
+        branches = (Branch(layer, upper_path, whiteout.read_opacity(upper_path), st.st_dev, st.st_ino),)
+    return Resolved(layer, upper_path, st, branches)

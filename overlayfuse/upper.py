@@ -1,0 +1,288 @@
+"""Changes to the upper dir: new objects, deletions (whiteouts) and renames, each crash-safe.
+
+Every change is built in the workdir's staging dir and published with one rename(2) (or renameat2
+EXCHANGE / WHITEOUT), so whatever moment a crash or kill -9 lands on, the merged view shows either the
+state before the change or the state after it. The one exception is the OCI marker style (used only
+when the daemon may not create devices): there a whiteout is a separate ``.wh.NAME`` file, and the
+order of steps is chosen so every intermediate state reads as the old or the new view (a ``.wh.NAME``
+beside NAME reads as "NAME replaced", see `layers`).
+
+Synchronous, run in worker threads; errors are OSError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import copyup, layers, whiteout
+from .copyup import Workspace
+from .layers import Resolved
+from .links import LinkIndex
+from .whiteout import MarkerStyle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NewObject:
+    """What to create: the caller has already decided owner and mode (umask, setgid dirs)."""
+
+    mode: int
+    """Full st_mode, file type included."""
+    uid: int
+    gid: int
+    rdev: int = 0
+    symlink_target: str = ""
+    link_source: str = ""
+    """For a hard link: the upper path of the object to link."""
+    open_flags: int = 0
+    """For a regular file: the access mode and O_APPEND of the descriptor to return."""
+
+
+def create(
+    ws: Workspace, style: MarkerStyle, parent_dir: str, name: str, obj: NewObject
+) -> tuple[os.stat_result, int | None]:
+    """Create NAME in the upper dir PARENT_DIR, replacing a whiteout there.
+
+    A directory created over a whiteout is made opaque: what the whiteout hid stays hidden (the
+    kernel does the same). Returns the new object's lstat and, for a regular file, an open fd.
+    """
+    target = os.path.join(parent_dir, name)
+    existing = _lstat_or_none(target)
+    oci_whited = whiteout.oci_whiteout_exists(parent_dir, name)
+    if existing is not None and not whiteout.is_device_whiteout(existing):
+        raise FileExistsError(17, os.strerror(17), target)
+    staged = copyup.staging_path(ws)
+    fd = None
+    try:
+        fd = _build(staged, obj)
+        if stat.S_ISDIR(obj.mode) and (existing is not None or oci_whited):
+            whiteout.mark_opaque(staged, style)
+        if existing is None:
+            copyup.rename_noreplace(staged, target)
+        elif stat.S_ISDIR(obj.mode):
+            copyup.rename_exchange(staged, target)  # rename(2) cannot put a dir over a device
+            os.unlink(staged)
+        else:
+            os.rename(staged, target)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        _discard(staged)
+        raise
+    if oci_whited:
+        whiteout.remove_oci_whiteout(parent_dir, name)
+    return os.lstat(target), fd
+
+
+def remove(ws: Workspace, style: MarkerStyle, parent_dir: str, name: str, *, leave_whiteout: bool) -> None:
+    """Remove NAME (a file, or a directory holding only markers) from upper; whiteout if lower has NAME."""
+    target = os.path.join(parent_dir, name)
+    existing = _lstat_or_none(target)
+    if existing is not None and whiteout.is_device_whiteout(existing):
+        existing = None  # already a whiteout: nothing of ours to remove
+    if existing is None:
+        if leave_whiteout:
+            _publish_whiteout(ws, style, parent_dir, name)
+        return
+    is_dir = stat.S_ISDIR(existing.st_mode)
+    if leave_whiteout and style.device_whiteouts:
+        staged = copyup.staging_path(ws)
+        whiteout.write_device_whiteout(staged)
+        if is_dir:
+            copyup.rename_exchange(staged, target)  # the dir ends up in staging
+            _discard(staged)
+        else:
+            os.rename(staged, target)
+        return
+    if leave_whiteout:
+        whiteout.write_oci_whiteout(parent_dir, name)
+    _move_out(ws, target, is_dir)
+
+
+def rename(
+    ws: Workspace,
+    style: MarkerStyle,
+    source: str,
+    target: str,
+    *,
+    leave_whiteout: bool,
+    make_opaque: bool,
+) -> None:
+    """Move the upper object SOURCE to TARGET, replacing what TARGET holds in upper.
+
+    LEAVE_WHITEOUT: lower layers have SOURCE's name, so it must stay deleted. MAKE_OPAQUE: SOURCE is a
+    directory and lower layers have TARGET's name, so they must not merge into it.
+    """
+    src_st = os.lstat(source)
+    src_is_dir = stat.S_ISDIR(src_st.st_mode)
+    if make_opaque and src_is_dir:
+        whiteout.mark_opaque(source, style)
+    target_dir, target_name = os.path.split(target)
+    source_dir, source_name = os.path.split(source)
+    existing = _lstat_or_none(target)
+    swap = existing is not None and (
+        stat.S_ISDIR(existing.st_mode) or (src_is_dir and whiteout.is_device_whiteout(existing))
+    )
+    if swap:
+        # rename(2) cannot replace a non-empty dir (an upper dir holding only markers is one) nor
+        # put a dir over a device: swap the two, then deal with what landed at SOURCE.
+        assert existing is not None
+        copyup.rename_exchange(source, target)
+        if leave_whiteout and whiteout.is_device_whiteout(existing):
+            pass  # what landed at SOURCE is already the whiteout it needs
+        elif leave_whiteout and style.device_whiteouts:
+            staged = copyup.staging_path(ws)
+            whiteout.write_device_whiteout(staged)
+            copyup.rename_exchange(staged, source)
+            _discard(staged)
+        else:
+            if leave_whiteout:
+                whiteout.write_oci_whiteout(source_dir, source_name)
+            _move_out(ws, source, stat.S_ISDIR(existing.st_mode))
+    elif leave_whiteout and style.device_whiteouts:
+        copyup.rename_whiteout(source, target)
+    else:
+        if leave_whiteout:
+            whiteout.write_oci_whiteout(source_dir, source_name)
+        os.rename(source, target)
+    whiteout.remove_oci_whiteout(target_dir, target_name)
+
+
+def exchange(style: MarkerStyle, a: str, b: str, *, opaque_at_a: bool, opaque_at_b: bool) -> None:
+    """Swap two upper objects; a directory arriving where lower layers have that name is made opaque."""
+    if opaque_at_b and os.path.isdir(a) and not os.path.islink(a):
+        whiteout.mark_opaque(a, style)
+    if opaque_at_a and os.path.isdir(b) and not os.path.islink(b):
+        whiteout.mark_opaque(b, style)
+    copyup.rename_exchange(a, b)
+
+
+def copy_up_tree(
+    ws: Workspace, style: MarkerStyle, links: LinkIndex | None, merged: Resolved, upper_dir: str
+) -> list[tuple[Resolved, str]]:
+    """Make UPPER_DIR hold the whole merged content of MERGED, then mark it opaque.
+
+    This is how a directory with lower content becomes movable (the kernel answers EXDEV there unless
+    redirect_dir is on): after it, the directory no longer depends on its lower paths. It costs a copy
+    of every lower file below it (data by reflink/copy_file_range); hardlinked files go through the
+    link index, so their names stay one file. Whiteouts left inside are dropped: below an opaque
+    directory they hide nothing. Returns (old resolution, new upper path) for every object whose
+    real file changed, so inode numbers can be kept.
+    """
+    copied: list[tuple[Resolved, str]] = []
+    dirs = [upper_dir]
+    for child, path in _walk_merged(merged, upper_dir):
+        if child.is_dir:
+            dirs.append(path)
+        if child.layer.writable:
+            if child.is_merged:
+                copied.append((child, path))  # stays, but loses its lower branches: keep its number
+            elif links is not None and links.holds(child.path):
+                os.link(child.path, path)
+                links.covered(path)
+            continue
+        indexed = links.find(child.stat) if links is not None else None
+        if indexed is not None:
+            assert links is not None
+            os.link(indexed[0], path)  # another name of this file was copied up before
+            links.covered(path)
+            continue
+        copyup.copy_up(ws, child.path, path)
+        if links is not None and not child.is_dir and child.stat.st_nlink > 1:
+            links.add(child.stat, path)
+        copied.append((child, path))
+    whiteout.mark_opaque(upper_dir, style)
+    for directory in dirs:
+        clear_markers(directory)
+    return copied
+
+
+def _walk_merged(merged: Resolved, upper_dir: str) -> Iterator[tuple[Resolved, str]]:
+    """Every object below MERGED, parents before children, with the upper path it maps to."""
+    for name, child in layers.list_dir(merged.branches):
+        path = os.path.join(upper_dir, name)
+        yield child, path
+        if child.is_dir:
+            yield from _walk_merged(child, path)
+
+
+def clear_markers(dir_path: str) -> None:
+    """Drop whiteouts and OCI markers from an upper dir whose merged view is empty."""
+    with os.scandir(dir_path) as it:
+        for entry in it:
+            st = entry.stat(follow_symlinks=False)
+            if whiteout.is_marker_entry(entry.name, st):
+                os.unlink(entry.path)
+
+
+def _publish_whiteout(ws: Workspace, style: MarkerStyle, parent_dir: str, name: str) -> None:
+    if style.device_whiteouts:
+        staged = copyup.staging_path(ws)
+        whiteout.write_device_whiteout(staged)
+        try:
+            copyup.rename_noreplace(staged, os.path.join(parent_dir, name))
+        except BaseException:
+            _discard(staged)
+            raise
+    else:
+        whiteout.write_oci_whiteout(parent_dir, name)
+
+
+def _build(staged: str, obj: NewObject) -> int | None:
+    """Create the object at STAGED with its final owner and mode; a regular file's fd is returned."""
+    kind = stat.S_IFMT(obj.mode)
+    perms = stat.S_IMODE(obj.mode)
+    fd = None
+    if obj.link_source:
+        os.link(obj.link_source, staged)
+        return None
+    if kind == stat.S_IFREG:
+        access = obj.open_flags & (os.O_ACCMODE | os.O_APPEND)
+        fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | access, 0o600)
+        os.fchown(fd, obj.uid, obj.gid)
+        os.fchmod(fd, perms)  # after chown, which would clear setuid/setgid
+        return fd
+    if kind == stat.S_IFDIR:
+        os.mkdir(staged, 0o700)
+    elif kind == stat.S_IFLNK:
+        os.symlink(obj.symlink_target, staged)
+    else:
+        os.mknod(staged, kind | 0o600, obj.rdev)
+    os.chown(staged, obj.uid, obj.gid, follow_symlinks=False)
+    if kind != stat.S_IFLNK:
+        os.chmod(staged, perms)
+    return None
+
+
+def _move_out(ws: Workspace, path: str, is_dir: bool) -> None:
+    """Take PATH out of the upper dir in one step; a directory is emptied in staging afterwards."""
+    if not is_dir:
+        os.unlink(path)
+        return
+    staged = copyup.staging_path(ws)
+    os.rename(path, staged)
+    _discard(staged)
+
+
+def _discard(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.unlink(path)
+
+
+def _lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
