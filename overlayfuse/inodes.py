@@ -143,6 +143,11 @@ class InodeTable:
             self._pinned[new_identity] = node.ino
             node.identity = new_identity
 
+    def unpin(self, gone: Resolved) -> None:
+        """GONE's real object was deleted: its inode number may be reused by a new file, which must
+        not inherit GONE's pinned number."""
+        self._pinned.pop(identity(gone), None)
+
     def pin(self, old: Resolved, new: Resolved) -> None:
         """An object with no node was replaced by a copy: the copy keeps the original's number."""
         number = self.number_for(old)

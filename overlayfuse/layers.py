@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import whiteout
-from .whiteout import Opacity
+from .whiteout import DirMarkers
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,8 @@ class Layer:
     root: str
     """Absolute path of the layer's root directory."""
     writable: bool
+    below: tuple[Layer, ...] = ()
+    """The layers under this one, top first: where an absolute redirect continues the lookup."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +42,7 @@ class Branch:
 
     layer: Layer
     path: str
-    opacity: Opacity
+    markers: DirMarkers
     dev: int
     ino: int
     """The real directory's st_dev and st_ino (the lowest branch numbers a merged directory)."""
@@ -77,12 +79,10 @@ class LayerStack:
     @classmethod
     def from_dirs(cls, lowerdirs: Sequence[str], upperdir: str | None) -> LayerStack:
         roots = ([upperdir] if upperdir else []) + list(lowerdirs)
-        return cls(
-            tuple(
-                Layer(index=i, root=root, writable=(upperdir is not None and i == 0))
-                for i, root in enumerate(roots)
-            )
-        )
+        built: list[Layer] = []
+        for i in reversed(range(len(roots))):
+            built.insert(0, Layer(i, roots[i], upperdir is not None and i == 0, tuple(built)))
+        return cls(tuple(built))
 
     @property
     def upper(self) -> Layer | None:
@@ -92,7 +92,7 @@ class LayerStack:
         """The merged root: every layer's root merges into it (layer roots are never opaque)."""
         stats = [os.lstat(layer.root) for layer in self.layers]
         branches = tuple(
-            Branch(layer, layer.root, _root_opacity(layer.root), st.st_dev, st.st_ino)
+            Branch(layer, layer.root, _root_markers(layer.root), st.st_dev, st.st_ino)
             for layer, st in zip(self.layers, stats)
         )
         return Resolved(self.layers[0], self.layers[0].root, stats[0], branches)
@@ -165,7 +165,10 @@ class _ListedProbe:
     listings: dict[str, _Listing]
 
     def lstat(self, branch: Branch, name: str, path: str) -> os.stat_result | None:
-        entry = self.listings[branch.path].entries.get(name)
+        listing = self.listings.get(branch.path)
+        if listing is None:  # a directory reached through an absolute redirect: not listed
+            return _LiveProbe().lstat(branch, name, path)
+        entry = listing.entries.get(name)
         if entry is None:
             return None
         try:
@@ -174,21 +177,29 @@ class _ListedProbe:
             return None
 
     def oci_whiteout(self, branch: Branch, name: str) -> bool:
-        return whiteout.oci_whiteout_name(name) in self.listings[branch.path].entries
+        listing = self.listings.get(branch.path)
+        if listing is None:
+            return whiteout.oci_whiteout_exists(branch.path, name)
+        return whiteout.oci_whiteout_name(name) in listing.entries
 
 
 def _merge(parent: Sequence[Branch], name: str, probe: _LiveProbe | _ListedProbe) -> Resolved | None:
     """The overlay lookup rules, for one name, over the parent's branches topmost first."""
     top: tuple[Layer, str, os.stat_result] | None = None
     branches: list[Branch] = []
-    for branch in parent:
-        path = os.path.join(branch.path, name)
-        st = probe.lstat(branch, name, path)
+    # Where to look next: (directory, name) pairs, one per layer; a redirect rewrites the rest.
+    places: list[tuple[Branch, str]] = [(branch, name) for branch in parent]
+    i = 0
+    while i < len(places):
+        branch, here = places[i]
+        i += 1
+        path = os.path.join(branch.path, here)
+        st = probe.lstat(branch, here, path)
         if st is None:
-            if probe.oci_whiteout(branch, name):
+            if probe.oci_whiteout(branch, here):
                 break
             continue
-        if whiteout.is_whiteout(path, st, branch.opacity):
+        if whiteout.is_whiteout(path, st, branch.markers):
             break
         if top is None:
             top = (branch.layer, path, st)
@@ -196,20 +207,55 @@ def _merge(parent: Sequence[Branch], name: str, probe: _LiveProbe | _ListedProbe
                 break
         elif not stat.S_ISDIR(st.st_mode):
             break  # a non-directory below a directory ends the merge (the kernel stops there too)
-        opacity = whiteout.read_opacity(path)
-        branches.append(Branch(branch.layer, path, opacity, st.st_dev, st.st_ino))
+        markers = whiteout.read_dir_markers(path)
+        branches.append(Branch(branch.layer, path, markers, st.st_dev, st.st_ino))
         # A ".wh.NAME" beside NAME in the same layer means "replaced": nothing below shows through.
-        if opacity.opaque or probe.oci_whiteout(branch, name):
+        if markers.opaque or probe.oci_whiteout(branch, here):
             break
+        if markers.redirect:
+            places[i:] = _redirected(markers.redirect, branch.layer, places[i:])
     if top is None:
         return None
     return Resolved(top[0], top[1], top[2], tuple(branches))
 
 
-def _root_opacity(path: str) -> Opacity:
+def _redirected(
+    redirect: str, layer: Layer, rest: list[tuple[Branch, str]]
+) -> list[tuple[Branch, str]]:
+    """Where a renamed directory's lower content is, below LAYER (the kernel's redirect_dir).
+
+    A bare name: the same parent, another name. An absolute path: that path from the root of every
+    layer below, whether or not the directory's current parent exists there.
+    """
+    if not redirect.startswith("/"):
+        return [(branch, redirect) for branch, _ in rest]
+    *parents, leaf = [part for part in redirect.split("/") if part]
+    places = []
+    for below in layer.below:
+        parent_dir = _walk_dirs(below.root, parents)
+        if parent_dir is not None:
+            st = os.lstat(parent_dir)
+            places.append((Branch(below, parent_dir, whiteout.NO_MARKERS, st.st_dev, st.st_ino), leaf))
+    return places
+
+
+def _walk_dirs(root: str, parts: Sequence[str]) -> str | None:
+    """ROOT/PARTS if every component is a real directory (no symlink followed), else None."""
+    path = root
+    for part in parts:
+        path = os.path.join(path, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return None
+        except FileNotFoundError:
+            return None
+    return path
+
+
+def _root_markers(path: str) -> DirMarkers:
     """A layer root may carry xattr whiteouts, but its opaque marker is ignored, as in the kernel."""
-    opacity = whiteout.read_opacity(path)
-    return Opacity(opaque=False, has_xattr_whiteouts=opacity.has_xattr_whiteouts)
+    markers = whiteout.read_dir_markers(path)
+    return DirMarkers(opaque=False, has_xattr_whiteouts=markers.has_xattr_whiteouts)
 
 
 def check_layer_readable(path: str) -> None:

@@ -66,13 +66,16 @@ class LinkIndex:
         """Record UPPER_COPY as the copy of LOWER, whose other lower names are not moved up yet."""
         entry = self.entry(lower)
         os.link(upper_copy, entry)
-        os.setxattr(entry, self.count_xattr, str(lower.st_nlink - 1).encode())
+        self.set_lower_names(entry, lower.st_nlink - 1)
+
+    def set_lower_names(self, path: str, count: int) -> None:
+        os.setxattr(path, self.count_xattr, str(count).encode(), follow_symlinks=False)
 
     def covered(self, entry_or_copy: str) -> None:
         """One more lower name of this file now has its own upper name or whiteout."""
         count = self.lower_names(entry_or_copy)
         if count:
-            os.setxattr(entry_or_copy, self.count_xattr, str(count - 1).encode())
+            self.set_lower_names(entry_or_copy, count - 1)
 
     def lower_names(self, path: str) -> int | None:
         """How many lower names of this copied-up file still show it; None if it is not in the index."""

@@ -28,7 +28,7 @@ from .inodes import ROOT_INODE, InodeTable, Node
 from .layers import Branch, LayerStack, Resolved
 from .links import LinkIndex
 from .upper import NewObject
-from .whiteout import NOT_OPAQUE, MarkerStyle
+from .whiteout import NO_MARKERS, MarkerStyle
 
 log = logging.getLogger(__name__)
 
@@ -162,20 +162,25 @@ class MergedTree:
         if resolved.layer.writable:  # known only through the link index: give it its name in upper
             assert self.links is not None
             link = NewObject(resolved.stat.st_mode, 0, 0, link_source=resolved.path)
-            st, _ = await self.in_thread(upper.create, ws, style, parent_res.path, node.name, link)
+            st, _ = await self.in_thread(
+                upper.keeping_times, parent_res.path, upper.create, ws, style, parent_res.path, node.name, link
+            )
             await self.in_thread(self.links.covered, target)
             linked = Resolved(upper_layer, target, st, ())
             self.inodes.rebind(node, linked)
             return linked
+        # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
         if size is None:
-            st = await self.in_thread(copyup.copy_up, ws, resolved.path, target)
+            st = await self.in_thread(upper.keeping_times, parent_res.path, copyup.copy_up, ws, resolved.path, target)
         else:
-            st = await self.in_thread(copyup.copy_up_size, ws, resolved.path, target, size)
+            st = await self.in_thread(
+                upper.keeping_times, parent_res.path, copyup.copy_up_size, ws, resolved.path, target, size
+            )
         if self.links is not None and not resolved.is_dir and resolved.stat.st_nlink > 1:
             await self.in_thread(self.links.add, resolved.stat, target)
         branches: tuple[Branch, ...] = ()
         if resolved.is_dir:
-            top = Branch(upper_layer, target, NOT_OPAQUE, st.st_dev, st.st_ino)
+            top = Branch(upper_layer, target, NO_MARKERS, st.st_dev, st.st_ino)
             branches = (top,) + resolved.branches
         copied = Resolved(upper_layer, target, st, branches)
         self.inodes.rebind(node, copied)
@@ -237,9 +242,9 @@ class MergedTree:
         path = os.path.join(parent_res.path, name)
         branches: tuple[Branch, ...] = ()
         if stat.S_ISDIR(st.st_mode):
-            opacity = whiteout.read_opacity(path)
-            branches = (Branch(self.stack.layers[0], path, opacity, st.st_dev, st.st_ino),)
-            if not opacity.opaque:
+            markers = whiteout.read_dir_markers(path)
+            branches = (Branch(self.stack.layers[0], path, markers, st.st_dev, st.st_ino),)
+            if not markers.opaque:
                 lower = layers.lookup(self.stack.lower_part(parent_res.branches), name)
                 if lower is not None and lower.is_dir:
                     branches += lower.branches
@@ -260,12 +265,14 @@ class MergedTree:
             if directory and await self.in_thread(layers.list_dir, victim.branches):
                 raise _error(errno.ENOTEMPTY, name)
             parent_res = await self._ensure_upper(parent)
+            await self._index_lower_link(victim)
             leave_whiteout = self._lower_has(parent_res, name)
             await self.in_thread(
                 lambda: upper.remove(ws, style, parent_res.path, name, leave_whiteout=leave_whiteout)
             )
             if self.links is not None and self.links.holds(victim.path):
                 await self.in_thread(self.links.covered, victim.path)
+            self._forget_object(victim)
             victim_ino = self.inodes.number_for(victim)
             if victim_ino in self.inodes:
                 self.inodes.unlinked(self.inodes.get(victim_ino), (parent.ino, name))
@@ -322,6 +329,9 @@ class MergedTree:
             assert target_node is not None
             await self._make_movable(ws, style, target_node)
         old_res, new_res = self.fresh(old_parent), self.fresh(new_parent)
+        overwritten = target_node.resolved if target_node is not None and not exchange else None
+        if overwritten is not None:
+            await self._index_lower_link(overwritten)
         source_path = os.path.join(old_res.path, old_name)
         target_path = os.path.join(new_res.path, new_name)
         if exchange:
@@ -347,11 +357,34 @@ class MergedTree:
             else:
                 self.inodes.unlinked(target_node, new_key)
         self.inodes.renamed(source_node, old_key, new_key)
-        for node in (source_node, target_node):
-            if node is not None and node.ino in self.inodes:
-                found = layers.lookup(self.fresh(self.inodes.get(node.parent)).branches, node.name)
-                if found is not None:
-                    self.inodes.rebind(node, found)
+        if overwritten is not None:
+            if self.links is not None and self.links.holds(overwritten.path):
+                await self.in_thread(self.links.covered, overwritten.path)
+            self._forget_object(overwritten)
+        # Only the moved objects get their new place: an overwritten target is gone, and its number
+        # must not follow whatever now sits at its old name.
+        for node in (source_node, target_node) if exchange else (source_node,):
+            assert node is not None
+            found = self.find(self.fresh(self.inodes.get(node.parent)), node.name)
+            if found is not None:
+                self.inodes.rebind(node, found)
+
+    def _forget_object(self, gone: Resolved) -> None:
+        """An upper object lost a name; if that was its last, its real inode number may be reused."""
+        if gone.layer.writable and (gone.is_dir or gone.stat.st_nlink <= 1):
+            self.inodes.unpin(gone)
+
+    async def _index_lower_link(self, victim: Resolved) -> Resolved:
+        """Before a name of a hardlinked lower file is deleted or overwritten, put the file in the link
+        index, so its other names count one link less (the kernel's index=on does the same)."""
+        if self.links is None or self.workspace is None or victim.layer.writable:
+            return victim
+        if victim.is_dir or victim.stat.st_nlink < 2:
+            return victim
+        entry = self.links.entry(victim.stat)
+        st = await self.in_thread(copyup.copy_up, self.workspace, victim.path, entry)
+        await self.in_thread(self.links.set_lower_names, entry, victim.stat.st_nlink - 1)
+        return Resolved(self.stack.layers[0], entry, st, ())
 
     async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node) -> None:
         """An object about to be renamed must live wholly in upper: copy it up, a directory with its
@@ -362,7 +395,7 @@ class MergedTree:
             for old, new_path in copied:
                 self.inodes.pin(old, _resolve_path(self.stack, new_path))
             st = os.lstat(resolved.path)
-            top = Branch(self.stack.layers[0], resolved.path, whiteout.read_opacity(resolved.path), st.st_dev, st.st_ino)
+            top = Branch(self.stack.layers[0], resolved.path, whiteout.read_dir_markers(resolved.path), st.st_dev, st.st_ino)
             self.inodes.rebind(node, Resolved(resolved.layer, resolved.path, st, (top,)))
             self.inodes.generation += 1
 
@@ -388,5 +421,5 @@ def _resolve_path(stack: LayerStack, upper_path: str) -> Resolved:
     layer = stack.layers[0]
     branches: tuple[Branch, ...] = ()
     if stat.S_ISDIR(st.st_mode):
-        branches = (Branch(layer, upper_path, whiteout.read_opacity(upper_path), st.st_dev, st.st_ino),)
+        branches = (Branch(layer, upper_path, whiteout.read_dir_markers(upper_path), st.st_dev, st.st_ino),)
     return Resolved(layer, upper_path, st, branches)

@@ -16,8 +16,9 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from . import copyup, layers, whiteout
 from .copyup import Workspace
@@ -26,6 +27,8 @@ from .links import LinkIndex
 from .whiteout import MarkerStyle
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,10 +179,11 @@ def copy_up_tree(
     real file changed, so inode numbers can be kept.
     """
     copied: list[tuple[Resolved, str]] = []
-    dirs = [upper_dir]
+    top = os.lstat(upper_dir)
+    dir_times = {upper_dir: (top.st_atime_ns, top.st_mtime_ns)}
     for child, path in _walk_merged(merged, upper_dir):
         if child.is_dir:
-            dirs.append(path)
+            dir_times[path] = (child.stat.st_atime_ns, child.stat.st_mtime_ns)
         if child.layer.writable:
             if child.is_merged:
                 copied.append((child, path))  # stays, but loses its lower branches: keep its number
@@ -198,9 +202,18 @@ def copy_up_tree(
             links.add(child.stat, path)
         copied.append((child, path))
     whiteout.mark_opaque(upper_dir, style)
-    for directory in dirs:
+    for directory, times in dir_times.items():
         clear_markers(directory)
+        os.utime(directory, ns=times, follow_symlinks=False)  # copying into it was no visible change
     return copied
+
+
+def keeping_times(directory: str, change: Callable[..., T], *args: Any) -> T:
+    """Run CHANGE, then give DIRECTORY back the atime and mtime it had before."""
+    before = os.lstat(directory)
+    result = change(*args)
+    os.utime(directory, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
+    return result
 
 
 def _walk_merged(merged: Resolved, upper_dir: str) -> Iterator[tuple[Resolved, str]]:

@@ -29,19 +29,23 @@ OCI_OPAQUE_MARKER = ".wh..wh..opq"
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 XATTR_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 
 
 @dataclass(frozen=True, slots=True)
-class Opacity:
+class DirMarkers:
     """What a layer's directory says about the layers below it."""
 
     opaque: bool
     """Hides every same-named directory in lower layers."""
     has_xattr_whiteouts: bool
     """Marked ``opaque=x``: zero-size files with the whiteout xattr inside it are whiteouts."""
+    redirect: str | None = None
+    """``trusted.overlay.redirect``: the kernel (redirect_dir=on) renamed this directory; its lower
+    content lives at this path (absolute from the overlay root, or a name in the same parent)."""
 
 
-NOT_OPAQUE = Opacity(opaque=False, has_xattr_whiteouts=False)
+NO_MARKERS = DirMarkers(opaque=False, has_xattr_whiteouts=False)
 
 
 def is_reserved_name(name: str) -> bool:
@@ -66,7 +70,7 @@ def is_device_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def is_whiteout(path: str, st: os.stat_result, parent: Opacity) -> bool:
+def is_whiteout(path: str, st: os.stat_result, parent: DirMarkers) -> bool:
     """Whether the entry at PATH (already lstat'ed) is a whiteout in either on-disk entry format."""
     if is_device_whiteout(st):
         return True
@@ -87,14 +91,22 @@ def oci_whiteout_exists(layer_dir: str, name: str) -> bool:
     return True
 
 
-def read_opacity(dir_path: str) -> Opacity:
-    """Read a layer directory's opaque markers: the xattrs (both namespaces) and ``.wh..wh..opq``."""
-    values = {_get_xattr(dir_path, name) for name in OPAQUE_XATTRS}
-    if b"y" in values or os.path.lexists(os.path.join(dir_path, OCI_OPAQUE_MARKER)):
-        return Opacity(opaque=True, has_xattr_whiteouts=b"x" in values)
-    if b"x" in values:
-        return Opacity(opaque=False, has_xattr_whiteouts=True)
-    return NOT_OPAQUE
+def read_dir_markers(dir_path: str) -> DirMarkers:
+    """Read a layer directory's markers: opaque xattrs (both namespaces), ``.wh..wh..opq``, redirect.
+
+    One listxattr answers "any overlay xattr here?" for the common directory that has none.
+    """
+    names = _list_xattrs(dir_path)
+    opaque_values = {_get_xattr(dir_path, name) for name in OPAQUE_XATTRS if name in names}
+    redirect = next((_get_xattr(dir_path, name) for name in REDIRECT_XATTRS if name in names), None)
+    opaque = b"y" in opaque_values or os.path.lexists(os.path.join(dir_path, OCI_OPAQUE_MARKER))
+    if not (opaque or opaque_values or redirect):
+        return NO_MARKERS
+    return DirMarkers(
+        opaque=opaque,
+        has_xattr_whiteouts=b"x" in opaque_values,
+        redirect=os.fsdecode(redirect) if redirect else None,
+    )
 
 
 def is_private_xattr(name: str) -> bool:
@@ -108,6 +120,15 @@ def _get_xattr(path: str, name: str) -> bytes | None:
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return None
+        raise
+
+
+def _list_xattrs(path: str) -> frozenset[str]:
+    try:
+        return frozenset(os.listxattr(path, follow_symlinks=False))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return frozenset()
         raise
 
 
@@ -175,5 +196,5 @@ def mark_opaque(dir_path: str, style: MarkerStyle) -> None:
 
 
 def is_marker_entry(name: str, st: os.stat_result) -> bool:
-    """An upper entry that only records a deletion or opacity: safe to drop with its directory."""
+    """An upper entry that only records a deletion or markers: safe to drop with its directory."""
     return is_device_whiteout(st) or is_reserved_name(name)
