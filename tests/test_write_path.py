@@ -1,0 +1,920 @@
+"""The write path of overlayfuse, compared with kernel overlayfs doing the same changes.
+
+Each test builds one layer stack twice, mounts it under the kernel (``redirect_dir=on,index=on``,
+the kernel at its most POSIX) and under overlayfuse, runs the same steps on both mounts (in child
+processes, so a hung mount costs a timeout, not the suite) and compares: each step's outcome (a
+value or an errno name), the merged view afterwards, and often the upper dir itself.
+
+Times set by the changes themselves ("now") cannot match between two mounts; `assert_same_changed`
+blanks an mtime only where *both* sides carry a time from after the steps began, so a copy-up that
+loses the lower mtime still shows up.
+
+`OFUSE_OURS=kernel` mounts the kernel on the "ours" side too: a self-check that the harness and
+the expectations hold when both sides are the oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import mmap
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overlayfuse.copyup import rename_exchange, rename_noreplace
+from tests.compare import Snapshot, diff_views, kind_of, take_snapshot
+from tests.mounts import (
+    FuseMount,
+    daemon_pids,
+    kernel_overlay,
+    overlayfuse,
+    run_isolated,
+    teardown_overlayfuse,
+    unmount_kernel,
+    wait_pids_gone,
+)
+from tests.rich_tree import LayerSet, build_layer_set
+from tests.trees import Dir, Entry, File, HardLink, Sparse, Whiteout
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mount]
+
+MiB = 1 << 20
+KERNEL_OPTS = "redirect_dir=on,index=on"
+OURS_IS_KERNEL = os.environ.get("OFUSE_OURS") == "kernel"
+OWNER_UID, OWNER_GID = 1234, 5678
+SET_ATIME_NS = 1_500_000_000_987_654_321  # distinct from the build's times
+SET_MTIME_NS = 1_550_000_000_111_111_111
+SPARSE_SIZE = 64 * MiB
+SPARSE_CHUNKS = {0: b"head", 17 * MiB + 3: b"middle", SPARSE_SIZE - 4: b"tail"}
+PRIVATE_XATTR_PREFIX = "trusted.overlay."
+
+
+# --- the layer stack most tests share --------------------------------------------------
+
+
+def standard_layers() -> dict[str, list[Entry]]:
+    """Small, but with everything the write path must handle: owners, modes, xattrs, hardlinks,
+    a sparse file, merged dirs, whiteouts in upper, dirs to rename and to remove."""
+    return {
+        "upper": [
+            File("upperfile", b"upper\n"),
+            Whiteout("was"),  # hides l2's file "was"
+            Whiteout("wasdir"),  # hides l2's dir "wasdir"
+            Whiteout("emptied/only"),  # the merged dir emptied/ has nothing left
+        ],
+        "l1": [
+            # d's metadata comes from here, the topmost lower that has it
+            Dir("d", 0o770, 99, 98, {"user.dir": b"from l1"}),
+            Dir("d/sub", 0o711, 42, 43, {"trusted.sub": b"s"}),
+            File("d/sub/g", b"from l1\n"),
+            File("merged/l1file", b"l1\n"),
+            File("full/f2", b"2\n"),
+        ],
+        "l2": [
+            Dir("d", 0o750, OWNER_UID, OWNER_GID, {"user.dir": b"d", "trusted.dir": b"\x01"}),
+            Dir("d/sub", 0o700, 1, 1, {"trusted.sub": b"hidden by l1's"}),
+            File("d/sub/f", b"lower data\n" * 100, 0o4750, OWNER_UID, OWNER_GID,
+                 {"user.note": b"n", "trusted.note": b"\x00\xff"}),
+            File("hl/a", b"linked\n"),
+            HardLink("hl/b", "hl/a"),
+            Sparse("big/sparse", SPARSE_SIZE, SPARSE_CHUNKS),
+            File("rd/x", b"x\n"),
+            File("rd/y/z", b"z\n"),
+            File("merged/l2file", b"l2\n"),
+            File("full/f1", b"1\n"),
+            File("gone/g", b"g\n"),
+            File("was", b"hidden\n"),
+            File("wasdir/hidden", b"hidden\n"),
+            File("emptied/only", b"hidden\n"),
+            File("target", b"target\n"),
+            Dir("emptydir"),
+        ],
+    }
+
+
+# --- mounting a pair -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Pair:
+    """The same stack mounted by the kernel (oracle) and by overlayfuse."""
+
+    kernel: LayerSet
+    ours: LayerSet
+    fuse: FuseMount | None  # None when OFUSE_OURS=kernel
+
+    def both(self, func: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
+        """`func(mnt, *args)` on each mount, each in a child process: (kernel, ours)."""
+        return (run_isolated(func, str(self.kernel.mnt), *args),
+                run_isolated(func, str(self.ours.mnt), *args))
+
+
+@contextlib.contextmanager
+def mount_ours(ls: LayerSet, extra_kernel_opts: str = KERNEL_OPTS) -> Iterator[FuseMount | None]:
+    """overlayfuse on `ls` (or the kernel, for the self-check), always torn down."""
+    assert ls.upper is not None and ls.work is not None
+    if OURS_IS_KERNEL:
+        with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, extra_kernel_opts):
+            yield None
+    else:
+        opts = [o for o in extra_kernel_opts.split(",") if o]
+        with overlayfuse(ls.mnt, ls.lowers, ls.upper, ls.work, opts) as fuse:
+            yield fuse
+
+
+@contextlib.contextmanager
+def mounted_pair(root: Path, layers: Mapping[str, Sequence[Entry]],
+                 kernel_opts: str = KERNEL_OPTS) -> Iterator[Pair]:
+    layers = {"upper": [], **layers}
+    k = build_layer_set(root / "kernel", layers, kernel=True)
+    o = build_layer_set(root / "ours", layers, kernel=True)
+    with kernel_overlay(k.mnt, k.lowers, k.upper, k.work, kernel_opts), \
+            mount_ours(o, kernel_opts) as fuse:
+        yield Pair(k, o, fuse)
+
+
+@contextlib.contextmanager
+def remounted(pair: Pair, kernel_opts: str = KERNEL_OPTS) -> Iterator[None]:
+    """Mount both sides again on the same dirs (the pair's own mounts must be gone)."""
+    with kernel_overlay(pair.kernel.mnt, pair.kernel.lowers, pair.kernel.upper, pair.kernel.work,
+                        kernel_opts), mount_ours(pair.ours, kernel_opts):
+        yield
+
+
+@pytest.fixture
+def pair(tmp_path: Path, overlayfuse_bin: Path) -> Iterator[Pair]:
+    with mounted_pair(tmp_path, standard_layers()) as p:
+        yield p
+
+
+# --- steps: run in a child process on one mount ----------------------------------------
+
+Step = tuple[Any, ...]  # (name, relative path, *arguments)
+Outcome = tuple[str, Any]  # ("ok", value) or ("err", "ENOENT")
+
+
+def stat_summary(st: os.stat_result) -> dict[str, Any]:
+    """What a step reports about an object: comparable across mounts (no inode, no times)."""
+    return {"kind": kind_of(st.st_mode), "mode": oct(st.st_mode), "uid": st.st_uid,
+            "gid": st.st_gid, "size": st.st_size if not stat.S_ISDIR(st.st_mode) else None}
+
+
+def _open_close(p: str, flags: int, mode: int = 0o644) -> None:
+    os.close(os.open(p, flags, mode))
+
+
+def _write(p: str, offset: int, data: bytes, flags: int = os.O_WRONLY) -> int:
+    fd = os.open(p, flags)
+    try:
+        return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _append(p: str, data: bytes) -> int:
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    try:
+        return os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _create(p: str, data: bytes, mode: int = 0o644) -> dict[str, Any]:
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return stat_summary(os.lstat(p))
+
+
+def _read(p: str) -> bytes:
+    with open(p, "rb") as f:
+        return f.read()
+
+
+STEPS: dict[str, Callable[..., Any]] = {
+    "open": _open_close,
+    "write": _write,
+    "append": _append,
+    "create": _create,
+    "read": _read,
+    "truncate": os.truncate,
+    "chmod": lambda p, mode: os.chmod(p, mode, follow_symlinks=False),
+    "chown": lambda p, uid, gid: os.chown(p, uid, gid, follow_symlinks=False),
+    "utime": lambda p, a, m: os.utime(p, ns=(a, m), follow_symlinks=False),
+    "setxattr": lambda p, name, value: os.setxattr(p, name, value, follow_symlinks=False),
+    "removexattr": lambda p, name: os.removexattr(p, name, follow_symlinks=False),
+    "getxattr": lambda p, name: os.getxattr(p, name, follow_symlinks=False),
+    "unlink": os.unlink,
+    "rmdir": os.rmdir,
+    "mkdir": lambda p, mode=0o755: os.mkdir(p, mode),
+    "symlink": lambda p, target: os.symlink(target, p),
+    "mkfifo": lambda p, mode=0o644: os.mkfifo(p, mode),
+    "stat": lambda p: stat_summary(os.lstat(p)),
+    "listdir": lambda p: sorted(os.listdir(p)),
+    "fsync_dir": lambda p: _fsync_dir(p),
+}
+# Steps whose second argument is another path under the mount.
+TWO_PATH_STEPS: dict[str, Callable[[str, str], Any]] = {
+    "link": lambda a, b: os.link(a, b, follow_symlinks=False),
+    "rename": os.rename,
+    "rename_noreplace": rename_noreplace,
+    "rename_exchange": rename_exchange,
+}
+
+
+def _fsync_dir(p: str) -> None:
+    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_step(mnt: str, step: Step) -> Outcome:
+    name, rel, *args = step
+    path = os.path.join(mnt, rel)
+    try:
+        if name in TWO_PATH_STEPS:
+            return ("ok", TWO_PATH_STEPS[name](path, os.path.join(mnt, args[0])))
+        return ("ok", STEPS[name](path, *args))
+    except OSError as exc:
+        return ("err", errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+
+
+def run_steps(mnt: str, steps: Sequence[Step]) -> list[Outcome]:
+    os.umask(0o022)
+    return [run_step(mnt, s) for s in steps]
+
+
+def assert_same_steps(pair: Pair, steps: Sequence[Step]) -> list[Outcome]:
+    """Run the steps on both mounts; every outcome must match the kernel's."""
+    k, o = pair.both(run_steps, list(steps))
+    bad = [f"{s!r}: kernel={ko!r} ours={oo!r}" for s, ko, oo in zip(steps, k, o, strict=True)
+           if ko != oo]
+    assert not bad, "steps differ from the kernel:\n  " + "\n  ".join(bad)
+    return o
+
+
+# --- comparing views after changes -----------------------------------------------------
+
+
+#: ext4 keeps xattrs that do not fit in the inode in one extra block, counted in st_blocks; the
+#: kernel's copies carry trusted.overlay.origin (a file handle), which tips some over.
+XATTR_BLOCK_SECTORS = 8
+
+
+def blank_new_times(k: Snapshot, o: Snapshot, since_ns: int) -> tuple[Snapshot, Snapshot]:
+    """Blank what two uppers cannot share: mtimes both sides set during the test, and st_blocks
+    differing by one xattr block."""
+    k2, o2 = Snapshot(**vars_of(k)), Snapshot(**vars_of(o))
+    k2.entries, o2.entries = dict(k.entries), dict(o.entries)
+    for path in set(k.entries) & set(o.entries):
+        ke, oe = k2.entries[path], o2.entries[path]
+        if ke.mtime_ns >= since_ns and oe.mtime_ns >= since_ns:
+            ke, oe = dataclasses.replace(ke, mtime_ns=0), dataclasses.replace(oe, mtime_ns=0)
+        if ke.blocks is not None and oe.blocks is not None and \
+                abs(ke.blocks - oe.blocks) <= XATTR_BLOCK_SECTORS:
+            ke, oe = dataclasses.replace(ke, blocks=0), dataclasses.replace(oe, blocks=0)
+        k2.entries[path], o2.entries[path] = ke, oe
+    return k2, o2
+
+
+def vars_of(snap: Snapshot) -> dict[str, Any]:
+    return {f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}
+
+
+def assert_same_changed(pair: Pair, since_ns: int, *, any_blocks: Sequence[str] = (),
+                        moved_dirs: Sequence[str] = ()) -> tuple[Snapshot, Snapshot]:
+    """The merged views are equal, but for times both sides set after `since_ns` (and st_blocks
+    of the paths in `any_blocks`, which the test checks itself).
+
+    `moved_dirs`: directories with lower content renamed by the test. The kernel (redirect_dir=on)
+    keeps them merged and reports st_nlink 1; overlayfuse copies them up whole, so they are plain
+    upper directories, and it must report their true count: 2 + subdirectories (README, "Where we
+    differ")."""
+    k, o = blank_new_times(take_snapshot(pair.kernel.mnt), take_snapshot(pair.ours.mnt), since_ns)
+    for snap in (k, o):
+        for path in any_blocks:
+            snap.entries[path] = dataclasses.replace(snap.entries[path], blocks=0)
+    if not OURS_IS_KERNEL:
+        for path in moved_dirs:
+            subdirs = sum(1 for entry in o.entries if entry.startswith(path + "/")
+                          and "/" not in entry[len(path) + 1:] and o.entries[entry].kind == "dir")
+            assert o.entries[path].nlink == 2 + subdirs, f"{path}: nlink {o.entries[path].nlink}"
+            o.entries[path] = dataclasses.replace(o.entries[path], nlink=k.entries[path].nlink)
+    problems = diff_views(k, o, ours_is_kernel=OURS_IS_KERNEL)
+    assert not problems, "views differ from the kernel after the same changes:\n  " + \
+        "\n  ".join(problems[:60])
+    return k, o
+
+
+@dataclass(frozen=True, slots=True)
+class UpperEntry:
+    """An object in an upper dir as the other implementation must be able to read it."""
+
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    size: int | None
+    rdev: int
+    mtime_ns: int
+    xattrs: tuple[tuple[str, bytes], ...]  # public ones
+    opaque: bytes | None
+
+
+def upper_view(upper: Path, since_ns: int) -> dict[str, UpperEntry]:
+    """Every object in an upper dir (read directly, not through a mount).
+
+    Not compared: link counts (the kernel's index=on keeps an extra link in workdir/index),
+    private xattrs other than opaque (origin, redirect, impure are the kernel's business;
+    whether they work is what the compatibility tests check), and new times (see module doc).
+    """
+    out: dict[str, UpperEntry] = {}
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in [*dirnames, *filenames]:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            names = sorted(os.listxattr(full, follow_symlinks=False))
+            public = tuple((n, os.getxattr(full, n, follow_symlinks=False)) for n in names
+                           if not n.startswith(PRIVATE_XATTR_PREFIX))
+            opaque = (os.getxattr(full, "trusted.overlay.opaque", follow_symlinks=False)
+                      if "trusted.overlay.opaque" in names else None)
+            out[os.path.relpath(full, upper)] = UpperEntry(
+                kind_of(st.st_mode), st.st_mode, st.st_uid, st.st_gid,
+                None if stat.S_ISDIR(st.st_mode) else st.st_size,
+                st.st_rdev, 0 if st.st_mtime_ns >= since_ns else st.st_mtime_ns, public, opaque)
+    return out
+
+
+def assert_same_upper(pair: Pair, since_ns: int) -> dict[str, UpperEntry]:
+    assert pair.kernel.upper is not None and pair.ours.upper is not None
+    k, o = upper_view(pair.kernel.upper, since_ns), upper_view(pair.ours.upper, since_ns)
+    # The kernel also marks a dir made inside a merged dir opaque, where no lower has that path:
+    # there the marker hides nothing, so it is compared only where a lower has the path.
+    for path in set(k) & set(o):
+        if not any(os.path.lexists(layer / path) for layer in pair.ours.lowers):
+            k[path] = dataclasses.replace(k[path], opaque=None)
+            o[path] = dataclasses.replace(o[path], opaque=None)
+    problems = [f"{p!r}: kernel={k.get(p)} ours={o.get(p)}" for p in sorted({*k, *o})
+                if k.get(p) != o.get(p)]
+    assert not problems, "upper dirs differ:\n  " + "\n  ".join(problems)
+    return o
+
+
+def top_lower(ls: LayerSet, rel: str) -> Path:
+    """The path of `rel` in the topmost lower layer that has it."""
+    return next(layer / rel for layer in ls.lowers if os.path.lexists(layer / rel))
+
+
+def assert_whiteout(upper: Path, rel: str) -> None:
+    st = os.lstat(upper / rel)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0), \
+        f"{rel} in upper is {kind_of(st.st_mode)} rdev={st.st_rdev}, not a 0:0 whiteout"
+
+
+# --- copy-up triggers ------------------------------------------------------------------
+
+F = "d/sub/f"
+COPY_UP_TRIGGERS: dict[str, list[Step]] = {
+    "open-wronly": [("open", F, os.O_WRONLY)],
+    "open-rdwr": [("open", F, os.O_RDWR)],
+    "open-trunc": [("open", F, os.O_WRONLY | os.O_TRUNC)],
+    "open-append": [("append", F, b"appended\n")],
+    "write": [("write", F, 7, b"XY")],
+    "truncate": [("truncate", F, 10)],
+    "truncate-grow": [("truncate", F, 5 * MiB)],
+    "chmod": [("chmod", F, 0o600)],
+    "chown": [("chown", F, 7, 8)],
+    "utimens": [("utime", F, SET_ATIME_NS, SET_MTIME_NS)],
+    "setxattr": [("setxattr", F, "user.new", b"v")],
+    "removexattr": [("removexattr", F, "user.note")],
+    "link": [("link", F, "d/sub/f-link")],
+    "rename": [("rename", F, "d/sub/f-renamed")],
+}
+
+
+@pytest.mark.parametrize("trigger", COPY_UP_TRIGGERS)
+def test_copy_up_trigger(pair: Pair, trigger: str) -> None:
+    """Each change to a lower file copies it (and its parents, with their metadata) up."""
+    since = time.time_ns()
+    steps = [*COPY_UP_TRIGGERS[trigger], ("stat", F), ("read", F), ("listdir", "d/sub"),
+             ("getxattr", "d", "user.dir")]
+    assert_same_steps(pair, steps)
+    assert_same_changed(pair, since)
+    upper = assert_same_upper(pair, since)
+    assert pair.ours.upper is not None
+    if trigger == "rename":
+        assert_whiteout(pair.ours.upper, F)
+        assert upper["d/sub/f-renamed"].kind == "file"
+    else:
+        assert upper[F].kind == "file"
+    for parent in ("d", "d/sub"):  # copied up first, with the lower dir's own metadata
+        lower = os.lstat(top_lower(pair.ours, parent))
+        got = upper[parent]
+        assert (got.mode, got.uid, got.gid) == (lower.st_mode, lower.st_uid, lower.st_gid), parent
+        if trigger not in ("link", "rename"):  # those change d/sub's own mtime
+            assert got.mtime_ns == lower.st_mtime_ns, f"{parent}: mtime not kept"
+    assert upper["d"].xattrs == (("user.dir", b"from l1"),)
+    assert upper["d/sub"].xattrs == (("trusted.sub", b"s"),)
+
+
+def test_copy_up_keeps_metadata_and_times(pair: Pair) -> None:
+    """Opening for write copies up mode (setuid too), owner, xattrs, atime and mtime unchanged."""
+    assert pair.ours.upper is not None
+    lower = os.lstat(pair.ours.lowers[-1] / F)
+    assert_same_steps(pair, [("open", F, os.O_WRONLY)])
+    for side in (pair.kernel, pair.ours):  # lstat before anything reads the copy (atime)
+        assert side.upper is not None
+        st = os.lstat(side.upper / F)
+        assert (st.st_mode, st.st_uid, st.st_gid, st.st_size) == \
+            (lower.st_mode, lower.st_uid, lower.st_gid, lower.st_size), side.root.name
+        assert (st.st_atime_ns, st.st_mtime_ns) == (lower.st_atime_ns, lower.st_mtime_ns), \
+            side.root.name
+        assert os.getxattr(side.upper / F, "user.note") == b"n"
+        assert os.getxattr(side.upper / F, "trusted.note") == b"\x00\xff"
+        assert (side.upper / F).read_bytes() == (side.lowers[-1] / F).read_bytes()
+
+
+def test_read_only_open_never_copies_up(pair: Pair) -> None:
+    steps = [("read", F), ("read", "hl/b"), ("read", "big/sparse"), ("open", F, os.O_RDONLY),
+             ("open", "d/sub/g", os.O_RDONLY | os.O_NOATIME), ("listdir", "d/sub"),
+             ("stat", F), ("getxattr", F, "user.note")]
+    assert_same_steps(pair, steps)
+    for side in (pair.kernel, pair.ours):
+        assert side.upper is not None
+        assert sorted(os.listdir(side.upper)) == ["emptied", "upperfile", "was", "wasdir"], \
+            side.root.name
+
+
+def test_sparse_copy_up_keeps_holes(pair: Pair) -> None:
+    """A 1-byte write into a 64 MiB file with three small chunks: upper stays small."""
+    since = time.time_ns()
+    assert_same_steps(pair, [("write", "big/sparse", 9 * MiB, b"!")])
+    for side in (pair.kernel, pair.ours):
+        assert side.upper is not None
+        st = os.lstat(side.upper / "big/sparse")
+        assert st.st_size == SPARSE_SIZE, side.root.name
+        assert st.st_blocks * 512 < 4 * MiB, f"{side.root.name}: holes filled in ({st.st_blocks})"
+        with open(side.upper / "big/sparse", "rb") as f:
+            for offset, chunk in {**SPARSE_CHUNKS, 9 * MiB: b"!"}.items():
+                f.seek(offset)
+                assert f.read(len(chunk)) == chunk, (side.root.name, offset)
+    # The kernel copies whole 1 MiB chunks around data (about 2 MiB here); fewer is fine.
+    assert_same_changed(pair, since, any_blocks=["big/sparse"])
+
+
+# --- deletion, whiteouts, opaque dirs --------------------------------------------------
+
+
+def test_unlink_lower_file_leaves_whiteout(pair: Pair) -> None:
+    since = time.time_ns()
+    assert_same_steps(pair, [("unlink", "merged/l2file"), ("unlink", "d/sub/g"),
+                             ("unlink", "upperfile"), ("stat", "merged/l2file"),
+                             ("listdir", "merged"), ("listdir", "d/sub")])
+    assert_same_changed(pair, since)
+    assert_same_upper(pair, since)
+    assert pair.ours.upper is not None
+    assert_whiteout(pair.ours.upper, "merged/l2file")
+    assert_whiteout(pair.ours.upper, "d/sub/g")
+    assert not os.path.lexists(pair.ours.upper / "upperfile"), "upper-only file needs no whiteout"
+
+
+RMDIR_STEPS: list[Step] = [
+    ("rmdir", "full"),  # ENOTEMPTY: f1 and f2 from two layers
+    ("rmdir", "emptied"),  # merged, but everything in it is whited out: empty view
+    ("unlink", "gone/g"),
+    ("rmdir", "gone"),  # emptied through the mount first
+    ("rmdir", "emptydir"),  # lower-only, empty
+    ("rmdir", "d"),  # ENOTEMPTY
+    ("rmdir", "rd/y"),  # ENOTEMPTY
+    ("rmdir", "upperfile"),  # ENOTDIR
+    ("rmdir", "nothere"),  # ENOENT
+    ("listdir", "."),
+]
+
+
+def test_rmdir_succeeds_exactly_when_merged_view_is_empty(pair: Pair) -> None:
+    since = time.time_ns()
+    outcomes = assert_same_steps(pair, RMDIR_STEPS)
+    assert outcomes[0] == ("err", "ENOTEMPTY") and outcomes[1] == ("ok", None)
+    assert_same_changed(pair, since)
+    assert_same_upper(pair, since)
+    assert pair.ours.upper is not None
+    for gone in ("emptied", "gone", "emptydir"):
+        assert_whiteout(pair.ours.upper, gone)
+
+
+def test_mkdir_over_whiteout_is_opaque(pair: Pair) -> None:
+    since = time.time_ns()
+    assert_same_steps(pair, [("mkdir", "wasdir", 0o700), ("listdir", "wasdir"),
+                             ("stat", "wasdir"), ("create", "wasdir/new", b"new\n"),
+                             ("listdir", "wasdir"),
+                             # and a dir removed through the mount, then made again
+                             ("rmdir", "emptydir"), ("mkdir", "emptydir"),
+                             ("unlink", "rd/x"), ("unlink", "rd/y/z"), ("rmdir", "rd/y"),
+                             ("rmdir", "rd"), ("mkdir", "rd"), ("listdir", "rd")])
+    assert_same_changed(pair, since)
+    upper = assert_same_upper(pair, since)
+    for path in ("wasdir", "rd"):
+        assert upper[path].kind == "dir" and upper[path].opaque == b"y", path
+
+
+def test_create_over_whiteout_replaces_it(pair: Pair) -> None:
+    since = time.time_ns()
+    assert_same_steps(pair, [("create", "was", b"new\n", 0o600), ("read", "was"),
+                             ("unlink", "target"), ("symlink", "target", "somewhere"),
+                             ("unlink", "merged/l1file"), ("mkfifo", "merged/l1file", 0o640),
+                             ("listdir", "merged")])
+    assert_same_changed(pair, since)
+    upper = assert_same_upper(pair, since)
+    assert upper["was"].kind == "file" and upper["target"].kind == "symlink"
+    assert upper["merged/l1file"].kind == "fifo"
+
+
+# --- rename ----------------------------------------------------------------------------
+
+
+def test_rename_lower_file_copies_up_and_whites_out(pair: Pair) -> None:
+    since = time.time_ns()
+    assert_same_steps(pair, [("rename", "target", "merged/moved"), ("read", "merged/moved"),
+                             ("stat", "target"), ("rename", "merged/l1file", "merged/l2file"),
+                             ("read", "merged/l2file"), ("listdir", "merged")])
+    assert_same_changed(pair, since)
+    assert_same_upper(pair, since)
+    assert pair.ours.upper is not None
+    assert_whiteout(pair.ours.upper, "target")
+    assert_whiteout(pair.ours.upper, "merged/l1file")
+
+
+def test_rename_dir_with_lower_content(pair: Pair) -> None:
+    """Kernel with redirect_dir=on (and we) succeed; content follows; survives a remount."""
+    since = time.time_ns()
+    steps: list[Step] = [("rename", "rd", "moved"), ("listdir", "moved"), ("read", "moved/y/z"),
+                         ("stat", "rd"), ("rename", "d/sub", "merged/sub2"),
+                         ("listdir", "merged/sub2"), ("read", "merged/sub2/f"),
+                         ("mkdir", "rd"), ("listdir", "rd")]
+    assert_same_steps(pair, steps)
+    moved = ("moved", "merged/sub2")
+    assert_same_changed(pair, since, moved_dirs=moved)
+    _unmount_pair(pair)
+    with remounted(pair):
+        assert_same_changed(pair, since, moved_dirs=moved)
+        assert_same_steps(pair, [("listdir", "moved/y"), ("read", "merged/sub2/g"),
+                                 ("listdir", "rd")])
+
+
+def _unmount_pair(pair: Pair) -> None:
+    """Unmount both sides early (the fixture's teardown then finds nothing to do)."""
+    unmount_kernel(pair.kernel.mnt)
+    if OURS_IS_KERNEL:
+        unmount_kernel(pair.ours.mnt)
+    else:
+        teardown_overlayfuse(pair.ours.mnt)
+
+
+def test_rename_dir_without_redirect_dir_is_exdev_on_kernel(tmp_path: Path) -> None:
+    """The kernel's default (redirect_dir=off): EXDEV. Recorded so the contrast stays true."""
+    layers = {"upper": [], **{k: v for k, v in standard_layers().items() if k != "upper"}}
+    ls = build_layer_set(tmp_path, layers, kernel=True)
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, "redirect_dir=off,index=off"):
+        assert run_isolated(run_steps, str(ls.mnt), [("rename", "rd", "moved")]) == \
+            [("err", "EXDEV")]
+
+
+RENAME_PROBES: list[Step] = [
+    ("rename_noreplace", "target", "upperfile"),  # EEXIST (target in upper)
+    ("rename_noreplace", "merged/l1file", "merged/l2file"),  # EEXIST (both lower)
+    ("rename_noreplace", "target", "was"),  # a whiteout is not an entry: ok
+    ("rename_noreplace", "was", "target2"),  # "was" is the old target now
+    ("rename_exchange", "upperfile", "merged/l2file"),  # upper <-> lower file
+    ("rename_exchange", "hl/a", "nothere"),  # ENOENT
+    ("rename_exchange", "gone", "full/f1"),  # dir <-> file
+    ("rename", "full", "emptydir"),  # dir over an empty lower dir: ok
+    ("rename", "rd", "d"),  # ENOTEMPTY
+    ("rename", "upperfile", "merged"),  # EISDIR
+    ("rename", "d", "merged/l1file"),  # ENOTDIR
+    ("rename", "d", "d/sub/inside"),  # EINVAL
+    ("rename", "d/sub/f", "d/sub/f"),  # same name: ok, nothing happens
+    ("rename", "hl/a", "hl/b"),  # two names of one inode: ok, nothing happens
+    ("listdir", "."), ("listdir", "merged"), ("listdir", "hl"),
+    ("read", "merged/l2file"), ("read", "upperfile"), ("read", "was"),
+]
+
+
+def test_rename_flags_and_errors(pair: Pair) -> None:
+    since = time.time_ns()
+    assert_same_steps(pair, RENAME_PROBES)
+    assert_same_changed(pair, since, moved_dirs=("emptydir", "emptydir/f1"))
+
+
+# --- inode numbers and hardlinks -------------------------------------------------------
+
+
+def ino_across_changes(mnt: str, rel: str, other: str) -> dict[str, Any]:
+    """st_ino before and after a copy-up (chmod), and what a write through one name shows."""
+    p, q = os.path.join(mnt, rel), os.path.join(mnt, other)
+    before = os.lstat(p).st_ino
+    os.chmod(p, 0o600)
+    after_chmod = os.lstat(p).st_ino
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"WRITTEN", 0)
+    finally:
+        os.close(fd)
+    with open(q, "rb") as f:
+        through_other = f.read()
+    st_p, st_q = os.lstat(p), os.lstat(q)
+    return {"same_ino_after_copy_up": before == after_chmod == st_p.st_ino,
+            "names_share_ino": st_p.st_ino == st_q.st_ino,
+            "nlink": (st_p.st_nlink, st_q.st_nlink),
+            "other_mode": oct(st_q.st_mode), "through_other": through_other}
+
+
+def test_st_ino_stable_and_hardlinks_stay_together(pair: Pair) -> None:
+    k, o = pair.both(ino_across_changes, "hl/a", "hl/b")
+    assert k == {"same_ino_after_copy_up": True, "names_share_ino": True, "nlink": (2, 2),
+                 "other_mode": "0o100600", "through_other": b"WRITTEN"}  # the oracle itself
+    assert o == k
+
+
+def test_plain_file_keeps_st_ino_on_copy_up(pair: Pair) -> None:
+    k, o = pair.both(ino_across_changes, F, F)
+    assert k["same_ino_after_copy_up"] and o == k
+
+
+def test_hardlinks_stay_together_after_remount(pair: Pair) -> None:
+    assert_same_steps(pair, [("write", "hl/a", 0, b"ONE")])
+    _unmount_pair(pair)
+    with remounted(pair):
+        outcomes = assert_same_steps(pair, [("read", "hl/b"), ("write", "hl/b", 3, b"TWO"),
+                                            ("read", "hl/a")])
+        assert outcomes[0] == ("ok", b"ONEked\n") and outcomes[2] == ("ok", b"ONETWO\n")
+        k, o = take_snapshot(pair.kernel.mnt), take_snapshot(pair.ours.mnt)
+        assert k.hardlink_groups() == o.hardlink_groups() == {frozenset({"hl/a", "hl/b"})}
+
+
+# --- mmap, fallocate, fsync ------------------------------------------------------------
+
+
+def mmap_write(mnt: str, rel: str) -> tuple[bytes, bytes]:
+    """Write through a shared writable map of a lower file; read back through another fd."""
+    p = os.path.join(mnt, rel)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            m[0:6] = b"MAPPED"
+            m[len(m) - 3:] = b"END"
+            m.flush()  # msync(MS_SYNC)
+        with open(p, "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    return data[:16], data[-8:]
+
+
+def test_shared_mmap_writes_land(pair: Pair) -> None:
+    k, o = pair.both(mmap_write, F)
+    assert k == (b"MAPPEDdata\nlower", b"er daEND")  # the oracle itself
+    assert o == k
+    _unmount_pair(pair)
+    with remounted(pair):
+        assert_same_steps(pair, [("read", F)])
+
+
+def fallocate_outcomes(mnt: str) -> dict[str, Any]:
+    """posix_fallocate (glibc falls back to writing zeros) and util-linux fallocate(1)."""
+    out: dict[str, Any] = {}
+    p = os.path.join(mnt, "merged/l2file")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 1 * MiB)
+        out["posix_fallocate"] = "ok"
+    except OSError as exc:
+        out["posix_fallocate"] = errno.errorcode[exc.errno or 0]
+    finally:
+        os.close(fd)
+    out["posix_size"] = os.lstat(p).st_size
+    with open(p, "rb") as f:
+        out["posix_head"] = f.read(8)
+    q = os.path.join(mnt, "merged/l1file")
+    proc = subprocess.run(["fallocate", "-l", str(2 * MiB), q], capture_output=True, check=False,
+                          timeout=60)
+    out["util_rc"] = proc.returncode
+    out["util_stderr"] = proc.stderr.decode(errors="replace").strip()
+    out["util_size"] = os.lstat(q).st_size
+    with open(q, "rb") as f:
+        out["util_head"] = f.read(8)
+    return out
+
+
+def test_fallocate(pair: Pair, record_property: Callable[[str, object], None]) -> None:
+    """posix_fallocate must work; fallocate(1) is recorded, and must not corrupt the file."""
+    k, o = pair.both(fallocate_outcomes)
+    record_property("kernel", k)
+    record_property("ours", o)
+    print(f"fallocate kernel={k}\nfallocate ours={o}")
+    assert {key: k[key] for key in ("posix_fallocate", "posix_size", "posix_head")} == \
+        {key: o[key] for key in ("posix_fallocate", "posix_size", "posix_head")}
+    assert k["util_rc"] == 0 and k["util_size"] == 2 * MiB
+    if o["util_rc"] == 0:
+        assert (o["util_size"], o["util_head"]) == (k["util_size"], k["util_head"])
+    else:  # refused: the file must be intact (its size and data as before)
+        assert (o["util_size"], o["util_head"]) == (3, b"l1\n"), o
+
+
+def sync_everything(mnt: str) -> list[str]:
+    done = []
+    p = os.path.join(mnt, "d/sub/f")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"sync", 0)
+        os.fsync(fd)
+        done.append("fsync")
+        os.fdatasync(fd)
+        done.append("fdatasync")
+        os.pwrite(fd, b"SYNC", 0)
+    finally:
+        os.close(fd)  # flush
+    done.append("close")
+    _fsync_dir(os.path.join(mnt, "d/sub"))
+    done.append("fsync-dir")
+    new = os.path.join(mnt, "d/new")
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"new")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    done.append("fsync-new")
+    with open(p, "rb") as f:
+        done.append(f.read(4).decode())
+    return done
+
+
+def test_fsync_and_flush_succeed(pair: Pair) -> None:
+    k, o = pair.both(sync_everything)
+    assert k == ["fsync", "fdatasync", "close", "fsync-dir", "fsync-new", "SYNC"]
+    assert o == k
+
+
+# --- concurrency and crashes (overlayfuse only, except as a sanity check) ---------------
+
+CONCURRENT_WRITERS = 4
+BIG_DATA = 192 * MiB  # real data, so a copy-up takes long enough to overlap
+
+
+def write_big_data(path: Path, size: int, total: int | None = None) -> None:
+    """`size` bytes of non-repeating data, then (optionally) fallocated up to `total`."""
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            f.write(i.to_bytes(8, "little") + block[8:])
+        if total is not None:
+            os.posix_fallocate(f.fileno(), size, total - size)
+            f.truncate(total)
+
+
+def concurrent_writers(mnt: str, rel: str, count: int) -> list[bytes]:
+    """`count` processes, released together, each open O_RDWR and write their own offset."""
+    p = os.path.join(mnt, rel)
+    r, w = os.pipe()
+    children = []
+    for i in range(count):
+        pid = os.fork()
+        if pid == 0:  # child: wait for the start signal, then race the others
+            os.close(w)
+            os.read(r, 1)
+            code = 0
+            try:
+                fd = os.open(p, os.O_RDWR)
+                os.pwrite(fd, b"writer%d" % i, i * 3 * MiB + 100)
+                os.close(fd)
+            except OSError:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    os.close(r)
+    os.close(w)  # EOF releases every child at once
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert codes == [0] * count, codes
+    got = []
+    with open(p, "rb") as f:
+        for i in range(count):
+            f.seek(i * 3 * MiB + 100)
+            got.append(f.read(7))
+    return got
+
+
+def test_concurrent_opens_for_write_share_one_copy_up(tmp_path: Path,
+                                                      overlayfuse_bin: Path) -> None:
+    layers: dict[str, list[Entry]] = {"upper": [], "l1": [Dir("data")]}
+    with mounted_pair(tmp_path, layers) as pair:
+        for side in (pair.kernel, pair.ours):
+            write_big_data(side.lowers[0] / "data/big", BIG_DATA)
+        # The lower changed under the mounts before any lookup of "big": allowed.
+        k, o = pair.both(concurrent_writers, "data/big", CONCURRENT_WRITERS)
+        expected = [b"writer%d" % i for i in range(CONCURRENT_WRITERS)]
+        assert k == expected
+        assert o == expected, "a writer's data was lost (two copy-ups?)"
+        assert pair.ours.upper is not None and pair.ours.work is not None
+        assert os.listdir(pair.ours.upper / "data") == ["big"]
+        assert os.lstat(pair.ours.upper / "data/big").st_size == BIG_DATA
+        staging = pair.ours.work / "work"
+        assert not staging.exists() or os.listdir(staging) == []
+
+
+KILL_SIZE = 1 << 30
+KILL_DATA = 256 * MiB
+
+
+def _start_writer(mnt: Path, rel: str) -> subprocess.Popen[bytes]:
+    code = ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY); "
+            "os.pwrite(fd, b'!', 12345); os.close(fd)")
+    return subprocess.Popen([sys.executable, "-c", code, str(mnt / rel)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.skipif(OURS_IS_KERNEL, reason="kills the overlayfuse daemon")
+def test_kill_during_copy_up_leaves_no_partial_file(tmp_path: Path, overlayfuse_bin: Path,
+                                                    record_property: Callable[[str, object], None]
+                                                    ) -> None:
+    """kill -9 while a 1 GiB file (256 MiB data, the rest fallocated) is being copied up."""
+    layers: dict[str, list[Entry]] = {"upper": [], "l1": [Dir("data")]}
+    ls = build_layer_set(tmp_path, layers, kernel=True)
+    assert ls.upper is not None and ls.work is not None
+    lower = ls.lowers[0] / "data/huge"
+    write_big_data(lower, KILL_DATA, KILL_SIZE)
+    staging = ls.work / "work"
+    caught_mid_copy = False
+    with overlayfuse(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS.split(",")):
+        pids = daemon_pids(ls.mnt)
+        assert pids, "no daemon process found"
+        writer = _start_writer(ls.mnt, "data/huge")
+        try:
+            deadline = time.monotonic() + 60
+            while writer.poll() is None and time.monotonic() < deadline:
+                if staging.exists() and os.listdir(staging):
+                    caught_mid_copy = True
+                    break
+                time.sleep(0.001)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            wait_pids_gone(pids, 10)
+        finally:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                writer.wait(timeout=30)
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+    record_property("caught_mid_copy", caught_mid_copy)
+    print(f"kill landed during the copy-up: {caught_mid_copy}")
+    target = ls.upper / "data/huge"
+    if os.path.lexists(target):  # the copy finished before the kill: it must be whole
+        st = os.lstat(target)
+        assert st.st_size == KILL_SIZE
+        with open(target, "rb") as f, open(lower, "rb") as g:
+            for offset in (0, KILL_DATA // 2, KILL_DATA - MiB, KILL_DATA, KILL_SIZE - 10):
+                f.seek(offset)
+                g.seek(offset)
+                expected = g.read(4096)
+                if offset <= 12345 < offset + 4096:
+                    expected = expected[:12345 - offset] + b"!" + expected[12346 - offset:]
+                assert f.read(4096) == expected, offset
+    with overlayfuse(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS.split(",")):
+        assert os.listdir(staging) == [], "interrupted copy-up left in WORKDIR/work"
+        assert run_isolated(run_steps, str(ls.mnt), [("stat", "data/huge")]) == \
+            [("ok", {"kind": "file", "mode": "0o100644", "uid": 0, "gid": 0, "size": KILL_SIZE})]
+    for big in (lower, target):  # pytest keeps old temp dirs: do not keep a GiB in each
+        with contextlib.suppress(FileNotFoundError):
+            big.unlink()
+
+
+@pytest.mark.skipif(OURS_IS_KERNEL, reason="overlayfuse's own staging dir")
+def test_staging_leftovers_removed_at_mount(tmp_path: Path, overlayfuse_bin: Path) -> None:
+    """What an interrupted copy-up leaves in WORKDIR/work is gone once mounted again."""
+    ls = build_layer_set(tmp_path, {"upper": [], "l1": [File("f", b"f\n")]}, kernel=True)
+    assert ls.work is not None and ls.upper is not None
+    staging = ls.work / "work"
+    staging.mkdir()
+    (staging / "#half-copied").write_bytes(b"partial")
+    (staging / "#half-dir").mkdir()
+    (staging / "#half-dir/inner").write_bytes(b"x")
+    os.symlink("/etc", staging / "#link")  # removed, never followed
+    with mount_ours(ls):
+        assert os.listdir(staging) == []
+        assert run_isolated(run_steps, str(ls.mnt), [("read", "f")]) == [("ok", b"f\n")]
+    assert os.path.isdir("/etc") and os.listdir(ls.upper) == []
