@@ -7,6 +7,7 @@ whole behaviour with kernel overlayfs itself.
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,24 @@ def test_name_too_long_for_its_whiteout_is_still_found(tmp_path: Path) -> None:
     stack = _stack(tmp_path, [], [File(name, b"x")])
     found = _resolve(stack, name)
     assert found is not None and Path(found.path).read_bytes() == b"x"
+
+
+def _redirect(path: Path, value: str) -> None:
+    os.setxattr(path, "trusted.overlay.redirect", value.encode())
+
+
+def test_relative_redirect_finds_renamed_directory_contents(tmp_path: Path) -> None:
+    """What the kernel (redirect_dir=on) writes for `mv old new` in one directory."""
+    stack = _stack(tmp_path, [Dir("new"), Whiteout("old")], [File("old/inside")])
+    _redirect(tmp_path / "layer0" / "new", "old")
+    assert _names(stack) == ["new"]
+    assert _names(stack, "new") == ["inside"]
+
+
+def test_absolute_redirect_reaches_layers_without_the_new_parent(tmp_path: Path) -> None:
+    """`mv a/old b/new`: the lower layer has no b/, the redirect is an absolute path."""
+    stack = _stack(tmp_path, [Dir("b/new"), Whiteout("a/old")], [], [File("a/old/inside")])
+    _redirect(tmp_path / "layer0" / "b" / "new", "/a/old")
+    assert _names(stack, "b/new") == ["inside"]
+    new = _resolve(stack, "b/new")
+    assert new is not None and [b.layer.index for b in new.branches] == [0, 2]
