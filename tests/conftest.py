@@ -59,6 +59,21 @@ def _fuse_missing() -> str | None:
     return None if Path("/dev/fuse").exists() else "needs /dev/fuse"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long", type=float, metavar="SECONDS", default=None,
+        help="run the differential test against the kernel for SECONDS, with a fresh random seed",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before collection, so test_differential.py's budget (read at import) sees it.
+    seconds = config.getoption("--long")
+    if seconds:
+        os.environ["OVERLAYFUSE_DIFF_SECONDS"] = str(seconds)
+        os.environ.setdefault("OVERLAYFUSE_DIFF_SEED", "random")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kernel") is not None:
         missing = _kernel_overlay_missing()

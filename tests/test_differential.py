@@ -4,7 +4,8 @@ CI mode (the default) runs sequences for OVERLAYFUSE_DIFF_SECONDS (90) or at mos
 with the fixed seed OVERLAYFUSE_DIFF_SEED (0).  The long mode is the same test with more time
 and, usually, a fresh seed:
 
-    OVERLAYFUSE_DIFF_SECONDS=3600 OVERLAYFUSE_DIFF_SEED=random ./scripts/test tests/test_differential.py
+    ./scripts/test tests/test_differential.py --long 3600
+    (the same as OVERLAYFUSE_DIFF_SECONDS=3600 OVERLAYFUSE_DIFF_SEED=random)
 
 A failure prints the shortest sequence the shrinker found, as Python calls, with each call's
 outcome on both sides and the differences it leads to.  The two harness tests check the
