@@ -330,7 +330,9 @@ class OverlayOperations(pyfuse3.Operations):
         for index in range(start_id - 2, len(handle.entries)):
             name, resolved = handle.entries[index]
             ino = self.inodes.number_for(resolved)
-            attrs = self._attributes(ino, resolved, resolved.stat)
+            # A listing may be replayed from cache: lower objects never change, upper ones may.
+            st = os.lstat(resolved.path) if resolved.layer.writable else resolved.stat
+            attrs = self._attributes(ino, resolved, st)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 3):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).

@@ -73,6 +73,10 @@ class Node:
     lookups: int = 0
     names: set[Name] = field(default_factory=set)
     """Every name the kernel knows this object by (hardlinks have several)."""
+    listing: list[tuple[str, Resolved]] | None = None
+    """A directory's merged listing, kept for the next opendir while nothing in it changes (the
+    kernel cannot cache listings for us: pyfuse3 gives opendir no way to ask for it)."""
+    listing_generation: int = -1
 
     @property
     def is_dir(self) -> bool:

@@ -133,11 +133,23 @@ class MergedTree:
         return self.inodes.remember(parent.ino, name, found)
 
     async def list_dir(self, ino: int) -> tuple[Node, list[tuple[str, Resolved]]]:
+        """A directory's merged listing: read and merged once, then replayed until it changes.
+
+        Entries of lower objects carry their stat, which never changes; callers must re-stat upper
+        ones. The list itself is never mutated, so an open directory keeps a stable snapshot.
+        """
         node, resolved = self.directory(ino)
+        if node.listing is not None and node.listing_generation == self.inodes.generation:
+            return node, node.listing
         entries = await self.in_thread(layers.list_dir, resolved.branches)
         if self.links is not None:
             entries = [(name, self._through_index(r) or r) for name, r in entries]
+        node.listing, node.listing_generation = entries, self.inodes.generation
         return node, entries
+
+    def _changed(self, directory: Node) -> None:
+        """Something in DIRECTORY changed: its cached listing is stale."""
+        directory.listing = None
 
     # -- copy-up -----------------------------------------------------------------------------------
 
@@ -157,6 +169,7 @@ class MergedTree:
         ws, style = self._require_writable()
         parent = self.inodes.get(node.parent)
         parent_res = await self._ensure_upper(parent)
+        self._changed(parent)
         target = self._upper_path(node)
         upper_layer = self.stack.layers[0]
         if resolved.layer.writable:  # known only through the link index: give it its name in upper
@@ -216,6 +229,7 @@ class MergedTree:
             if self.find(parent_res, name) is not None:
                 raise _error(errno.EEXIST, name)
             parent_res = await self._ensure_upper(parent)
+            self._changed(parent)
             gid = caller.gid
             if parent_res.stat.st_mode & stat.S_ISGID:
                 gid = parent_res.stat.st_gid  # BSD group semantics of setgid directories
@@ -234,6 +248,7 @@ class MergedTree:
             node = self.inodes.get(ino)
             source = await self._ensure_upper(node)
             parent_res = await self._ensure_upper(parent)
+            self._changed(parent)
             obj = NewObject(source.stat.st_mode, 0, 0, link_source=source.path)
             st, _ = await self.in_thread(upper.create, ws, style, parent_res.path, name, obj)
             return self._remember_new(parent, parent_res, name, st)
@@ -265,6 +280,7 @@ class MergedTree:
             if directory and await self.in_thread(layers.list_dir, victim.branches):
                 raise _error(errno.ENOTEMPTY, name)
             parent_res = await self._ensure_upper(parent)
+            self._changed(parent)
             await self._index_lower_link(victim)
             leave_whiteout = self._lower_has(parent_res, name)
             await self.in_thread(
@@ -324,6 +340,8 @@ class MergedTree:
         new_parent, new_name, target_node = new
         old_res = await self._ensure_upper(old_parent)
         new_res = await self._ensure_upper(new_parent)
+        self._changed(old_parent)
+        self._changed(new_parent)
         await self._make_movable(ws, style, source_node)
         if exchange:
             assert target_node is not None
