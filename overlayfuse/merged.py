@@ -170,18 +170,10 @@ class MergedTree:
         parent = self.inodes.get(node.parent)
         parent_res = await self._ensure_upper(parent)
         self._changed(parent)
+        if resolved.layer.writable:  # known only through the link index
+            return await self._name_indexed_copy(node, resolved, parent_res)
         target = self._upper_path(node)
         upper_layer = self.stack.layers[0]
-        if resolved.layer.writable:  # known only through the link index: give it its name in upper
-            assert self.links is not None
-            link = NewObject(resolved.stat.st_mode, 0, 0, link_source=resolved.path)
-            st, _ = await self.in_thread(
-                upper.keeping_times, parent_res.path, upper.create, ws, style, parent_res.path, node.name, link
-            )
-            await self.in_thread(self.links.covered, target)
-            linked = Resolved(upper_layer, target, st, ())
-            self.inodes.rebind(node, linked)
-            return linked
         # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
         if size is None:
             st = await self.in_thread(upper.keeping_times, parent_res.path, copyup.copy_up, ws, resolved.path, target)
@@ -199,6 +191,20 @@ class MergedTree:
         self.inodes.rebind(node, copied)
         log.debug("copied up %s", target)
         return copied
+
+    async def _name_indexed_copy(self, node: Node, indexed: Resolved, parent_res: Resolved) -> Resolved:
+        """A lower name whose file was copied up through another name: link the copy to it in upper."""
+        assert self.links is not None
+        ws, style = self._require_writable()
+        link = NewObject(indexed.stat.st_mode, 0, 0, link_source=indexed.path)
+        st, _ = await self.in_thread(
+            upper.keeping_times, parent_res.path, upper.create, ws, style, parent_res.path, node.name, link
+        )
+        target = self._upper_path(node)
+        await self.in_thread(self.links.covered, target)
+        linked = Resolved(self.stack.layers[0], target, st, ())
+        self.inodes.rebind(node, linked)
+        return linked
 
     def _lower_has(self, parent: Resolved, name: str) -> bool:
         """Whether lower layers show NAME in this directory: removing it then needs a whiteout."""
