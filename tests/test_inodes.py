@@ -8,7 +8,7 @@ from pathlib import Path
 from overlayfuse import layers
 from overlayfuse.inodes import ALLOCATED_FSID, FSID_SHIFT, ROOT_INODE, InodeTable, Node
 from overlayfuse.layers import Branch, LayerStack, Resolved
-from overlayfuse.whiteout import NOT_OPAQUE
+from overlayfuse.whiteout import NO_MARKERS
 
 from .trees import Dir, File, HardLink, make_tree
 
@@ -74,7 +74,7 @@ def test_directory_moved_without_its_lower_keeps_its_number(tmp_path: Path) -> N
     moved = tmp_path / "upper" / "moved"
     moved.mkdir()
     st = os.lstat(moved)
-    new = Resolved(stack.layers[0], str(moved), st, (Branch(stack.layers[0], str(moved), NOT_OPAQUE, st.st_dev, st.st_ino),))
+    new = Resolved(stack.layers[0], str(moved), st, (Branch(stack.layers[0], str(moved), NO_MARKERS, st.st_dev, st.st_ino),))
     number = table.number_for(old)
     table.pin(old, new)
     assert table.number_for(new) == number
@@ -99,7 +99,7 @@ def test_number_held_by_another_object_is_not_reused(tmp_path: Path) -> None:
     stack, table = _table(tmp_path)
     held = _remember(stack, table, "u")
     d = _resolve(stack, "d")
-    clash = Resolved(d.layer, d.path, d.stat, (Branch(d.layer, d.path, NOT_OPAQUE, held.resolved.stat.st_dev, held.ino),))
+    clash = Resolved(d.layer, d.path, d.stat, (Branch(d.layer, d.path, NO_MARKERS, held.resolved.stat.st_dev, held.ino),))
     number = table.number_for(clash)
     assert number != held.ino and number >> FSID_SHIFT == ALLOCATED_FSID
     assert table.number_for(clash) == number  # remembered for the life of the mount
