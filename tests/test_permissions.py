@@ -33,7 +33,8 @@ import pytest
 from tests.compare import diff_views, take_snapshot
 from tests.mounts import mount_at
 from tests.rich_tree import build_layer_set
-from tests.test_write_path import (
+from tests.trees import Dir, Entry, File
+from tests.writes import (
     KERNEL_OPTS,
     OURS_IS_KERNEL,
     Pair,
@@ -42,7 +43,6 @@ from tests.test_write_path import (
     mount_ours,
     mounted_pair,
 )
-from tests.trees import Dir, Entry, File
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 

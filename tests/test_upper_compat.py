@@ -7,7 +7,7 @@
 
 Both compare one upper dir read by two implementations, so nothing needs normalising: mtimes,
 modes, owners, xattrs, listings and hardlink groups must all be equal.  Each scenario is a list of
-steps (see `tests.test_write_path.run_steps`) applied to `standard_layers`; scenarios are kept
+steps (see `tests.writes.run_steps`) applied to `standard_layers`; scenarios are kept
 apart so a failure names the on-disk feature (whiteouts, opaque dirs, redirects, hardlinks).
 """
 
@@ -22,7 +22,7 @@ import pytest
 from tests.compare import Snapshot, assert_same_view, take_snapshot
 from tests.mounts import kernel_overlay, run_isolated
 from tests.rich_tree import LayerSet, build_layer_set
-from tests.test_write_path import (
+from tests.writes import (
     F,
     KERNEL_OPTS,
     MiB,
