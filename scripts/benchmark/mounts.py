@@ -1,0 +1,205 @@
+"""Mounting the three targets on fresh upper/work dirs, finding their daemons, tearing down."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BenchError, say
+from .processes import run
+from .settings import (DAEMON_EXIT_TIMEOUT, FSTYPES, MOUNT_TIMEOUT, SYNC_TIMEOUT,
+                       UNMOUNT_TIMEOUT, VENV_BIN)
+
+
+def mountinfo() -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of every mount, from /proc/self/mountinfo (never touches a mount)."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f.read().decode("utf-8", "surrogateescape").splitlines():
+            before, _, after = line.partition(" - ")
+            point = before.split(" ")[4]
+            point = (point.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+                     .replace("\\134", "\\"))
+            out.append((point, after.split(" ")[0]))
+    return out
+
+
+def fstype_at(mnt: Path) -> str | None:
+    found = [t for p, t in mountinfo() if p == str(mnt)]
+    return found[-1] if found else None
+
+
+def mounts_under(root: Path) -> list[str]:
+    prefix = str(root).rstrip("/") + "/"
+    return [p for p, _ in mountinfo() if p.startswith(prefix) or p == str(root)]
+
+
+def escape_opt(path: Path) -> str:
+    return str(path).replace(":", r"\:").replace(",", r"\,")
+
+
+def daemon_pid(target: str, mnt: Path) -> int | None:
+    """The FUSE daemon serving `mnt`: its command line names `mnt` as a whole argument."""
+    name = "overlayfuse" if target == "overlayfuse" else "fuse-overlayfs"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if str(mnt) in argv and any(os.path.basename(a) == name for a in argv[:3]):
+            return int(entry)
+    return None
+
+
+def proc_status_kib(pid: int | None, key: str) -> int | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass(slots=True)
+class Mount:
+    target: str
+    mnt: Path
+    upper: Path
+    work: Path
+    log: Path
+    pid: int | None = None
+    mount_s: float = 0.0
+
+    def log_text(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")
+        return ""
+
+    def rss_kib(self) -> int | None:
+        return proc_status_kib(self.pid, "VmRSS")
+
+    def hwm_kib(self) -> int | None:
+        return proc_status_kib(self.pid, "VmHWM")
+
+
+class Mounter:
+    """Mounts targets on fresh upper/work dirs and tears them down, whatever happens."""
+
+    def __init__(self, root: Path, lowers: Sequence[Path]) -> None:
+        self.root = root
+        self.lowers = list(lowers)
+        self.live: list[Mount] = []
+        self.serial = 0
+        self.tracebacks: list[str] = []
+
+    def command(self, target: str, opts: str, mnt: Path) -> list[str]:
+        if target == "kernel":
+            return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
+        if target == "fuse-overlayfs":
+            return ["fuse-overlayfs", "-o", opts, str(mnt)]
+        return [str(VENV_BIN / "overlayfuse"), "-o", opts, str(mnt)]
+
+    @contextlib.contextmanager
+    def mounted(self, target: str) -> Iterator[Mount]:
+        self.serial += 1
+        base = self.root / f"{self.serial:04d}-{target}"
+        m = Mount(target, base / "mnt", base / "upper", base / "work", base / "daemon.log")
+        for d in (m.mnt, m.upper, m.work):
+            d.mkdir(parents=True)
+        opts = ("lowerdir=" + ":".join(escape_opt(p) for p in self.lowers)
+                + f",upperdir={escape_opt(m.upper)},workdir={escape_opt(m.work)}")
+        self.live.append(m)
+        try:
+            start = time.perf_counter()
+            self._mount(m, opts)
+            m.mount_s = time.perf_counter() - start
+            if target != "kernel":
+                m.pid = daemon_pid(target, m.mnt)
+            yield m
+        finally:
+            self.unmount(m)
+            if "Traceback" in m.log_text():
+                self.tracebacks.append(f"{target}: {m.log_text()[-2000:]}")
+                say(f"warning: the {target} daemon logged a traceback:\n{m.log_text()[-2000:]}")
+            run(["rm", "-rf", "--one-file-system", str(base)], SYNC_TIMEOUT, check=False)
+
+    def _mount(self, m: Mount, opts: str) -> None:
+        cmd = self.command(m.target, opts, m.mnt)
+        # The daemon's output goes to a file: a detached daemon may keep stderr open, and a
+        # pipe would then never reach EOF.
+        with open(m.log, "wb") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=MOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while fstype_at(m.mnt) != FSTYPES[m.target]:
+            if time.monotonic() > deadline or rc != 0:
+                raise BenchError(f"mount failed: {shlex.join(cmd)} exited {rc}"
+                                 f" ({m.log_text()[-300:].strip()}); mount type"
+                                 f" {fstype_at(m.mnt)}")
+            time.sleep(0.02)
+        run(["stat", "-c", "%i", str(m.mnt)], MOUNT_TIMEOUT)  # it answers
+
+    def unmount(self, m: Mount) -> None:
+        if m.target == "kernel":
+            commands = [["umount", str(m.mnt)], ["umount", "-l", str(m.mnt)]]
+        else:
+            commands = [["fusermount3", "-u", str(m.mnt)], ["fusermount3", "-u", "-z", str(m.mnt)],
+                        ["umount", "-l", str(m.mnt)]]
+        for cmd in commands:
+            if fstype_at(m.mnt) is None:
+                break
+            with contextlib.suppress(BenchError):
+                run(cmd, UNMOUNT_TIMEOUT, check=False)
+        if m.pid is not None:
+            deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+            while alive(m.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if alive(m.pid):
+                say(f"warning: {m.target} daemon {m.pid} ignored the unmount: SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(m.pid, signal.SIGKILL)
+        if m in self.live:
+            self.live.remove(m)
+        if fstype_at(m.mnt) is not None:
+            raise BenchError(f"{m.mnt} is still mounted after a lazy unmount")
+
+    def unmount_all(self) -> None:
+        for m in reversed(list(self.live)):
+            with contextlib.suppress(BenchError):
+                self.unmount(m)
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that refuses a tree with mounts under it (and never crosses into another fs)."""
+    if path.exists() or path.is_symlink():
+        if mounts_under(path):
+            raise BenchError(f"{path} has mounts under it; not removing it")
+        run(["rm", "-rf", "--one-file-system", str(path)], SYNC_TIMEOUT)

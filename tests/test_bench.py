@@ -1,0 +1,67 @@
+"""Smoke test of scripts/bench: the tiny run mounts all three targets and reports every cell.
+
+A benchmark, not a performance test: nothing here looks at how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.mounts import REPO_ROOT, mounts
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mount]
+
+BENCH = REPO_ROOT / "scripts" / "bench"
+TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
+WORKLOADS = ("walk-cold", "walk-warm", "stat-ls", "read-all", "seqread-1G", "copyup-big",
+             "create-small", "copyup-many", "rm-tree", "parallel")
+# --tiny finishes in well under a minute on two idle cores; this only bounds a hang.
+BENCH_TIMEOUT = 240
+
+
+@pytest.mark.timeout(BENCH_TIMEOUT + 30)
+def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
+    if shutil.which("fuse-overlayfs") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("precondition missing in CI: fuse-overlayfs", pytrace=False)
+        pytest.skip("needs fuse-overlayfs")
+    workdir = tmp_path / "bench"
+    proc = subprocess.run(
+        [str(BENCH), "--quick", "--tiny", "--reps", "1", "--json", "--workdir", str(workdir)],
+        capture_output=True, timeout=BENCH_TIMEOUT, check=False,
+    )
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, f"scripts/bench exited {proc.returncode}:\n{stderr}"
+    report = json.loads(proc.stdout)
+
+    check = report["view_check"]
+    assert check["ran"] and check["same"], check
+    assert sorted(check["targets"]) == sorted(TARGETS)
+    assert check["entries"] > 100
+
+    for workload in WORKLOADS:
+        cells = report["results"][workload]["targets"]
+        for target in TARGETS:
+            cell = cells[target]
+            assert not cell["errors"], (workload, target, cell["errors"])
+            assert cell["samples"] and all(v > 0 for v in cell["samples"]), (workload, target)
+            assert cell["median"] > 0 and cell["min"] > 0 and cell["max"] > 0
+            if target != "kernel":
+                assert cell["peak_rss_kib"] and cell["peak_rss_kib"] > 0, (workload, target)
+        assert set(report["results"][workload]["ratios"]) == {
+            "overlayfuse/fuse-overlayfs", "overlayfuse/kernel"}
+    for target in ("fuse-overlayfs", "overlayfuse"):
+        walks = report["rss_walks"][target]
+        assert "error" not in walks and all(k and k > 0 for k in walks["rss_kib"]), walks
+    assert not report["daemon_tracebacks"]
+
+    # The table went to stderr; the scratch dir is gone and nothing stayed mounted.
+    assert "workload" in stderr and "overlayfuse" in stderr
+    assert not workdir.exists()
+    assert not [m for m in mounts() if m.mountpoint.startswith(str(workdir))]
