@@ -29,8 +29,7 @@ def run(cmd: Sequence[str | os.PathLike[str]], timeout: float, *, capture: bool 
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as exc:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_groups([proc])
         proc.communicate()
         if isinstance(exc, subprocess.TimeoutExpired):
             raise BenchError(f"{shlex.join(args)} took more than {timeout:.0f} s: killed") from None
@@ -40,6 +39,14 @@ def run(cmd: Sequence[str | os.PathLike[str]], timeout: float, *, capture: bool 
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
         raise BenchError(f"{shlex.join(args)} exited {proc.returncode}: {' / '.join(tail)}")
     return result
+
+
+def kill_groups(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL each process's whole session (started with start_new_session) and reap it."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def timed(cmd: Sequence[str | os.PathLike[str]], timeout: float) -> float:

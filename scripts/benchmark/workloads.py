@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -13,7 +10,7 @@ from dataclasses import dataclass
 
 from .errors import BenchError
 from .mounts import Mount
-from .processes import bash, run, sync, timed
+from .processes import bash, kill_groups, run, sync, timed
 from .settings import BIG_DIR, Scale
 from .stack import Stack
 
@@ -86,10 +83,7 @@ def job_parallel(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
         for p in procs:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
     except BaseException as exc:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        kill_groups(procs)
         if isinstance(exc, subprocess.TimeoutExpired):
             raise BenchError(f"parallel took more than {sc.cmd_timeout:.0f} s: killed") from None
         raise
