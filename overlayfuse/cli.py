@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 
 from . import daemon
+from .mounttable import detach_dead_mounts
 from .options import UsageError, parse_args, validate
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for warning in options.warnings:
         log.warning("%s", warning)
+    try:
+        detach_dead_mounts(options.mountpoint)  # left by a killed daemon: would fail every check
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"overlayfuse: error: {options.mountpoint}: a dead FUSE mount is in the way: {exc}", file=sys.stderr)
+        return 1
     try:
         validate(options)
     except UsageError as exc:

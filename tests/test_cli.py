@@ -9,6 +9,7 @@ with an empty environment) and every way of ending a mount must end the daemon c
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -298,6 +299,24 @@ def test_signal_unmounts_foreground_daemon(signum: int, dirs: Dirs,
         assert_serves_lower(dirs.mnt)
         proc.send_signal(signum)
         assert _wait_exit(proc) == 0
+        assert not is_mounted(dirs.mnt)
+
+
+def test_restart_after_kill_clears_the_dead_mount(dirs: Dirs, overlayfuse_bin: Path) -> None:
+    """kill -9 leaves a mount answering ENOTCONN; starting again detaches it and mounts afresh,
+    with nothing dead left underneath to reappear after the next unmount."""
+    with foreground_daemon(dirs) as proc:
+        proc.kill()
+        proc.wait(timeout=DAEMON_EXIT_TIMEOUT)
+        with pytest.raises(OSError) as dead:
+            os.statvfs(dirs.mnt)
+        assert dead.value.errno == errno.ENOTCONN
+        restarted = run(overlayfuse_cmd(dirs.mnt, f"lowerdir={dirs.lower}"), timeout=30)
+        assert restarted.returncode == 0, restarted.stderr
+        assert b"detached a FUSE mount whose daemon had died" in restarted.stderr
+        assert_serves_lower(dirs.mnt)
+        assert sum(1 for m in mounts() if m.mountpoint == str(dirs.mnt)) == 1
+        teardown_overlayfuse(dirs.mnt)
         assert not is_mounted(dirs.mnt)
 
 

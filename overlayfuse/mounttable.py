@@ -1,0 +1,82 @@
+"""What is mounted where, and clearing away FUSE mounts whose daemon died.
+
+A FUSE daemon killed with SIGKILL leaves its mount behind: every access to it fails with ENOTCONN
+("Transport endpoint is not connected"). Mounting again on top would work but leave the dead mount
+underneath, to reappear at the next unmount; so the daemon detaches dead FUSE mounts at its
+mountpoint before it mounts (``umount -l``, as fusermount3 -uz would).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+MNT_DETACH = 2
+#: How many dead mounts stacked on one mountpoint we clear before giving up.
+MAX_STACKED = 16
+
+
+@dataclass(frozen=True, slots=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """/proc/self/mountinfo writes space, tab, newline and backslash as octal escapes."""
+    for code in ("\\040", "\\011", "\\012", "\\134"):
+        field = field.replace(code, chr(int(code[1:], 8)))
+    return field
+
+
+def mounts_at(path: str) -> list[MountEntry]:
+    """Every mount on PATH, bottom first (the last one is what PATH shows)."""
+    target = os.path.abspath(path)
+    entries = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            before, _, after = line.partition(" - ")
+            fields, tail = before.split(), after.split()
+            if _unescape(fields[4]) == target:
+                entries.append(MountEntry(target, tail[0], _unescape(tail[1])))
+    return entries
+
+
+def is_dead_fuse_mount(path: str) -> bool:
+    """A FUSE mount whose daemon is gone answers ENOTCONN (ECONNABORTED once the connection is aborted)."""
+    entries = mounts_at(path)
+    if not entries or not entries[-1].fstype.startswith("fuse"):
+        return False
+    try:
+        os.statvfs(path)  # never cached by the kernel, unlike stat: it must reach the daemon
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def detach_dead_mounts(path: str) -> int:
+    """Lazily unmount dead FUSE mounts stacked on PATH; returns how many were cleared."""
+    cleared = 0
+    while cleared < MAX_STACKED and is_dead_fuse_mount(path):
+        _detach(path)
+        cleared += 1
+        log.warning("%s: detached a FUSE mount whose daemon had died", path)
+    return cleared
+
+
+def _detach(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(path), MNT_DETACH) == 0:
+        return
+    code = ctypes.get_errno()
+    if code != errno.EPERM:
+        raise OSError(code, os.strerror(code), path)
+    # Not root: fusermount3 is setuid root and may detach our own FUSE mounts.
+    subprocess.run(["fusermount3", "-u", "-z", path], check=True, capture_output=True, timeout=30)
