@@ -398,17 +398,16 @@ class MergedTree:
         if gone.layer.writable and (gone.is_dir or gone.stat.st_nlink <= 1):
             self.inodes.unpin(gone)
 
-    async def _index_lower_link(self, victim: Resolved) -> Resolved:
+    async def _index_lower_link(self, victim: Resolved) -> None:
         """Before a name of a hardlinked lower file is deleted or overwritten, put the file in the link
         index, so its other names count one link less (the kernel's index=on does the same)."""
         if self.links is None or self.workspace is None or victim.layer.writable:
-            return victim
+            return
         if victim.is_dir or victim.stat.st_nlink < 2:
-            return victim
+            return
         entry = self.links.entry(victim.stat)
-        st = await self.in_thread(copyup.copy_up, self.workspace, victim.path, entry)
+        await self.in_thread(copyup.copy_up, self.workspace, victim.path, entry)
         await self.in_thread(self.links.set_lower_names, entry, victim.stat.st_nlink - 1)
-        return Resolved(self.stack.layers[0], entry, st, ())
 
     async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node) -> None:
         """An object about to be renamed must live wholly in upper: copy it up, a directory with its
