@@ -24,29 +24,52 @@ MAX_STACKED = 16
 
 @dataclass(frozen=True, slots=True)
 class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
     mountpoint: str
     fstype: str
     source: str
+    options: str
+    """Superblock options (after " - "), e.g. "rw,user_id=0,allow_other"."""
+    mount_options: str
+    """Per-mount options, e.g. "ro,nosuid"."""
+    dev: str
+    """"major:minor", which names a FUSE mount's connection in /sys/fs/fuse/connections."""
 
 
 def _unescape(field: str) -> str:
-    """/proc/self/mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
+    """mountinfo writes space, tab, newline and backslash (any byte, really) as \\ooo octal."""
+    raw = field.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def read_mounts() -> list[MountEntry]:
+    """Every mount, in mount order (reading the table never touches a mounted filesystem)."""
+    entries = []
+    with open("/proc/self/mountinfo", "rb") as table:
+        for line in table.read().decode("utf-8", "surrogateescape").splitlines():
+            before, _, after = line.partition(" - ")
+            fields = before.split(" ")
+            fstype, source, options = [*after.split(" "), "", "", ""][:3]
+            entries.append(
+                MountEntry(_unescape(fields[4]), fstype, _unescape(source), options, fields[5], fields[2])
+            )
+    return entries
 
 
 def mounts_at(path: str) -> list[MountEntry]:
     """Every mount on PATH, bottom first (the last one is what PATH shows)."""
     target = os.path.abspath(path)
-    entries = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-        for line in table:
-            before, _, after = line.partition(" - ")
-            fields, tail = before.split(), after.split()
-            if _unescape(fields[4]) == target:
-                entries.append(MountEntry(target, tail[0], _unescape(tail[1])))
-    return entries
+    return [entry for entry in read_mounts() if entry.mountpoint == target]
 
 
 def is_dead_fuse_mount(path: str) -> bool:

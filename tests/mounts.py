@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from overlayfuse.mounttable import MountEntry
+from overlayfuse.mounttable import read_mounts as mounts  # re-exported: tests list mounts by it
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Generous, because the suite runs on two busy cores; the values only bound a hang.
@@ -60,47 +63,7 @@ def overlayctl_binary() -> Path | None:
     return Path(found) if found else None
 
 
-@dataclass(frozen=True, slots=True)
-class MountInfo:
-    mountpoint: str
-    fstype: str
-    source: str
-    options: str  # superblock options (after " - ")
-    mount_options: str  # per-mount options such as "ro,nosuid"
-    dev: str  # "major:minor", used to find the FUSE connection
-
-
-def _unescape_mountinfo(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
-    out = bytearray()
-    raw = field.encode("utf-8", "surrogateescape")
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and raw[i + 1 : i + 4].isdigit() and i + 4 <= len(raw):
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
-
-
-def mounts() -> list[MountInfo]:
-    """Parse /proc/self/mountinfo (reading it never touches a mounted filesystem)."""
-    result = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f.read().decode("utf-8", "surrogateescape").splitlines():
-            before, _, after = line.partition(" - ")
-            fields = before.split(" ")
-            fstype, source, options = [*after.split(" "), "", "", ""][:3]
-            result.append(
-                MountInfo(_unescape_mountinfo(fields[4]), fstype, source, options, fields[5],
-                          fields[2])
-            )
-    return result
-
-
-def mount_at(mnt: Path) -> MountInfo | None:
+def mount_at(mnt: Path) -> MountEntry | None:
     """The topmost mount at `mnt`, or None."""
     found = [m for m in mounts() if m.mountpoint == str(mnt)]
     return found[-1] if found else None

@@ -12,33 +12,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from overlayfuse.mounttable import read_mounts
+
 from .errors import BenchError, say
 from .processes import run
 from .settings import (DAEMON_EXIT_TIMEOUT, FSTYPES, MOUNT_TIMEOUT, SYNC_TIMEOUT,
                        UNMOUNT_TIMEOUT, VENV_BIN)
 
 
-def mountinfo() -> list[tuple[str, str]]:
-    """(mountpoint, fstype) of every mount, from /proc/self/mountinfo (never touches a mount)."""
-    out = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f.read().decode("utf-8", "surrogateescape").splitlines():
-            before, _, after = line.partition(" - ")
-            point = before.split(" ")[4]
-            point = (point.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-                     .replace("\\134", "\\"))
-            out.append((point, after.split(" ")[0]))
-    return out
-
-
 def fstype_at(mnt: Path) -> str | None:
-    found = [t for p, t in mountinfo() if p == str(mnt)]
+    found = [m.fstype for m in read_mounts() if m.mountpoint == str(mnt)]
     return found[-1] if found else None
 
 
 def mounts_under(root: Path) -> list[str]:
     prefix = str(root).rstrip("/") + "/"
-    return [p for p, _ in mountinfo() if p.startswith(prefix) or p == str(root)]
+    return [m.mountpoint for m in read_mounts() if m.mountpoint.startswith(prefix) or m.mountpoint == str(root)]
 
 
 def escape_opt(path: Path) -> str:
