@@ -58,13 +58,6 @@ def oci_whiteout_name(name: str) -> str:
     return OCI_WHITEOUT_PREFIX + name
 
 
-def oci_whiteout_target(name: str) -> str | None:
-    """The name a ``.wh.NAME`` entry hides, or None if NAME is not an OCI whiteout."""
-    if name.startswith(OCI_WHITEOUT_PREFIX) and name != OCI_OPAQUE_MARKER:
-        return name[len(OCI_WHITEOUT_PREFIX) :]
-    return None
-
-
 def is_device_whiteout(st: os.stat_result) -> bool:
     """The kernel's own whiteout: a character device with device number 0:0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
@@ -159,7 +152,7 @@ def probe_marker_style(scratch_dir: str) -> MarkerStyle:
     """Find out, once per mount, which marker forms we may write (SCRATCH_DIR is on the upper fs)."""
     probe = os.path.join(scratch_dir, f"#probe-{os.getpid()}")
     try:
-        os.mknod(probe, DEVICE_WHITEOUT_MODE, os.makedev(0, 0))
+        write_device_whiteout(probe)
         devices = True
         os.unlink(probe)
     except PermissionError:
