@@ -336,7 +336,7 @@ class OverlayOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 3):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
-            self.inodes.remember(node.ino, name, resolved)
+            self.inodes.remember(node.ino, name, resolved, ino)
 
     @_boundary
     async def releasedir(self, fh: int) -> None:

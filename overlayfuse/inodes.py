@@ -110,7 +110,9 @@ class InodeTable:
 
     def number_for(self, resolved: Resolved) -> int:
         """The inode number this object has (or will have) in the mount."""
-        ident = identity(resolved)
+        return self._number(identity(resolved))
+
+    def _number(self, ident: Identity) -> int:
         pinned = self._pinned.get(ident)
         if pinned is not None:
             return pinned
@@ -121,12 +123,16 @@ class InodeTable:
                 return ino
         return self._allocate(ident)
 
-    def remember(self, parent: int, name: str, resolved: Resolved) -> Node:
-        """Record one more kernel reference (a lookup, or an accepted readdirplus entry)."""
-        ino = self.number_for(resolved)
+    def remember(self, parent: int, name: str, resolved: Resolved, number: int | None = None) -> Node:
+        """Record one more kernel reference (a lookup, or an accepted readdirplus entry).
+
+        NUMBER: what `number_for` already said for RESOLVED, when the caller asked first.
+        """
+        ident = identity(resolved)
+        ino = self._number(ident) if number is None else number
         node = self._nodes.get(ino)
         if node is None:
-            node = Node(ino, resolved, parent, name, identity(resolved), checked=self.generation)
+            node = Node(ino, resolved, parent, name, ident, checked=self.generation)
             self._nodes[ino] = node
         elif node.is_dir or not node.resolved.layer.writable or resolved.layer.writable:
             # A hardlinked file copied up through another name keeps its upper copy: the kernel
