@@ -102,6 +102,16 @@ class LayerStack:
         return tuple(b for b in branches if not b.layer.writable)
 
 
+def resolve_alone(layer: Layer, path: str, st: os.stat_result | None = None) -> Resolved:
+    """PATH in LAYER as an object of its own, nothing below merged in (a new or wholly copied-up
+    object). ST: its lstat, if the caller has it."""
+    st = os.lstat(path) if st is None else st
+    branches: tuple[Branch, ...] = ()
+    if stat.S_ISDIR(st.st_mode):
+        branches = (Branch(layer, path, whiteout.read_dir_markers(path), st.st_dev, st.st_ino),)
+    return Resolved(layer, path, st, branches)
+
+
 def lookup(parent: Sequence[Branch], name: str) -> Resolved | None:
     """Resolve NAME in the merged directory made of PARENT's branches; None if it does not exist.
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import copyup, layers, upper, whiteout
+from . import copyup, layers, upper
 from .copyup import Workspace
 from .inodes import ROOT_INODE, InodeTable, Node
 from .layers import Branch, LayerStack, Resolved
@@ -261,15 +261,12 @@ class MergedTree:
 
     def _remember_new(self, parent: Node, parent_res: Resolved, name: str, st: os.stat_result) -> Node:
         path = os.path.join(parent_res.path, name)
-        branches: tuple[Branch, ...] = ()
-        if stat.S_ISDIR(st.st_mode):
-            markers = whiteout.read_dir_markers(path)
-            branches = (Branch(self.stack.layers[0], path, markers, st.st_dev, st.st_ino),)
-            if not markers.opaque:
-                lower = layers.lookup(self.stack.lower_part(parent_res.branches), name)
-                if lower is not None and lower.is_dir:
-                    branches += lower.branches
-        return self.inodes.remember(parent.ino, name, Resolved(self.stack.layers[0], path, st, branches))
+        resolved = layers.resolve_alone(self.stack.layers[0], path, st)
+        if resolved.is_dir and not resolved.branches[0].markers.opaque:
+            lower = layers.lookup(self.stack.lower_part(parent_res.branches), name)
+            if lower is not None and lower.is_dir:
+                resolved = Resolved(resolved.layer, path, st, resolved.branches + lower.branches)
+        return self.inodes.remember(parent.ino, name, resolved)
 
     async def remove(self, parent_ino: int, name: str, *, directory: bool) -> None:
         """unlink (DIRECTORY false) or rmdir (true), with the kernel's errors and a whiteout if needed."""
@@ -415,11 +412,10 @@ class MergedTree:
         resolved = await self._ensure_upper(node)
         if resolved.is_dir and len(resolved.branches) > 1:
             copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved, resolved.path)
-            for old, new_path in copied:
-                self.inodes.pin(old, _resolve_path(self.stack, new_path))
-            st = os.lstat(resolved.path)
-            top = Branch(self.stack.layers[0], resolved.path, whiteout.read_dir_markers(resolved.path), st.st_dev, st.st_ino)
-            self.inodes.rebind(node, Resolved(resolved.layer, resolved.path, st, (top,)))
+            for old, new in copied:
+                self.inodes.pin(old, new)
+            alone = await self.in_thread(layers.resolve_alone, resolved.layer, resolved.path)
+            self.inodes.rebind(node, alone)
             self.inodes.generation += 1
 
     # -- attributes --------------------------------------------------------------------------------
@@ -437,12 +433,3 @@ class MergedTree:
         await self.in_thread(change, resolved.path)
         return resolved
 
-
-def _resolve_path(stack: LayerStack, upper_path: str) -> Resolved:
-    """A freshly copied upper object, resolved on its own (for numbering)."""
-    st = os.lstat(upper_path)
-    layer = stack.layers[0]
-    branches: tuple[Branch, ...] = ()
-    if stat.S_ISDIR(st.st_mode):
-        branches = (Branch(layer, upper_path, whiteout.read_dir_markers(upper_path), st.st_dev, st.st_ino),)
-    return Resolved(layer, upper_path, st, branches)

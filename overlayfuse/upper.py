@@ -168,25 +168,26 @@ def exchange(style: MarkerStyle, a: str, b: str, *, opaque_at_a: bool, opaque_at
 
 def copy_up_tree(
     ws: Workspace, style: MarkerStyle, links: LinkIndex | None, merged: Resolved, upper_dir: str
-) -> list[tuple[Resolved, str]]:
+) -> list[tuple[Resolved, Resolved]]:
     """Make UPPER_DIR hold the whole merged content of MERGED, then mark it opaque.
 
     This is how a directory with lower content becomes movable (the kernel answers EXDEV there unless
     redirect_dir is on): after it, the directory no longer depends on its lower paths. It costs a copy
     of every lower file below it (data by reflink/copy_file_range); hardlinked files go through the
     link index, so their names stay one file. Whiteouts left inside are dropped: below an opaque
-    directory they hide nothing. Returns (old resolution, new upper path) for every object whose
-    real file changed, so inode numbers can be kept.
+    directory they hide nothing. Returns (old, new) resolutions of every object whose real file
+    changed, so inode numbers can be kept.
     """
-    copied: list[tuple[Resolved, str]] = []
+    layer = merged.layer
+    copied: list[tuple[Resolved, Resolved]] = []
     top = os.lstat(upper_dir)
     dir_times = {upper_dir: (top.st_atime_ns, top.st_mtime_ns)}
     for child, path in _walk_merged(merged, upper_dir):
         if child.is_dir:
             dir_times[path] = (child.stat.st_atime_ns, child.stat.st_mtime_ns)
         if child.layer.writable:
-            if child.is_merged:
-                copied.append((child, path))  # stays, but loses its lower branches: keep its number
+            if child.is_merged:  # stays, but loses its lower branches: keep its number
+                copied.append((child, layers.resolve_alone(layer, path)))
             elif links is not None and links.holds(child.path):
                 os.link(child.path, path)
                 links.covered(path)
@@ -197,10 +198,10 @@ def copy_up_tree(
             os.link(indexed[0], path)  # another name of this file was copied up before
             links.covered(path)
             continue
-        copyup.copy_up(ws, child.path, path)
+        st = copyup.copy_up(ws, child.path, path)
         if links is not None and not child.is_dir and child.stat.st_nlink > 1:
             links.add(child.stat, path)
-        copied.append((child, path))
+        copied.append((child, layers.resolve_alone(layer, path, st)))
     whiteout.mark_opaque(upper_dir, style)
     for directory, times in dir_times.items():
         clear_markers(directory)
