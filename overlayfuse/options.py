@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from dataclasses import dataclass
 
 from . import __version__
@@ -249,7 +250,7 @@ def _require_dir(path: str, what: str) -> os.stat_result:
         st = os.stat(path)
     except OSError as exc:
         raise UsageError(f"{what} {path}: {exc.strerror}") from None
-    if not os.path.isdir(path):
+    if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{what} {path}: not a directory")
     return st
 
