@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from . import whiteout
+from .notify import notify
 from .copyup import Workspace
 from .fs import OverlayOperations
 from .layers import LayerStack
@@ -84,6 +85,7 @@ async def _run(mountpoint: str, on_ready: Callable[[], None]) -> bool:
             task_status.started()
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
+                notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
                 signalled = True
                 pyfuse3.terminate()
                 return
@@ -91,12 +93,15 @@ async def _run(mountpoint: str, on_ready: Callable[[], None]) -> bool:
     async def announce_ready() -> None:
         # From a worker thread: the event loop serves this stat like any client's.
         await trio.to_thread.run_sync(os.stat, mountpoint)
+        notify("READY=1", f"STATUS=serving {mountpoint}", f"MAINPID={os.getpid()}")
         on_ready()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(stop_on_signal)
         nursery.start_soon(announce_ready)
         await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
+        if not signalled:
+            notify("STOPPING=1", f"STATUS={mountpoint} was unmounted")
         nursery.cancel_scope.cancel()
     return signalled
 

@@ -1,0 +1,64 @@
+"""The ``overlayctl`` command: the control CLI for images, containers and services.
+
+Each group of subcommands lives in its own module here (``images``, ``containers``, ``service``)
+and registers itself with ``register(subparsers)``; a subcommand is a plain function taking the
+parsed arguments and returning an exit status. The work itself is done in `overlayfuse.images`
+and `overlayfuse.service`; these modules only parse, print and turn errors into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import containers, images, service
+
+    parser = argparse.ArgumentParser(
+        prog="overlayctl",
+        description="Manage overlayfuse images, containers and service mounts.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"overlayctl {__version__}")
+    parser.add_argument(
+        "--root", metavar="DIR",
+        help="the image store (default: $OVERLAYFUSE_ROOT, else /var/lib/overlayfuse)",
+    )  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help="log what happens, on stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (images, containers, service):
+        module.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. A `UserError` is one line on stderr and exit 1; usage errors exit 2."""
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="overlayctl: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except UserError as exc:
+        print(f"overlayctl: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("overlayctl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
