@@ -12,17 +12,18 @@ for the daemon to end.
 
 from __future__ import annotations
 
+import functools
 import logging
 import logging.handlers
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
 
-from . import whiteout
+from . import control, whiteout
 from .notify import notify
 from .copyup import Workspace
 from .fs import OverlayOperations
@@ -58,7 +59,9 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         if not style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
     tree = MergedTree(stack, workspace, style, links)
-    operations = OverlayOperations(tree, read_only=options.read_only)
+    gate = control.FreezeGate()  # every change passes it; the control socket freezes it for commits
+    operations = OverlayOperations(tree, read_only=options.read_only, gate=gate)
+    control_server = _control_server(options, gate)
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
     except RuntimeError as exc:
@@ -69,13 +72,15 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     )  # fmt: skip
     unmount = True
     try:
-        unmount = trio.run(_run, options.mountpoint, on_ready)
+        unmount = trio.run(_run, options.mountpoint, on_ready, control_server)
     finally:
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", options.mountpoint)
 
 
-async def _run(mountpoint: str, on_ready: Callable[[], None]) -> bool:
+async def _run(
+    mountpoint: str, on_ready: Callable[[], None], control_server: Callable[[], Awaitable[None]] | None = None
+) -> bool:
     """Serve requests; returns whether we still have to unmount (False when unmounted from outside)."""
     signalled = False
 
@@ -99,11 +104,24 @@ async def _run(mountpoint: str, on_ready: Callable[[], None]) -> bool:
     async with trio.open_nursery() as nursery:
         await nursery.start(stop_on_signal)
         nursery.start_soon(announce_ready)
+        if control_server is not None:  # cancelled with the rest once unmounted
+            nursery.start_soon(control_server)
         await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
         if not signalled:
             notify("STOPPING=1", f"STATUS={mountpoint} was unmounted")
         nursery.cancel_scope.cancel()
     return signalled
+
+
+def _control_server(options: MountOptions, gate: control.FreezeGate) -> Callable[[], Awaitable[None]] | None:
+    """The ``-o control=`` socket's server, bound now: a clash fails before anything is mounted."""
+    if not options.control:
+        return None
+    try:
+        sock = control.bind(options.control)
+    except OSError as exc:
+        raise MountError(f"control socket {options.control}: {exc.strerror or exc}") from None
+    return functools.partial(control.serve, sock, options.control, gate)
 
 
 def run_detached(options: MountOptions) -> int:

@@ -10,6 +10,7 @@ how it changes, is `merged`'s business.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from . import whiteout
+from .control import FreezeGate
 from .inodes import Node
 from .layers import Resolved
 from .merged import Caller, MergedTree
@@ -72,6 +74,18 @@ def _boundary(handler: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _change(handler: F) -> F:
+    """A request that changes the upper dir: it passes the freeze gate (see `control`), so a frozen
+    mount holds it back until the thaw, and a freeze waits for it to finish."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: OverlayOperations, *args: Any) -> Any:
+        async with self.gate:
+            return await handler(self, *args)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _brief(args: Sequence[Any]) -> str:
     shown = [
         a if not isinstance(a, bytes) or len(a) <= 64 else f"<{len(a)} bytes>"
@@ -106,9 +120,10 @@ class FileHandle:
 class OverlayOperations(pyfuse3.Operations):
     """The merged view of a `MergedTree` as FUSE operations."""
 
-    def __init__(self, tree: MergedTree, *, read_only: bool) -> None:
+    def __init__(self, tree: MergedTree, *, read_only: bool, gate: FreezeGate | None = None) -> None:
         super().__init__()
         self.tree = tree
+        self.gate = gate or FreezeGate()  # the daemon shares it with its control socket
         self.inodes = tree.inodes
         self.read_only = read_only
         self._dirs: dict[int, DirHandle] = {}
@@ -168,6 +183,7 @@ class OverlayOperations(pyfuse3.Operations):
         return self._node_attributes(self.inodes.get(inode))
 
     @_boundary
+    @_change
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, ctx: pyfuse3.RequestContext,
@@ -220,6 +236,7 @@ class OverlayOperations(pyfuse3.Operations):
         return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
 
     @_boundary
+    @_change
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         attr = os.fsdecode(name)
@@ -230,6 +247,7 @@ class OverlayOperations(pyfuse3.Operations):
         )
 
     @_boundary
+    @_change
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         attr = os.fsdecode(name)
@@ -246,18 +264,21 @@ class OverlayOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.inodes.get(inode)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        if writing:
-            self._check_writable()
-            resolved = await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
-        else:
-            resolved = self.tree.fresh(node)
-        fd = await self.tree.in_thread(_open_real, resolved, flags)
+        # Opening for writing copies up (and O_TRUNC truncates): a change, held back by a freeze.
+        async with self.gate if writing else contextlib.nullcontext():
+            if writing:
+                self._check_writable()
+                resolved = await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
+            else:
+                resolved = self.tree.fresh(node)
+            fd = await self.tree.in_thread(_open_real, resolved, flags)
         handle = self._new_handle()
         self._files[handle] = FileHandle(node, fd, resolved.path, writing)
         # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @_boundary
+    @_change
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -286,6 +307,7 @@ class OverlayOperations(pyfuse3.Operations):
         return await self.tree.in_thread(os.pread, fd, size, off)
 
     @_boundary
+    @_change
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.tree.in_thread(os.pwrite, self._files[fh].fd, buf, off)
 
@@ -356,18 +378,21 @@ class OverlayOperations(pyfuse3.Operations):
         return self._node_attributes(node)
 
     @_boundary
+    @_change
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         return await self._create(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
 
     @_boundary
+    @_change
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         return await self._create(parent_inode, name, mode, ctx, rdev=rdev)
 
     @_boundary
+    @_change
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -376,6 +401,7 @@ class OverlayOperations(pyfuse3.Operations):
         )
 
     @_boundary
+    @_change
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -384,16 +410,19 @@ class OverlayOperations(pyfuse3.Operations):
         return self._node_attributes(node)
 
     @_boundary
+    @_change
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         await self.tree.remove(parent_inode, os.fsdecode(name), directory=False)
 
     @_boundary
+    @_change
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         await self.tree.remove(parent_inode, os.fsdecode(name), directory=True)
 
     @_boundary
+    @_change
     async def rename(
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
         flags: int, ctx: pyfuse3.RequestContext,

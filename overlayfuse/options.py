@@ -67,6 +67,9 @@ class MountOptions:
     fuse_options: frozenset[str]
     """Passed to libfuse as they are (allow_other, default_permissions, fsname=..., nosuid...)."""
     warnings: tuple[str, ...]
+    control: str | None = None
+    """``control=ADDRESS``: where the daemon serves its control socket (freeze/thaw for a consistent
+    ``overlayctl commit``); a leading ``@`` puts it in the abstract namespace (see `control`)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,7 +135,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     mountpoint = args.paths[-1]
 
     lowerdirs: list[str] = []
-    upperdir = workdir = None
+    upperdir = workdir = control = None
     read_only = False
     fuse_options: set[str] = set()
     warnings: list[str] = []
@@ -159,6 +162,10 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
                     workdir = unescape(value)
             elif key == "ro":
                 read_only = True
+            elif key == "control":  # ours, not the kernel's: the freeze socket overlayctl uses
+                if not value:
+                    raise UsageError("control= needs a socket address (a path, or @NAME)")
+                control = unescape(value)
             elif key == "allow_other":
                 allow_other = True
             elif key == "noallow_other":
@@ -212,6 +219,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         source=source,
         fuse_options=frozenset(fuse_options),
         warnings=tuple(warnings),
+        control=control if control is None or control.startswith("@") else os.path.abspath(control),
     )
 
 
