@@ -9,6 +9,7 @@ import sys
 from . import daemon
 from .mounttable import detach_dead_mounts
 from .options import UsageError, parse_args, validate
+from .service.journal import configure_logging, print_error
 
 log = logging.getLogger(__name__)
 
@@ -18,31 +19,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        print(f"overlayfuse: error: {exc}", file=sys.stderr)
+        print_error("overlayfuse", str(exc))
         return exc.status
-    logging.basicConfig(
-        level=logging.DEBUG if options.debug else logging.INFO,
-        format="overlayfuse: %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    # Under systemd each line carries journald's <N> priority prefix instead of the level's name.
+    configure_logging("overlayfuse", logging.DEBUG if options.debug else logging.INFO)
     for warning in options.warnings:
         log.warning("%s", warning)
     try:
         detach_dead_mounts(options.mountpoint)  # left by a killed daemon: would fail every check
     except (OSError, subprocess.SubprocessError) as exc:
-        print(f"overlayfuse: error: {options.mountpoint}: a dead FUSE mount is in the way: {exc}", file=sys.stderr)
+        print_error("overlayfuse", f"{options.mountpoint}: a dead FUSE mount is in the way: {exc}")
         return 1
     try:
         validate(options)
     except UsageError as exc:
-        print(f"overlayfuse: error: {exc}", file=sys.stderr)
+        print_error("overlayfuse", str(exc))
         return exc.status
     if not options.foreground:
         return daemon.run_detached(options)
     try:
         daemon.serve(options, on_ready=lambda: log.info("ready: %s answers", options.mountpoint))
     except daemon.MountError as exc:
-        print(f"overlayfuse: error: {exc}", file=sys.stderr)
+        print_error("overlayfuse", str(exc))
+        return 1
+    except Exception:  # a bug: its traceback goes to the log as one error record, not bare stderr
+        log.exception("daemon failed")
         return 1
     return 0
 

@@ -15,10 +15,15 @@ import socket
 log = logging.getLogger(__name__)
 
 
-def _address(value: str) -> str | bytes:
+def _address(value: str) -> str | bytes | None:
+    """The socket address $NOTIFY_SOCKET names: an absolute path, or ``@name`` in the abstract
+    namespace (no trailing NUL: the name is exactly the rest). Anything else (systemd 253's
+    ``vsock:`` addresses, a relative path) is not ours to guess at: None."""
     if value.startswith("@"):
         return b"\0" + value[1:].encode()
-    return value
+    if value.startswith("/"):
+        return value
+    return None
 
 
 def notify(*fields: str) -> bool:
@@ -29,10 +34,14 @@ def notify(*fields: str) -> bool:
     target = os.environ.get("NOTIFY_SOCKET")
     if not target:
         return False
+    address = _address(target)
+    if address is None:
+        log.warning("NOTIFY_SOCKET=%s: only paths and @abstract names are supported; not notifying", target)
+        return False
     message = "\n".join(fields).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message, _address(target))
+            sock.sendto(message, address)
     except OSError as exc:
         log.warning("cannot notify the service manager at %s: %s", target, exc.strerror or exc)
         return False
