@@ -28,7 +28,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +294,30 @@ class Store:
 
     def save_image(self, record: ImageRecord) -> None:
         write_json_atomic(self.image_path(record.id), asdict(record))
+
+    def image(self, image_id: str) -> ImageRecord:
+        """The record of IMAGE_ID (a full ``sha256:`` id); `StoreError` if there is none."""
+        try:
+            data = json.loads(self.image_path(image_id).read_text())
+        except FileNotFoundError:
+            raise StoreError(f"no such image: {image_id}") from None
+        return _record_from_json(ImageRecord, data)
+
+    def install_image(self, record: ImageRecord) -> ImageRecord | None:
+        """Save RECORD, first taking its tags off every other image (docker semantics: a tag names
+        one image; the one it leaves keeps its other tags, or is left untagged). Call it locked, as
+        the last step of an import, commit or tag. Returns the record RECORD replaced, if any."""
+        previous = None
+        for other in self.images():
+            if other.id == record.id:
+                previous = other
+                continue
+            kept = tuple(tag for tag in other.tags if tag not in record.tags)
+            if kept != other.tags:
+                log.info("tag(s) %s move from %s to %s", sorted(set(other.tags) - set(kept)), other.id, record.id)
+                self.save_image(replace(other, tags=kept))
+        self.save_image(record)
+        return previous
 
     def delete_image(self, image_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

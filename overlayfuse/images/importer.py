@@ -1,0 +1,511 @@
+"""``overlayctl image import``: bring an OCI layout or a ``docker save`` archive into the store.
+
+An import is two phases. First, without the store's lock, everything is read, verified and staged
+in one ``tmp/`` directory: every JSON document against its descriptor, every layer blob against its
+digest and size while it is unpacked (one pass: `unpack_layer` tees the raw bytes into the staged
+blob), every layer against its diff_id. Then, under the lock, the staged blobs and layers are renamed
+into place and the image record is written last. Any failure before that leaves the store as it was
+(the staging dir goes with the process, or with the next locked command if the process was killed).
+
+Layers the store already has (same diff_id) are not unpacked again, but their blob is still read,
+verified (digest, size and diff_id) and kept if the store lacks it, so export can give the image back.
+
+Which image and which tags:
+- ``PATH:REF`` picks the index entry whose ``org.opencontainers.image.ref.name`` (or
+  ``io.containerd.image.name``, or a docker RepoTag) is REF; with no REF the layout must hold one
+  image (platform variants of one image count as one). A nested index picks linux/<host arch>.
+- Tags: ``--tag`` if given; else a docker archive's RepoTags; else the layout entry's
+  ``io.containerd.image.name``, or its ref.name when that is a whole reference; a ref.name that is
+  only a tag (``latest``, as skopeo and umoci write it) is put after the layout directory's name
+  (``/tmp/alpine`` + ``latest`` -> ``alpine:latest``). Names from a file are shown the way docker
+  shows them: ``docker.io/library/alpine`` becomes ``alpine``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import ImageError, StoreError, UserError
+from . import oci
+from .compression import HashingReader, open_decompressed
+from .oci import Descriptor, ImageConfig, Manifest
+from .progress import Progress
+from .refs import ReferenceError, parse_reference
+from .sources import Source, clean_path, open_source, read_document
+from .store import ImageRecord, LayerRecord, Store, digest_hex
+from .unpack import unpack_layer
+
+log = logging.getLogger(__name__)
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_CONFIG_NAME = re.compile(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?")
+#: Prefixes docker hides when it shows a name (``docker.io/library/alpine`` is shown ``alpine``).
+_FAMILIAR_PREFIXES = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/")
+#: How deep nested indexes may go before we call the input broken.
+MAX_INDEX_DEPTH = 4
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """One layer to bring in: where its blob is in the source and what it must hash to."""
+
+    number: int  # 1-based, base first, for messages
+    path: str  # in the source
+    media_type: str
+    size: int
+    diff_id: str
+    digest: str | None  # None for manifest.json archives: computed while reading
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePlan:
+    """What an import will bring in, read and checked before any blob is streamed."""
+
+    config_bytes: bytes
+    config: ImageConfig
+    manifest_bytes: bytes | None  # None for manifest.json archives: written once layer digests are known
+    layers: tuple[LayerPlan, ...]
+    tags: tuple[str, ...]  # suggested by the source (already normalized); --tag overrides
+    description: str  # for messages: which image of the source
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    image: ImageRecord
+    new_layers: int
+    reused_layers: int
+
+
+# -- naming ---------------------------------------------------------------------------------------
+
+
+def familiar(reference: str) -> str:
+    """REFERENCE the way docker shows it (without ``docker.io/library/``), normalized with a tag."""
+    for prefix in _FAMILIAR_PREFIXES:
+        if reference.startswith(prefix):
+            reference = reference[len(prefix):]
+            break
+    return parse_reference(reference)
+
+
+def _try_familiar(reference: str, where: str) -> str | None:
+    try:
+        return familiar(reference)
+    except ReferenceError as exc:
+        log.warning("%s: ignoring the name %r: %s", where, reference, exc)
+        return None
+
+
+def split_path_ref(text: str) -> tuple[Path, str | None]:
+    """``PATH[:REF]`` -> (PATH, REF). A path that exists as written is never split."""
+    if os.path.lexists(text) or ":" not in text:
+        return Path(text), None
+    path, _, ref = text.rpartition(":")
+    if not path or not ref or "/" in ref:
+        return Path(text), None
+    return Path(path), ref
+
+
+# -- planning: reading the documents -------------------------------------------------------------
+
+
+def _blob_rel(digest: str) -> str:
+    return f"blobs/sha256/{digest_hex(digest)}"
+
+
+def _read_blob(source: Source, descriptor: Descriptor, what: str) -> bytes:
+    where = f"{source.label}: {what} {descriptor.digest}"
+    if not source.exists(_blob_rel(descriptor.digest)):
+        raise ImageError(f"{where} is missing (no {_blob_rel(descriptor.digest)})")
+    if descriptor.size > oci.MAX_DOCUMENT_SIZE:
+        raise ImageError(f"{where}: its descriptor says {descriptor.size} bytes, too large for a JSON document")
+    with source.open(_blob_rel(descriptor.digest)) as stream:
+        data = stream.read(descriptor.size + 1)
+    oci.verify_blob(data, descriptor, where)
+    return data
+
+
+def _entry_names(descriptor: Descriptor) -> set[str]:
+    names = set()
+    for key in (oci.ANNOTATION_REF_NAME, oci.ANNOTATION_IMAGE_NAME):
+        value = descriptor.annotations.get(key)
+        if value:
+            names.add(value)
+            if key == oci.ANNOTATION_IMAGE_NAME:
+                with_tag = _try_familiar(value, "index.json")
+                if with_tag:
+                    names.add(with_tag)
+    return names
+
+
+def _pick_entry(entries: Sequence[Descriptor], ref: str | None, label: str) -> Descriptor:
+    """The one entry of an index that REF names, or the only image there is."""
+    if ref is not None:
+        wanted = {ref}
+        with_tag = _try_familiar(ref, label) if ref else None
+        if with_tag:
+            wanted.add(with_tag)
+        chosen = [entry for entry in entries if _entry_names(entry) & wanted]
+        if not chosen:
+            known = sorted({entry.annotations.get(oci.ANNOTATION_REF_NAME, "") for entry in entries} - {""})
+            raise ImageError(f"{label} has no image named {ref!r} (it has: {', '.join(known) or 'no names'})")
+    else:
+        chosen = list(entries)
+    if not chosen:
+        raise ImageError(f"{label}: the index lists no image")
+    if len(chosen) == 1:
+        return chosen[0]
+    names = {entry.annotations.get(oci.ANNOTATION_REF_NAME) for entry in chosen}
+    if len(names) == 1 and all(entry.platform for entry in chosen):
+        return _pick_platform(chosen, label)  # variants of one image, for several platforms
+    shown = sorted(name or entry.digest[:19] for name, entry in
+                   ((entry.annotations.get(oci.ANNOTATION_REF_NAME), entry) for entry in chosen))
+    raise ImageError(f"{label} holds {len(chosen)} images ({', '.join(shown)}): name one as {label}:NAME")
+
+
+def _pick_platform(entries: Sequence[Descriptor], label: str) -> Descriptor:
+    usable = [entry for entry in entries if oci.matches_host(entry.platform)]
+    if not usable:
+        os_name, arch = oci.host_platform()
+        offered = sorted(f"{(e.platform or {}).get('os')}/{(e.platform or {}).get('architecture')}" for e in entries)
+        raise ImageError(f"{label}: no image for {os_name}/{arch} (it has {', '.join(offered)})")
+    return usable[0]
+
+
+def _resolve_manifest(source: Source, entry: Descriptor) -> tuple[Descriptor, bytes, Manifest]:
+    """Follow ENTRY through nested indexes down to one manifest for this platform."""
+    for _ in range(MAX_INDEX_DEPTH):
+        if entry.media_type in oci.INDEX_TYPES:
+            data = _read_blob(source, entry, "index")
+            nested = oci.parse_index(data, f"{source.label}: index {entry.digest}", entry.media_type)
+            candidates = [m for m in nested.manifests if m.media_type in oci.MANIFEST_TYPES | oci.INDEX_TYPES]
+            entry = _pick_platform(candidates, f"{source.label}: index {entry.digest}")
+            continue
+        if entry.media_type not in oci.MANIFEST_TYPES:
+            raise ImageError(f"{source.label}: {entry.digest} has unsupported media type {entry.media_type!r}")
+        data = _read_blob(source, entry, "manifest")
+        return entry, data, oci.parse_manifest(data, f"{source.label}: manifest {entry.digest}", entry.media_type)
+    raise ImageError(f"{source.label}: indexes nested more than {MAX_INDEX_DEPTH} deep")
+
+
+def _check_layers(config: ImageConfig, count: int, where: str) -> None:
+    if len(config.diff_ids) != count:
+        raise ImageError(f"{where}: the manifest lists {count} layers but the config has "
+                         f"{len(config.diff_ids)} diff_ids")
+
+
+def _plan_layout(source: Source, ref: str | None, dir_name: str) -> ImagePlan:
+    index_where = f"{source.label}: index.json"
+    index = oci.parse_index(read_document(source, "index.json", "index"), index_where)
+    entry = _pick_entry(index.manifests, ref, source.label)
+    top = entry
+    entry, manifest_bytes, manifest = _resolve_manifest(source, entry)
+    if manifest.config.media_type not in oci.CONFIG_TYPES:
+        raise ImageError(f"{source.label}: manifest {entry.digest} is not an image "
+                         f"(config media type {manifest.config.media_type!r})")
+    config_bytes = _read_blob(source, manifest.config, "config")
+    config = oci.parse_config(config_bytes, f"{source.label}: config {manifest.config.digest}")
+    _check_layers(config, len(manifest.layers), f"{source.label}: manifest {entry.digest}")
+    layers = []
+    for number, (layer, diff_id) in enumerate(zip(manifest.layers, config.diff_ids), 1):
+        if layer.media_type not in oci.LAYER_COMPRESSION:
+            raise ImageError(f"{source.label}: layer {number} ({layer.digest}) has unsupported media type "
+                             f"{layer.media_type!r}")
+        rel = _blob_rel(layer.digest)
+        if not source.exists(rel):
+            raise ImageError(f"{source.label}: layer {number} blob {layer.digest} is missing")
+        layers.append(LayerPlan(number, rel, layer.media_type, layer.size, diff_id, layer.digest))
+    tags: list[str] = []
+    image_name = top.annotations.get(oci.ANNOTATION_IMAGE_NAME)
+    ref_name = top.annotations.get(oci.ANNOTATION_REF_NAME)
+    if image_name:
+        tags.append(image_name)
+    elif ref_name and (":" in ref_name or "/" in ref_name):
+        tags.append(ref_name)
+    elif ref_name:
+        tags.append(f"{dir_name.lower()}:{ref_name}")
+    return ImagePlan(config_bytes, config, manifest_bytes, tuple(layers),
+                     _normalized_tags(tags, source.label), f"manifest {entry.digest}")
+
+
+def _normalized_tags(names: Sequence[str], label: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for name in names:
+        tag = _try_familiar(name, label)
+        if tag and tag not in out:
+            out.append(tag)
+    return tuple(out)
+
+
+def _docker_entries(source: Source) -> list[dict[str, object]]:
+    where = f"{source.label}: manifest.json"
+    value = oci.load_json(read_document(source, "manifest.json", "manifest.json"), where)
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ImageError(f"{where}: expected a list of objects")
+    return value
+
+
+def _repo_tags(entry: dict[str, object], where: str) -> list[str]:
+    tags = entry.get("RepoTags") or []
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise ImageError(f"{where}: RepoTags must be a list of strings")
+    return list(tags)
+
+
+def _plan_docker(source: Source, ref: str | None) -> ImagePlan:
+    """A ``docker save`` archive without index.json (before Docker 25, and skopeo's)."""
+    where = f"{source.label}: manifest.json"
+    entries = _docker_entries(source)
+    if ref is not None:
+        wanted = {ref, _try_familiar(ref, where)}
+        entries = [e for e in entries if wanted & set(_normalized_tags(_repo_tags(e, where), where))
+                   or wanted & set(_repo_tags(e, where))]
+        if not entries:
+            raise ImageError(f"{source.label} has no image tagged {ref!r}")
+    if len(entries) != 1:
+        if not entries:
+            raise ImageError(f"{where} lists no image")
+        shown = sorted(", ".join(_repo_tags(e, where)) or "untagged" for e in entries)
+        raise ImageError(f"{source.label} holds {len(entries)} images ({'; '.join(shown)}): "
+                         f"name one as {source.label}:NAME")
+    entry = entries[0]
+    config_rel = entry.get("Config")
+    layer_rels = entry.get("Layers")
+    if not isinstance(config_rel, str) or not isinstance(layer_rels, list) or \
+            not all(isinstance(item, str) for item in layer_rels):
+        raise ImageError(f"{where}: each image needs a Config path and a list of Layers paths")
+    config_rel = clean_path(config_rel, source.label)
+    config_bytes = read_document(source, config_rel, "config")
+    config_digest = oci.sha256_of(config_bytes)
+    named = _CONFIG_NAME.fullmatch(config_rel)
+    if named and f"sha256:{named.group(1)}" != config_digest:
+        raise ImageError(f"{source.label}: config {config_rel} has digest {config_digest}, its name says otherwise")
+    config = oci.parse_config(config_bytes, f"{source.label}: config {config_rel}")
+    _check_layers(config, len(layer_rels), where)
+    layers = []
+    for number, (rel, diff_id) in enumerate(zip(layer_rels, config.diff_ids), 1):
+        rel = clean_path(rel, source.label)
+        if not source.exists(rel):
+            raise ImageError(f"{source.label}: layer {number} ({rel}) is missing")
+        layers.append(LayerPlan(number, rel, _sniff_media_type(source, rel), source.size(rel), diff_id, None))
+    return ImagePlan(config_bytes, config, None, tuple(layers),
+                     _normalized_tags(_repo_tags(entry, where), where), f"config {config_rel}")
+
+
+def _sniff_media_type(source: Source, rel: str) -> str:
+    """The layer media type the first bytes of REL show (a manifest.json says nothing of it)."""
+    with source.open(rel) as stream:
+        head = stream.read(4)
+    if head.startswith(_GZIP_MAGIC):
+        return oci.MEDIA_LAYER_GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return oci.MEDIA_LAYER_ZSTD
+    return oci.MEDIA_LAYER_TAR
+
+
+def _unpack_media_type(source: Source, layer: LayerPlan) -> str:
+    """The media type to decompress LAYER by: the declared one, unless the bytes say otherwise.
+
+    skopeo 1.9 copying a docker archive to an OCI layout with uncompressed layers labels them
+    ``tar+gzip``; containerd and docker look at the magic bytes too, so such images work there and
+    must here. The declared type stays in the stored manifest (its digest covers it)."""
+    actual = _sniff_media_type(source, layer.path)
+    if oci.LAYER_COMPRESSION[actual] == oci.LAYER_COMPRESSION[layer.media_type]:
+        return layer.media_type
+    log.warning("layer %d is declared %s but its content is %s: unpacking it as what it is",
+                layer.number, layer.media_type, oci.LAYER_COMPRESSION[actual] or "uncompressed tar")
+    return actual
+
+
+def plan_import(source: Source, ref: str | None, dir_name: str) -> ImagePlan:
+    """Read and check every document of the chosen image; no layer is read yet."""
+    if source.exists("index.json"):
+        plan = _plan_layout(source, ref, dir_name)
+        if source.exists("manifest.json"):  # Docker 25+: the RepoTags of the same image win
+            config_digest = oci.sha256_of(plan.config_bytes)
+            for entry in _docker_entries(source):
+                config_rel = entry.get("Config")
+                named = _CONFIG_NAME.fullmatch(config_rel) if isinstance(config_rel, str) else None
+                if named and f"sha256:{named.group(1)}" == config_digest:
+                    where = f"{source.label}: manifest.json"
+                    tags = _normalized_tags(_repo_tags(entry, where), where)
+                    if tags:
+                        plan = ImagePlan(plan.config_bytes, plan.config, plan.manifest_bytes, plan.layers,
+                                         tags, plan.description)
+        return plan
+    return _plan_docker(source, ref)
+
+
+# -- staging: streaming the layers ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Staged:
+    """What phase one left in the staging dir, to be installed under the lock."""
+
+    blobs: list[tuple[Path, str]] = field(default_factory=list)  # (staged file, digest)
+    layers: list[tuple[Path, LayerRecord]] = field(default_factory=list)  # (dir holding diff/, record)
+    reused: list[str] = field(default_factory=list)  # diff_ids already in the store
+
+
+def _stage_bytes(staging: Path, name: str, data: bytes) -> Path:
+    path = staging / "blobs" / name
+    with open(path, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    return path
+
+
+def _verify_only(raw: BinaryIO, layer: LayerPlan, copy_to: BinaryIO | None,
+                 progress: Callable[[int], None] | None) -> str:
+    """Check a layer we will not unpack: digest and size of the blob, diff_id of its tar."""
+    blob = HashingReader(raw, copy_to=copy_to, progress=progress, limit=layer.size, what="the blob")
+    tar = HashingReader(open_decompressed(blob, oci.LAYER_COMPRESSION[layer.media_type]))  # type: ignore[arg-type]
+    try:
+        tar.drain()
+    except ImageError as exc:
+        # A corrupt blob usually fails to decompress before it ends: say what is wrong with it
+        # (its digest) rather than how that showed.
+        blob.drain()
+        if layer.digest is not None and blob.digest != layer.digest:
+            raise ImageError(f"blob has digest {blob.digest}, its descriptor says {layer.digest}") from None
+        raise ImageError(f"{exc}") from None
+    blob.drain()  # anything after the compressed stream is still part of the blob
+    if blob.size != layer.size:
+        raise ImageError(f"blob is {blob.size} bytes, its descriptor says {layer.size}")
+    if layer.digest is not None and blob.digest != layer.digest:
+        raise ImageError(f"blob has digest {blob.digest}, its descriptor says {layer.digest}")
+    if tar.digest != layer.diff_id:
+        raise ImageError(f"uncompressed content has digest {tar.digest}, the config's diff_id is {layer.diff_id}")
+    return blob.digest
+
+
+def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, staged: _Staged,
+                 progress: Progress, total: int) -> str:
+    """Verify (and unpack, unless the store has it) one layer; returns its blob digest."""
+    keep_blob = layer.digest is None or not store.has_blob(layer.digest)
+    blob_path = staging / "blobs" / f"layer-{layer.number}"
+    media_type = _unpack_media_type(source, layer)
+    label = f"layer {layer.number}/{total} {(layer.digest or layer.diff_id)[7:19]}"
+    advance = progress.start(label, layer.size)
+    with source.open(layer.path) as raw, (open(blob_path, "wb") if keep_blob else _no_file()) as copy:
+        if store.has_layer(layer.diff_id) or layer.diff_id in {r.diff_id for _, r in staged.layers}:
+            log.info("layer %s is in the store already: verifying its blob only", layer.diff_id)
+            try:
+                digest = _verify_only(raw, replace(layer, media_type=media_type), copy, advance)
+            except ImageError as exc:
+                raise ImageError(f"layer {layer.digest or layer.diff_id}: {exc}") from None
+            staged.reused.append(layer.diff_id)
+        else:
+            target = staging / "layers" / digest_hex(layer.diff_id)
+            target.mkdir()
+            unpacked = unpack_layer(raw, media_type, target / "diff", digest=layer.digest, size=layer.size,
+                                    diff_id=layer.diff_id, copy_to=copy, progress=advance)
+            digest = unpacked.digest
+            staged.layers.append((target, LayerRecord(diff_id=layer.diff_id, size=unpacked.unpacked_size)))
+        if copy is not None:
+            copy.flush()
+            os.fsync(copy.fileno())
+    progress.finish()
+    if keep_blob:
+        staged.blobs.append((blob_path, digest))
+    return digest
+
+
+class _no_file:
+    """``with`` stand-in for the blob file when the store has the blob already."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _docker_manifest(config_bytes: bytes, layers: Sequence[tuple[LayerPlan, str]]) -> bytes:
+    """The OCI manifest a manifest.json archive lacks (deterministic: same archive, same digest)."""
+    value = {
+        "schemaVersion": 2,
+        "mediaType": oci.MEDIA_MANIFEST,
+        "config": {"mediaType": oci.MEDIA_CONFIG, "digest": oci.sha256_of(config_bytes), "size": len(config_bytes)},
+        "layers": [{"mediaType": layer.media_type, "digest": digest, "size": layer.size} for layer, digest in layers],
+    }
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+# -- the whole import ---------------------------------------------------------------------------
+
+
+def import_image(store: Store, text: str, tags: Sequence[str] | None = None,
+                 progress: Progress | None = None) -> ImportResult:
+    """Import ``PATH[:REF]`` into STORE, tagged TAGS (already parsed) or as the source suggests."""
+    progress = progress or Progress(enabled=False)
+    path, ref = split_path_ref(text)
+    with open_source(path) as source, store.staging("import") as staging:
+        try:
+            return _import(store, source, ref, path, staging, tags, progress)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise ImageError(f"{source.label}: unreadable archive: {exc}") from None
+        except UserError:
+            raise
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise ImageError(f"{source.label}: import failed:{where} {exc.strerror or exc}") from None
+        finally:
+            progress.finish()
+
+
+def _import(store: Store, source: Source, ref: str | None, path: Path, staging: Path,
+            tags: Sequence[str] | None, progress: Progress) -> ImportResult:
+    plan = plan_import(source, ref, Path(os.path.abspath(path)).name)
+    (staging / "blobs").mkdir()
+    (staging / "layers").mkdir()
+    staged = _Staged()
+    digests = []
+    for layer in plan.layers:
+        digests.append(_stage_layer(store, source, layer, staging, staged, progress, len(plan.layers)))
+    manifest_bytes = plan.manifest_bytes
+    if manifest_bytes is None:
+        manifest_bytes = _docker_manifest(plan.config_bytes, list(zip(plan.layers, digests)))
+    manifest_digest = oci.sha256_of(manifest_bytes)
+    config_digest = oci.sha256_of(plan.config_bytes)
+    staged.blobs.append((_stage_bytes(staging, "config", plan.config_bytes), config_digest))
+    staged.blobs.append((_stage_bytes(staging, "manifest", manifest_bytes), manifest_digest))
+    if staged.layers:
+        os.sync()  # the unpacked files must be on disk before their directory is renamed into place
+    chosen = tuple(tags) if tags else plan.tags
+    with store.locked():
+        for blob, digest in staged.blobs:
+            store.install_blob(blob, digest)
+        for layer_dir, record in staged.layers:
+            store.install_layer(layer_dir, record)
+        for diff_id in staged.reused:
+            if not store.has_layer(diff_id):
+                raise StoreError(f"layer {diff_id} was removed from the store during the import: import again")
+        record = _image_record(store, config_digest, manifest_digest, chosen)
+        replaced = store.install_image(record)
+        if replaced is not None and replaced.manifest != record.manifest:
+            store.collect_garbage()  # the blobs only the old manifest named
+    log.info("imported %s from %s (%s)", record.id, source.label, plan.description)
+    return ImportResult(record, new_layers=len(staged.layers), reused_layers=len(staged.reused))
+
+
+def _image_record(store: Store, config_digest: str, manifest_digest: str, tags: Sequence[str]) -> ImageRecord:
+    """The record to save: an image imported again keeps its import time and its other tags."""
+    try:
+        old = store.image(config_digest)
+    except StoreError:
+        return ImageRecord(id=config_digest, manifest=manifest_digest, config=config_digest, tags=tuple(tags))
+    merged = tuple(dict.fromkeys((*old.tags, *tags)))
+    return ImageRecord(id=old.id, manifest=manifest_digest, config=config_digest, tags=merged, imported=old.imported)
