@@ -30,6 +30,12 @@ PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 XATTR_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+#: A metacopy upper file (kernel ``metacopy=on``) holds metadata only; its data is in a lower layer.
+METACOPY_XATTRS = ("trusted.overlay.metacopy", "user.overlay.metacopy")
+#: The opaque marker kernel overlayfs itself reads (without ``userxattr``).
+TRUSTED_OPAQUE = OPAQUE_XATTRS[0]
+#: Other AUFS metadata (``.wh..wh.plnk``, ``.wh..wh.aufs``...): bookkeeping, not whiteouts.
+AUFS_META_PREFIX = OCI_WHITEOUT_PREFIX + OCI_WHITEOUT_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,20 @@ def is_reserved_name(name: str) -> bool:
 def oci_whiteout_name(name: str) -> str:
     """The ``.wh.NAME`` file that hides NAME below the layer holding it."""
     return OCI_WHITEOUT_PREFIX + name
+
+
+def is_oci_opaque_marker(name: str) -> bool:
+    """``.wh..wh..opq``: the directory holding it is opaque."""
+    return name == OCI_OPAQUE_MARKER
+
+
+def oci_whiteout_target(name: str) -> str | None:
+    """NAME is ``.wh.X`` hiding X: return X. None for other names, the opaque marker and AUFS metadata
+    (``.wh..wh.*``). X may still be unusable (empty, ``.``, ``..``); callers that take names from
+    untrusted input check it."""
+    if not name.startswith(OCI_WHITEOUT_PREFIX) or name.startswith(AUFS_META_PREFIX):
+        return None
+    return name[len(OCI_WHITEOUT_PREFIX):]
 
 
 def is_device_whiteout(st: os.stat_result) -> bool:
@@ -168,13 +188,31 @@ def probe_marker_style(scratch_dir: str) -> MarkerStyle:
     return MarkerStyle(device_whiteouts=devices, opaque_xattr=opaque)
 
 
-def write_device_whiteout(path: str) -> None:
-    os.mknod(path, DEVICE_WHITEOUT_MODE, os.makedev(0, 0))
+def write_device_whiteout(path: str, *, dir_fd: int | None = None) -> None:
+    """Make PATH (relative to DIR_FD, if given) the kernel's whiteout, a 0:0 character device."""
+    os.mknod(path, DEVICE_WHITEOUT_MODE, os.makedev(0, 0), dir_fd=dir_fd)
 
 
 def write_oci_whiteout(layer_dir: str, name: str) -> None:
     fd = os.open(os.path.join(layer_dir, oci_whiteout_name(name)), os.O_WRONLY | os.O_CREAT, 0o000)
     os.close(fd)
+
+
+def write_oci_marker_at(dir_fd: int, marker: str) -> None:
+    """Create MARKER (``.wh.NAME`` or ``.wh..wh..opq``) as an empty file in the directory DIR_FD, not
+    following a symlink of that name; an existing marker is left as it is."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    os.close(os.open(marker, flags, 0o000, dir_fd=dir_fd))
+
+
+def mark_opaque_fd(dir_fd: int, xattr: str = TRUSTED_OPAQUE) -> None:
+    """Mark the open directory DIR_FD opaque with XATTR (an entry of `OPAQUE_XATTRS`)."""
+    os.setxattr(dir_fd, xattr, b"y")
+
+
+def is_metacopy(path: str) -> bool:
+    """A kernel metacopy upper file: metadata only, its data still in a lower layer."""
+    return any(_has_xattr(path, name) for name in METACOPY_XATTRS)
 
 
 def remove_oci_whiteout(layer_dir: str, name: str) -> None:

@@ -11,8 +11,14 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
+import stat
+import sys
+import subprocess
 import tarfile
+import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from overlayfuse.images.compression import (
     open_decompressed,
     write_layer_blob,
 )
+from overlayfuse.images.unpack import UnpackedLayer, unpack_layer
 from tests.conftest import skip_or_fail
 
 MEDIA = {"": oci.MEDIA_LAYER_TAR, "gzip": oci.MEDIA_LAYER_GZIP, "zstd": oci.MEDIA_LAYER_ZSTD}
@@ -86,8 +93,8 @@ def hard(name: str, target: str) -> T:
 
 
 def xattrs(**values: bytes) -> dict[str, str]:
-    """PAX records for xattrs (keyword `user_x` is the xattr ``user.x``)."""
-    return {"SCHILY.xattr." + k.replace("_", ".", 1): v.decode("utf-8", "surrogateescape")
+    """PAX records for xattrs (keyword `user_x_y` is the xattr ``user.x.y``)."""
+    return {"SCHILY.xattr." + k.replace("_", "."): v.decode("utf-8", "surrogateescape")
             for k, v in values.items()}
 
 
@@ -106,6 +113,10 @@ def make_tar(*entries: T) -> bytes:
             info.size = len(e.data) if e.type == tarfile.REGTYPE else 0
             tf.addfile(info, io.BytesIO(e.data) if info.size else None)
     return out.getvalue()
+
+
+def unpack_bytes(blob: bytes, dest: Path, compression: str = "", **kw: object) -> UnpackedLayer:
+    return unpack_layer(io.BytesIO(blob), MEDIA[compression], dest, **kw)  # type: ignore[arg-type]
 
 
 # --- compression ------------------------------------------------------------------------------
@@ -199,3 +210,312 @@ def test_write_layer_blob_removes_its_file_when_the_producer_fails(tmp_path: Pat
     with pytest.raises(RuntimeError):
         write_layer_blob(produce, tmp_path / "blob")
     assert not (tmp_path / "blob").exists()
+
+
+# --- hostile layers -----------------------------------------------------------------------------
+
+GOOD = make_tar(dir_("etc"), reg("etc/hosts", b"127.0.0.1 localhost\n"))
+GOOD_GZ = compress(GOOD, "gzip")
+
+
+@dataclass(frozen=True, slots=True)
+class Hostile:
+    """A layer blob that must be refused: BLOB, how it is declared, and what the error must say."""
+
+    blob: bytes
+    error: str
+    compression: str = ""
+    media_type: str | None = None
+    digest: str | None = None
+    size: int | None = None
+    diff_id: str | None = None
+
+
+def _hostile_table(outside: str) -> dict[str, Hostile]:
+    """OUTSIDE: an absolute directory outside the layer, which must stay empty."""
+    corrupt_zstd = bytearray(compress(GOOD + bytes(4096), "zstd"))
+    corrupt_zstd[len(corrupt_zstd) // 2] ^= 0xFF
+    garbage_header = bytearray(GOOD)
+    garbage_header[1536:2048] = b"\x7f" * 512  # where a third header would start
+    return {
+        "dotdot": Hostile(make_tar(reg("../x", b"out")), "climbs out of the layer"),
+        "dotdot-inside": Hostile(make_tar(dir_("a"), reg("a/../../x", b"out")), "climbs out"),
+        "absolute-dotdot": Hostile(make_tar(reg(f"/../..{outside}/x", b"out")), "climbs out"),
+        "symlinked-parent": Hostile(make_tar(sym("link", outside), reg("link/x", b"out")),
+                                    "'link' is a symlink"),
+        "symlinked-dir-then-file": Hostile(
+            make_tar(dir_("real"), sym("etc", "/etc"), sym("d", "real"), reg("d/f", b"x")),
+            "'d' is a symlink"),
+        "file-as-parent": Hostile(make_tar(reg("f", b"x"), reg("f/g", b"y")), "not a directory"),
+        "hardlink-dotdot": Hostile(make_tar(hard("passwd", "../../etc/passwd")), "outside the layer"),
+        "hardlink-absolute": Hostile(make_tar(hard("passwd", "/etc/passwd")), "does not contain"),
+        "hardlink-not-in-layer": Hostile(make_tar(reg("a", b"x"), hard("b", "missing")),
+                                         "does not contain"),
+        "hardlink-to-dir": Hostile(make_tar(dir_("d"), hard("b", "d")), "does not contain"),
+        "hardlink-through-symlink": Hostile(
+            make_tar(dir_("d"), reg("d/f", b"x"), sym("s", "d"), hard("b", "s/f")),
+            "does not contain"),
+        "whiteout-as-dir": Hostile(make_tar(reg(".wh.x/y", b"")), "used as a directory"),
+        "whiteout-of-dotdot": Hostile(make_tar(reg("d/.wh...", b"")), "whiteout of '..'"),
+        "root-as-file": Hostile(make_tar(reg("./", b"")), "only be a directory"),
+        "truncated-gzip": Hostile(GOOD_GZ[: len(GOOD_GZ) - 9], "truncated gzip", "gzip"),
+        "corrupt-zstd": Hostile(bytes(corrupt_zstd), "corrupt zstd|Unknown frame|does not match",
+                                "zstd"),
+        "truncated-tar-data": Hostile(GOOD[:1024 + 5], "unexpected end of data"),
+        "tar-without-end": Hostile(GOOD[:1536], "end-of-archive"),
+        "garbage-after-entries": Hostile(bytes(garbage_header), "corrupt tar header"),
+        "not-a-tar": Hostile(os.urandom(4096), "invalid tar"),
+        "wrong-digest": Hostile(GOOD_GZ, "does not match its digest", "gzip",
+                                digest=sha256(b"something else")),
+        "wrong-size": Hostile(GOOD_GZ, f"the blob is {len(GOOD_GZ)} bytes, its descriptor says",
+                              "gzip", size=len(GOOD_GZ) + 1),
+        "longer-than-size": Hostile(GOOD_GZ, "longer than the 100 bytes", "gzip", size=100),
+        "wrong-diff-id": Hostile(GOOD_GZ, "diff_id is sha256:0000", "gzip",
+                                 digest=sha256(GOOD_GZ), diff_id="sha256:" + "0" * 64),
+        "unknown-media-type": Hostile(GOOD, "unsupported layer media type 'application/x-rar'",
+                                      media_type="application/x-rar"),
+        "docker-foreign-layer": Hostile(
+            GOOD, "unsupported layer media type",
+            media_type="application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+    }
+
+
+HOSTILE_NAMES = sorted(_hostile_table("/x"))
+
+
+@pytest.mark.parametrize("case", HOSTILE_NAMES)
+def test_hostile_layer_is_refused_and_leaves_nothing(tmp_path: Path, case: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    hostile = _hostile_table(str(outside))[case]
+    dest = tmp_path / "layer"
+    media_type = hostile.media_type or MEDIA[hostile.compression]
+    with pytest.raises(ImageError, match=hostile.error) as caught:
+        unpack_layer(io.BytesIO(hostile.blob), media_type, dest, digest=hostile.digest,
+                     size=hostile.size, diff_id=hostile.diff_id)
+    assert "\n" not in str(caught.value)
+    assert not dest.exists()
+    assert list(outside.iterdir()) == []
+
+
+def test_errors_name_the_layer_and_the_entry(tmp_path: Path) -> None:
+    blob = make_tar(dir_("a"), reg("a/../../x", b"out"))
+    with pytest.raises(ImageError) as caught:
+        unpack_bytes(blob, tmp_path / "layer", digest=sha256(blob))
+    assert str(caught.value) == (f"layer {sha256(blob)}: entry 'a/../../x': "
+                                 "'a/../../x' climbs out of the layer")
+
+
+def test_an_existing_destination_is_left_alone(tmp_path: Path) -> None:
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    (dest / "keep").write_text("mine")
+    with pytest.raises(ImageError, match="already exists"):
+        unpack_bytes(GOOD, dest)
+    assert (dest / "keep").read_text() == "mine"
+
+
+def test_a_failure_leaves_no_destination_even_with_read_only_dirs(tmp_path: Path) -> None:
+    blob = make_tar(dir_("ro", mode=0o555), reg("ro/f", b"x"), dir_("ro/sub", mode=0o500))
+    with pytest.raises(ImageError):
+        unpack_bytes(compress(blob, "gzip"), tmp_path / "layer", "gzip", diff_id=sha256(b"no"))
+    assert not (tmp_path / "layer").exists()
+
+
+# --- what a good layer unpacks to ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_each_compression_unpacks_and_reports_its_digests(tmp_path: Path, compression: str) -> None:
+    tar = make_tar(dir_("etc"), reg("etc/hosts", b"hosts\n"), reg("big", PAYLOAD, mode=0o600),
+                   sym("etc/link", "hosts"))
+    blob = compress(tar, compression)
+    copy, seen = io.BytesIO(), []
+    result = unpack_bytes(blob, tmp_path / "layer", compression, digest=sha256(blob),
+                          size=len(blob), diff_id=sha256(tar), copy_to=copy, progress=seen.append)
+    assert result == UnpackedLayer(sha256(blob), len(blob), sha256(tar), len(PAYLOAD) + 6)
+    assert copy.getvalue() == blob and sum(seen) == len(blob)
+    layer = tmp_path / "layer"
+    assert (layer / "etc/hosts").read_bytes() == b"hosts\n"
+    assert (layer / "big").read_bytes() == PAYLOAD
+    assert stat.S_IMODE((layer / "big").stat().st_mode) == 0o600
+    assert os.readlink(layer / "etc/link") == "hosts"
+
+
+def test_digests_cover_the_whole_blob_past_the_tar_end(tmp_path: Path) -> None:
+    # Record padding after the end-of-archive blocks is part of the diff_id; the result must
+    # report the digests of everything, not only of what the tar reader needed.
+    tar = make_tar(reg("f", b"x")) + bytes(20 * 512)
+    blob = compress(tar, "gzip")
+    result = unpack_bytes(blob, tmp_path / "layer", "gzip", digest=sha256(blob), diff_id=sha256(tar))
+    assert (result.digest, result.diff_id, result.size) == (sha256(blob), sha256(tar), len(blob))
+
+
+def test_names_are_kept_inside_the_layer(tmp_path: Path) -> None:
+    # Absolute names are relative to the layer root; ".." that stays inside is fine.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tar = make_tar(dir_("./"), reg(f"{outside}/abs", b"a"), reg("/etc/passwd", b"p"),
+                   dir_("a"), reg("a/./b/../c", b"c"), sym("s", str(outside)),
+                   sym("t", "../../../../"))
+    unpack_bytes(tar, tmp_path / "layer")
+    layer = tmp_path / "layer"
+    assert (layer / str(outside).lstrip("/") / "abs").read_bytes() == b"a"
+    assert (layer / "etc/passwd").read_bytes() == b"p"
+    assert (layer / "a/c").read_bytes() == b"c"
+    assert os.readlink(layer / "s") == str(outside)  # kept verbatim, never followed
+    assert list(outside.iterdir()) == []
+
+
+def test_later_entries_replace_earlier_ones(tmp_path: Path) -> None:
+    tar = make_tar(
+        reg("f2d", b"file"), dir_("f2d"), reg("f2d/in", b"in"),  # a file replaced by a dir
+        dir_("d2f"), reg("d2f/gone", b"x"), reg("d2f", b"now a file"),  # a dir by a file
+        sym("s2f", "/etc/passwd"), reg("s2f", b"not through the link"),  # a symlink by a file
+        dir_("dd", mode=0o700), reg("dd/keep", b"k"), dir_("dd", mode=0o751),  # dir over dir
+        reg("implicit/parent/f", b"p"),
+    )
+    unpack_bytes(tar, tmp_path / "layer")
+    layer = tmp_path / "layer"
+    assert (layer / "f2d/in").read_bytes() == b"in"
+    assert (layer / "d2f").read_bytes() == b"now a file"
+    assert (layer / "s2f").read_bytes() == b"not through the link"
+    assert not (layer / "s2f").is_symlink()
+    assert (layer / "dd/keep").read_bytes() == b"k"
+    assert stat.S_IMODE((layer / "dd").stat().st_mode) == 0o751
+    assert stat.S_IMODE((layer / "implicit/parent").stat().st_mode) == 0o755
+
+
+def test_hardlinks_share_an_inode(tmp_path: Path) -> None:
+    tar = make_tar(dir_("d"), reg("d/a", b"data"), hard("d/b", "d/a"), hard("c", "./d/a"),
+                   sym("s", "d/a"), hard("s2", "s"))
+    result = unpack_bytes(tar, tmp_path / "layer")
+    layer = tmp_path / "layer"
+    a, b, c = ((layer / n).stat() for n in ("d/a", "d/b", "c"))
+    assert a.st_ino == b.st_ino == c.st_ino and a.st_nlink == 3
+    assert os.lstat(layer / "s").st_ino == os.lstat(layer / "s2").st_ino  # a link to a symlink
+    assert result.unpacked_size == 4
+
+
+def test_times_are_exact_and_directory_times_are_set_last(tmp_path: Path) -> None:
+    ns = {"mtime": MTIME_NS_TEXT}
+    tar = make_tar(dir_("./", mode=0o711, pax=ns), dir_("d", pax=ns), reg("d/f", b"x", pax=ns),
+                   sym("d/s", "f", pax=ns), T("d/p", tarfile.FIFOTYPE, pax=ns),
+                   reg("plain", b"x"))
+    unpack_bytes(tar, tmp_path / "layer")
+    layer = tmp_path / "layer"
+    want = 1_600_000_000_123_456_789
+    for name in ("", "d", "d/f", "d/s", "d/p"):
+        assert os.lstat(layer / name).st_mtime_ns == want, name
+    assert os.lstat(layer / "plain").st_mtime_ns == MTIME * 10**9
+    assert stat.S_IMODE(os.lstat(layer).st_mode) == 0o711  # "./" is the layer root
+
+
+def test_owners_modes_devices_and_xattrs_as_root(tmp_path: Path) -> None:
+    require_root()
+    tar = make_tar(
+        dir_("d", mode=0o1777, uid=1234, gid=5678, pax=xattrs(user_dir=b"dir")),
+        reg("d/suid", b"x", mode=0o4755, uid=1000, gid=1000,
+            pax=xattrs(user_bin=b"\xff\x00binary", security_capability=b"\x01\x00\x00\x02" + bytes(16))),
+        sym("d/link", "suid", uid=42, gid=43),
+        T("dev/null", tarfile.CHRTYPE, mode=0o666, dev=(1, 3)),
+        T("dev/loop0", tarfile.BLKTYPE, mode=0o660, gid=6, dev=(7, 0)),
+        T("fifo", tarfile.FIFOTYPE, mode=0o640, uid=7),
+    )
+    unpack_bytes(tar, tmp_path / "layer")
+    layer = tmp_path / "layer"
+    d, suid, link = (os.lstat(layer / n) for n in ("d", "d/suid", "d/link"))
+    assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (1234, 5678, 0o1777)
+    assert (suid.st_uid, suid.st_gid, stat.S_IMODE(suid.st_mode)) == (1000, 1000, 0o4755)
+    assert (link.st_uid, link.st_gid) == (42, 43)
+    assert os.getxattr(layer / "d", "user.dir") == b"dir"
+    assert os.getxattr(layer / "d/suid", "user.bin") == b"\xff\x00binary"
+    assert os.getxattr(layer / "d/suid", "security.capability")[:4] == b"\x01\x00\x00\x02"
+    null, loop = os.lstat(layer / "dev/null"), os.lstat(layer / "dev/loop0")
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    assert stat.S_IMODE(null.st_mode) == 0o666
+    assert stat.S_ISBLK(loop.st_mode) and loop.st_rdev == os.makedev(7, 0) and loop.st_gid == 6
+    fifo = os.lstat(layer / "fifo")
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o640 and fifo.st_uid == 7
+
+
+def test_overlay_xattrs_in_a_tar_are_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    require_root()
+    fake = xattrs(trusted_overlay_opaque=b"y", user_overlay_redirect=b"/etc", user_ok=b"1")
+    tar = make_tar(dir_("d", pax=fake), reg("d/f", b"x", pax=xattrs(trusted_overlay_metacopy=b"")))
+    unpack_bytes(tar, tmp_path / "layer")
+    layer = tmp_path / "layer"
+    assert os.listxattr(layer / "d") == ["user.ok"]
+    assert os.listxattr(layer / "d/f") == []
+    assert "dropped overlay xattrs" in caplog.text and "trusted.overlay.opaque" in caplog.text
+
+
+WHITEOUT_TAR = make_tar(
+    reg(".wh.gone"),  # a plain whiteout
+    dir_("opq"), reg("opq/new", b"n"), reg("opq/.wh..wh..opq"),  # opaque, marker after a sibling
+    reg("late/.wh..wh..opq"), dir_("late"),  # the marker before its directory's entry
+    reg(".wh.both"), reg("both", b"real"),  # a whiteout and a real entry: the entry wins
+    dir_("replaced"), reg("replaced/x", b"x"), reg(".wh.replaced"),  # ... a dir becomes opaque
+    dir_("sub"), reg("sub/.wh.deep"),
+    reg(".wh..wh.plnk"),  # AUFS metadata: skipped
+)
+
+
+def test_whiteouts_become_kernel_markers_as_root(tmp_path: Path) -> None:
+    require_root()
+    unpack_bytes(WHITEOUT_TAR, tmp_path / "layer")
+    layer = tmp_path / "layer"
+    for name in ("gone", "sub/deep"):
+        st = os.lstat(layer / name)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, name
+    for name in ("opq", "late", "replaced"):
+        assert os.getxattr(layer / name, "trusted.overlay.opaque") == b"y", name
+    assert (layer / "both").read_bytes() == b"real"
+    assert (layer / "opq/new").read_bytes() == b"n" and (layer / "replaced/x").exists()
+    leftovers = [p for p in layer.rglob("*") if p.name.startswith(".wh.")]
+    assert leftovers == []
+
+
+def _unpack_as_nobody(blob: bytes, dest: Path) -> str:
+    """Unpack in a child process running as nobody (no mknod, no trusted xattrs, no chown)."""
+    code = (
+        "import io, os, sys, logging\n"
+        "from pathlib import Path\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from overlayfuse.images.unpack import unpack_layer\n"  # before: /root is not readable
+        "os.setgid(65534); os.setuid(65534)\n"
+        "unpack_layer(io.BytesIO(sys.stdin.buffer.read()), sys.argv[1], Path(sys.argv[2]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, oci.MEDIA_LAYER_TAR, str(dest)], input=blob,
+                          capture_output=True, timeout=60, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stderr.decode()
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory nobody may write in, outside pytest's root-only temp dir."""
+    require_root()  # to become nobody
+    path = Path(tempfile.mkdtemp(prefix="overlayfuse-unpack-"))
+    os.chmod(path, 0o755)
+    os.chown(path, 65534, 65534)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_unprivileged_unpack_keeps_oci_whiteouts_and_skips_devices(nobody_dir: Path) -> None:
+    tar = make_tar(reg(".wh.gone"), dir_("opq"), reg("opq/.wh..wh..opq"), reg("f", b"x", uid=1234),
+                   T("null", tarfile.CHRTYPE, dev=(1, 3)), T("zero", tarfile.CHRTYPE, dev=(1, 5)),
+                   dir_("ro", mode=0o555), reg("ro/in", b"i"))
+    layer = nobody_dir / "layer"
+    log = _unpack_as_nobody(tar, layer)
+    assert (layer / ".wh.gone").is_file() and (layer / "opq/.wh..wh..opq").is_file()
+    assert not os.path.lexists(layer / "gone")
+    assert not os.path.lexists(layer / "null") and not os.path.lexists(layer / "zero")
+    assert log.count("skipped 2 device node(s)") == 1
+    assert os.lstat(layer / "f").st_uid == 65534
+    assert (layer / "ro/in").read_bytes() == b"i"
+    assert stat.S_IMODE(os.lstat(layer / "ro").st_mode) == 0o555
