@@ -312,12 +312,15 @@ def plan_mount(config: MountConfig, store: str | None = None) -> MountPlan:
 
 
 def _check_mountpoint(path: str, where: str) -> bool:
-    """True when PATH is a dead FUSE mount (fine: the daemon detaches it); raise if it is no directory."""
+    """True when PATH is a dead FUSE mount (fine: the daemon detaches it); raise if it is no directory.
+
+    Asked first, and by statvfs (in `mounttable`): a dead mount may still answer stat from the
+    kernel's attribute cache."""
+    if mounttable.is_dead_fuse_mount(path):
+        return True
     try:
         st = os.stat(path)
     except OSError as exc:
-        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED) and mounttable.is_dead_fuse_mount(path):
-            return True
         raise ConfigError(f"{where}: {path}: {_reason(exc)}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{where}: {path} is not a directory")
