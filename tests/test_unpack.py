@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import stat
@@ -18,8 +19,8 @@ import subprocess
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,10 @@ from overlayfuse.images.compression import (
     write_layer_blob,
 )
 from overlayfuse.images.unpack import UnpackedLayer, unpack_layer
-from tests.conftest import skip_or_fail
+from tests import imagebuild
+from tests.compare import Snapshot, assert_same_view, take_snapshot
+from tests.conftest import MountFactory, skip_or_fail
+from tests.mounts import FuseMount
 
 MEDIA = {"": oci.MEDIA_LAYER_TAR, "gzip": oci.MEDIA_LAYER_GZIP, "zstd": oci.MEDIA_LAYER_ZSTD}
 MTIME = 1_600_000_000
@@ -519,3 +523,52 @@ def test_unprivileged_unpack_keeps_oci_whiteouts_and_skips_devices(nobody_dir: P
     assert os.lstat(layer / "f").st_uid == 65534
     assert (layer / "ro/in").read_bytes() == b"i"
     assert stat.S_IMODE(os.lstat(layer / "ro").st_mode) == 0o555
+
+
+# --- against umoci ------------------------------------------------------------------------------
+
+
+def _unpack_image_layers(layout: Path, tag: str, into: Path) -> list[Path]:
+    """Unpack every layer of LAYOUT:TAG ourselves, checking each against the manifest and config;
+    returns the layer dirs top first (lowerdir order)."""
+    index = json.loads((layout / imagebuild.INDEX).read_text())
+    desc = next(m for m in index["manifests"] if m["annotations"][imagebuild.REF_NAME] == tag)
+    manifest = json.loads(imagebuild.blob_path(layout, desc["digest"]).read_bytes())
+    config = json.loads(imagebuild.blob_path(layout, manifest["config"]["digest"]).read_bytes())
+    into.mkdir()
+    dirs = []
+    for i, (layer, diff_id) in enumerate(zip(manifest["layers"], config["rootfs"]["diff_ids"])):
+        dest = into / f"layer{i}"
+        with open(imagebuild.blob_path(layout, layer["digest"]), "rb") as raw:
+            result = unpack_layer(raw, layer["mediaType"], dest, digest=layer["digest"],
+                                  size=layer["size"], diff_id=diff_id)
+        assert (result.digest, result.diff_id) == (layer["digest"], diff_id)
+        dirs.append(dest)
+    return dirs[::-1]
+
+
+@pytest.mark.kernel
+def test_umoci_layers_stacked_by_the_kernel_match_umoci_unpack(
+        tmp_path: Path, kernel_mount: MountFactory, fuse_mount: Callable[..., FuseMount]) -> None:
+    """The standard images (deletions, an opaque dir, a file replaced by a dir, hardlinks, a
+    device, a fifo) unpacked by us and stacked as lowers, against umoci's flattened rootfs."""
+    missing = imagebuild.missing_tools()
+    if missing:
+        skip_or_fail(missing)
+    images = imagebuild.standard_images(tmp_path / "layout", tmp_path / "work")
+    lowers = _unpack_image_layers(images.layout, images.full, tmp_path / "ours")
+    assert len(lowers) == 3
+    rootfs = imagebuild.unpack_rootfs(images.layout, images.full, tmp_path / "bundle")
+    reference = _merged_dir_nlink(take_snapshot(rootfs))
+    # The layer dirs hold kernel markers, and no OCI marker files are left for either to show.
+    assert not [p for layer in lowers for p in layer.rglob(".wh.*")]
+    kernel = take_snapshot(kernel_mount(tmp_path / "kernel", lowers))
+    assert_same_view(reference, _merged_dir_nlink(kernel))
+    assert_same_view(kernel, fuse_mount(tmp_path / "fuse", lowers).mnt)
+
+
+def _merged_dir_nlink(snap: Snapshot) -> Snapshot:
+    """Overlayfs reports st_nlink 1 for a merged directory (find(1) reads it as "unknown"), where
+    a flat tree counts subdirectories: directory link counts are not compared with a flat tree."""
+    return replace(snap, entries={path: replace(info, nlink=1) if info.kind == "dir" else info
+                                  for path, info in snap.entries.items()})
