@@ -30,6 +30,7 @@ from overlayfuse.service import install as service_install
 from overlayfuse.service.config import daemon_args, load_config, plan_mount
 from overlayfuse.service.journal import JournalFormatter, syslog_priority, under_journal
 from tests.conftest import skip_or_fail
+from tests.imagebuild import missing_tools, new_image, repack_layer
 from tests.mounts import (
     REPO_ROOT,
     mount_at,
@@ -381,6 +382,67 @@ def test_service_restarts_over_the_dead_mount_of_a_killed_daemon(dirs: Dirs, tmp
                 assert second.wait() == 0
             assert "<4>" + f"{dirs.mnt}: detached a FUSE mount whose daemon had died" in second.log_text()
     assert mount_at(dirs.mnt) is None
+
+
+# --- image and container configs -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding test/svc, a one-layer image made by umoci and imported by our importer."""
+    missing = missing_tools()
+    if missing:
+        skip_or_fail(missing)
+    from overlayfuse.images.importer import import_image
+    from overlayfuse.images.store import Store
+
+    base = tmp_path_factory.mktemp("svc-image")
+    layout, work = base / "layout", base / "work"
+    work.mkdir()
+    new_image(layout, "empty")
+    repack_layer(layout, "empty", "svc", work, lambda rootfs: make_tree(rootfs, File("etc/motd", b"image\n")))
+    import_image(Store.open(base / "store"), f"{layout}:svc", tags=["test/svc:latest"])
+    return base / "store"
+
+
+@pytest.mark.mount
+def test_image_and_container_config(image_store: Path, dirs: Dirs, tmp_path: Path, overlayfuse_bin: Path) -> None:
+    """The container is created on first start, recorded as mounted by the service's daemon (so
+    ``ps`` and ``commit`` know), forgotten by the unit's ExecStopPost, and keeps its changes."""
+    from overlayfuse.images.store import Store
+
+    name = f"svc-{tmp_path.name}"[:60]
+    dirs.conf(toml(mountpoint=dirs.mnt, image="test/svc", store=image_store), name="ro")
+    ro = ctl("check", "ro", "--config-dir", dirs.conf_dir)
+    assert ro.stdout == f"ro: ok (image test/svc (1 layer) on {dirs.mnt}, read-only)\n", ro.stderr
+
+    dirs.conf(toml(mountpoint=dirs.mnt, image="test/svc", container=name, store=image_store))
+    first = ctl("check", "web", "--config-dir", dirs.conf_dir)
+    assert first.stdout == (f"web: ok (image test/svc, container {name} (created on first start) (1 layer) "
+                            f"on {dirs.mnt}, read-write)\n"), first.stderr
+    store = Store.open(image_store)
+    with NotifyListener(path=tmp_path / "notify.sock") as listener:
+        with daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d:
+            assert listener.wait_for("READY=1", READY_TIMEOUT).pid == d.proc.pid
+            assert run_isolated(_read, str(dirs.mnt / "etc/motd"), timeout=30) == b"image\n"
+            run_isolated(_write, str(dirs.mnt / "etc/new"), b"kept\n", timeout=30)
+            record = store.container(name)
+            assert (record.mountpoint, record.pid) == (str(dirs.mnt), d.proc.pid)
+            ps = json.loads(ctl("--root", image_store, "ps", "--json").stdout)
+            assert [(s["name"], s["state"]) for s in ps] == [(name, "running")]
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.wait() == 0
+    cleanup = ctl("service", "cleanup", "web", "--config-dir", dirs.conf_dir, env=no_journal_env())
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert store.container(name).mountpoint is None
+    assert (image_store / "containers" / name / "upper" / "etc" / "new").read_bytes() == b"kept\n"
+    again = ctl("check", "web", "--config-dir", dirs.conf_dir)
+    assert again.stdout == f"web: ok (image test/svc, container {name} (1 layer) on {dirs.mnt}, read-write)\n"
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 # --- logs ----------------------------------------------------------------------------------------
