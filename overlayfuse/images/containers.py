@@ -142,11 +142,7 @@ def _create_locked(store: Store, name: str | None, image: ImageRecord) -> Contai
     check_container_name(name)
     if _is_container(store, name):
         existing = store.container(name)
-        if existing.image != image.id:
-            raise StoreError(
-                f"container {name} already exists, from image {image_label(store, existing.image)}: "
-                "choose another --name or remove it first"
-            )
+        _check_same_image(store, existing, image)
         return existing
     layers = tuple(store.image_diff_ids(image))
     for diff_id in layers:
@@ -163,6 +159,14 @@ def _create_locked(store: Store, name: str | None, image: ImageRecord) -> Contai
         os.rename(staged, target)
     log.info("created container %s from %s", name, image.id)
     return record
+
+
+def _check_same_image(store: Store, existing: ContainerRecord, image: ImageRecord) -> None:
+    if existing.image != image.id:
+        raise StoreError(
+            f"container {existing.name} already exists, from image {image_label(store, existing.image)}: "
+            "choose another --name or remove it first"
+        )
 
 
 # -- mounting -------------------------------------------------------------------------------------
@@ -192,7 +196,8 @@ def mount_container(
             except StoreError:
                 raise StoreError(f"no such image or container: {name_or_image}") from None
             if name is not None and _is_container(store, name):
-                existing = store.container(name)  # reused if from this image (checked below)
+                existing = store.container(name)  # reused if it is from this image
+                _check_same_image(store, existing, image)
         if existing is not None:
             existing = _refresh(store, existing)
             if existing.mountpoint is not None:
