@@ -122,6 +122,40 @@ def read_dir_markers(dir_path: str) -> DirMarkers:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class LayerDirListing:
+    """One layer directory's names, split: what it holds, and what it hides below it.
+
+    A name may be in both (``.wh.NAME`` beside ``NAME``): the layer replaced NAME, so its own object
+    shows and nothing below it does. Marker files (``.wh.*``, ``.wh..wh..opq``) are in neither.
+    """
+
+    entries: dict[str, os.stat_result]
+    """Real objects, by name, with their lstat."""
+    whiteouts: dict[str, os.stat_result]
+    """Names whited out, with the lstat of the marker that says so (any format)."""
+
+
+def read_layer_dir(dir_path: str, markers: DirMarkers) -> LayerDirListing:
+    """List DIR_PATH (a layer directory whose own markers are MARKERS) in every whiteout format."""
+    entries: dict[str, os.stat_result] = {}
+    whiteouts: dict[str, os.stat_result] = {}
+    with os.scandir(dir_path) as it:
+        for entry in it:
+            name = entry.name
+            if is_reserved_name(name):
+                hidden = oci_whiteout_target(name) if name != OCI_OPAQUE_MARKER else None
+                if hidden and hidden not in (".", ".."):
+                    whiteouts[hidden] = entry.stat(follow_symlinks=False)
+                continue  # the opaque marker (read_dir_markers has it) or AUFS metadata
+            st = entry.stat(follow_symlinks=False)
+            if is_whiteout(entry.path, st, markers):
+                whiteouts[name] = st
+            else:
+                entries[name] = st
+    return LayerDirListing(entries, whiteouts)
+
+
 def is_private_xattr(name: str) -> bool:
     """Overlay bookkeeping xattrs: never listed, never readable through the merged view."""
     return name.startswith(PRIVATE_XATTR_PREFIXES)
