@@ -572,3 +572,24 @@ def _merged_dir_nlink(snap: Snapshot) -> Snapshot:
     a flat tree counts subdirectories: directory link counts are not compared with a flat tree."""
     return replace(snap, entries={path: replace(info, nlink=1) if info.kind == "dir" else info
                                   for path, info in snap.entries.items()})
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_long_and_non_utf8_names(tmp_path: Path, fmt: int) -> None:
+    long_dir = "/".join(["d" * 60] * 5)  # 304 bytes: more than a ustar header holds
+    odd = os.fsdecode(b"caf\xe9")  # latin-1 bytes, not UTF-8
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt, encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        for name, data in ((f"{long_dir}/file", b"long"), (odd, b"odd")):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), MTIME
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(f"{long_dir}/link-with-a-long-name-" + "x" * 80)
+        link.type, link.linkname = tarfile.LNKTYPE, f"{long_dir}/file"
+        tf.addfile(link)
+    unpack_bytes(out.getvalue(), tmp_path / "layer")
+    layer = os.fsencode(tmp_path / "layer")
+    assert open(layer + b"/" + os.fsencode(long_dir) + b"/file", "rb").read() == b"long"
+    assert open(layer + b"/caf\xe9", "rb").read() == b"odd"
+    assert os.stat(layer + b"/" + os.fsencode(long_dir) + b"/file").st_nlink == 2

@@ -141,7 +141,8 @@ def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, diges
 def _extract_all(tar_stream: _TarStream, extractor: _Extractor, label: str) -> None:
     where = "at the start of the tar"
     try:
-        with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=TAR_BUFSIZE) as tf:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=TAR_BUFSIZE, encoding="utf-8",  # type: ignore[call-overload]
+                          errors="surrogateescape") as tf:
             while (member := tf.next()) is not None:
                 where = f"entry {member.name!r}"
                 extractor.add(member, tf)
