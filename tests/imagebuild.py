@@ -312,13 +312,23 @@ def to_zstd(layout: Path, tag: str, dest: Path, dest_tag: str | None = None) -> 
     return dest
 
 
-def to_uncompressed(layout: Path, tag: str, work: Path, dest: Path, dest_tag: str | None = None) -> Path:
-    """A copy of LAYOUT:TAG into DEST whose layers are plain tar (media type ...layer.v1.tar):
-    through a docker archive, whose layers are uncompressed, and skopeo's flag to keep them so."""
+def to_uncompressed(layout: Path, tag: str, work: Path, dest: Path, dest_tag: str | None = None,
+                    relabel: bool = True) -> Path:
+    """A copy of LAYOUT:TAG into DEST whose layers are plain tar: through a docker archive, whose
+    layers are uncompressed, and skopeo's flag to keep them so.
+
+    skopeo 1.9 labels those layers ``tar+gzip`` all the same (it keeps the docker-archive's
+    ``rootfs.diff.tar.gzip``); RELABEL gives them the media type they have, ``...layer.v1.tar``.
+    """
     archive = to_docker_archive(layout, tag, work / f"uncompressed-{tag}.tar", f"tmp/{tag}:latest")
     tool("skopeo", "copy", "--quiet", "--dest-oci-accept-uncompressed-layers",
          f"docker-archive:{archive}", f"oci:{dest}:{dest_tag or tag}")
     archive.unlink()
+    if relabel:
+        editor = LayoutEditor(dest, dest_tag or tag)
+        for layer in editor.manifest["layers"]:
+            layer["mediaType"] = "application/vnd.oci.image.layer.v1.tar"
+        editor.save()
     return dest
 
 
@@ -384,6 +394,7 @@ class LayoutEditor:
                              if entry.get("annotations", {}).get(REF_NAME) == tag)
         self.manifest = json.loads(blob_path(layout, self.descriptor["digest"]).read_bytes())
         self.config = json.loads(blob_path(layout, self.manifest["config"]["digest"]).read_bytes())
+        self._config_as_read = json.loads(blob_path(layout, self.manifest["config"]["digest"]).read_bytes())
 
     @property
     def descriptor(self) -> dict[str, Any]:
@@ -401,10 +412,12 @@ class LayoutEditor:
         self.config["rootfs"]["diff_ids"].append(sha256_digest(tar))
 
     def save(self, manifest_bytes: bytes | None = None) -> None:
-        """Write config, manifest (or MANIFEST_BYTES verbatim) and index.json, digests chained."""
-        config = json.dumps(self.config).encode()
-        self.manifest["config"]["digest"] = write_blob(self.layout, config)
-        self.manifest["config"]["size"] = len(config)
+        """Write config (if changed), manifest (or MANIFEST_BYTES verbatim) and index.json, with
+        each descriptor updated to what it now points at."""
+        if self.config != self._config_as_read:  # untouched, it keeps its bytes and so the image id
+            config = json.dumps(self.config).encode()
+            self.manifest["config"]["digest"] = write_blob(self.layout, config)
+            self.manifest["config"]["size"] = len(config)
         manifest = manifest_bytes if manifest_bytes is not None else json.dumps(self.manifest).encode()
         self.descriptor["digest"] = write_blob(self.layout, manifest)
         self.descriptor["size"] = len(manifest)

@@ -1,9 +1,282 @@
-"""``overlayctl`` subcommands: images (placeholder until its issue lands)."""
+"""``overlayctl image ...``: import, ls, inspect, tag, rm, export.
+
+Parsing and printing only; the work is in `overlayfuse.images` (importer, exporter, store). Every
+command that reads the store takes its lock too: it is cheap, it never sees a half-made change, and
+it clears what a killed command left in ``tmp/``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from ..images.exporter import export_image
+from ..images.importer import import_image
+from ..images.progress import Progress, human_size
+from ..images.refs import parse_reference, resolve_image
+from ..images.store import ImageRecord, Store
+
+log = logging.getLogger(__name__)
+
+SHORT_ID = 12  # hex digits of an id in tables, as docker shows them
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this group's subcommands to COMMANDS."""
+    """Add ``image`` and its subcommands to COMMANDS."""
+    image = commands.add_parser("image", help="import, list, inspect, tag, remove and export images")
+    sub = image.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
+    image.set_defaults(handler=lambda args: _usage(image))
+
+    p = sub.add_parser("import", help="import an OCI image layout or a docker save archive",
+                       description="Import PATH: an OCI image layout directory (PATH:NAME picks one image of "
+                                   "several) or a docker save archive (.tar, .tar.gz).")
+    p.add_argument("path", metavar="PATH[:NAME]")
+    p.add_argument("--tag", "-t", action="append", metavar="REF",
+                   help="tag the image REF (repeatable; default: the names the image carries)")
+    p.set_defaults(handler=cmd_import)
+
+    p = sub.add_parser("ls", help="list images")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument("--quiet", "-q", action="store_true", help="print image ids only")
+    p.set_defaults(handler=cmd_ls)
+
+    p = sub.add_parser("inspect", help="show an image's details as JSON")
+    p.add_argument("refs", nargs="+", metavar="REF", help="a tag, an image id or a unique id prefix")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("rm", help="untag or remove images; layers go when nothing uses them")
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="remove even if containers use it or it has several tags")
+    p.set_defaults(handler=cmd_rm)
+
+    p = sub.add_parser("export", help="write an image as an OCI image layout")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("dest", metavar="DIR", help="a new or empty directory, or an OCI layout to add to")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("tag", help="give an image another name")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("target", metavar="NEWREF")
+    p.set_defaults(handler=cmd_tag)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+# -- import / export / tag --------------------------------------------------------------------------
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    tags = [parse_reference(tag) for tag in args.tag or ()]  # a bad tag fails before any work
+    store = Store.open(args.root)
+    result = import_image(store, args.path, tags, Progress())
+    print(f"Loaded image ID: {result.image.id}")
+    for tag in result.image.tags:
+        print(f"Loaded image: {tag}")
+    log.info("%d layers unpacked, %d already in the store", result.new_layers, result.reused_layers)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = Store.open(args.root)
+    with store.locked():
+        record = resolve_image(store, args.ref)
+        tag = _tag_named(args.ref, record)
+        result = export_image(store, record, Path(args.dest), tag)
+    how = "linked" if result.linked else "copied"
+    print(f"Exported {record.id} to {args.dest}" + (f" as {tag}" if tag else "") + f" ({result.blobs} blobs {how})")
+    return 0
+
+
+def _tag_named(text: str, record: ImageRecord) -> str | None:
+    """The tag TEXT names if it is one of RECORD's, else its first tag (TEXT was an id)."""
+    try:
+        wanted = parse_reference(text)
+    except StoreError:
+        wanted = None
+    if wanted in record.tags:
+        return wanted
+    return record.tags[0] if record.tags else None
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    target = parse_reference(args.target)
+    store = Store.open(args.root)
+    with store.locked():
+        record = resolve_image(store, args.source)
+        if target not in record.tags:
+            store.install_image(replace(record, tags=(*record.tags, target)))
+    return 0
+
+
+# -- rm -----------------------------------------------------------------------------------------
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = Store.open(args.root)
+    with store.locked():
+        for text in args.refs:  # refuse before changing anything: all or nothing
+            _remove(store, text, args.force, dry_run=True)
+        for text in args.refs:
+            _remove(store, text, args.force)
+        for item in store.collect_garbage():
+            print(f"Deleted: {item}")
+    return 0
+
+
+def _remove(store: Store, text: str, force: bool, dry_run: bool = False) -> None:
+    """Untag TEXT if it is one of several tags, else delete the image (docker's rules)."""
+    record = resolve_image(store, text)
+    try:
+        tag = parse_reference(text)
+    except StoreError:
+        tag = None
+    if tag in record.tags and len(record.tags) > 1:
+        if not dry_run:
+            store.save_image(replace(record, tags=tuple(t for t in record.tags if t != tag)))
+            print(f"Untagged: {tag}")
+        return
+    if tag not in record.tags and len(record.tags) > 1 and not force:
+        raise StoreError(f"image {record.id[7:7 + SHORT_ID]} is tagged {', '.join(record.tags)}: "
+                         "remove it by tag, or use --force")
+    users = sorted(c.name for c in store.containers() if c.image == record.id)
+    if users and not force:
+        raise StoreError(f"image {text} is used by container(s) {', '.join(users)}: remove them first, "
+                         "or use --force (the containers keep their layers)")
+    if dry_run:
+        return
+    for name in record.tags:
+        print(f"Untagged: {name}")
+    store.delete_image(record.id)
+    print(f"Deleted: {record.id}")
+
+
+# -- ls / inspect -------------------------------------------------------------------------------
+
+
+def _config(store: Store, record: ImageRecord) -> dict[str, Any]:
+    try:
+        value = store.read_blob_json(record.config)
+    except StoreError as exc:
+        log.warning("%s", exc)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _layer_sizes(store: Store, diff_ids: list[str]) -> list[int | None]:
+    sizes: list[int | None] = []
+    for diff_id in diff_ids:
+        try:
+            sizes.append(store.layer_record(diff_id).size)
+        except StoreError:
+            sizes.append(None)
+    return sizes
+
+
+def _since(created: str | None, now: float) -> str:
+    """``3 days ago``, as docker's CREATED column says it."""
+    if not created:
+        return "N/A"
+    try:
+        then = time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    except ValueError:
+        return created
+    seconds = max(0, now - then)
+    for unit, length in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
+                         ("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= length:
+            count = int(seconds // length)
+            return f"{count} {unit}{'s' if count > 1 else ''} ago"
+    return "Less than a minute ago"
+
+
+def _rows(store: Store) -> list[dict[str, Any]]:
+    rows = []
+    for record in sorted(store.images(), key=lambda r: (r.imported, r.id), reverse=True):
+        config = _config(store, record)
+        sizes = _layer_sizes(store, list(config.get("rootfs", {}).get("diff_ids", [])))
+        size = None if None in sizes else sum(s for s in sizes if s is not None)
+        for tag in record.tags or ("<none>:<none>",):
+            repository, _, name = tag.rpartition(":")
+            rows.append({"Repository": repository, "Tag": name, "ID": record.id,
+                         "Created": config.get("created"), "Size": size})
+    return rows
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = Store.open(args.root)
+    with store.locked():
+        rows = _rows(store)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    if args.quiet:
+        for image_id in dict.fromkeys(row["ID"] for row in rows):
+            print(image_id[7:7 + SHORT_ID])
+        return 0
+    now = time.time()
+    table = [("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")]
+    for row in rows:
+        size = "?" if row["Size"] is None else human_size(row["Size"], binary=False)
+        table.append((row["Repository"], row["Tag"], row["ID"][7:7 + SHORT_ID], _since(row["Created"], now), size))
+    widths = [max(len(line[n]) for line in table) for n in range(len(table[0]) - 1)]
+    for line in table:
+        print("   ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "   " + line[-1])
+    return 0
+
+
+def describe(store: Store, record: ImageRecord) -> dict[str, Any]:
+    """One image as ``docker image inspect`` shows it, plus where each layer is on disk."""
+    config = _config(store, record)
+    manifest = store.read_blob_json(record.manifest)
+    diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+    sizes = _layer_sizes(store, diff_ids)
+    blobs = manifest.get("layers", []) if isinstance(manifest, dict) else []
+    layers = []
+    for n, diff_id in enumerate(diff_ids):
+        blob = blobs[n] if n < len(blobs) and isinstance(blobs[n], dict) else {}
+        layers.append({
+            "DiffID": diff_id,
+            "Digest": blob.get("digest"),
+            "MediaType": blob.get("mediaType"),
+            "Size": blob.get("size"),
+            "UnpackedSize": sizes[n],
+            "Path": str(store.layer_dir(diff_id)),
+        })
+    names = dict.fromkeys(tag.rpartition(":")[0] for tag in record.tags)
+    return {
+        "Id": record.id,
+        "RepoTags": list(record.tags),
+        "RepoDigests": [f"{name}@{record.manifest}" for name in names],
+        "ManifestDigest": record.manifest,
+        "Created": config.get("created"),
+        "Imported": record.imported,
+        "Author": config.get("author", ""),
+        "Config": config.get("config") or {},
+        "Architecture": config.get("architecture", ""),
+        "Os": config.get("os", ""),
+        "Size": None if None in sizes else sum(s for s in sizes if s is not None),
+        "RootFS": {"Type": config.get("rootfs", {}).get("type", "layers"), "Layers": diff_ids},
+        "Layers": layers,
+        "History": config.get("history", []),
+    } | ({"Variant": config["variant"]} if config.get("variant") else {})
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = Store.open(args.root)
+    with store.locked():
+        described = [describe(store, resolve_image(store, ref)) for ref in args.refs]
+    json.dump(described, sys.stdout, indent=2)
+    print()
+    return 0
