@@ -474,7 +474,10 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
     staged = _Staged()
     digests = []
     for layer in plan.layers:
-        digests.append(_stage_layer(store, source, layer, staging, staged, progress, len(plan.layers)))
+        try:
+            digests.append(_stage_layer(store, source, layer, staging, staged, progress, len(plan.layers)))
+        except ImageError as exc:  # say which input and which layer of it, then what
+            raise ImageError(f"{source.label}, layer {layer.number} of {len(plan.layers)}: {exc}") from None
     manifest_bytes = plan.manifest_bytes
     if manifest_bytes is None:
         manifest_bytes = _docker_manifest(plan.config_bytes, list(zip(plan.layers, digests)))
