@@ -49,18 +49,19 @@ def prepare(
     plan = plan_mount(config, store)
     if config.container is None:
         return plan
-    root = store_root(config, store)
     try:
+        opened = Store.open(store_root(config, store))
         if plan.new_container:
             assert config.image is not None
-            create_container(Store.open(root), config.container, config.image, read_only=config.read_only)
+            create_container(opened, config.container, config.image, read_only=config.read_only)
             plan = plan_mount(config, store)
-        _claim_container(Store.open(root), config, plan)
+        _claim_container(opened, config, plan)
     except ConfigError:
         raise
     except UserError as exc:
         raise ConfigError(f"{path}: container: {exc}") from None
-    return dataclasses.replace(plan, extra_options=(f"control={control_address(Store.open(root), config.container)}",))
+    # The same control socket `overlayctl mount` gives a container: `commit` freezes the mount by it.
+    return dataclasses.replace(plan, extra_options=(f"control={control_address(opened, config.container)}",))
 
 
 def _claim_container(store: Store, config: MountConfig, plan: MountPlan) -> None:
@@ -91,17 +92,17 @@ def release_container(
     root = store_root(config, store)
     if not os.path.isdir(root):
         return None
-    store_ = Store.open(root)
-    with store_.locked():
+    opened = Store.open(root)
+    with opened.locked():
         try:
-            record = store_.container(config.container)
+            record = opened.container(config.container)
         except UserError:
             return None
         if record.mountpoint is None or daemon_alive(record.pid, record.mountpoint):
             return None
         if mounttable.is_dead_fuse_mount(record.mountpoint):
             return f"container {record.name}: its mount on {record.mountpoint} is dead (kept for ps)"
-        store_.save_container(dataclasses.replace(record, mountpoint=None, pid=None, read_only=False))
+        opened.save_container(dataclasses.replace(record, mountpoint=None, pid=None, read_only=False))
     return f"container {record.name}: unmounted from {record.mountpoint}"
 
 
