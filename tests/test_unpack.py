@@ -390,6 +390,18 @@ def test_later_entries_replace_earlier_ones(tmp_path: Path) -> None:
     assert stat.S_IMODE((layer / "implicit/parent").stat().st_mode) == 0o755
 
 
+@pytest.mark.parametrize("marker", ["a/b/.wh.c", "a/b/.wh..wh..opq", "a/b/c/.wh.d"])
+def test_an_entry_wins_over_markers_recorded_under_its_name(tmp_path: Path, marker: str) -> None:
+    """A marker under ``a/b``, then ``a/b`` as a file: the file wins, in either marker form (as root
+    the kernel markers are written at the end, and must not trip over the file)."""
+    unpack_bytes(make_tar(reg(marker), reg("a/b", b"file")), tmp_path / "layer")
+    assert (tmp_path / "layer/a/b").read_bytes() == b"file"
+    # The other order names a directory inside a file: refused, as an ImageError.
+    with pytest.raises(ImageError, match="'a/b' is not a directory"):
+        unpack_bytes(make_tar(reg("a/b", b"file"), reg(marker)), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_hardlinks_share_an_inode(tmp_path: Path) -> None:
     tar = make_tar(dir_("d"), reg("d/a", b"data"), hard("d/b", "d/a"), hard("c", "./d/a"),
                    sym("s", "d/a"), hard("s2", "s"))

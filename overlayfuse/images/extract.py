@@ -94,6 +94,7 @@ class Extractor:
         self._files: set[Parts] = set()  # non-directories this layer made (hardlink targets)
         self._whiteouts: set[Parts] = set()
         self._opaque: set[Parts] = set()
+        self._marked: set[Parts] = set()  # every dir (and its parents) a recorded marker is in
         self._skipped_devices = 0
         self._dropped_xattrs: set[str] = set()
         self._unset_xattrs: set[str] = set()
@@ -186,8 +187,7 @@ class Extractor:
         if member.islnk():
             self._add_hardlink(parent_fd, leaf, parts, member, existing)
             return
-        if existing is not None:
-            self._remove(parent_fd, leaf, parts, existing)
+        self._clear(parent_fd, leaf, parts, existing)
         if member.isreg():
             self._add_file(parent_fd, leaf, member, tf)
         elif member.issym():
@@ -207,6 +207,15 @@ class Extractor:
             self._apply_meta(parent_fd, leaf, member)
         self._files.add(parts)
 
+    def _clear(self, parent_fd: int, leaf: str, parts: Parts, existing: os.stat_result | None) -> None:
+        """Make room for a non-directory at PARTS. With nothing there yet, kernel-form markers may
+        still be recorded under that name (they are written at the end): the entry wins over
+        them, as it wins over the OCI marker files `_remove` takes away with their directory."""
+        if existing is not None:
+            self._remove(parent_fd, leaf, parts, existing)
+        elif parts in self._marked:
+            self._forget(parts)
+
     def _remove(self, parent_fd: int, leaf: str, parts: Parts, existing: os.stat_result) -> None:
         """Clear the way for a new entry: a directory goes with its content (and every fd and
         record under it), anything else is unlinked."""
@@ -215,6 +224,10 @@ class Extractor:
             return
         # The fd chain holds PARTS' parents only, never anything inside it: it stays valid.
         shutil.rmtree(leaf, dir_fd=parent_fd)
+        self._forget(parts)
+
+    def _forget(self, parts: Parts) -> None:
+        """Drop every record at or under PARTS (what was there is gone)."""
         depth = len(parts)
         for records in (self._dirs, self._opaque, self._whiteouts, self._files):
             for key in [k for k in records if k[:depth] == parts]:
@@ -234,7 +247,9 @@ class Extractor:
             if target in ("", ".", ".."):
                 raise Refused(f"whiteout of {target!r}")
             self._whiteouts.add(parents + (target,))
-        if not self.kernel_markers:
+        if self.kernel_markers:
+            self._marked.update(parents[:i] for i in range(1, len(parents) + 1))
+        else:
             parent_fd = self._parent_fd(parents)
             try:
                 st = os.lstat(leaf, dir_fd=parent_fd)
@@ -255,8 +270,7 @@ class Extractor:
             return
         target_fd = self._open_path(target[:-1])
         try:
-            if existing is not None:
-                self._remove(parent_fd, leaf, parts, existing)
+            self._clear(parent_fd, leaf, parts, existing)
             os.link(target[-1], leaf, src_dir_fd=target_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
         finally:

@@ -108,7 +108,10 @@ def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, diges
         try:
             _extract_all(tar_stream, extractor, label)
             _check(blob, tar_stream, label, digest, size, diff_id)
-            extractor.finish()
+            try:
+                extractor.finish()
+            except Refused as exc:  # a marker under a name the layer made a non-directory
+                raise ImageError(f"{label}: {exc}") from None
         finally:
             extractor.close()
         _syncfs(root_fd)
