@@ -18,6 +18,7 @@ import sys
 import subprocess
 import tarfile
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -34,10 +35,12 @@ from overlayfuse.images.compression import (
     open_decompressed,
     write_layer_blob,
 )
+from overlayfuse.images.layertar import write_layer_tar
 from overlayfuse.images.unpack import UnpackedLayer, unpack_layer
 from tests import imagebuild
 from tests.compare import Snapshot, assert_same_view, take_snapshot
 from tests.conftest import MountFactory, skip_or_fail
+from tests.trees import Dir, File, OciWhiteout, Opaque, make_tree
 from tests.mounts import FuseMount
 
 MEDIA = {"": oci.MEDIA_LAYER_TAR, "gzip": oci.MEDIA_LAYER_GZIP, "zstd": oci.MEDIA_LAYER_ZSTD}
@@ -337,7 +340,7 @@ def test_each_compression_unpacks_and_reports_its_digests(tmp_path: Path, compre
     copy, seen = io.BytesIO(), []
     result = unpack_bytes(blob, tmp_path / "layer", compression, digest=sha256(blob),
                           size=len(blob), diff_id=sha256(tar), copy_to=copy, progress=seen.append)
-    assert result == UnpackedLayer(sha256(blob), len(blob), sha256(tar), len(PAYLOAD) + 6)
+    assert result == UnpackedLayer(sha256(blob), len(blob), sha256(tar), len(PAYLOAD) + 6, (".",))
     assert copy.getvalue() == blob and sum(seen) == len(blob)
     layer = tmp_path / "layer"
     assert (layer / "etc/hosts").read_bytes() == b"hosts\n"
@@ -388,6 +391,45 @@ def test_later_entries_replace_earlier_ones(tmp_path: Path) -> None:
     assert (layer / "dd/keep").read_bytes() == b"k"
     assert stat.S_IMODE((layer / "dd").stat().st_mode) == 0o751
     assert stat.S_IMODE((layer / "implicit/parent").stat().st_mode) == 0o755
+
+
+def test_implicit_directories_are_reported_with_unpacks_defaults(tmp_path: Path) -> None:
+    """Parents the tar only implies (and the root, without ``./``) are listed, parents first; one
+    given its own entry later, or replaced by a file, is not. They are 0755, root:root when we are
+    root, and all carry the time the unpack began: the importer gives them the lower layers'."""
+    tar = make_tar(
+        reg("a/b/c/f"), dir_("a/b", mode=0o700),  # a/b gets an entry after it was implied
+        reg("gone/x/f"), reg("gone", b"a file now"),  # implied, then replaced
+        reg("w/.wh.old"), reg("o/.wh..wh..opq"),  # markers imply their dirs too
+    )
+    before = time.time_ns()
+    result = unpack_bytes(tar, tmp_path / "layer")
+    after = time.time_ns()
+    layer = tmp_path / "layer"
+    assert result.implicit_dirs == (".", "a", "o", "w", "a/b/c")
+    times = set()
+    for rel in result.implicit_dirs:
+        st = os.lstat(layer / rel)
+        assert stat.S_IMODE(st.st_mode) == 0o755, rel
+        if os.geteuid() == 0:
+            assert (st.st_uid, st.st_gid) == (0, 0), rel
+        assert before <= st.st_mtime_ns <= after and st.st_atime_ns == st.st_mtime_ns, rel
+        times.add(st.st_mtime_ns)
+    assert len(times) == 1
+    assert stat.S_IMODE(os.lstat(layer / "a/b").st_mode) == 0o700
+    assert os.lstat(layer / "a/b").st_mtime_ns == MTIME * 10**9
+    explicit = make_tar(dir_("./"), dir_("d"), reg("d/f"))
+    assert unpack_bytes(explicit, tmp_path / "explicit").implicit_dirs == ()
+
+
+def test_a_layer_tar_written_from_an_upper_dir_implies_nothing(tmp_path: Path) -> None:
+    """Committed layers go through unpack_layer too: write_layer_tar lists ``./`` and every
+    directory, so nothing is made up for the importer to fix."""
+    upper = make_tree(tmp_path / "upper", Dir("etc"), Dir("etc/deep/er"), File("etc/deep/er/f", b"f"),
+                      OciWhiteout("etc/gone"), Dir("opq"), Opaque("opq", form="user"))
+    out = io.BytesIO()
+    write_layer_tar(upper, out)
+    assert unpack_bytes(out.getvalue(), tmp_path / "layer").implicit_dirs == ()
 
 
 @pytest.mark.parametrize("marker", ["a/b/.wh.c", "a/b/.wh..wh..opq", "a/b/c/.wh.d"])

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tarfile
+import time
 from decimal import Decimal, InvalidOperation
 
 from .. import whiteout
@@ -34,7 +35,10 @@ log = logging.getLogger(__name__)
 _XATTR_PAX = "SCHILY.xattr."
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-#: Implicit parents (named by an entry but absent from the tar) get docker's mode.
+#: Implicit directories (named as a parent by an entry, or the layer root, but absent from the
+#: tar as entries of their own) get docker's mode, root:root (when we may chown) and, as times, the
+#: moment the unpack began. The importer then gives those that exist in the layers below the
+#: metadata they have there (`inherit.inherit_implicit_dirs`).
 IMPLICIT_DIR_MODE = 0o755
 _XATTR_SKIPPABLE = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
 
@@ -82,7 +86,7 @@ def _pax_time(member: tarfile.TarInfo, key: str) -> int | None:
 
 class Extractor:
     """Places entries under the root fd; remembers what the end of the layer must still do (markers,
-    directory modes and times)."""
+    directory modes and times) and which directories it had to make up (`implicit_dirs`)."""
 
     def __init__(self, root_fd: int, *, kernel_markers: bool, chown: bool) -> None:
         self.root_fd = root_fd
@@ -91,6 +95,8 @@ class Extractor:
         self.unpacked_size = 0
         self._chain: list[tuple[str, int]] = []  # open fds of the last parent path, root excluded
         self._dirs: dict[Parts, tuple[int, int, int]] = {}  # explicit dirs: mode, atime, mtime
+        self._made_up: set[Parts] = {()}  # dirs made without an entry (the root until a ./ entry)
+        self._started_ns = time.time_ns()
         self._files: set[Parts] = set()  # non-directories this layer made (hardlink targets)
         self._whiteouts: set[Parts] = set()
         self._opaque: set[Parts] = set()
@@ -128,6 +134,7 @@ class Extractor:
             os.mkdir(name, IMPLICIT_DIR_MODE, dir_fd=parent_fd)
             fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
             os.fchmod(fd, IMPLICIT_DIR_MODE)  # whatever the umask
+            self._made_up.add(parts)
             return fd
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
@@ -229,7 +236,7 @@ class Extractor:
     def _forget(self, parts: Parts) -> None:
         """Drop every record at or under PARTS (what was there is gone)."""
         depth = len(parts)
-        for records in (self._dirs, self._opaque, self._whiteouts, self._files):
+        for records in (self._dirs, self._made_up, self._opaque, self._whiteouts, self._files):
             for key in [k for k in records if k[:depth] == parts]:
                 if isinstance(records, dict):
                     del records[key]
@@ -362,19 +369,27 @@ class Extractor:
     # -- the end of the layer -----------------------------------------------------------------
 
     def finish(self) -> None:
-        """Markers (kernel form), then directory modes and times deepest first, then warnings."""
+        """Markers (kernel form), then directory modes and times deepest first (made-up ones
+        included), then warnings."""
         self._drop_chain()
         if self.kernel_markers:
             for parts in sorted(self._opaque):
                 self._mark_opaque(parts)
             for parts in sorted(self._whiteouts):
                 self._write_whiteout(parts)
-        for parts in sorted(self._dirs, key=len, reverse=True):
-            mode, atime, mtime = self._dirs[parts]
+        made_up = self._made_up - self._dirs.keys()
+        for parts in sorted(self._dirs.keys() | made_up, key=len, reverse=True):
             fd = self._open_path(parts)
             try:
-                os.fchmod(fd, mode)
-                os.utime(fd, ns=(atime, mtime))
+                if parts in made_up:
+                    if self.chown:
+                        self._lchown(fd, None, 0, 0)
+                    os.fchmod(fd, IMPLICIT_DIR_MODE)
+                    os.utime(fd, ns=(self._started_ns, self._started_ns))
+                else:
+                    mode, atime, mtime = self._dirs[parts]
+                    os.fchmod(fd, mode)
+                    os.utime(fd, ns=(atime, mtime))
             finally:
                 os.close(fd)
         if self._skipped_devices:
@@ -386,6 +401,13 @@ class Extractor:
         if self._unset_xattrs:
             log.warning("could not set xattrs (not permitted or not supported here): %s",
                         ", ".join(sorted(self._unset_xattrs)))
+
+    @property
+    def implicit_dirs(self) -> tuple[str, ...]:
+        """The directories this layer made without an entry of their own, once `finish` has run:
+        relative paths, ``.`` for the root (a tar without ``./``), parents before children."""
+        made_up = self._made_up - self._dirs.keys()
+        return tuple("/".join(parts) or "." for parts in sorted(made_up, key=lambda p: (len(p), p)))
 
     def _mark_opaque(self, parts: Parts) -> None:
         if not parts:

@@ -10,6 +10,11 @@ into place and the image record is written last. Any failure before that leaves 
 Layers the store already has (same diff_id) are not unpacked again, but their blob is still read,
 verified (digest, size and diff_id) and kept if the store lacks it, so export can give the image back.
 
+A layer tar that names ``etc/foo`` without ``etc/`` (or has no ``./``) makes unpack invent those
+directories; each that exists in the layers below (stored, or staged earlier in this import) then
+takes the metadata it has there (`inherit.inherit_implicit_dirs`), so the stacked layers show what
+``umoci unpack`` shows.
+
 Which image and which tags:
 - ``PATH:REF`` picks the index entry whose ``org.opencontainers.image.ref.name`` (or
   ``io.containerd.image.name``, or a docker RepoTag) is REF; with no REF the layout must hold one
@@ -37,6 +42,7 @@ from typing import BinaryIO
 from ..errors import ImageError, StoreError, UserError
 from . import oci
 from .compression import HashingReader, open_decompressed
+from .inherit import inherit_implicit_dirs
 from .oci import Descriptor, ImageConfig, Manifest
 from .progress import Progress
 from .refs import ReferenceError, parse_reference
@@ -392,27 +398,32 @@ def _verify_only(raw: BinaryIO, layer: LayerPlan, copy_to: BinaryIO | None,
 
 
 def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, staged: _Staged,
-                 progress: Progress, total: int) -> str:
-    """Verify (and unpack, unless the store has it) one layer; returns its blob digest."""
+                 progress: Progress, total: int, below: Sequence[Path]) -> tuple[str, Path]:
+    """Verify (and unpack, unless the store has it) one layer over BELOW (the content dirs of the
+    layers under it, topmost first); returns its blob digest and its content dir."""
     keep_blob = layer.digest is None or not store.has_blob(layer.digest)
     blob_path = staging / "blobs" / f"layer-{layer.number}"
     media_type = _unpack_media_type(source, layer)
     label = f"layer {layer.number}/{total} {(layer.digest or layer.diff_id)[7:19]}"
     advance = progress.start(label, layer.size)
     with source.open(layer.path) as raw, (open(blob_path, "wb") if keep_blob else _no_file()) as copy:
-        if store.has_layer(layer.diff_id) or layer.diff_id in {r.diff_id for _, r in staged.layers}:
+        staged_here = {r.diff_id: target / "diff" for target, r in staged.layers}
+        if store.has_layer(layer.diff_id) or layer.diff_id in staged_here:
             log.info("layer %s is in the store already: verifying its blob only", layer.diff_id)
             try:
                 digest = _verify_only(raw, replace(layer, media_type=media_type), copy, advance)
             except ImageError as exc:
                 raise ImageError(f"layer {layer.digest or layer.diff_id}: {exc}") from None
             staged.reused.append(layer.diff_id)
+            content = staged_here.get(layer.diff_id) or store.layer_dir(layer.diff_id)
         else:
             target = staging / "layers" / digest_hex(layer.diff_id)
             target.mkdir()
-            unpacked = unpack_layer(raw, media_type, target / "diff", digest=layer.digest, size=layer.size,
+            content = target / "diff"
+            unpacked = unpack_layer(raw, media_type, content, digest=layer.digest, size=layer.size,
                                     diff_id=layer.diff_id, copy_to=copy, progress=advance)
             digest = unpacked.digest
+            _inherit(content, unpacked.implicit_dirs, below)
             staged.layers.append((target, LayerRecord(diff_id=layer.diff_id, size=unpacked.unpacked_size)))
         if copy is not None:
             copy.flush()
@@ -420,7 +431,16 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
     progress.finish()
     if keep_blob:
         staged.blobs.append((blob_path, digest))
-    return digest
+    return digest, content
+
+
+def _inherit(content: Path, implicit_dirs: Sequence[str], below: Sequence[Path]) -> None:
+    try:
+        inherit_implicit_dirs(content, implicit_dirs, below)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise ImageError(f"giving the directories the layer implies the metadata of the layers "
+                         f"below: {where}{exc.strerror or exc}") from None
 
 
 class _no_file:
@@ -473,11 +493,15 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
     (staging / "layers").mkdir()
     staged = _Staged()
     digests = []
+    below: list[Path] = []  # content dirs of the layers staged so far, topmost first
     for layer in plan.layers:
         try:
-            digests.append(_stage_layer(store, source, layer, staging, staged, progress, len(plan.layers)))
+            digest, content = _stage_layer(store, source, layer, staging, staged, progress, len(plan.layers),
+                                           below)
         except ImageError as exc:  # say which input and which layer of it, then what
             raise ImageError(f"{source.label}, layer {layer.number} of {len(plan.layers)}: {exc}") from None
+        digests.append(digest)
+        below.insert(0, content)
     manifest_bytes = plan.manifest_bytes
     if manifest_bytes is None:
         manifest_bytes = _docker_manifest(plan.config_bytes, list(zip(plan.layers, digests)))

@@ -39,12 +39,18 @@ TAR_BUFSIZE = 1 << 16
 @dataclass(frozen=True, slots=True)
 class UnpackedLayer:
     """What a layer blob turned out to be: digest and size of the blob, diff_id of its tar, and the
-    bytes of regular-file data it unpacked to (each hardlinked file once)."""
+    bytes of regular-file data it unpacked to (each hardlinked file once).
+
+    IMPLICIT_DIRS: the directories the tar names only as parents (no entry of their own), and
+    ``.`` when it has no ``./`` entry; relative to DEST, parents first. They were given 0755,
+    root:root (when unpacking as root) and the unpack's start time; the caller, which knows the
+    layers below, may give them the metadata they have there."""
 
     digest: str
     size: int
     diff_id: str
     unpacked_size: int
+    implicit_dirs: tuple[str, ...] = ()
 
 
 def unpack_layer(raw: BinaryIO, media_type: str, dest: Path, *, digest: str | None = None,
@@ -117,7 +123,8 @@ def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, diges
         _syncfs(root_fd)
     finally:
         os.close(root_fd)
-    return UnpackedLayer(blob.digest, blob.size, tar_stream.digest, extractor.unpacked_size)
+    return UnpackedLayer(blob.digest, blob.size, tar_stream.digest, extractor.unpacked_size,
+                         extractor.implicit_dirs)
 
 
 def _extract_all(tar_stream: _TarStream, extractor: Extractor, label: str) -> None:
