@@ -23,6 +23,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -151,6 +152,8 @@ def _create_locked(store: Store, name: str | None, image: ImageRecord) -> Contai
     record = ContainerRecord(name=name, image=image.id, layers=layers)
     with store.staging("container") as staged:
         (staged / "upper").mkdir(mode=0o755)
+        if layers:
+            _adopt_root(staged / "upper", store.layer_dir(layers[-1]))
         (staged / "work").mkdir(mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             store.discard(store.container_path(name))  # a leftover without container.json
@@ -159,6 +162,20 @@ def _create_locked(store: Store, name: str | None, image: ImageRecord) -> Contai
         os.rename(staged, target)
     log.info("created container %s from %s", name, image.id)
     return record
+
+
+def _adopt_root(upper: Path, image_root: Path) -> None:
+    """Give a new upper dir the image root's mode, owner and times.
+
+    The merged root shows the upper dir's own metadata (as with the kernel's overlay): a fresh
+    0755 dir made now would change the container's ``/`` from the image's before anything was done
+    in it, and a commit would carry that change.
+    """
+    st = os.lstat(image_root)
+    with contextlib.suppress(PermissionError):  # not root: the owner stays ours
+        os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, stat.S_IMODE(st.st_mode))
+    os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _check_same_image(store: Store, existing: ContainerRecord, image: ImageRecord) -> None:
