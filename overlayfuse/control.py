@@ -18,6 +18,12 @@ changes, writes, setattr, xattr changes, and opens that copy up or truncate. Rea
 listings never pass it, so the mount stays readable while frozen. A change that arrives during a
 freeze waits in the daemon (its caller blocks in the syscall) and proceeds at the thaw.
 
+Two limits come from outside the daemon. The kernel holds a directory's lock while a create, unlink
+or rename in it waits for us, so a lookup the kernel has not cached, or a listing, *of that same
+directory* waits too (cached lookups, reads and other directories do not); and each waiting change
+holds one of the daemon's request tasks (`daemon.MAX_REQUEST_TASKS`). A freeze lasts as long as
+writing the upper dir's tar takes, so both are brief.
+
 An ADDRESS that starts with ``@`` is in the abstract namespace: no file, no 108-byte path limit
 worth worrying about for long store paths, gone when the daemon exits. Anyone may connect to an
 abstract socket, so the daemon answers only root and its own user (SO_PEERCRED).
