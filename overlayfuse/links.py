@@ -91,7 +91,9 @@ class LinkIndex:
 
     def link_count(self, path: str, st: os.stat_result) -> int:
         """st_nlink as the merged view shows it: upper names (less the index's) and lower names left."""
-        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
+        # A single link is a plain file, unless it is the index entry alone: every upper name of the
+        # copy is gone and only lower names still show it.
+        if stat.S_ISDIR(st.st_mode) or (st.st_nlink < 2 and not self.holds(path)):
             return st.st_nlink
         lower = self.lower_names(path)
         return st.st_nlink if lower is None else st.st_nlink - 1 + lower

@@ -362,6 +362,28 @@ def test_plain_file_keeps_st_ino_on_copy_up(pair: Pair) -> None:
     assert k["same_ino_after_copy_up"] and o == k
 
 
+def unlink_the_written_name(mnt: str) -> list[tuple[str, int, int, bytes]]:
+    """Write through one of three names, stat nothing, then unlink that name: what the rest show."""
+    with open(os.path.join(mnt, "hl3/b"), "ab") as f:
+        f.write(b"appended\n")
+    os.unlink(os.path.join(mnt, "hl3/b"))
+    shown = []
+    for name in ("hl3/a", "hl3/c"):
+        st = os.lstat(os.path.join(mnt, name))
+        with open(os.path.join(mnt, name), "rb") as f:
+            shown.append((name, st.st_nlink, st.st_ino, f.read()))
+    return shown
+
+
+def test_last_upper_name_of_a_hardlinked_copy_unlinked(pair: Pair) -> None:
+    """Only the link index holds the copy then; the lower names still show it, and count two links."""
+    k, o = pair.both(unlink_the_written_name)
+    assert [(name, nlink, data) for name, nlink, _, data in k] == [
+        ("hl3/a", 2, b"three names\nappended\n"), ("hl3/c", 2, b"three names\nappended\n")]
+    assert [entry[:2] + entry[3:] for entry in o] == [entry[:2] + entry[3:] for entry in k]
+    assert o[0][2] == o[1][2]
+
+
 def test_hardlinks_stay_together_after_remount(pair: Pair) -> None:
     assert_same_steps(pair, [("write", "hl/a", 0, b"ONE")])
     _unmount_pair(pair)
@@ -370,7 +392,8 @@ def test_hardlinks_stay_together_after_remount(pair: Pair) -> None:
                                             ("read", "hl/a")])
         assert outcomes[0] == ("ok", b"ONEked\n") and outcomes[2] == ("ok", b"ONETWO\n")
         k, o = take_snapshot(pair.kernel.mnt), take_snapshot(pair.ours.mnt)
-        assert k.hardlink_groups() == o.hardlink_groups() == {frozenset({"hl/a", "hl/b"})}
+        assert k.hardlink_groups() == o.hardlink_groups() == {
+            frozenset({"hl/a", "hl/b"}), frozenset({"hl3/a", "hl3/b", "hl3/c"})}
 
 
 # --- mmap, fallocate, fsync ------------------------------------------------------------
