@@ -42,6 +42,10 @@ def notify(*fields: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(message, address)
+    except (ConnectionRefusedError, FileNotFoundError) as exc:
+        # The manager stopped listening: `overlayctl mount` does once READY=1 has arrived. Not news.
+        log.debug("the service manager at %s is gone: %s", target, exc.strerror or exc)
+        return False
     except OSError as exc:
         log.warning("cannot notify the service manager at %s: %s", target, exc.strerror or exc)
         return False
