@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from tests.compare import assert_same_view
 from tests.conftest import skip_or_fail
 from tests.containerctl import Ctl, build_images, change_container, comparable, sh, store_session, store_with_images
 from tests.imagebuild import Images, missing_tools, unpack_rootfs
-from tests.mounts import mount_at, run, wait_pids_gone
+from tests.mounts import mount_at, overlayfuse_cmd, run, wait_mounted, wait_pids_gone
 
 pytestmark = pytest.mark.mount
 
@@ -200,6 +201,29 @@ def test_ps_lists_mounts_that_are_no_container(ctl: Ctl, fuse_mount, tmp_path: P
     assert "no container's" in ctl.fails("umount", by_hand)
     text = ctl.ok("ps")
     assert str(by_hand) in text and "running" in text
+
+
+def test_ps_state_of_a_mount_made_with_a_relative_path(ctl: Ctl, tmp_path: Path) -> None:
+    """Its daemon cannot be found by command line (it runs in /), so the state comes from whether the
+    mount answers: running while it does, dead once its daemon is killed."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (tmp_path / "rel").mkdir()
+    mnt = tmp_path / "rel"
+    daemon = subprocess.Popen(overlayfuse_cmd(Path("rel"), f"lowerdir={lower}", foreground=True), cwd=tmp_path,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_mounted(mnt, daemon)
+        [listed] = [state for state in ctl.ps() if state["mountpoint"] == str(mnt)]
+        assert listed["state"] == "running"
+        daemon.kill()
+        daemon.wait(timeout=10)
+        [listed] = [state for state in ctl.ps() if state["mountpoint"] == str(mnt)]
+        assert listed["state"] == "dead" and listed["pid"] is None
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+        run(["umount", "-l", str(mnt)])
 
 
 def test_umount_waits_for_the_daemon(ctl: Ctl, mnt: Path) -> None:

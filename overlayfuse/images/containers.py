@@ -382,8 +382,10 @@ def container_states(store: Store) -> list[ContainerState]:
         if entry.fstype != FUSE_FSTYPE or entry.mountpoint in known:
             continue
         known.add(entry.mountpoint)
-        pid = _find_daemon(entry.mountpoint)
-        state = DEAD if pid is None or mounttable.is_dead_fuse_mount(entry.mountpoint) else RUNNING
+        # Whether the mount answers decides its state; the pid is a best effort (found only when the
+        # daemon was given the mountpoint as an absolute path: it runs in / and cannot resolve others).
+        state = DEAD if mounttable.is_dead_fuse_mount(entry.mountpoint) else RUNNING
+        pid = _find_daemon(entry.mountpoint) if state == RUNNING else None
         read_only = "ro" in entry.mount_options.split(",")
         states.append(ContainerState("", "", entry.mountpoint, pid, state, read_only, entry.source))
     return states
