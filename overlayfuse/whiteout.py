@@ -144,7 +144,7 @@ def read_layer_dir(dir_path: str, markers: DirMarkers) -> LayerDirListing:
         for entry in it:
             name = entry.name
             if is_reserved_name(name):
-                hidden = oci_whiteout_target(name) if name != OCI_OPAQUE_MARKER else None
+                hidden = oci_whiteout_target(name)
                 if hidden and hidden not in (".", ".."):
                     whiteouts[hidden] = entry.stat(follow_symlinks=False)
                 continue  # the opaque marker (read_dir_markers has it) or AUFS metadata
@@ -242,11 +242,6 @@ def write_oci_marker_at(dir_fd: int, marker: str) -> None:
 def mark_opaque_fd(dir_fd: int, xattr: str = TRUSTED_OPAQUE) -> None:
     """Mark the open directory DIR_FD opaque with XATTR (an entry of `OPAQUE_XATTRS`)."""
     os.setxattr(dir_fd, xattr, b"y")
-
-
-def is_metacopy(path: str) -> bool:
-    """A kernel metacopy upper file: metadata only, its data still in a lower layer."""
-    return any(_has_xattr(path, name) for name in METACOPY_XATTRS)
 
 
 def remove_oci_whiteout(layer_dir: str, name: str) -> None:
