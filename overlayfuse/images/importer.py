@@ -28,6 +28,7 @@ Which image and which tags:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -406,7 +407,7 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
     media_type = _unpack_media_type(source, layer)
     label = f"layer {layer.number}/{total} {(layer.digest or layer.diff_id)[7:19]}"
     advance = progress.start(label, layer.size)
-    with source.open(layer.path) as raw, (open(blob_path, "wb") if keep_blob else _no_file()) as copy:
+    with source.open(layer.path) as raw, (open(blob_path, "wb") if keep_blob else contextlib.nullcontext()) as copy:
         staged_here = {r.diff_id: target / "diff" for target, r in staged.layers}
         if store.has_layer(layer.diff_id) or layer.diff_id in staged_here:
             log.info("layer %s is in the store already: verifying its blob only", layer.diff_id)
@@ -441,16 +442,6 @@ def _inherit(content: Path, implicit_dirs: Sequence[str], below: Sequence[Path])
         where = f"{exc.filename}: " if exc.filename else ""
         raise ImageError(f"giving the directories the layer implies the metadata of the layers "
                          f"below: {where}{exc.strerror or exc}") from None
-
-
-class _no_file:
-    """``with`` stand-in for the blob file when the store has the blob already."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _docker_manifest(config_bytes: bytes, layers: Sequence[tuple[LayerPlan, str]]) -> bytes:
