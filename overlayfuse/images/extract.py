@@ -25,6 +25,7 @@ import shutil
 import stat
 import tarfile
 import time
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 from .. import whiteout
@@ -82,6 +83,22 @@ def _pax_time(member: tarfile.TarInfo, key: str) -> int | None:
         return int(Decimal(value).scaleb(9).to_integral_value())
     except InvalidOperation:
         raise Refused(f"invalid PAX {key} {value!r}") from None
+
+
+def open_dir_path(root_fd: int, depth: int, open_child: Callable[[int, int], int]) -> int:
+    """An fd of its own (the caller closes it) for a directory DEPTH components below ROOT_FD,
+    walked one component at a time: OPEN_CHILD(parent_fd, n) opens the nth (from 1) in its parent,
+    never following a symlink. Every fd but the last is closed, also when a step fails."""
+    fd = os.dup(root_fd)
+    try:
+        for n in range(1, depth + 1):
+            child = open_child(fd, n)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Extractor:
@@ -145,16 +162,8 @@ class Extractor:
 
     def _open_path(self, parts: Parts, *, create: bool = False) -> int:
         """An fd of its own for the directory PARTS, walked from the root (the caller closes it)."""
-        fd = os.dup(self.root_fd)
-        try:
-            for i in range(len(parts)):
-                child = self._open_dir(fd, parts[: i + 1], create=create)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return open_dir_path(self.root_fd, len(parts),
+                             lambda fd, depth: self._open_dir(fd, parts[:depth], create=create))
 
     # -- entries ------------------------------------------------------------------------------
 

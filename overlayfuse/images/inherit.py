@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import whiteout
 from ..layers import LayerStack, Resolved, lookup
-from .extract import DIR_FLAGS
+from .extract import DIR_FLAGS, open_dir_path
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +98,13 @@ class _MergedView:
 
 def _open_dir(root_fd: int, parts: Parts, layer_dir: Path) -> int:
     """The directory PARTS of the new layer, walked without following a symlink."""
-    fd = os.dup(root_fd)
-    try:
-        for i, part in enumerate(parts):
-            try:
-                child = os.open(part, DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, os.path.join(layer_dir, *parts[: i + 1])) from None
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    def open_child(parent_fd: int, depth: int) -> int:
+        try:
+            return os.open(parts[depth - 1], DIR_FLAGS, dir_fd=parent_fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, os.path.join(layer_dir, *parts[:depth])) from None
+
+    return open_dir_path(root_fd, len(parts), open_child)
 
 
 def _copy_metadata(source: Resolved, fd: int, unset: set[str]) -> None:
