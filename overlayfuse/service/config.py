@@ -318,12 +318,7 @@ def _check_mountpoint(path: str, where: str) -> bool:
     kernel's attribute cache."""
     if mounttable.is_dead_fuse_mount(path):
         return True
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise ConfigError(f"{where}: {path}: {_reason(exc)}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{where}: {path} is not a directory")
+    _check_dir(path, where)
     return False
 
 
