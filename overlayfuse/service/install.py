@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, UserError
+from ..images.store import write_file_atomic
 from .config import SUFFIX, check_name, config_dir, load_config
 
 log = logging.getLogger(__name__)
@@ -148,17 +149,11 @@ def _write_if_changed(path: Path, content: bytes, mode: int) -> str:
         action = "installed"
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as out:
-            out.write(content)
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        os.rename(temporary, path)
+        write_file_atomic(path, content)
+        os.chmod(path, mode)  # MODE whatever the umask
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     log.info("%s %s", action, path)
     return action
