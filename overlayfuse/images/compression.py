@@ -49,7 +49,27 @@ def check_compression(compression: str) -> str:
     return compression
 
 
-class HashingReader(io.RawIOBase):
+class _Reader(io.RawIOBase):
+    """A raw reader whose subclasses implement ``read(n)`` for n >= 0; readinto and reading
+    everything are derived from it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readall(self) -> bytes:
+        """Everything left, as bytes (only for small remainders: a blob is read in chunks)."""
+        parts = []
+        while chunk := self.read(CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class HashingReader(_Reader):
     """Reads through to RAW, hashing (sha256) and counting every byte that passes.
 
     COPY_TO, if given, receives each chunk as it is read (the importer stores the compressed blob in
@@ -71,12 +91,9 @@ class HashingReader(io.RawIOBase):
         self.size = 0
         self.eof = False
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            return self.drain_bytes()
+            return self.readall()
         chunk = self._raw.read(n)
         if not chunk:
             self.eof = True
@@ -91,18 +108,6 @@ class HashingReader(io.RawIOBase):
             self._progress(len(chunk))
         return chunk
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
-
-    def drain_bytes(self) -> bytes:
-        """Everything left, as bytes (only for small remainders; use `drain` for blobs)."""
-        parts = []
-        while chunk := self.read(CHUNK):
-            parts.append(chunk)
-        return b"".join(parts)
-
     def drain(self) -> int:
         """Read (and hash) to the end of the stream; return how many bytes that took."""
         drained = 0
@@ -116,7 +121,7 @@ class HashingReader(io.RawIOBase):
         return _sha256_digest(self._hasher)
 
 
-class _Decoder(io.RawIOBase):
+class _Decoder(_Reader):
     """A decompressing reader over a stream of one or more concatenated frames (gzip members or
     zstd frames), which is what ``pigz``/``zstd`` and registries produce. It refuses a stream that
     ends inside a frame, and anything after the last frame that is not zero padding.
@@ -138,26 +143,15 @@ class _Decoder(io.RawIOBase):
         self._input: bytes | memoryview = b""  # compressed, not yet given to a decoder
         self._done = False
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            parts = []
-            while chunk := self.read(CHUNK):
-                parts.append(chunk)
-            return b"".join(parts)
+            return self.readall()
         while self._offset >= len(self._pending) and not self._done:
             self._pending, self._offset = b"", 0
             self._step()
         out = self._pending[self._offset:self._offset + n]
         self._offset += len(out)
         return out
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
 
     def _step(self) -> None:
         if not self._input:
