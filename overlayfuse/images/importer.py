@@ -294,8 +294,8 @@ def _plan_docker(source: Source, ref: str | None) -> ImagePlan:
     config_rel = clean_path(config_rel, source.label)
     config_bytes = read_document(source, config_rel, "config")
     config_digest = oci.sha256_of(config_bytes)
-    named = _CONFIG_NAME.fullmatch(config_rel)
-    if named and f"sha256:{named.group(1)}" != config_digest:
+    named = _named_digest(config_rel)
+    if named and named != config_digest:
         raise ImageError(f"{source.label}: config {config_rel} has digest {config_digest}, its name says otherwise")
     config = oci.parse_config(config_bytes, f"{source.label}: config {config_rel}")
     _check_layers(config, len(layer_rels), where)
@@ -307,6 +307,12 @@ def _plan_docker(source: Source, ref: str | None) -> ImagePlan:
         layers.append(LayerPlan(number, rel, _sniff_media_type(source, rel), source.size(rel), diff_id, None))
     return ImagePlan(config_bytes, config, None, tuple(layers),
                      _normalized_tags(_repo_tags(entry, where), where), f"config {config_rel}")
+
+
+def _named_digest(config_rel: str) -> str | None:
+    """The digest a manifest.json Config path names (``<hex>.json``, ``blobs/sha256/<hex>``), if any."""
+    named = _CONFIG_NAME.fullmatch(config_rel)
+    return f"sha256:{named.group(1)}" if named else None
 
 
 def _sniff_media_type(source: Source, rel: str) -> str:
@@ -342,13 +348,11 @@ def plan_import(source: Source, ref: str | None, dir_name: str) -> ImagePlan:
             config_digest = oci.sha256_of(plan.config_bytes)
             for entry in _docker_entries(source):
                 config_rel = entry.get("Config")
-                named = _CONFIG_NAME.fullmatch(config_rel) if isinstance(config_rel, str) else None
-                if named and f"sha256:{named.group(1)}" == config_digest:
+                if isinstance(config_rel, str) and _named_digest(config_rel) == config_digest:
                     where = f"{source.label}: manifest.json"
                     tags = _normalized_tags(_repo_tags(entry, where), where)
                     if tags:
-                        plan = ImagePlan(plan.config_bytes, plan.config, plan.manifest_bytes, plan.layers,
-                                         tags, plan.description)
+                        plan = replace(plan, tags=tags)
         return plan
     return _plan_docker(source, ref)
 
