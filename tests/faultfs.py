@@ -20,6 +20,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from tests.minifs import FlatReadOnlyFS, serve
+
 FILES = {b"ok": (pyfuse3.ROOT_INODE + 1, b"fine\n"), b"broken": (pyfuse3.ROOT_INODE + 2, b"x" * 4096)}
 POLL_SECONDS = 0.02
 FIXED_NS = 1_600_000_000_000_000_000
@@ -30,7 +32,7 @@ def _is_mountpoint(path: str) -> bool:
         return any(line.split(" ")[4] == path for line in table)
 
 
-class FaultFS(pyfuse3.Operations):
+class FaultFS(FlatReadOnlyFS):
     def __init__(self, control: Path, hold_while_mounted: str | None) -> None:
         super().__init__()
         self.control = control
@@ -69,11 +71,6 @@ class FaultFS(pyfuse3.Operations):
             return self._attr(FILES[name][0])
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for index, (name, (inode, _)) in enumerate(FILES.items()):
             if index >= start_id and not pyfuse3.readdir_reply(token, name, self._attr(inode), index + 1):
@@ -89,28 +86,11 @@ class FaultFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         return FILES[b"ok"][1][off : off + size]
 
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(errno.ENODATA)
-
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return []
-
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = 4096
-        data.f_namemax = 255
-        return data
-
 
 def main(argv: list[str]) -> int:
     control, mountpoint = Path(argv[0]), argv[1]
     hold = argv[2] if len(argv) > 2 else None
-    pyfuse3.init(FaultFS(control, hold), mountpoint, {"fsname=faultfs", "subtype=faultfs", "ro"})
-    try:
-        trio.run(pyfuse3.main)
-    finally:
-        pyfuse3.close(unmount=True)
-    return 0
+    return serve(FaultFS(control, hold), mountpoint, "faultfs")
 
 
 if __name__ == "__main__":

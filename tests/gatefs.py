@@ -19,6 +19,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from tests.minifs import FlatReadOnlyFS, serve
+
 FILE_NAME = b"gated"
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 FILE_SIZE = 1 << 20
@@ -27,7 +29,7 @@ POLL_SECONDS = 0.02  # how quickly a released read notices the release file
 FIXED_NS = 1_600_000_000_000_000_000
 
 
-class GateFS(pyfuse3.Operations):
+class GateFS(FlatReadOnlyFS):
     """Root directory with one file whose reads wait for `control/release`."""
 
     def __init__(self, control: Path) -> None:
@@ -60,11 +62,6 @@ class GateFS(pyfuse3.Operations):
             return self._attr(FILE_INODE)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if start_id == 0:
             pyfuse3.readdir_reply(token, FILE_NAME, self._attr(FILE_INODE), 1)
@@ -80,27 +77,10 @@ class GateFS(pyfuse3.Operations):
             await trio.sleep(POLL_SECONDS)
         return b"g" * max(0, min(size, FILE_SIZE - off))
 
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(errno.ENODATA)
-
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return []
-
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = 4096
-        data.f_namemax = 255
-        return data
-
 
 def main(argv: list[str]) -> int:
     control, mountpoint = Path(argv[0]), argv[1]
-    pyfuse3.init(GateFS(control), mountpoint, {"fsname=gatefs", "subtype=gatefs", "ro"})
-    try:
-        trio.run(pyfuse3.main)
-    finally:
-        pyfuse3.close(unmount=True)
-    return 0
+    return serve(GateFS(control), mountpoint, "gatefs")
 
 
 if __name__ == "__main__":
