@@ -29,7 +29,6 @@ import logging
 import os
 import stat
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -61,15 +60,6 @@ class _CountingWriter:
         return self._pos
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One name of a directory, classified."""
-
-    name: str
-    path: str
-    st: os.stat_result
-
-
 def write_layer_tar(upper: Path, out: BinaryIO) -> None:
     """Write the upper dir UPPER to OUT as an uncompressed OCI layer tar (see the module doc)."""
     upper_str = os.fspath(upper)
@@ -92,10 +82,6 @@ def _tar_name(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-def _sort_key(name: str) -> bytes:
-    return os.fsencode(name)
-
-
 class _Writer:
     def __init__(self, tf: tarfile.TarFile) -> None:
         self.tf = tf
@@ -105,36 +91,30 @@ class _Writer:
     def walk(self, dir_path: str, rel: str, markers: whiteout.DirMarkers) -> None:
         """Emit DIR_PATH's content (its own entry is written already); MARKERS are its own."""
         listing = whiteout.read_layer_dir(dir_path, markers)
-        real = {name: _Entry(name, os.path.join(dir_path, name), st)
-                for name, st in listing.entries.items()}
-        whiteouts = listing.whiteouts
-        # Everything this directory emits, sorted by the name it has in the tar.
-        order: list[tuple[bytes, str, _Entry | os.stat_result]] = []
-        for name, item in real.items():
-            order.append((_sort_key(name), name, item))
-        for name, st in whiteouts.items():
-            if name not in real:
-                marker = whiteout.oci_whiteout_name(name)
-                order.append((_sort_key(marker), marker, st))
-        order.sort(key=lambda item: item[0])
-        for _, name, item in order:
+        # Everything this directory emits, (name in the tar, lstat, is a marker), sorted bytewise.
+        order = [(name, st, False) for name, st in listing.entries.items()]
+        order += [(whiteout.oci_whiteout_name(name), st, True)
+                  for name, st in listing.whiteouts.items() if name not in listing.entries]
+        order.sort(key=lambda item: os.fsencode(item[0]))
+        for name, st, is_marker in order:
             tar_name = _tar_name(rel, name)
-            if isinstance(item, os.stat_result):
-                self.add_marker(tar_name, item)
+            if is_marker:
+                self.add_marker(tar_name, st)
                 continue
-            if stat.S_ISDIR(item.st.st_mode):
-                child = whiteout.read_dir_markers(item.path)
+            path = os.path.join(dir_path, name)
+            if stat.S_ISDIR(st.st_mode):
+                child = whiteout.read_dir_markers(path)
                 if child.redirect:
                     raise ImageError(
                         f"/{tar_name}: this directory was renamed by kernel overlayfs with "
                         "redirect_dir=on, which a layer cannot express; commit from an overlayfuse "
                         "mount, or a kernel mount with redirect_dir=off")
                 # Whited out and present means replaced: nothing below may show through.
-                opaque = child.opaque or item.name in whiteouts
-                self.add_dir(tar_name, item.path, item.st, opaque=opaque)
-                self.walk(item.path, tar_name, child)
+                opaque = child.opaque or name in listing.whiteouts
+                self.add_dir(tar_name, path, st, opaque=opaque)
+                self.walk(path, tar_name, child)
             else:
-                self.add_other(tar_name, item.path, item.st)
+                self.add_other(tar_name, path, st)
 
     # -- entries ------------------------------------------------------------------------------
 
