@@ -142,9 +142,7 @@ def _extract_all(tar_stream: _TarStream, extractor: Extractor, label: str) -> No
             raise Refused(f"data after the end of the archive (offset {end}): corrupt tar header?")
         if tar_stream.size < end + tarfile.BLOCKSIZE:
             raise Refused("the tar ends without its end-of-archive blocks (truncated?)")
-    except Refused as exc:
-        raise ImageError(f"{label}: {where}: {exc}") from None
-    except ImageError as exc:
+    except (Refused, ImageError) as exc:
         raise ImageError(f"{label}: {where}: {exc}") from None
     except tarfile.TarError as exc:
         raise ImageError(f"{label}: {where}: invalid tar: {exc}") from None
