@@ -448,12 +448,12 @@ def _inherit(content: Path, implicit_dirs: Sequence[str], below: Sequence[Path])
                          f"below: {where}{exc.strerror or exc}") from None
 
 
-def _docker_manifest(config_bytes: bytes, layers: Sequence[tuple[LayerPlan, str]]) -> bytes:
+def _docker_manifest(config_bytes: bytes, config_digest: str, layers: Sequence[tuple[LayerPlan, str]]) -> bytes:
     """The OCI manifest a manifest.json archive lacks (deterministic: same archive, same digest)."""
     value = {
         "schemaVersion": 2,
         "mediaType": oci.MEDIA_MANIFEST,
-        "config": {"mediaType": oci.MEDIA_CONFIG, "digest": oci.sha256_of(config_bytes), "size": len(config_bytes)},
+        "config": {"mediaType": oci.MEDIA_CONFIG, "digest": config_digest, "size": len(config_bytes)},
         "layers": [{"mediaType": layer.media_type, "digest": digest, "size": layer.size} for layer, digest in layers],
     }
     return json.dumps(value, separators=(",", ":")).encode()
@@ -497,11 +497,11 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
             raise ImageError(f"{source.label}, layer {layer.number} of {len(plan.layers)}: {exc}") from None
         digests.append(digest)
         below.insert(0, content)
+    config_digest = oci.sha256_of(plan.config_bytes)
     manifest_bytes = plan.manifest_bytes
     if manifest_bytes is None:
-        manifest_bytes = _docker_manifest(plan.config_bytes, list(zip(plan.layers, digests)))
+        manifest_bytes = _docker_manifest(plan.config_bytes, config_digest, list(zip(plan.layers, digests)))
     manifest_digest = oci.sha256_of(manifest_bytes)
-    config_digest = oci.sha256_of(plan.config_bytes)
     staged.blobs.append((_stage_bytes(staging, "config", plan.config_bytes), config_digest))
     staged.blobs.append((_stage_bytes(staging, "manifest", manifest_bytes), manifest_digest))
     if staged.layers:
