@@ -243,13 +243,14 @@ def validate(options: MountOptions) -> None:
     real_upper, real_work = os.path.realpath(options.upperdir), os.path.realpath(options.workdir)
     if real_upper == real_work:
         raise UsageError("workdir and upperdir must be different directories")
-    if _inside(real_work, real_upper):
+    if is_inside(real_work, real_upper):
         raise UsageError(f"workdir {options.workdir} is inside upperdir {options.upperdir}")
-    if _inside(real_upper, real_work):
+    if is_inside(real_upper, real_work):
         raise UsageError(f"upperdir {options.upperdir} is inside workdir {options.workdir}")
 
 
-def _inside(path: str, directory: str) -> bool:
+def is_inside(path: str, directory: str) -> bool:
+    """Whether PATH is strictly below DIRECTORY, by name (resolve symlinks first)."""
     return path.startswith(directory.rstrip("/") + "/")
 
 

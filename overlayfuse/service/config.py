@@ -42,7 +42,7 @@ from ..errors import ConfigError, UserError
 from ..layers import check_layer_readable
 from ..images.refs import resolve_image
 from ..images.store import DEFAULT_ROOT, ROOT_ENV, Store, check_container_name
-from ..options import UsageError, parse_args, validate
+from ..options import UsageError, is_inside, parse_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -351,11 +351,11 @@ def _check_not_nested(plan: MountPlan) -> None:
         layers += [("upperdir", plan.upperdir), ("workdir", plan.workdir)]
     for key, layer in layers:
         real = os.path.realpath(layer)
-        if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/"):
+        if real == mountpoint or is_inside(real, mountpoint):
             raise ConfigError(
                 f"{plan.config.path}: {key}: {layer} is the mountpoint or inside it: the mount would hide it"
             )
-        if mountpoint.startswith(real.rstrip("/") + "/"):
+        if is_inside(mountpoint, real):
             raise ConfigError(
                 f"{plan.config.path}: mountpoint: {plan.config.mountpoint} is inside {key} {layer}: "
                 "the mount would show up inside its own layer"
