@@ -7,7 +7,6 @@ same lowers, must show what the container showed, through the kernel and through
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -27,6 +26,7 @@ from overlayfuse.images.layertar import write_layer_tar
 from overlayfuse.images.unpack import unpack_layer
 from tests.compare import Snapshot, assert_same_view, take_snapshot
 from tests.conftest import MountFactory
+from tests.imagebuild import sha256_digest
 from tests.mounts import FuseMount, kernel_overlay, overlayfuse, run_isolated
 from tests.trees import (
     CharDev,
@@ -129,7 +129,7 @@ def test_our_unpacker_reads_it_back(tmp_path: Path) -> None:
     tar = tar_of(_upper_in_every_format(tmp_path / "upper"))
     layer = tmp_path / "layer"
     result = unpack_layer(io.BytesIO(tar), oci.MEDIA_LAYER_TAR, layer,
-                          diff_id="sha256:" + hashlib.sha256(tar).hexdigest())
+                          diff_id=sha256_digest(tar))
     assert result.unpacked_size == len(b"hosts\n1nfsharedk")
     assert os.getxattr(layer / "etc/hosts", "user.keep") == b"\xffbinary"
     assert os.lstat(layer / "etc/hosts").st_mtime_ns == NS_MTIME
@@ -243,7 +243,7 @@ def _commit_and_unpack(upper: Path, layer: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
         assert not [m.name for m in tf if ".wh." in m.name and m.size]
     unpack_layer(io.BytesIO(tar), oci.MEDIA_LAYER_TAR, layer,
-                 diff_id="sha256:" + hashlib.sha256(tar).hexdigest())
+                 diff_id=sha256_digest(tar))
 
 
 @pytest.mark.kernel

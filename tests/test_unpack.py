@@ -8,7 +8,6 @@ unpacked too, and the kernel's overlay of our unpacked layers compared with `umo
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -40,16 +39,13 @@ from overlayfuse.images.unpack import UnpackedLayer, unpack_layer
 from tests import imagebuild
 from tests.compare import Snapshot, assert_same_view, take_snapshot
 from tests.conftest import MountFactory, skip_or_fail
+from tests.imagebuild import sha256_digest
 from tests.trees import Dir, File, OciWhiteout, Opaque, make_tree
 from tests.mounts import FuseMount
 
 MEDIA = {"": oci.MEDIA_LAYER_TAR, "gzip": oci.MEDIA_LAYER_GZIP, "zstd": oci.MEDIA_LAYER_ZSTD}
 MTIME = 1_600_000_000
 MTIME_NS_TEXT = "1600000000.123456789"  # PAX keeps nanoseconds; a float would not
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def compress(data: bytes, compression: str) -> bytes:
@@ -140,7 +136,7 @@ def test_decompress_reads_every_frame_and_hashes_the_raw_bytes(compression: str)
     raw = HashingReader(io.BytesIO(blob))
     assert open_decompressed(raw, compression).read() == PAYLOAD + b"+more"
     assert raw.size == len(blob)
-    assert raw.digest == sha256(blob)
+    assert raw.digest == sha256_digest(blob)
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])
@@ -181,7 +177,7 @@ def test_hashing_reader_tees_reports_progress_and_enforces_its_limit() -> None:
     reader = HashingReader(io.BytesIO(PAYLOAD), copy_to=copy, progress=seen.append)
     assert reader.read(10) == PAYLOAD[:10]
     assert reader.drain() == len(PAYLOAD) - 10
-    assert (copy.getvalue(), sum(seen), reader.digest) == (PAYLOAD, len(PAYLOAD), sha256(PAYLOAD))
+    assert (copy.getvalue(), sum(seen), reader.digest) == (PAYLOAD, len(PAYLOAD), sha256_digest(PAYLOAD))
     limited = HashingReader(io.BytesIO(PAYLOAD), limit=100)
     with pytest.raises(ImageError, match="longer than the 100 bytes"):
         limited.drain()
@@ -203,7 +199,7 @@ def test_write_layer_blob_digests_what_it_wrote(tmp_path: Path, compression: str
 
     info = write_layer_blob(produce, tmp_path / "blob", compression)
     written = (tmp_path / "blob").read_bytes()
-    assert (info.digest, info.size, info.diff_id) == (sha256(written), len(written), sha256(PAYLOAD))
+    assert (info.digest, info.size, info.diff_id) == (sha256_digest(written), len(written), sha256_digest(PAYLOAD))
     assert open_decompressed(io.BytesIO(written), compression).read() == PAYLOAD
     if compression:
         assert len(written) < len(PAYLOAD) // 2
@@ -273,12 +269,12 @@ def _hostile_table(outside: str) -> dict[str, Hostile]:
         "garbage-after-entries": Hostile(bytes(garbage_header), "corrupt tar header"),
         "not-a-tar": Hostile(os.urandom(4096), "invalid tar"),
         "wrong-digest": Hostile(GOOD_GZ, "does not match its digest", "gzip",
-                                digest=sha256(b"something else")),
+                                digest=sha256_digest(b"something else")),
         "wrong-size": Hostile(GOOD_GZ, f"the blob is {len(GOOD_GZ)} bytes, its descriptor says",
                               "gzip", size=len(GOOD_GZ) + 1),
         "longer-than-size": Hostile(GOOD_GZ, "longer than the 100 bytes", "gzip", size=100),
         "wrong-diff-id": Hostile(GOOD_GZ, "diff_id is sha256:0000", "gzip",
-                                 digest=sha256(GOOD_GZ), diff_id="sha256:" + "0" * 64),
+                                 digest=sha256_digest(GOOD_GZ), diff_id="sha256:" + "0" * 64),
         "unknown-media-type": Hostile(GOOD, "unsupported layer media type 'application/x-rar'",
                                       media_type="application/x-rar"),
         "docker-foreign-layer": Hostile(
@@ -308,8 +304,8 @@ def test_hostile_layer_is_refused_and_leaves_nothing(tmp_path: Path, case: str) 
 def test_errors_name_the_layer_and_the_entry(tmp_path: Path) -> None:
     blob = make_tar(dir_("a"), reg("a/../../x", b"out"))
     with pytest.raises(ImageError) as caught:
-        unpack_bytes(blob, tmp_path / "layer", digest=sha256(blob))
-    assert str(caught.value) == (f"layer {sha256(blob)}: entry 'a/../../x': "
+        unpack_bytes(blob, tmp_path / "layer", digest=sha256_digest(blob))
+    assert str(caught.value) == (f"layer {sha256_digest(blob)}: entry 'a/../../x': "
                                  "'a/../../x' climbs out of the layer")
 
 
@@ -325,7 +321,7 @@ def test_an_existing_destination_is_left_alone(tmp_path: Path) -> None:
 def test_a_failure_leaves_no_destination_even_with_read_only_dirs(tmp_path: Path) -> None:
     blob = make_tar(dir_("ro", mode=0o555), reg("ro/f", b"x"), dir_("ro/sub", mode=0o500))
     with pytest.raises(ImageError):
-        unpack_bytes(compress(blob, "gzip"), tmp_path / "layer", "gzip", diff_id=sha256(b"no"))
+        unpack_bytes(compress(blob, "gzip"), tmp_path / "layer", "gzip", diff_id=sha256_digest(b"no"))
     assert not (tmp_path / "layer").exists()
 
 
@@ -338,9 +334,9 @@ def test_each_compression_unpacks_and_reports_its_digests(tmp_path: Path, compre
                    sym("etc/link", "hosts"))
     blob = compress(tar, compression)
     copy, seen = io.BytesIO(), []
-    result = unpack_bytes(blob, tmp_path / "layer", compression, digest=sha256(blob),
-                          size=len(blob), diff_id=sha256(tar), copy_to=copy, progress=seen.append)
-    assert result == UnpackedLayer(sha256(blob), len(blob), sha256(tar), len(PAYLOAD) + 6, (".",))
+    result = unpack_bytes(blob, tmp_path / "layer", compression, digest=sha256_digest(blob),
+                          size=len(blob), diff_id=sha256_digest(tar), copy_to=copy, progress=seen.append)
+    assert result == UnpackedLayer(sha256_digest(blob), len(blob), sha256_digest(tar), len(PAYLOAD) + 6, (".",))
     assert copy.getvalue() == blob and sum(seen) == len(blob)
     layer = tmp_path / "layer"
     assert (layer / "etc/hosts").read_bytes() == b"hosts\n"
@@ -354,8 +350,8 @@ def test_digests_cover_the_whole_blob_past_the_tar_end(tmp_path: Path) -> None:
     # report the digests of everything, not only of what the tar reader needed.
     tar = make_tar(reg("f", b"x")) + bytes(20 * 512)
     blob = compress(tar, "gzip")
-    result = unpack_bytes(blob, tmp_path / "layer", "gzip", digest=sha256(blob), diff_id=sha256(tar))
-    assert (result.digest, result.diff_id, result.size) == (sha256(blob), sha256(tar), len(blob))
+    result = unpack_bytes(blob, tmp_path / "layer", "gzip", digest=sha256_digest(blob), diff_id=sha256_digest(tar))
+    assert (result.digest, result.diff_id, result.size) == (sha256_digest(blob), sha256_digest(tar), len(blob))
 
 
 def test_names_are_kept_inside_the_layer(tmp_path: Path) -> None:
