@@ -100,7 +100,9 @@ class ContainerRecord:
     read_only: bool = False
 
 
-def _record_from_json(cls: type, data: dict[str, Any]) -> Any:
+def _read_record(cls: type, path: Path) -> Any:
+    """The record of class CLS that the JSON file PATH holds (fields it does not know are ignored)."""
+    data = json.loads(path.read_text())
     known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}  # type: ignore[attr-defined]
     for name, value in known.items():
         if isinstance(value, list):
@@ -278,18 +280,15 @@ class Store:
 
     def layer_record(self, diff_id: str) -> LayerRecord:
         try:
-            data = json.loads((self.layer_path(diff_id) / "layer.json").read_text())
+            return _read_record(LayerRecord, self.layer_path(diff_id) / "layer.json")
         except FileNotFoundError:
             raise StoreError(f"layer {diff_id} is missing from the store {self.root}") from None
-        return _record_from_json(LayerRecord, data)
 
     # -- images -----------------------------------------------------------------------------
 
     def images(self) -> list[ImageRecord]:
         """Every image, oldest import first."""
-        records = []
-        for path in (self.root / "images").glob("*.json"):
-            records.append(_record_from_json(ImageRecord, json.loads(path.read_text())))
+        records = [_read_record(ImageRecord, path) for path in (self.root / "images").glob("*.json")]
         return sorted(records, key=lambda record: (record.imported, record.id))
 
     def save_image(self, record: ImageRecord) -> None:
@@ -298,10 +297,9 @@ class Store:
     def image(self, image_id: str) -> ImageRecord:
         """The record of IMAGE_ID (a full ``sha256:`` id); `StoreError` if there is none."""
         try:
-            data = json.loads(self.image_path(image_id).read_text())
+            return _read_record(ImageRecord, self.image_path(image_id))
         except FileNotFoundError:
             raise StoreError(f"no such image: {image_id}") from None
-        return _record_from_json(ImageRecord, data)
 
     def install_image(self, record: ImageRecord) -> ImageRecord | None:
         """Save RECORD, first taking its tags off every other image (docker semantics: a tag names
@@ -331,17 +329,14 @@ class Store:
     # -- containers -------------------------------------------------------------------------
 
     def containers(self) -> list[ContainerRecord]:
-        records = []
-        for path in (self.root / "containers").glob("*/container.json"):
-            records.append(_record_from_json(ContainerRecord, json.loads(path.read_text())))
+        records = [_read_record(ContainerRecord, path) for path in (self.root / "containers").glob("*/container.json")]
         return sorted(records, key=lambda record: (record.created, record.name))
 
     def container(self, name: str) -> ContainerRecord:
         try:
-            data = json.loads((self.container_path(name) / "container.json").read_text())
+            return _read_record(ContainerRecord, self.container_path(name) / "container.json")
         except FileNotFoundError:
             raise StoreError(f"no such container: {name}") from None
-        return _record_from_json(ContainerRecord, data)
 
     def save_container(self, record: ContainerRecord) -> None:
         write_json_atomic(self.container_path(record.name) / "container.json", asdict(record))
