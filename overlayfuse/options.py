@@ -126,6 +126,12 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
+def escape(path: str) -> str:
+    """PATH as it must be written inside ``-o`` (the inverse of `unescape`): options are split on
+    ``,`` and lowerdir on ``:``, so those and the backslash itself get a backslash."""
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
 def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     """Parse the command line; raises UsageError on malformed input. Touches no file."""
     args = _argument_parser().parse_args(argv)

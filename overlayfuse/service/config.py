@@ -42,7 +42,7 @@ from ..errors import ConfigError, UserError
 from ..layers import check_layer_readable
 from ..images.refs import resolve_image
 from ..images.store import DEFAULT_ROOT, ROOT_ENV, Store, check_container_name
-from ..options import UsageError, is_inside, parse_args, validate
+from ..options import UsageError, escape, is_inside, parse_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -446,17 +446,12 @@ def _check_layers(store: Store, diff_ids: list[str], where: str) -> None:
 # -- the daemon's command line ----------------------------------------------------------------------
 
 
-def escape_option(path: str) -> str:
-    """A path inside ``-o``: the daemon splits options on ``,`` and lowerdir on ``:``."""
-    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
-
-
 def daemon_args(plan: MountPlan, debug: bool = False) -> list[str]:
     """The arguments after ``overlayfuse``: in the foreground (``-d`` with DEBUG or the config's
     ``debug``, which logs every request), named ``overlayfuse@NAME`` in the mount table."""
-    opts = ["lowerdir=" + ":".join(escape_option(d) for d in plan.lowerdirs)]
+    opts = ["lowerdir=" + ":".join(escape(d) for d in plan.lowerdirs)]
     if plan.upperdir and plan.workdir:
-        opts += [f"upperdir={escape_option(plan.upperdir)}", f"workdir={escape_option(plan.workdir)}"]
+        opts += [f"upperdir={escape(plan.upperdir)}", f"workdir={escape(plan.workdir)}"]
     if plan.read_only:
         opts.append("ro")
     opts += plan.config.options
