@@ -16,12 +16,10 @@ some unreferenced blobs behind.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 from ..errors import ImageError, StoreError
 from . import oci
 from .oci import Descriptor
-from .store import ImageRecord, Store, digest_hex, fsync_dir, write_json_atomic
+from .store import ImageRecord, Store, digest_hex, fsync_dir, replacing, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +74,7 @@ def _place_blob(store: Store, digest: str, dest: Path) -> tuple[bool, bool]:
     target = dest / "blobs" / "sha256" / digest_hex(digest)
     if target.is_file() and target.stat().st_size == source.stat().st_size:
         return False, False
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with replacing(target) as tmp:
         try:
             os.link(source, tmp)
             linked = True
@@ -89,11 +86,6 @@ def _place_blob(store: Store, digest: str, dest: Path) -> tuple[bool, bool]:
                 out.flush()
                 os.fsync(out.fileno())
             linked = False
-        os.rename(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return True, linked
 
 

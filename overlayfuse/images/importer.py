@@ -48,7 +48,7 @@ from .oci import Descriptor, ImageConfig, Manifest
 from .progress import Progress
 from .refs import ReferenceError, parse_reference
 from .sources import Source, clean_path, open_source, read_document
-from .store import ImageRecord, LayerRecord, Store, digest_hex
+from .store import ImageRecord, LayerRecord, Store, digest_hex, write_file_atomic
 from .unpack import unpack_layer
 
 log = logging.getLogger(__name__)
@@ -371,10 +371,7 @@ class _Staged:
 
 def _stage_bytes(staging: Path, name: str, data: bytes) -> Path:
     path = staging / "blobs" / name
-    with open(path, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
+    write_file_atomic(path, data)  # fsynced, as install_blob wants
     return path
 
 

@@ -110,19 +110,26 @@ def _read_record(cls: type, path: Path) -> Any:
     return cls(**known)
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Replace PATH with DATA so that a crash leaves either the old or the new content, never a part."""
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside PATH for the block to fill: renamed over PATH when the block ends,
+    removed if it fails. The caller fsyncs the directory (once, after several, if it likes)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        yield tmp
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Replace PATH with DATA so that a crash leaves either the old or the new content, never a part."""
+    with replacing(path) as tmp, open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
     fsync_dir(path.parent)
 
 
