@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from overlayfuse import control
 from overlayfuse.images.containers import control_address
@@ -270,3 +272,45 @@ def test_commit_of_a_hardlinked_file_changed_through_one_name(ctl: Ctl, tmp_path
     ctl.ok("mount", "test/linked", check, "--ro", "--name", "linked-check")
     shown, committed = comparable(mnt), comparable(check)
     assert_same_view(shown, committed)
+
+
+def test_freeze_gate_waits_for_changes_in_flight_and_holds_new_ones() -> None:
+    """The gate under the control socket, alone: a freeze returns once the changes in flight have
+    finished; a change arriving meanwhile waits until the last of several freezers thaws."""
+    gate = control.FreezeGate()
+    events: list[str] = []
+
+    async def change(name: str, release: trio.Event) -> None:
+        async with gate:
+            events.append(f"{name} in")
+            await release.wait()
+        events.append(f"{name} out")
+
+    async def freezer() -> None:
+        await gate.freeze()
+        events.append("frozen")
+
+    async def main() -> None:
+        release_a, release_b = trio.Event(), trio.Event()
+        release_b.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(change, "a", release_a)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(freezer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["a in"] and gate.frozen  # the freeze waits for a
+            nursery.start_soon(change, "b", release_b)
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["a in"]  # b is held back
+            release_a.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["a in", "a out", "frozen"]
+            await gate.freeze()  # a second freezer, nothing in flight: at once
+            gate.thaw()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["a in", "a out", "frozen"]  # still frozen by the first
+            gate.thaw()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["a in", "a out", "frozen", "b in", "b out"] and not gate.frozen
+
+    trio.run(main)
