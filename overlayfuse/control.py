@@ -75,8 +75,7 @@ class FreezeGate:
         self._in_flight = 0
         self._thawed = trio.Event()
         self._thawed.set()
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle: trio.Event | None = None  # made only by a freeze that waits for changes in flight
 
     @property
     def frozen(self) -> bool:
@@ -87,15 +86,14 @@ class FreezeGate:
             await self._thawed.wait()
         # No checkpoint between the test above and this count: trio cannot switch tasks here.
         self._in_flight += 1
-        if self._in_flight == 1:
-            self._idle = trio.Event()
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._in_flight -= 1
-        if self._in_flight == 0:
+        if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
+            self._idle = None
 
     async def freeze(self) -> None:
         """Stop admitting changes and wait for those in flight. Pair every call with `thaw`."""
@@ -103,7 +101,10 @@ class FreezeGate:
         if self._freezers == 1:
             self._thawed = trio.Event()
         try:
-            await self._idle.wait()
+            if self._in_flight:
+                if self._idle is None:
+                    self._idle = trio.Event()
+                await self._idle.wait()
         except BaseException:
             self.thaw()
             raise
