@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +34,7 @@ from .containers import RUNNING, control_address, mount_state, upper_dir, work_d
 from .indexlinks import append_to_tar, indexed_names
 from .layertar import write_layer_tar
 from .refs import parse_reference
-from .store import ContainerRecord, ImageRecord, LayerRecord, Store, now_rfc3339
+from .store import ContainerRecord, ImageRecord, LayerRecord, Store, now_rfc3339, write_file_atomic
 from .unpack import unpack_layer
 
 log = logging.getLogger(__name__)
@@ -83,15 +81,17 @@ def commit_container(
             created = now_rfc3339()
             config = _new_config(parent_config, blob.diff_id, created, message, author)
             config_bytes = _canonical(config)
-            config_digest = _digest(config_bytes)
+            config_digest = oci.sha256_of(config_bytes)
             layer_descriptor = oci.Descriptor(oci.MEDIA_LAYER_GZIP, blob.digest, blob.size)
             manifest = _new_manifest(parent_manifest, config_digest, len(config_bytes), layer_descriptor)
             manifest_bytes = _canonical(manifest)
-            manifest_digest = _digest(manifest_bytes)
+            manifest_digest = oci.sha256_of(manifest_bytes)
 
             store.install_blob(blob_file, blob.digest)
-            store.install_blob(_staged_file(staged, "config.json", config_bytes), config_digest)
-            store.install_blob(_staged_file(staged, "manifest.json", manifest_bytes), manifest_digest)
+            write_file_atomic(staged / "config.json", config_bytes)  # fsynced, as install_blob wants
+            write_file_atomic(staged / "manifest.json", manifest_bytes)
+            store.install_blob(staged / "config.json", config_digest)
+            store.install_blob(staged / "manifest.json", manifest_digest)
             store.install_layer(layer_stage, LayerRecord(blob.diff_id, unpacked.unpacked_size))
             # The tag moves to the new image, as docker's does (install_image takes it from the old one).
             image = ImageRecord(id=config_digest, manifest=manifest_digest, config=config_digest, tags=(tag,))
@@ -195,15 +195,3 @@ def _new_manifest(
 def _canonical(document: dict[str, Any]) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _staged_file(staged: Path, name: str, data: bytes) -> Path:
-    path = staged / name
-    with open(path, "xb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    return path
