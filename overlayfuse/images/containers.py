@@ -106,9 +106,10 @@ def control_address(store: Store, name: str) -> str:
     return f"@overlayfuse/container/{key}"
 
 
-def image_label(store: Store, image_id: str) -> str:
-    """How ``ps`` names an image: its first tag, else its short id (also once the image is gone)."""
-    for record in store.images():
+def image_label(images: Sequence[ImageRecord], image_id: str) -> str:
+    """How ``ps`` names an image: its first tag among IMAGES (the store's), else its short id (also
+    once the image is gone)."""
+    for record in images:
         if record.id == image_id and record.tags:
             return record.tags[0]
     return image_id.split(":", 1)[-1][:12]
@@ -181,7 +182,7 @@ def _adopt_root(upper: Path, image_root: Path) -> None:
 def _check_same_image(store: Store, existing: ContainerRecord, image: ImageRecord) -> None:
     if existing.image != image.id:
         raise StoreError(
-            f"container {existing.name} already exists, from image {image_label(store, existing.image)}: "
+            f"container {existing.name} already exists, from image {image_label(store.images(), existing.image)}: "
             "choose another --name or remove it first"
         )
 
@@ -368,13 +369,14 @@ def container_states(store: Store) -> list[ContainerState]:
     """Every container with its state, then the overlayfuse mounts that are no container's."""
     states = []
     known: set[str] = set()
+    images = store.images()  # read once, not once per container
     for record in store.containers():
         state = mount_state(record.pid, record.mountpoint)
         if record.mountpoint:
             known.add(record.mountpoint)
         states.append(
             ContainerState(
-                record.name, image_label(store, record.image), record.mountpoint,
+                record.name, image_label(images, record.image), record.mountpoint,
                 record.pid if state != STOPPED else None, state, record.read_only,
             )
         )  # fmt: skip
