@@ -40,6 +40,7 @@ from typing import Any
 from .. import mounttable
 from ..errors import ConfigError, UserError
 from ..layers import check_layer_readable
+from ..images.containers import upper_dir, work_dir
 from ..images.refs import resolve_image
 from ..images.store import DEFAULT_ROOT, ROOT_ENV, Store, check_container_name
 from ..options import UsageError, escape, is_inside, parse_args, validate
@@ -415,21 +416,18 @@ def _plan_from_store(config: MountConfig, root: str) -> MountPlan:
             f"{where}: container: {config.container} was made from image {record.image}, "
             f"not from {config.image} ({image.id})"
         )
-    if record is None and image is not None:
-        diff_ids = store.image_diff_ids(image)
-        _check_layers(store, diff_ids, f"{where}: image: {config.image}")
-        lowers = tuple(str(store.layer_dir(d)) for d in reversed(diff_ids))
-        if not config.container:  # the image alone: nothing to write to
-            return MountPlan(config, lowers, None, None, read_only=True)
-        container_dir = store.container_path(config.container)
-        upper, work = str(container_dir / "upper"), str(container_dir / "work")
-        return MountPlan(config, lowers, upper, work, read_only=config.read_only, new_container=True)
-    assert record is not None
-    diff_ids = list(record.layers)
-    _check_layers(store, diff_ids, f"{where}: container: {config.container}")
-    container_dir = store.container_path(record.name)
-    upper, work = str(container_dir / "upper"), str(container_dir / "work")
+    if record is None:
+        assert image is not None  # without a container record there is an image (see above)
+        diff_ids, what = store.image_diff_ids(image), f"image: {config.image}"
+    else:
+        diff_ids, what = list(record.layers), f"container: {config.container}"
+    _check_layers(store, diff_ids, f"{where}: {what}")
     lowers = tuple(str(store.layer_dir(d)) for d in reversed(diff_ids))
+    if not config.container:  # the image alone: nothing to write to
+        return MountPlan(config, lowers, None, None, read_only=True)
+    upper, work = str(upper_dir(store, config.container)), str(work_dir(store, config.container))
+    if record is None:
+        return MountPlan(config, lowers, upper, work, read_only=config.read_only, new_container=True)
     if config.read_only:  # the container's changes stay visible, and nothing can change them
         return MountPlan(config, (upper, *lowers), None, None, read_only=True)
     return MountPlan(config, lowers, upper, work, read_only=False)
