@@ -20,7 +20,7 @@ from ..errors import StoreError
 from ..images.exporter import export_image
 from ..images.importer import import_image
 from ..images.progress import Progress, human_size
-from ..images.refs import parse_reference, resolve_image
+from ..images.refs import parse_reference, reference_or_none, resolve_image
 from ..images.store import ImageRecord, Store
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _tag_named(text: str, record: ImageRecord) -> str | None:
     """The tag TEXT names if it is one of RECORD's, else its first tag (TEXT was an id)."""
-    try:
-        wanted = parse_reference(text)
-    except StoreError:
-        wanted = None
+    wanted = reference_or_none(text)
     if wanted in record.tags:
         return wanted
     return record.tags[0] if record.tags else None
@@ -137,10 +134,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def _remove(store: Store, text: str, force: bool, dry_run: bool = False) -> None:
     """Untag TEXT if it is one of several tags, else delete the image (docker's rules)."""
     record = resolve_image(store, text)
-    try:
-        tag = parse_reference(text)
-    except StoreError:
-        tag = None
+    tag = reference_or_none(text)
     if tag in record.tags and len(record.tags) > 1:
         if not dry_run:
             store.save_image(replace(record, tags=tuple(t for t in record.tags if t != tag)))

@@ -47,6 +47,14 @@ def parse_reference(text: str) -> str:
     return f"{name}:{tag}"
 
 
+def reference_or_none(text: str) -> str | None:
+    """TEXT normalized as `parse_reference` does, or None if it is not a reference (an id, say)."""
+    try:
+        return parse_reference(text)
+    except ReferenceError:
+        return None
+
+
 def resolve_image(store: Store, text: str) -> ImageRecord:
     """The image TEXT names: a tag, an id (``sha256:<hex>``) or a unique id prefix of 4+ hex digits."""
     images = store.images()
@@ -54,10 +62,7 @@ def resolve_image(store: Store, text: str) -> ImageRecord:
         hex_part = text.split(":", 1)[1]
     else:
         hex_part = text
-        try:
-            wanted = parse_reference(text)
-        except ReferenceError:
-            wanted = None
+        wanted = reference_or_none(text)
         if wanted is not None:
             for record in images:
                 if wanted in record.tags:
