@@ -196,7 +196,7 @@ def _since(created: str | None, now: float) -> str:
 
 def _rows(store: Store) -> list[dict[str, Any]]:
     rows = []
-    for record in sorted(store.images(), key=lambda r: (r.imported, r.id), reverse=True):
+    for record in reversed(store.images()):  # newest first
         config = _config(store, record)
         sizes = _layer_sizes(store, list(config.get("rootfs", {}).get("diff_ids", [])))
         size = None if None in sizes else sum(s for s in sizes if s is not None)
