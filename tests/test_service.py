@@ -38,6 +38,7 @@ from tests.mounts import (
     overlayctl_binary,
     run,
     run_isolated,
+    wait_mounted,
 )
 from tests.servicetools import NotifyListener, daemon, faultfs
 from tests.trees import File, make_tree
@@ -479,7 +480,7 @@ def test_eio_reaches_the_log_with_its_cause(journal: bool, tmp_path: Path, overl
         env = listener.env() if journal else no_journal_env()
         cmd = [str(overlayfuse_bin), "-f", "-o", f"lowerdir={lower}", str(mnt)]
         with listener, daemon(cmd, mnt, env=env) as d:
-            _wait_answers(mnt, d)
+            wait_mounted(mnt, d.proc)
             assert run_isolated(_read, str(mnt / "ok"), timeout=30) == b"fine\n"
             with pytest.raises(OSError) as failure:
                 run_isolated(_read, str(mnt / "broken"), timeout=30)
@@ -491,13 +492,6 @@ def test_eio_reaches_the_log_with_its_cause(journal: bool, tmp_path: Path, overl
     prefix = "<3>" if journal else "overlayfuse: ERROR "
     assert errors[0].startswith(prefix + "read("), errors
     assert "Input/output error" in errors[0]
-
-
-def _wait_answers(mnt: Path, d: Any) -> None:
-    from tests.servicetools import wait_fstype
-
-    wait_fstype(mnt, FUSE_TYPE, d.proc)
-    run_isolated(os.stat, str(mnt), timeout=30)
 
 
 @pytest.mark.mount
