@@ -498,14 +498,14 @@ def _wrong_digest(editor: ib.LayoutEditor) -> None:
     """The manifest names the new layer by a digest its content does not have."""
     blob = editor.layer_path(1)
     data = blob.read_bytes()
-    fake = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    fake = ib.sha256_digest(b"something else")
     ib.blob_path(editor.layout, fake).write_bytes(data)
     editor.manifest["layers"][1]["digest"] = fake
     editor.save()
 
 
 def _wrong_diff_id(editor: ib.LayoutEditor) -> None:
-    editor.config["rootfs"]["diff_ids"][1] = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    editor.config["rootfs"]["diff_ids"][1] = ib.sha256_digest(b"other")
     editor.save()
 
 
