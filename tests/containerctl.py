@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.compare import Snapshot, take_snapshot
-from tests.imagebuild import Images, standard_images
+from tests.conftest import skip_or_fail
+from tests.imagebuild import Images, missing_tools, standard_images
 from tests.mounts import MountError, is_mounted, overlayctl_binary, run, teardown_overlayfuse
 
 CTL_TIMEOUT = 60.0  # one overlayctl command on a tiny image; bounds a hang
@@ -66,6 +67,10 @@ class Ctl:
 
 
 def build_images(directory: Path) -> Images:
+    """The standard images, made under DIRECTORY; skipped (failed in CI) without umoci and skopeo."""
+    missing = missing_tools()
+    if missing:
+        skip_or_fail(missing)
     return standard_images(directory / "layout", directory / "work")
 
 

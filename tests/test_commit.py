@@ -26,9 +26,8 @@ from overlayfuse import control
 from overlayfuse.images.containers import control_address
 from overlayfuse.images.store import Store
 from tests.compare import assert_same_view
-from tests.conftest import skip_or_fail
 from tests.containerctl import Ctl, build_images, change_container, comparable, sh, store_session, store_with_images
-from tests.imagebuild import Images, missing_tools, skopeo_inspect, tool, unpack_rootfs
+from tests.imagebuild import Images, skopeo_inspect, tool, unpack_rootfs
 from tests.mounts import REPO_ROOT
 
 pytestmark = pytest.mark.mount
@@ -38,9 +37,6 @@ AUTHOR = "Tess Ter <tess@example.org>"
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
-    missing = missing_tools()
-    if missing:
-        skip_or_fail(missing)
     return build_images(tmp_path_factory.mktemp("images"))
 
 

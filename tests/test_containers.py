@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.compare import assert_same_view
-from tests.conftest import skip_or_fail
 from tests.containerctl import Ctl, build_images, change_container, comparable, sh, store_session, store_with_images
-from tests.imagebuild import Images, missing_tools, unpack_rootfs
+from tests.imagebuild import Images, unpack_rootfs
 from tests.mounts import mount_at, overlayfuse_cmd, run, wait_mounted, wait_pids_gone
 
 pytestmark = pytest.mark.mount
@@ -27,9 +26,6 @@ pytestmark = pytest.mark.mount
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
-    missing = missing_tools()
-    if missing:
-        skip_or_fail(missing)
     return build_images(tmp_path_factory.mktemp("images"))
 
 
