@@ -11,6 +11,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def human_size(size: float, *, binary: bool = True) -> str:
 
 class Progress:
     """Progress of one import. `start(label, total)` begins a line; the returned callable takes the
-    number of bytes just read (increments, as `unpack_layer` reports them); `done()` ends the line."""
+    number of bytes just read (increments, as `unpack_layer` reports them); `finish()` ends the line."""
 
     def __init__(self, stream: TextIO | None = None, enabled: bool | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
@@ -49,12 +50,12 @@ class Progress:
         self._drawn_at = 0.0
         self._open = False
 
-    def start(self, label: str, total: int) -> _Advance:
+    def start(self, label: str, total: int) -> Callable[[int], None]:
         self.finish()
         self._label, self._total, self._done, self._drawn_at = label, total, 0, 0.0
         self._open = True
         self._draw(force=True)
-        return _Advance(self)
+        return self.advance
 
     def advance(self, count: int) -> None:
         self._done += count
@@ -85,15 +86,3 @@ class Progress:
         width = shutil.get_terminal_size((80, 24)).columns
         self.stream.write("\r" + line[: max(width - 1, 10)] + "\x1b[K")
         self.stream.flush()
-
-
-class _Advance:
-    """The callable handed to the unpacker: bytes read so far, in increments."""
-
-    __slots__ = ("_progress",)
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-
-    def __call__(self, count: int) -> None:
-        self._progress.advance(count)
