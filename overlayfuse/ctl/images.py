@@ -177,6 +177,11 @@ def _layer_sizes(store: Store, diff_ids: list[str]) -> list[int | None]:
     return sizes
 
 
+def _total(sizes: list[int | None]) -> int | None:
+    """The image's unpacked size, or None if a layer's size is unknown (its record is missing)."""
+    return None if None in sizes else sum(s for s in sizes if s is not None)
+
+
 def _since(created: str | None, now: float) -> str:
     """``3 days ago``, as docker's CREATED column says it."""
     if not created:
@@ -199,7 +204,7 @@ def _rows(store: Store) -> list[dict[str, Any]]:
     for record in reversed(store.images()):  # newest first
         config = _config(store, record)
         sizes = _layer_sizes(store, list(config.get("rootfs", {}).get("diff_ids", [])))
-        size = None if None in sizes else sum(s for s in sizes if s is not None)
+        size = _total(sizes)
         for tag in record.tags or ("<none>:<none>",):
             repository, _, name = tag.rpartition(":")
             rows.append({"Repository": repository, "Tag": name, "ID": record.id,
@@ -260,7 +265,7 @@ def describe(store: Store, record: ImageRecord) -> dict[str, Any]:
         "Config": config.get("config") or {},
         "Architecture": config.get("architecture", ""),
         "Os": config.get("os", ""),
-        "Size": None if None in sizes else sum(s for s in sizes if s is not None),
+        "Size": _total(sizes),
         "RootFS": {"Type": config.get("rootfs", {}).get("type", "layers"), "Layers": diff_ids},
         "Layers": layers,
         "History": config.get("history", []),
