@@ -59,9 +59,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         if not style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
     tree = MergedTree(stack, workspace, style, links)
-    gate = control.FreezeGate()  # every change passes it; the control socket freezes it for commits
-    operations = OverlayOperations(tree, read_only=options.read_only, gate=gate)
-    control_server = _control_server(options, gate)
+    operations = OverlayOperations(tree, read_only=options.read_only)
+    control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
     except RuntimeError as exc:
@@ -79,7 +78,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
 
 
 async def _run(
-    mountpoint: str, on_ready: Callable[[], None], control_server: Callable[[], Awaitable[None]] | None = None
+    mountpoint: str, on_ready: Callable[[], None], control_server: Callable[[], Awaitable[None]] | None
 ) -> bool:
     """Serve requests; returns whether we still have to unmount (False when unmounted from outside)."""
     signalled = False

@@ -120,10 +120,10 @@ class FileHandle:
 class OverlayOperations(pyfuse3.Operations):
     """The merged view of a `MergedTree` as FUSE operations."""
 
-    def __init__(self, tree: MergedTree, *, read_only: bool, gate: FreezeGate | None = None) -> None:
+    def __init__(self, tree: MergedTree, *, read_only: bool) -> None:
         super().__init__()
         self.tree = tree
-        self.gate = gate or FreezeGate()  # the daemon shares it with its control socket
+        self.gate = FreezeGate()  # the daemon's control socket freezes it
         self.inodes = tree.inodes
         self.read_only = read_only
         self._dirs: dict[int, DirHandle] = {}
