@@ -30,7 +30,7 @@ from ..errors import StoreError
 from . import oci
 from .changes import Change, list_changes
 from .compression import BlobInfo, write_layer_blob
-from .containers import RUNNING, control_address, mount_state, upper_dir, work_dir
+from .containers import RUNNING, control_address, lower_dirs, mount_state, upper_dir, work_dir
 from .indexlinks import append_to_tar, indexed_names
 from .layertar import write_layer_tar
 from .refs import parse_reference
@@ -49,8 +49,7 @@ _OCI_LAYER_TYPE = {oci.DOCKER_LAYER_GZIP: oci.MEDIA_LAYER_GZIP, oci.DOCKER_LAYER
 def container_changes(store: Store, name: str) -> list[Change]:
     """What container NAME changed, for ``overlayctl diff`` (A/C/D lines, as ``docker diff``)."""
     record = store.container(name)
-    lowers = [store.layer_dir(diff_id) for diff_id in reversed(record.layers)]
-    return list_changes(lowers, upper_dir(store, name))
+    return list_changes(lower_dirs(store, record), upper_dir(store, name))
 
 
 def commit_container(
@@ -108,7 +107,7 @@ def _write_layer(store: Store, record: ContainerRecord, staged: Path, blob_file:
     and it is compressed after the thaw.
     """
     upper, work = upper_dir(store, record.name), work_dir(store, record.name)
-    lowers = [store.layer_dir(diff_id) for diff_id in reversed(record.layers)]
+    lowers = lower_dirs(store, record)
     with _frozen(store, record):
         names = indexed_names(lowers, upper, work)
         if not names:

@@ -87,6 +87,11 @@ def generate_name(store: Store) -> str:
     return f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NAMES)}_{secrets.token_hex(3)}"
 
 
+def lower_dirs(store: Store, record: ContainerRecord) -> list[Path]:
+    """The container's layer dirs, top first, as overlay's lowerdir lists them."""
+    return [store.layer_dir(diff_id) for diff_id in reversed(record.layers)]
+
+
 def upper_dir(store: Store, name: str) -> Path:
     return store.container_path(name) / "upper"
 
@@ -250,7 +255,7 @@ def _escape(path: str | os.PathLike[str]) -> str:
 
 def daemon_command(store: Store, record: ContainerRecord, mountpoint: str, read_only: bool) -> list[str]:
     """The overlayfuse command line for RECORD: lowerdir top first, as the daemon wants it."""
-    lowers = [store.layer_dir(diff_id) for diff_id in reversed(record.layers)]
+    lowers = lower_dirs(store, record)
     upper, work = upper_dir(store, record.name), work_dir(store, record.name)
     if read_only:
         options = [f"lowerdir={':'.join(_escape(p) for p in [upper, *lowers])}", "ro"]
