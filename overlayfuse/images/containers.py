@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .. import mounttable
 from ..errors import StoreError
-from ..options import FS_TYPE
+from ..options import FS_TYPE, escape
 from .refs import resolve_image
 from .store import ContainerRecord, ImageRecord, Store, check_container_name, write_json_atomic
 
@@ -248,21 +248,15 @@ def _check_mountpoint(target: str) -> None:
         raise StoreError(f"mountpoint {target} is already in use ({entries[-1].fstype} from {entries[-1].source})")
 
 
-def _escape(path: str | os.PathLike[str]) -> str:
-    """A path inside ``-o``: the daemon splits options on ``,`` and lowerdir on ``:``."""
-    return os.fspath(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
-
-
 def daemon_command(store: Store, record: ContainerRecord, mountpoint: str, read_only: bool) -> list[str]:
     """The overlayfuse command line for RECORD: lowerdir top first, as the daemon wants it."""
     lowers = lower_dirs(store, record)
     upper, work = upper_dir(store, record.name), work_dir(store, record.name)
+    lowerdir = ":".join(escape(os.fspath(p)) for p in ([upper, *lowers] if read_only else lowers))
     if read_only:
-        options = [f"lowerdir={':'.join(_escape(p) for p in [upper, *lowers])}", "ro"]
+        options = [f"lowerdir={lowerdir}", "ro"]
     else:
-        options = [
-            f"lowerdir={':'.join(_escape(p) for p in lowers)}", f"upperdir={_escape(upper)}", f"workdir={_escape(work)}"
-        ]  # fmt: skip
+        options = [f"lowerdir={lowerdir}", f"upperdir={escape(os.fspath(upper))}", f"workdir={escape(os.fspath(work))}"]
     options += [f"fsname=overlayctl\\:{record.name}", f"control={control_address(store, record.name)}"]
     return [sys.executable, "-m", "overlayfuse.cli", "-f", "-o", ",".join(options), mountpoint]
 

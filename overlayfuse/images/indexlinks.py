@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import layers
+from .. import layers, whiteout
 from ..errors import StoreError
 from ..layers import LayerStack, Resolved
 from ..links import INDEX_NAME, LinkIndex
@@ -52,7 +52,7 @@ def indexed_names(lowers: Sequence[Path], upper: Path, workdir: Path) -> list[In
     except FileNotFoundError:
         return []
     # The counter's xattr is trusted.* when the daemon may write it, user.* otherwise.
-    counters = [LinkIndex.prepare(os.fspath(workdir), f"{ns}.overlay.opaque") for ns in ("trusted", "user")]
+    counters = [LinkIndex.prepare(os.fspath(workdir), opaque_xattr) for opaque_xattr in whiteout.OPAQUE_XATTRS]
     wanted: dict[tuple[int, int], str] = {}  # lower (dev, ino) -> its copy's index entry
     for entry in entries:
         path = os.path.join(index_dir, entry)
