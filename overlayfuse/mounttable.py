@@ -103,3 +103,13 @@ def _detach(path: str) -> None:
         raise OSError(code, os.strerror(code), path)
     # Not root: fusermount3 is setuid root and may detach our own FUSE mounts.
     subprocess.run(["fusermount3", "-u", "-z", path], check=True, capture_output=True, timeout=30)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether PID runs: it exists and is not a zombie (a daemon killed but not yet reaped is gone
+    for every purpose here: its mount is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from overlayfuse.mounttable import MountEntry
+from overlayfuse.mounttable import MountEntry, process_alive
 from overlayfuse.mounttable import read_mounts as mounts  # re-exported: tests list mounts by it
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,18 +98,10 @@ def wait_pids_gone(pids: Sequence[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     alive = list(pids)
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
+        alive = [p for p in alive if process_alive(p)]
         if alive:
             time.sleep(0.05)
     return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # --- isolation -------------------------------------------------------------------------

@@ -329,12 +329,9 @@ def daemon_alive(pid: int | None, mountpoint: str | None) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [os.fsdecode(arg) for arg in f.read().split(b"\0") if arg]
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
     except OSError:
         return False
-    return mountpoint in argv and any("overlayfuse" in arg for arg in argv[:4])
+    return mounttable.process_alive(pid) and mountpoint in argv and any("overlayfuse" in arg for arg in argv[:4])
 
 
 def mount_state(pid: int | None, mountpoint: str | None) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from overlayfuse.mounttable import read_mounts
+from overlayfuse.mounttable import process_alive, read_mounts
 
 from .errors import BenchError, say
 from .processes import run
@@ -61,14 +61,6 @@ def proc_status_kib(pid: int | None, key: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @dataclass(slots=True)
@@ -169,9 +161,9 @@ class Mounter:
                 run(cmd, UNMOUNT_TIMEOUT, check=False)
         if m.pid is not None:
             deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
-            while alive(m.pid) and time.monotonic() < deadline:
+            while process_alive(m.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if alive(m.pid):
+            if process_alive(m.pid):
                 say(f"warning: {m.target} daemon {m.pid} ignored the unmount: SIGKILL")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(m.pid, signal.SIGKILL)
