@@ -1,7 +1,8 @@
 """Mount lifecycle: mount, detach, announce readiness, serve, and unmount cleanly.
 
 Readiness means "the mount answers", not "mount(2) returned": after the kernel mount, a worker
-thread stats the mountpoint, which the event loop must serve; only then is the caller told. So a
+thread stats the mountpoint, which the event loop must serve; only then (and once the mount's
+readahead window is widened, see `readahead`) is the caller told. So a
 script (or mount(8)) can use the mount the moment ``overlayfuse`` returns.
 
 Detaching forks before any thread or event loop exists. The parent waits on a pipe for one word
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import pyfuse3
 import trio
 
-from . import control, whiteout
+from . import control, readahead, whiteout
 from .notify import notify
 from .copyup import Workspace
 from .fs import OverlayOperations
@@ -96,7 +97,8 @@ async def _run(
 
     async def announce_ready() -> None:
         # From a worker thread: the event loop serves this stat like any client's.
-        await trio.to_thread.run_sync(os.stat, mountpoint)
+        st = await trio.to_thread.run_sync(os.stat, mountpoint)
+        await trio.to_thread.run_sync(readahead.widen, st.st_dev)
         notify("READY=1", f"STATUS=serving {mountpoint}", f"MAINPID={os.getpid()}")
         on_ready()
 
