@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import whiteout
+from . import nowait, whiteout
 from .control import FreezeGate
 from .inodes import Node
 from .layers import Resolved
@@ -40,6 +40,7 @@ CACHE_TIMEOUT = 86400.0
 _STRIP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_FD = TypeVar("_FD", int, "int | None")
 
 
 def _boundary(handler: F) -> F:
@@ -271,7 +272,11 @@ class OverlayOperations(pyfuse3.Operations):
                 resolved = await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
             else:
                 resolved = self.tree.fresh(node)
-            fd = await self.tree.in_thread(_open_real, resolved, flags)
+            fd = _open_real(resolved, flags, nowait.open_cached)
+            if fd is None:
+                fd = await self.tree.in_thread(_open_real, resolved, flags, os.open)
+            if not writing and not resolved.layer.writable:
+                nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
         handle = self._new_handle()
         self._files[handle] = FileHandle(node, fd, resolved.path, writing)
         # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
@@ -302,9 +307,12 @@ class OverlayOperations(pyfuse3.Operations):
         return handle.fd
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         fd = self._readable_fd(self._files[fh])
-        return await self.tree.in_thread(os.pread, fd, size, off)
+        data = nowait.read_cached(fd, size, off)
+        if data is None:
+            data = await self.tree.in_thread(os.pread, fd, size, off)
+        return data
 
     @_boundary
     @_change
@@ -457,16 +465,18 @@ def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFiel
     return change
 
 
-def _open_real(resolved: Resolved, flags: int) -> int:
+def _open_real(resolved: Resolved, flags: int, opener: Callable[[str, int], _FD]) -> _FD:
+    """Open the real file behind RESOLVED with OPENER: ``os.open`` in a worker thread, or first
+    `nowait.open_cached` inline, which gives None where it would have to wait for the disk."""
     real_flags = (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW
     if not resolved.layer.writable:
         # Like the kernel: reading through the overlay does not touch lower atimes. O_NOATIME needs
         # file ownership or CAP_FOWNER; without them, open normally.
         try:
-            return os.open(resolved.path, real_flags | os.O_NOATIME)
+            return opener(resolved.path, real_flags | os.O_NOATIME)
         except PermissionError:
             pass
-    return os.open(resolved.path, real_flags)
+    return opener(resolved.path, real_flags)
 
 
 def _permitted(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bool:
