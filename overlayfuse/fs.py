@@ -106,6 +106,20 @@ class DirHandle:
 
     node: Node
     entries: list[tuple[str, Resolved]]
+    replies: ListingReplies
+
+
+@dataclass(slots=True)
+class ListingReplies:
+    """The readdirplus answers for one merged listing, built the first time each entry is sent.
+
+    A lower entry's answer never changes while its listing stands (a copy-up, whiteout or rename
+    in the directory replaces the listing), so a warm walk replays it instead of rebuilding it.
+    Upper entries are answered afresh each time: their attributes change.
+    """
+
+    entries: list[tuple[str, Resolved]]
+    lower: list[tuple[bytes, pyfuse3.EntryAttributes] | None]
 
 
 @dataclass(slots=True)
@@ -128,6 +142,7 @@ class OverlayOperations(pyfuse3.Operations):
         self.inodes = tree.inodes
         self.read_only = read_only
         self._dirs: dict[int, DirHandle] = {}
+        self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
         self._files: dict[int, FileHandle] = {}
         self._next_handle = 1
 
@@ -178,6 +193,8 @@ class OverlayOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.inodes.forget(ino, count)
+            if ino not in self.inodes:
+                self._replies.pop(ino, None)
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -340,8 +357,11 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node, entries = await self.tree.list_dir(inode)
+        replies = self._replies.get(node.ino)
+        if replies is None or replies.entries is not entries:
+            replies = self._replies[node.ino] = ListingReplies(entries, [None] * len(entries))
         handle = self._new_handle()
-        self._dirs[handle] = DirHandle(node, entries)
+        self._dirs[handle] = DirHandle(node, entries, replies)
         return handle
 
     @_boundary
@@ -350,25 +370,31 @@ class OverlayOperations(pyfuse3.Operations):
         node = handle.node
         # Offsets: 0 and 1 are "." and "..", then entries[i] has offset i + 2. The listing is a
         # snapshot taken at opendir, so an offset always means the same entry.
+        # The kernel takes only the inode number and type from "." and "..": no stat for them.
         if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", self._node_attributes(node), 1):
+            if not pyfuse3.readdir_reply(token, b".", _dot_attributes(node.ino), 1):
                 return
             start_id = 1
         if start_id == 1:
-            parent = self.inodes.get(node.parent) if node.parent in self.inodes else node
-            if not pyfuse3.readdir_reply(token, b"..", self._node_attributes(parent), 2):
+            if not pyfuse3.readdir_reply(token, b"..", _dot_attributes(node.parent), 2):
                 return
             start_id = 2
+        lower = handle.replies.lower
         for index in range(start_id - 2, len(handle.entries)):
             name, resolved = handle.entries[index]
-            ino = self.inodes.number_for(resolved)
-            # A listing may be replayed from cache: lower objects never change, upper ones may.
-            st = os.lstat(resolved.path) if resolved.layer.writable else resolved.stat
-            attrs = self._attributes(ino, resolved, st)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 3):
+            reply = lower[index]
+            if reply is None:
+                attrs = self._attributes(
+                    self.inodes.number_for(resolved), resolved,
+                    os.lstat(resolved.path) if resolved.layer.writable else resolved.stat,
+                )  # fmt: skip
+                reply = (os.fsencode(name), attrs)
+                if not resolved.layer.writable:
+                    lower[index] = reply
+            if not pyfuse3.readdir_reply(token, reply[0], reply[1], index + 3):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
-            self.inodes.remember(node.ino, name, resolved, ino)
+            self.inodes.remember(node.ino, name, resolved, reply[1].st_ino)
 
     @_boundary
     async def releasedir(self, fh: int) -> None:
@@ -441,6 +467,13 @@ class OverlayOperations(pyfuse3.Operations):
         await self.tree.rename(
             parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags
         )
+
+
+def _dot_attributes(ino: int) -> pyfuse3.EntryAttributes:
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = ino
+    attrs.st_mode = stat.S_IFDIR
+    return attrs
 
 
 def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> Callable[[str], None] | None:

@@ -29,6 +29,7 @@ import pytest
 from tests.compare import kind_of, take_snapshot
 from tests.mounts import (
     daemon_pids,
+    drop_caches,
     kernel_overlay,
     overlayfuse,
     run_isolated,
@@ -165,6 +166,25 @@ def test_copy_up_keeps_metadata_and_times(pair: Pair) -> None:
         assert os.getxattr(side.upper / F, "user.note") == b"n"
         assert os.getxattr(side.upper / F, "trusted.note") == b"\x00\xff"
         assert (side.upper / F).read_bytes() == (side.lowers[-1] / F).read_bytes()
+
+
+def test_listing_after_a_change_shows_the_change(pair: Pair) -> None:
+    """overlayfuse replays a directory's readdirplus answers from memory; a change must not be
+    replayed stale. The directory is held open while the kernel's caches are dropped, so the
+    daemon keeps its answers, and what lstat says afterwards comes from those answers."""
+    warm = [("list_stat", "d/sub"), ("list_stat", "d/sub")]
+    held = [os.open(side.mnt / "d/sub", os.O_RDONLY | os.O_DIRECTORY) for side in (pair.kernel, pair.ours)]
+    try:
+        for change in ([("append", F, b"more\n"), ("chmod", "d/sub/g", 0o600),
+                        ("create", "d/sub/new", b"new\n")],
+                       # F is an upper file now: this write replaces no listing.
+                       [("append", F, b"and more\n")]):
+            assert_same_steps(pair, [*warm, *change, *warm])
+            drop_caches()
+            assert_same_steps(pair, warm)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def test_read_only_open_never_copies_up(pair: Pair) -> None:

@@ -205,6 +205,9 @@ STEPS: dict[str, Callable[..., Any]] = {
     "mkfifo": lambda p, mode=0o644: os.mkfifo(p, mode),
     "stat": lambda p: stat_summary(os.lstat(p)),
     "listdir": lambda p: sorted(os.listdir(p)),
+    # Names and their lstat, as a walk sees them: after the kernel's caches are dropped, what
+    # lstat says comes from the readdirplus answer itself.
+    "list_stat": lambda p: {e.name: stat_summary(e.stat(follow_symlinks=False)) for e in os.scandir(p)},
     "fsync_dir": fsync_dir,
 }
 # Steps whose second argument is another path under the mount.
