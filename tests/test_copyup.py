@@ -388,14 +388,14 @@ def test_kill_during_copy_up_leaves_nothing_visible(tmp_path: Path) -> None:
 
 def test_fallback_copy_lands_at_the_same_offsets(tmp_path: Path) -> None:
     """The sendfile path, used where copy_file_range is refused (ext4 never refuses it, so call it)."""
-    from overlayfuse.copyup import _copy_range_fallback
+    from overlayfuse.copyup import _copy_chunk_fallback
 
     source, target = tmp_path / "src", tmp_path / "dst"
     write_random(source, 4 * MIB)
     src = os.open(source, os.O_RDONLY)
     dst = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        _copy_range_fallback(src, dst, MIB + 3, 2 * MIB)
+        assert _copy_chunk_fallback(src, dst, MIB + 3, 2 * MIB) == 2 * MIB
         os.ftruncate(dst, 4 * MIB)
     finally:
         os.close(src)
