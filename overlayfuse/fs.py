@@ -186,7 +186,10 @@ class OverlayOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = self.tree.lookup(parent_inode, os.fsdecode(name))
+        try:
+            node = self.tree.lookup(parent_inode, os.fsdecode(name))
+        except FileNotFoundError:
+            return _missing_entry()
         return self._attributes(node.ino, node.resolved, node.resolved.stat)
 
     @_boundary
@@ -467,6 +470,20 @@ class OverlayOperations(pyfuse3.Operations):
         await self.tree.rename(
             parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags
         )
+
+
+def _missing_entry() -> pyfuse3.EntryAttributes:
+    """"No such name", which the kernel may remember (a negative dentry) as it does on its own overlay.
+
+    An ENOENT reply is never cached, so every `stat` of a missing path (a shell searching $PATH, an
+    interpreter probing import paths) would reach the daemon again. A name can only appear through
+    this mount (create, mkdir, mknod, symlink, link, rename), and the kernel replaces the negative
+    entry itself when one of those succeeds.
+    """
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = 0  # inode 0 in a lookup reply means "no such entry"
+    attrs.entry_timeout = CACHE_TIMEOUT
+    return attrs
 
 
 def _dot_attributes(ino: int) -> pyfuse3.EntryAttributes:

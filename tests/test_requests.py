@@ -103,3 +103,22 @@ def test_close_sends_no_flush_after_the_first(tmp_path: Path) -> None:
     assert counts["open"] == 20 and counts["release"] == 20
     # The first FLUSH is answered ENOSYS, and the kernel stops sending them.
     assert counts["flush"] <= 1, counts
+
+
+def _probe_missing(paths: list[str]) -> list[bool]:
+    return [os.path.lexists(path) for path in paths]
+
+
+def test_a_missing_name_is_asked_for_once(tmp_path: Path) -> None:
+    lower = make_tree(tmp_path / "lower", File("d/present", b"x"))
+    with debug_daemon(tmp_path, lower) as (mnt, log):
+        missing = [str(mnt / "d" / "missing")] * 5 + [str(mnt / "nothing")] * 5
+        assert run_isolated(_probe_missing, missing) == [False] * 10
+        lookups = [args for op, args in requests(log)
+                   if op == "lookup" and ("missing" in args or "nothing" in args)]
+        assert len(lookups) == 2, lookups
+        # The kernel drops the remembered miss when the name is made through the mount.
+        (mnt / "d" / "missing").write_bytes(b"now here")
+        os.mkdir(mnt / "nothing")
+        assert run_isolated(_probe_missing, missing) == [True] * 10
+        assert (mnt / "d" / "missing").read_bytes() == b"now here"
