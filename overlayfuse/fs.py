@@ -40,7 +40,7 @@ CACHE_TIMEOUT = 86400.0
 _STRIP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-_FD = TypeVar("_FD", int, "int | None")
+_FD = TypeVar("_FD", bound="int | None")  # os.open gives an fd; nowait.open_cached may give None
 
 
 def _boundary(handler: F) -> F:
@@ -294,7 +294,7 @@ class OverlayOperations(pyfuse3.Operations):
                 resolved = self.tree.fresh(node)
             fd = _open_real(resolved, flags, nowait.open_cached)
             if fd is None:
-                fd = await self.tree.in_thread(_open_real, resolved, flags, os.open)
+                fd = await self.tree.in_thread(_open_blocking, resolved, flags)
             if not writing and not resolved.layer.writable:
                 nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
         handle = self._new_handle()
@@ -527,6 +527,11 @@ def _open_real(resolved: Resolved, flags: int, opener: Callable[[str, int], _FD]
         except PermissionError:
             pass
     return opener(resolved.path, real_flags)
+
+
+def _open_blocking(resolved: Resolved, flags: int) -> int:
+    """`_open_real` with plain ``os.open``, which may wait for the disk: for a worker thread."""
+    return _open_real(resolved, flags, os.open)
 
 
 def _permitted(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bool:
