@@ -130,6 +130,7 @@ class FileHandle:
     fd: int
     path: str
     writable: bool
+    dev: int  # the real file's st_dev, for `nowait.read_cached`
 
 
 class OverlayOperations(pyfuse3.Operations):
@@ -298,7 +299,7 @@ class OverlayOperations(pyfuse3.Operations):
             if not writing and not resolved.layer.writable:
                 nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
         handle = self._new_handle()
-        self._files[handle] = FileHandle(node, fd, resolved.path, writing)
+        self._files[handle] = FileHandle(node, fd, resolved.path, writing, resolved.stat.st_dev)
         # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
@@ -314,7 +315,7 @@ class OverlayOperations(pyfuse3.Operations):
         )  # fmt: skip
         assert fd is not None
         handle = self._new_handle()
-        self._files[handle] = FileHandle(node, fd, node.resolved.path, True)
+        self._files[handle] = FileHandle(node, fd, node.resolved.path, True, node.resolved.stat.st_dev)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True), self._node_attributes(node)
 
     def _readable_fd(self, handle: FileHandle) -> int:
@@ -323,13 +324,14 @@ class OverlayOperations(pyfuse3.Operations):
         if not handle.writable and current != handle.path:
             fd = os.open(current, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             os.close(handle.fd)
-            handle.fd, handle.path = fd, current
+            handle.fd, handle.path, handle.dev = fd, current, os.fstat(fd).st_dev
         return handle.fd
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        fd = self._readable_fd(self._files[fh])
-        data = nowait.read_cached(fd, size, off)
+        handle = self._files[fh]
+        fd = self._readable_fd(handle)
+        data = nowait.read_cached(fd, size, off, handle.dev)
         if data is None:
             data = await self.tree.in_thread(os.pread, fd, size, off)
         return data

@@ -13,8 +13,8 @@ only that case to a thread:
   without waiting for it, so by the time the kernel sends the first READ, it is usually there
   (a cold `tar` of a rootfs: 368 of 6650 reads still needed a thread, against 5844 without).
 
-On a kernel or filesystem without them, they always say "would block", and everything goes through
-threads as before.
+Where the kernel lacks them, or a filesystem refuses them (tmpfs has no RWF_NOWAIT reads), they say
+"would block" and the work goes to a thread as before.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
 
-#: Turned off at the first sign that the kernel lacks the call or the flag.
+#: Turned off at the first sign that the kernel lacks openat2 or RESOLVE_CACHED.
 _open_supported = True
-_read_supported = hasattr(os, "RWF_NOWAIT")
+#: Filesystems (by st_dev) that refuse RWF_NOWAIT reads, tmpfs among them: their reads go to threads.
+_read_refused: set[int] = set()
 
 #: Errors that mean "cannot be done without waiting" (or "not this way"): try the blocking call.
 _WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EINVAL, errno.ENOSYS, errno.E2BIG, errno.EOPNOTSUPP})
@@ -80,10 +81,10 @@ def prefetch(fd: int, size: int) -> None:
         os.posix_fadvise(fd, 0, min(size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
 
 
-def read_cached(fd: int, size: int, offset: int) -> bytes | memoryview | None:
-    """SIZE bytes at OFFSET (fewer at end of file) if the page cache holds them all; else None."""
-    global _read_supported
-    if not _read_supported:
+def read_cached(fd: int, size: int, offset: int, dev: int) -> bytes | memoryview | None:
+    """SIZE bytes at OFFSET (fewer at end of file) if the page cache holds them all; else None.
+    DEV: the ``st_dev`` of the file at FD, so that a filesystem that refuses is asked only once."""
+    if dev in _read_refused:
         return None
     buf = bytearray(size)
     try:
@@ -91,9 +92,9 @@ def read_cached(fd: int, size: int, offset: int) -> bytes | memoryview | None:
     except OSError as exc:
         if exc.errno == errno.EAGAIN:
             return None
-        if exc.errno == errno.EOPNOTSUPP:
-            log.info("reads with RWF_NOWAIT are not supported here: reads go to threads")
-            _read_supported = False
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            log.info("the filesystem of st_dev %#x cannot read with RWF_NOWAIT: its reads go to threads", dev)
+            _read_refused.add(dev)
             return None
         raise
     if got < size and offset + got < os.fstat(fd).st_size:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,13 +72,14 @@ def test_read_cached_reads_only_from_the_page_cache(tmp_path: Path) -> None:
     data = os.urandom(256 * 1024)
     path = _uncached_file(tmp_path, data)
     fd = os.open(path, os.O_RDONLY)
+    dev = os.fstat(fd).st_dev
     try:
-        assert nowait.read_cached(fd, 4096, 128 * 1024) is None
+        assert nowait.read_cached(fd, 4096, 128 * 1024, dev) is None
         assert os.pread(fd, len(data), 0) == data  # now it is all cached
-        assert bytes(nowait.read_cached(fd, 4096, 128 * 1024) or b"") == data[128 * 1024:][:4096]
+        assert bytes(nowait.read_cached(fd, 4096, 128 * 1024, dev) or b"") == data[128 * 1024:][:4096]
         # At the end of the file a short read is the whole answer, not "would block".
-        assert bytes(nowait.read_cached(fd, 8192, len(data) - 100) or b"") == data[-100:]
-        past_end = nowait.read_cached(fd, 8192, len(data) + 10)
+        assert bytes(nowait.read_cached(fd, 8192, len(data) - 100, dev) or b"") == data[-100:]
+        past_end = nowait.read_cached(fd, 8192, len(data) + 10, dev)
         assert past_end is not None and bytes(past_end) == b""
     finally:
         os.close(fd)
@@ -86,13 +89,43 @@ def test_prefetch_brings_the_head_of_a_file_into_the_page_cache(tmp_path: Path) 
     data = os.urandom(64 * 1024)
     path = _uncached_file(tmp_path, data)
     fd = os.open(path, os.O_RDONLY)
+    dev = os.fstat(fd).st_dev
     try:
-        assert nowait.read_cached(fd, len(data), 0) is None
+        assert nowait.read_cached(fd, len(data), 0, dev) is None
         nowait.prefetch(fd, len(data))
         deadline = time.monotonic() + 10
-        while (got := nowait.read_cached(fd, len(data), 0)) is None:
+        while (got := nowait.read_cached(fd, len(data), 0, dev)) is None:
             assert time.monotonic() < deadline, "the prefetched data never arrived"
             time.sleep(0.001)
         assert bytes(got) == data
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of our own: it has no RWF_NOWAIT reads."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True, timeout=30)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+
+
+def test_a_filesystem_that_refuses_is_not_asked_again_and_others_still_are(
+    tmp_path: Path, tmpfs: Path
+) -> None:
+    (tmpfs / "file").write_bytes(b"in memory")
+    (tmp_path / "file").write_bytes(b"on disk")
+    in_memory = os.open(tmpfs / "file", os.O_RDONLY)
+    on_disk = os.open(tmp_path / "file", os.O_RDONLY)
+    try:
+        tmpfs_dev = os.fstat(in_memory).st_dev
+        assert nowait.read_cached(in_memory, 100, 0, tmpfs_dev) is None
+        assert tmpfs_dev in nowait._read_refused
+        assert bytes(nowait.read_cached(on_disk, 100, 0, os.fstat(on_disk).st_dev) or b"") == b"on disk"
+    finally:
+        os.close(in_memory)
+        os.close(on_disk)
