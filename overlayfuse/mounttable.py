@@ -105,6 +105,15 @@ def _detach(path: str) -> None:
     subprocess.run(["fusermount3", "-u", "-z", path], check=True, capture_output=True, timeout=30)
 
 
+def command_line(pid: int) -> list[str] | None:
+    """The arguments PID was started with (from /proc), or None if it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [os.fsdecode(arg) for arg in f.read().split(b"\0") if arg]
+    except OSError:
+        return None
+
+
 def process_alive(pid: int) -> bool:
     """Whether PID runs: it exists and is not a zombie (a daemon killed but not yet reaped is gone
     for every purpose here: its mount is dead)."""

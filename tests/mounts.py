@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from overlayfuse.mounttable import MountEntry, process_alive
+from overlayfuse.mounttable import MountEntry, command_line, process_alive
 from overlayfuse.mounttable import read_mounts as mounts  # re-exported: tests list mounts by it
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -83,12 +83,8 @@ def daemon_pids(mnt: Path) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
-        except OSError:
-            continue
-        if str(mnt) in argv and any("overlayfuse" in a for a in argv[:3]):
+        argv = command_line(int(entry))
+        if argv is not None and str(mnt) in argv and any("overlayfuse" in a for a in argv[:3]):
             pids.append(int(entry))
     return pids
 

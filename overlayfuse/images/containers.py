@@ -326,10 +326,8 @@ def daemon_alive(pid: int | None, mountpoint: str | None) -> bool:
     """Whether PID is still an overlayfuse daemon serving MOUNTPOINT (not a recycled pid)."""
     if not pid or not mountpoint:
         return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [os.fsdecode(arg) for arg in f.read().split(b"\0") if arg]
-    except OSError:
+    argv = mounttable.command_line(pid)
+    if argv is None:
         return False
     return mounttable.process_alive(pid) and mountpoint in argv and any("overlayfuse" in arg for arg in argv[:4])
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from overlayfuse.mounttable import process_alive, read_mounts
+from overlayfuse.mounttable import command_line, process_alive, read_mounts
 
 from .errors import BenchError, say
 from .processes import run
@@ -40,12 +40,8 @@ def daemon_pid(target: str, mnt: Path) -> int | None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
-        except OSError:
-            continue
-        if str(mnt) in argv and any(os.path.basename(a) == name for a in argv[:3]):
+        argv = command_line(int(entry))
+        if argv is not None and str(mnt) in argv and any(os.path.basename(a) == name for a in argv[:3]):
             return int(entry)
     return None
 
