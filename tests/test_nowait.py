@@ -6,6 +6,7 @@ and otherwise fail exactly as the plain call would. Emptying the caches needs ro
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -25,6 +26,16 @@ def _uncached_file(tmp_path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     drop_caches()
     return path
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[tuple[int, int]]:
+    """PATH opened read-only: its fd and the st_dev `read_cached` wants; closed afterwards."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd, os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
 
 
 def test_open_cached_opens_a_cached_path(tmp_path: Path) -> None:
@@ -70,10 +81,7 @@ def test_open_cached_leaves_what_it_cannot_do_to_open(tmp_path: Path) -> None:
 
 def test_read_cached_reads_only_from_the_page_cache(tmp_path: Path) -> None:
     data = os.urandom(256 * 1024)
-    path = _uncached_file(tmp_path, data)
-    fd = os.open(path, os.O_RDONLY)
-    dev = os.fstat(fd).st_dev
-    try:
+    with _opened(_uncached_file(tmp_path, data)) as (fd, dev):
         assert nowait.read_cached(fd, 4096, 128 * 1024, dev) is None
         assert os.pread(fd, len(data), 0) == data  # now it is all cached
         assert bytes(nowait.read_cached(fd, 4096, 128 * 1024, dev) or b"") == data[128 * 1024:][:4096]
@@ -81,16 +89,11 @@ def test_read_cached_reads_only_from_the_page_cache(tmp_path: Path) -> None:
         assert bytes(nowait.read_cached(fd, 8192, len(data) - 100, dev) or b"") == data[-100:]
         past_end = nowait.read_cached(fd, 8192, len(data) + 10, dev)
         assert past_end is not None and bytes(past_end) == b""
-    finally:
-        os.close(fd)
 
 
 def test_prefetch_brings_the_head_of_a_file_into_the_page_cache(tmp_path: Path) -> None:
     data = os.urandom(64 * 1024)
-    path = _uncached_file(tmp_path, data)
-    fd = os.open(path, os.O_RDONLY)
-    dev = os.fstat(fd).st_dev
-    try:
+    with _opened(_uncached_file(tmp_path, data)) as (fd, dev):
         assert nowait.read_cached(fd, len(data), 0, dev) is None
         nowait.prefetch(fd, len(data))
         deadline = time.monotonic() + 10
@@ -98,8 +101,6 @@ def test_prefetch_brings_the_head_of_a_file_into_the_page_cache(tmp_path: Path) 
             assert time.monotonic() < deadline, "the prefetched data never arrived"
             time.sleep(0.001)
         assert bytes(got) == data
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
@@ -119,13 +120,7 @@ def test_a_filesystem_that_refuses_is_not_asked_again_and_others_still_are(
 ) -> None:
     (tmpfs / "file").write_bytes(b"in memory")
     (tmp_path / "file").write_bytes(b"on disk")
-    in_memory = os.open(tmpfs / "file", os.O_RDONLY)
-    on_disk = os.open(tmp_path / "file", os.O_RDONLY)
-    try:
-        tmpfs_dev = os.fstat(in_memory).st_dev
+    with _opened(tmpfs / "file") as (in_memory, tmpfs_dev), _opened(tmp_path / "file") as (on_disk, disk_dev):
         assert nowait.read_cached(in_memory, 100, 0, tmpfs_dev) is None
         assert tmpfs_dev in nowait._read_refused
-        assert bytes(nowait.read_cached(on_disk, 100, 0, os.fstat(on_disk).st_dev) or b"") == b"on disk"
-    finally:
-        os.close(in_memory)
-        os.close(on_disk)
+        assert bytes(nowait.read_cached(on_disk, 100, 0, disk_dev) or b"") == b"on disk"
