@@ -24,6 +24,7 @@ import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import whiteout
 
@@ -395,30 +396,22 @@ def _empty_dir(path: str) -> int:
     return len(entries)
 
 
-def _load_renameat2() -> Callable[..., int] | None:
+def _load_libc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
+    """libc's NAME (returning int, errno kept for ctypes.get_errno), or None if this libc lacks it."""
     try:
-        func = ctypes.CDLL(None, use_errno=True).renameat2
-    except AttributeError:  # a libc without the wrapper (glibc < 2.28)
-        return None
-    func.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    func.restype = ctypes.c_int
-    return func
-
-
-_renameat2_func = _load_renameat2()
-
-
-def _load_sync_file_range() -> Callable[..., int] | None:
-    try:
-        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+        func = getattr(ctypes.CDLL(None, use_errno=True), name)
     except AttributeError:
         return None
-    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    func.argtypes = argtypes
     func.restype = ctypes.c_int
     return func
 
 
-_sync_file_range = _load_sync_file_range()
+# renameat2 has a glibc wrapper since 2.28; sync_file_range since long before.
+_renameat2_func = _load_libc_function(
+    "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+)
+_sync_file_range = _load_libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 def _renameat2(src: str, dst: str, flags: int) -> None:
