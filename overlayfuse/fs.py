@@ -102,10 +102,10 @@ def _fuse_error(code: int) -> pyfuse3.FUSEError:
 
 @dataclass(slots=True)
 class DirHandle:
-    """An open directory: its listing, merged once at opendir, so offsets stay stable under changes."""
+    """An open directory: its listing (in REPLIES), merged once at opendir, so offsets stay stable
+    under changes."""
 
     node: Node
-    entries: list[tuple[str, Resolved]]
     replies: ListingReplies
 
 
@@ -366,7 +366,7 @@ class OverlayOperations(pyfuse3.Operations):
         if replies is None or replies.entries is not entries:
             replies = self._replies[node.ino] = ListingReplies(entries, [None] * len(entries))
         handle = self._new_handle()
-        self._dirs[handle] = DirHandle(node, entries, replies)
+        self._dirs[handle] = DirHandle(node, replies)
         return handle
 
     @_boundary
@@ -384,9 +384,9 @@ class OverlayOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", _dot_attributes(node.parent), 2):
                 return
             start_id = 2
-        lower = handle.replies.lower
-        for index in range(start_id - 2, len(handle.entries)):
-            name, resolved = handle.entries[index]
+        entries, lower = handle.replies.entries, handle.replies.lower
+        for index in range(start_id - 2, len(entries)):
+            name, resolved = entries[index]
             reply = lower[index]
             if reply is None:
                 attrs = self._attributes(
