@@ -54,7 +54,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         try:
             workspace = Workspace.prepare(options.upperdir, options.workdir)
             style = whiteout.probe_marker_style(workspace.staging)
-            links = LinkIndex.prepare(options.workdir, style.opaque_xattr)
+            links = LinkIndex.prepare(options.workdir, style.opaque_xattr, stack.layers[0])
         except OSError as exc:
             raise MountError(f"workdir {options.workdir}: {exc.strerror or exc}") from None
         if not style.device_whiteouts:

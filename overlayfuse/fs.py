@@ -10,6 +10,7 @@ how it changes, is `merged`'s business.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
@@ -25,7 +26,7 @@ import pyfuse3
 from . import nowait, whiteout
 from .control import FreezeGate
 from .inodes import Node
-from .layers import Resolved
+from .layers import Fd, Resolved
 from .merged import Caller, MergedTree
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ CACHE_TIMEOUT = 86400.0
 #: Flags that make no sense on the real file: the kernel already created it (O_CREAT/O_EXCL), and
 #: O_DIRECT would need aligned buffers that Python bytes are not.
 _STRIP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+
+#: The first readdir offset of a name: 1 and 2 are the offsets after "." and "..".
+FIRST_COOKIE = 3
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _FD = TypeVar("_FD", bound="int | None")  # os.open gives an fd; nowait.open_cached may give None
@@ -102,16 +106,33 @@ def _fuse_error(code: int) -> pyfuse3.FUSEError:
 
 @dataclass(slots=True)
 class DirHandle:
-    """An open directory: its listing (in REPLIES), merged once at opendir, so offsets stay stable
-    under changes."""
+    """An open directory. Each readdir answers from the directory's listing as it is *then*, so a
+    name deleted before the reply is never sent, and never with another object's inode."""
 
     node: Node
-    replies: ListingReplies
+
+
+@dataclass(slots=True)
+class Cookies:
+    """A directory's readdir offsets: each name gets one the first time it is listed and keeps it
+    while the directory is known to the kernel, so an offset means the same place across changes
+    (a deleted name's offset is simply skipped; a new name comes after every old one)."""
+
+    by_name: dict[str, int]
+    next: int = FIRST_COOKIE
+
+    def of(self, name: str) -> int:
+        cookie = self.by_name.get(name)
+        if cookie is None:
+            cookie = self.by_name[name] = self.next
+            self.next += 1
+        return cookie
 
 
 @dataclass(slots=True)
 class ListingReplies:
-    """The readdirplus answers for one merged listing, built the first time each entry is sent.
+    """The readdirplus answers for one merged listing, in offset order, built the first time each
+    entry is sent.
 
     A lower entry's answer never changes while its listing stands (a copy-up, whiteout or rename
     in the directory replaces the listing), so a warm walk replays it instead of rebuilding it.
@@ -119,7 +140,11 @@ class ListingReplies:
     """
 
     entries: list[tuple[str, Resolved]]
+    """The listing, sorted by cookie."""
+    cookies: list[int]
     lower: list[tuple[bytes, pyfuse3.EntryAttributes] | None]
+    source: list[tuple[str, Resolved]]
+    """The listing object these replies were built from (replaced when the directory changes)."""
 
 
 @dataclass(slots=True)
@@ -128,7 +153,7 @@ class FileHandle:
 
     node: Node
     fd: int
-    path: str
+    resolved: Resolved
     writable: bool
     dev: int  # the real file's st_dev, for `nowait.read_cached`
 
@@ -144,6 +169,7 @@ class OverlayOperations(pyfuse3.Operations):
         self.read_only = read_only
         self._dirs: dict[int, DirHandle] = {}
         self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
+        self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
         self._files: dict[int, FileHandle] = {}
         self._next_handle = 1
 
@@ -177,9 +203,19 @@ class OverlayOperations(pyfuse3.Operations):
         attrs.st_ctime_ns = st.st_ctime_ns
         return attrs
 
-    def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
-        resolved = self.tree.fresh(node)
-        return self._attributes(node.ino, resolved, os.lstat(resolved.path))
+    async def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        st = await self._current_stat(node)
+        return self._attributes(node.ino, node.resolved, st)
+
+    async def _current_stat(self, node: Node) -> os.stat_result:
+        """NODE's object's lstat; if a change is moving it right now, after that change."""
+        st = self.tree.current_stat(node)
+        if st is None:
+            await self.tree.settled()
+            st = self.tree.current_stat(node)
+            if st is None:
+                raise _fuse_error(errno.ENOENT)
+        return st
 
     # -- lookup and attributes --------------------------------------------------------------------
 
@@ -199,10 +235,11 @@ class OverlayOperations(pyfuse3.Operations):
             self.inodes.forget(ino, count)
             if ino not in self.inodes:
                 self._replies.pop(ino, None)
+                self._cookies.pop(ino, None)
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._node_attributes(self.inodes.get(inode))
+        return await self._node_attributes(self.inodes.get(inode))
 
     @_boundary
     @_change
@@ -217,15 +254,16 @@ class OverlayOperations(pyfuse3.Operations):
         changes = _metadata_changes(attr, fields)
         if changes is not None:
             await self.tree.change_metadata(node, changes)
-        return self._node_attributes(node)
+        return await self._node_attributes(node)
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.fsencode(os.readlink(self.tree.fresh(self.inodes.get(inode)).path))
+        fd, rel = self.inodes.get(inode).resolved.at()
+        return os.fsencode(os.readlink(rel, dir_fd=fd.fd))
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        st = os.lstat(self.tree.fresh(self.inodes.get(inode)).path)
+        st = await self._current_stat(self.inodes.get(inode))
         if mode & os.W_OK and self.read_only:
             raise _fuse_error(errno.EROFS)
         return _permitted(st, mode, ctx)
@@ -290,18 +328,44 @@ class OverlayOperations(pyfuse3.Operations):
         async with self.gate if writing else contextlib.nullcontext():
             if writing:
                 self._check_writable()
-                resolved = await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
-            else:
-                resolved = self.tree.fresh(node)
-            fd = _open_real(resolved, flags, nowait.open_cached)
-            if fd is None:
-                fd = await self.tree.in_thread(_open_blocking, resolved, flags)
+                await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
+            resolved, fd = await self._open_node(node, flags)
+            if flags & os.O_TRUNC and ctx.uid != 0:
+                await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
             if not writing and not resolved.layer.writable:
                 nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
-        handle = self._new_handle()
-        self._files[handle] = FileHandle(node, fd, resolved.path, writing, resolved.stat.st_dev)
+        return self._file_info(FileHandle(node, fd, resolved, writing, resolved.stat.st_dev))
+
+    def _file_info(self, handle: FileHandle) -> pyfuse3.FileInfo:
+        number = self._new_handle()
+        self._files[number] = handle
+        handle.node.opened += 1
         # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        return pyfuse3.FileInfo(fh=number, keep_cache=True)
+
+    async def _open_node(self, node: Node, flags: int) -> tuple[Resolved, int]:
+        """Open NODE's real file: by its name in its held directory (inline when the caches can
+        answer), checked to be NODE's object; if a change is moving it, after that change; if its
+        last name is gone while it is open, through the object itself."""
+        for attempt in range(2):
+            resolved = node.resolved
+            if node.detached is not None and not node.names:
+                return resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+            try:
+                fd = _open_real(resolved, flags, nowait.open_cached)
+                if fd is None:
+                    fd = await self.tree.in_thread(_open_blocking, resolved, flags)
+            except FileNotFoundError:
+                fd = None
+            if fd is not None:
+                if resolved.same_object(os.fstat(fd)) or resolved.branches:
+                    return resolved, fd
+                os.close(fd)
+            if attempt == 0:
+                await self.tree.settled()
+        if node.detached is not None:
+            return node.resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+        raise _fuse_error(errno.ENOENT)
 
     @_boundary
     @_change
@@ -314,17 +378,16 @@ class OverlayOperations(pyfuse3.Operations):
             open_flags=flags,
         )  # fmt: skip
         assert fd is not None
-        handle = self._new_handle()
-        self._files[handle] = FileHandle(node, fd, node.resolved.path, True, node.resolved.stat.st_dev)
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True), self._node_attributes(node)
+        info = self._file_info(FileHandle(node, fd, node.resolved, True, node.resolved.stat.st_dev))
+        return info, await self._node_attributes(node)
 
     def _readable_fd(self, handle: FileHandle) -> int:
         """A read-only fd opened before a copy-up reads the upper copy afterwards, like the kernel's."""
-        current = self.tree.fresh(handle.node).path
-        if not handle.writable and current != handle.path:
-            fd = os.open(current, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        current = handle.node.resolved
+        if not handle.writable and current is not handle.resolved and not current.same_object(handle.resolved.stat):
+            fd = _open_real(current, os.O_RDONLY, _open_plain)
             os.close(handle.fd)
-            handle.fd, handle.path, handle.dev = fd, current, os.fstat(fd).st_dev
+            handle.fd, handle.resolved, handle.dev = fd, current, os.fstat(fd).st_dev
         return handle.fd
 
     @_boundary
@@ -355,26 +418,41 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh: int) -> None:
-        os.close(self._files.pop(fh).fd)
+        handle = self._files.pop(fh)
+        handle.node.opened -= 1
+        if not handle.node.opened:
+            handle.node.detached = None
+        os.close(handle.fd)
 
     # -- directories ------------------------------------------------------------------------------
 
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node, entries = await self.tree.list_dir(inode)
-        replies = self._replies.get(node.ino)
-        if replies is None or replies.entries is not entries:
-            replies = self._replies[node.ino] = ListingReplies(entries, [None] * len(entries))
+        node, _ = self.tree.directory(inode)
         handle = self._new_handle()
-        self._dirs[handle] = DirHandle(node, replies)
+        self._dirs[handle] = DirHandle(node)
         return handle
+
+    async def _replies_now(self, node: Node) -> ListingReplies:
+        """The directory's listing as it is now, with its replies in cookie order."""
+        _, entries = await self.tree.list_dir(node.ino)
+        replies = self._replies.get(node.ino)
+        if replies is None or replies.source is not entries:
+            cookies = self._cookies.get(node.ino)
+            if cookies is None:
+                cookies = self._cookies[node.ino] = Cookies({})
+            numbered = sorted((cookies.of(name), name, resolved) for name, resolved in entries)
+            replies = self._replies[node.ino] = ListingReplies(
+                [(name, resolved) for _, name, resolved in numbered], [c for c, _, _ in numbered],
+                [None] * len(numbered), entries,
+            )  # fmt: skip
+        return replies
 
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self._dirs[fh]
-        node = handle.node
-        # Offsets: 0 and 1 are "." and "..", then entries[i] has offset i + 2. The listing is a
-        # snapshot taken at opendir, so an offset always means the same entry.
+        node = self._dirs[fh].node
+        # Offsets: 1 and 2 follow "." and "..", then each name's cookie (see `Cookies`). Each call
+        # answers from the listing as it is now: a name deleted since the last call is not sent.
         # The kernel takes only the inode number and type from "." and "..": no stat for them.
         if start_id == 0:
             if not pyfuse3.readdir_reply(token, b".", _dot_attributes(node.ino), 1):
@@ -384,19 +462,22 @@ class OverlayOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", _dot_attributes(node.parent), 2):
                 return
             start_id = 2
-        entries, lower = handle.replies.entries, handle.replies.lower
-        for index in range(start_id - 2, len(entries)):
+        replies = await self._replies_now(node)
+        entries, lower, cookies = replies.entries, replies.lower, replies.cookies
+        for index in range(bisect.bisect_right(cookies, start_id), len(entries)):
             name, resolved = entries[index]
             reply = lower[index]
             if reply is None:
-                attrs = self._attributes(
-                    self.inodes.number_for(resolved), resolved,
-                    os.lstat(resolved.path) if resolved.layer.writable else resolved.stat,
-                )  # fmt: skip
+                st = resolved.stat
+                if resolved.layer.writable:
+                    st = _lstat_now(resolved)
+                    if st is None:
+                        continue  # gone since the listing was read: never send a stale pairing
+                attrs = self._attributes(self.inodes.number_for(resolved), resolved, st)
                 reply = (os.fsencode(name), attrs)
                 if not resolved.layer.writable:
                     lower[index] = reply
-            if not pyfuse3.readdir_reply(token, reply[0], reply[1], index + 3):
+            if not pyfuse3.readdir_reply(token, reply[0], reply[1], cookies[index]):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
             self.inodes.remember(node.ino, name, resolved, reply[1].st_ino)
@@ -416,7 +497,7 @@ class OverlayOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         self._check_writable()
         node, _ = await self.tree.create(parent_inode, os.fsdecode(name), mode, Caller(ctx.uid, ctx.gid), **kwargs)
-        return self._node_attributes(node)
+        return await self._node_attributes(node)
 
     @_boundary
     @_change
@@ -448,7 +529,7 @@ class OverlayOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         self._check_writable()
         node = await self.tree.link(inode, new_parent_inode, os.fsdecode(new_name))
-        return self._node_attributes(node)
+        return await self._node_attributes(node)
 
     @_boundary
     @_change
@@ -517,23 +598,55 @@ def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFiel
     return change
 
 
-def _open_real(resolved: Resolved, flags: int, opener: Callable[[str, int], _FD]) -> _FD:
-    """Open the real file behind RESOLVED with OPENER: ``os.open`` in a worker thread, or first
-    `nowait.open_cached` inline, which gives None where it would have to wait for the disk."""
+def _open_real(resolved: Resolved, flags: int, opener: Callable[[str, int, int], _FD]) -> _FD:
+    """Open the real file behind RESOLVED with OPENER (path, flags, dir_fd): ``os.open`` in a worker
+    thread, or first `nowait.open_cached` inline, which gives None where it would wait for the disk."""
     real_flags = (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd, rel = resolved.at()
     if not resolved.layer.writable:
         # Like the kernel: reading through the overlay does not touch lower atimes. O_NOATIME needs
         # file ownership or CAP_FOWNER; without them, open normally.
         try:
-            return opener(resolved.path, real_flags | os.O_NOATIME)
+            return opener(rel, real_flags | os.O_NOATIME, fd.fd)
         except PermissionError:
             pass
-    return opener(resolved.path, real_flags)
+    return opener(rel, real_flags, fd.fd)
+
+
+def _open_plain(path: str, flags: int, dir_fd: int) -> int:
+    return os.open(path, flags, dir_fd=dir_fd)
 
 
 def _open_blocking(resolved: Resolved, flags: int) -> int:
     """`_open_real` with plain ``os.open``, which may wait for the disk: for a worker thread."""
-    return _open_real(resolved, flags, os.open)
+    return _open_real(resolved, flags, _open_plain)
+
+
+def _reopen(detached: Fd, flags: int) -> int:
+    """Open a file that has no name left, through the descriptor that holds it."""
+    return os.open(detached.proc, (flags & ~_STRIP_FLAGS & ~os.O_TRUNC) | os.O_CLOEXEC)
+
+
+def _lstat_now(resolved: Resolved) -> os.stat_result | None:
+    """RESOLVED's lstat now, if its name still leads to the same object."""
+    try:
+        st = os.fstat(resolved.branches[0].fd.fd) if resolved.branches and resolved.branches[0].fd \
+            else resolved.dir.lstat(resolved.name) if resolved.dir is not None else os.lstat(resolved.path)
+    except FileNotFoundError:
+        return None
+    return st if resolved.same_object(st) else None
+
+
+def _drop_set_id(fd: int) -> None:
+    """What the kernel does when an unprivileged caller truncates a file (open with O_TRUNC
+    included): set-user-ID goes, and set-group-ID where group execute is set (else it is a
+    mandatory-locking mark, not a privilege)."""
+    mode = os.fstat(fd).st_mode
+    drop = stat.S_ISUID if mode & stat.S_ISUID else 0
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+        drop |= stat.S_ISGID
+    if drop:
+        os.fchmod(fd, stat.S_IMODE(mode) & ~drop)
 
 
 def _permitted(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bool:

@@ -21,6 +21,11 @@ number and so one kernel inode, with their real ``st_nlink``.
 Copy-up of a non-directory, and a directory moved by rename, get a new real object; the table *pins*
 the new object to the old number for the rest of the mount, so ``st_ino`` never changes while mounted.
 
+A node holds its real objects by descriptor (see `layers.Branch`): a directory's branches are opened
+when the node is made, and a non-directory is found by a name in its parent's held directory, kept
+pointing at a live name when the kernel unlinks or renames others (``names``), and held by a
+descriptor of its own (``detached``) once its last name is gone while it is open.
+
 Exceptions get a number from a reserved range, remembered for the life of the mount: a real inode
 number too wide for 56 bits, one that would equal the FUSE root's number (1), objects on a 255th
 filesystem, and two merged objects on one origin (overlapping layers).
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from .layers import Resolved
+from .layers import Fd, Resolved
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +67,25 @@ class Node:
 
     ino: int
     resolved: Resolved
-    """The object's topmost real file; for a directory also its branches. Checked against
-    `InodeTable.generation` before use, since a directory rename moves whole subtrees."""
+    """The object's topmost real file, found by its name in a held directory (``resolved.name`` is
+    one of the object's live names); for a directory also its branches, each held by descriptor."""
     parent: int
     name: str
-    """One live name of the object (parent inode, name): how to find it again."""
+    """One live name of the object (parent inode, name): where a copy-up puts it."""
     identity: Identity
-    checked: int = 0
-    """The table generation at which `resolved` was last known right."""
     lookups: int = 0
     names: set[Name] = field(default_factory=set)
     """Every name the kernel knows this object by (hardlinks have several)."""
+    opened: int = 0
+    """Open file handles on this object: if its last name goes meanwhile, it is `detached`."""
+    detached: Fd | None = None
+    """The object itself (O_PATH), once it has no name left but is still open (unlinked, in use)."""
     listing: list[tuple[str, Resolved]] | None = None
-    """A directory's merged listing, kept for the next opendir while nothing in it changes (the
+    """A directory's merged listing, kept for the next readdir while nothing in it changes (the
     kernel cannot cache listings for us: pyfuse3 gives opendir no way to ask for it)."""
-    listing_generation: int = -1
+    listing_epoch: int = -1
+    version: int = 0
+    """Bumped before and after every change in this directory: a listing read meanwhile is redone."""
 
     @property
     def is_dir(self) -> bool:
@@ -92,7 +101,6 @@ class InodeTable:
             self._fsids.setdefault(dev, len(self._fsids))
         self._pinned: dict[Identity, int] = {}
         self._next_allocated = 1
-        self.generation = 0
         root_identity = identity(root)
         self._pinned[root_identity] = ROOT_INODE
         self.root = Node(ROOT_INODE, root, ROOT_INODE, "", root_identity, lookups=1)
@@ -132,22 +140,24 @@ class InodeTable:
         ino = self._number(ident) if number is None else number
         node = self._nodes.get(ino)
         if node is None:
-            node = Node(ino, resolved, parent, name, ident, checked=self.generation)
+            _hold(resolved)
+            node = Node(ino, resolved, parent, name, ident)
             self._nodes[ino] = node
         elif node.is_dir or not node.resolved.layer.writable or resolved.layer.writable:
             # A hardlinked file copied up through another name keeps its upper copy: the kernel
             # already treats both names as this one inode.
+            _hold(resolved)
             node.resolved = resolved
-            node.checked = self.generation
             node.parent, node.name = parent, name
+            node.detached = None
         node.names.add((parent, name))
         node.lookups += 1
         return node
 
     def rebind(self, node: Node, resolved: Resolved) -> None:
         """NODE's object now lives elsewhere (copied up, moved): keep its number for the new one."""
+        _hold(resolved)
         node.resolved = resolved
-        node.checked = self.generation
         new_identity = identity(resolved)
         if new_identity != node.identity:
             self._pinned[new_identity] = node.ino
@@ -170,21 +180,19 @@ class InodeTable:
         node.names.discard(old)
         node.names.add(new)
         node.parent, node.name = new
-        if node.is_dir:
-            self.generation += 1  # everything below it moved: cached resolutions must be rechecked
 
-    def unlinked(self, node: Node, name: Name) -> None:
+    def unlinked(self, node: Node, name: Name) -> Name | None:
+        """NAME of NODE is gone; returns the live name NODE is now known by, if NAME was that one
+        and another is left (the caller re-resolves it there)."""
         node.names.discard(name)
         if (node.parent, node.name) == name and node.names:
             node.parent, node.name = next(iter(node.names))
+            return node.parent, node.name
+        return None
 
-    def path_of(self, node: Node) -> str:
-        """The merged path of NODE ("" for the root), through the names the kernel gave it."""
-        parts = []
-        while node.ino != ROOT_INODE:
-            parts.append(node.name)
-            node = self._nodes[node.parent]
-        return "/".join(reversed(parts))
+    def node_of(self, resolved: Resolved) -> Node | None:
+        """The node the kernel knows RESOLVED's object by, if any."""
+        return self._nodes.get(self.number_for(resolved))
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped COUNT references; a node nobody references is freed (never the root)."""
@@ -213,3 +221,9 @@ class InodeTable:
         self._next_allocated += 1
         self._pinned[ident] = ino
         return ino
+
+
+def _hold(resolved: Resolved) -> None:
+    """A node keeps its directories open: pin every branch (see `layers.Branch.pin`)."""
+    for branch in resolved.branches:
+        branch.pin()

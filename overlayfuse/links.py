@@ -24,6 +24,9 @@ import os
 import stat
 from dataclasses import dataclass
 
+from .layers import Branch, Layer, Resolved, root_branch
+from .whiteout import NO_MARKERS
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "overlayfuse-index"
@@ -35,30 +38,34 @@ class LinkIndex:
     directory: str
     count_xattr: str
     """``trusted.`` or ``user.`` + the counter's name, in the namespace this mount may write."""
+    branch: Branch
+    """The index directory, held: resolutions of index entries live in it."""
 
     @classmethod
-    def prepare(cls, workdir: str, opaque_xattr: str) -> LinkIndex:
+    def prepare(cls, workdir: str, opaque_xattr: str, upper: Layer) -> LinkIndex:
         directory = os.path.join(workdir, INDEX_NAME)
         try:
             os.mkdir(directory, 0o700)
         except FileExistsError:
             pass
         namespace = opaque_xattr.split(".", 1)[0]
-        return cls(directory, f"{namespace}.{_COUNT_SUFFIX}")
+        index_layer = Layer(upper.index, directory, True)
+        return cls(directory, f"{namespace}.{_COUNT_SUFFIX}", root_branch(index_layer, NO_MARKERS))
 
     def entry(self, lower: os.stat_result) -> str:
         return os.path.join(self.directory, f"{lower.st_dev:x}-{lower.st_ino:x}")
 
-    def holds(self, path: str) -> bool:
-        return os.path.dirname(path) == self.directory
+    def holds(self, resolved: Resolved) -> bool:
+        """Whether RESOLVED is an index entry (a copy known to no upper name yet)."""
+        return resolved.dir is self.branch
 
-    def find(self, lower: os.stat_result) -> tuple[str, os.stat_result] | None:
+    def find(self, lower: os.stat_result, upper: Layer) -> Resolved | None:
         """The upper copy of a hardlinked lower file, if one of its names was copied up."""
         if stat.S_ISDIR(lower.st_mode) or lower.st_nlink < 2:
             return None
-        path = self.entry(lower)
+        name = os.path.basename(self.entry(lower))
         try:
-            return path, os.lstat(path)
+            return Resolved(upper, self.branch, name, self.branch.lstat(name), ())
         except FileNotFoundError:
             return None
 
@@ -89,11 +96,12 @@ class LinkIndex:
             log.warning("%s: unreadable %s, counting no lower links", path, self.count_xattr)
             return 0
 
-    def link_count(self, path: str, st: os.stat_result) -> int:
+    def link_count(self, resolved: Resolved, st: os.stat_result) -> int:
         """st_nlink as the merged view shows it: upper names (less the index's) and lower names left."""
         # A single link is a plain file, unless it is the index entry alone: every upper name of the
         # copy is gone and only lower names still show it.
-        if stat.S_ISDIR(st.st_mode) or (st.st_nlink < 2 and not self.holds(path)):
+        if stat.S_ISDIR(st.st_mode) or (st.st_nlink < 2 and not self.holds(resolved)):
             return st.st_nlink
+        path = resolved.path
         lower = self.lower_names(path)
         return st.st_nlink if lower is None else st.st_nlink - 1 + lower

@@ -24,8 +24,8 @@ import trio
 
 from . import copyup, layers, upper
 from .copyup import Workspace
-from .inodes import ROOT_INODE, InodeTable, Node
-from .layers import Branch, LayerStack, Resolved
+from .inodes import InodeTable, Name, Node
+from .layers import Branch, Fd, LayerStack, Resolved
 from .links import LinkIndex
 from .upper import NewObject
 from .whiteout import NO_MARKERS, MarkerStyle
@@ -67,6 +67,9 @@ class MergedTree:
         )
         self.io = trio.CapacityLimiter(IO_THREADS)
         self._changes = trio.Lock()
+        self.listing_epoch = 0
+        """Bumped by changes whose effect reaches other directories' listings (a hardlinked file
+        copied up shows in every directory holding one of its lower names; a tree copied up)."""
 
     @property
     def writable(self) -> bool:
@@ -75,30 +78,45 @@ class MergedTree:
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(func, *args, limiter=self.io)
 
+    async def settled(self) -> None:
+        """Wait until the change in flight (if any) is done: its objects are where it put them."""
+        async with self._changes:
+            pass
+
     # -- reading -----------------------------------------------------------------------------------
 
     def fresh(self, node: Node) -> Resolved:
-        """NODE's resolution, re-checked after a directory rename moved things around."""
-        if node.checked == self.inodes.generation:
-            return node.resolved
-        if node.ino == ROOT_INODE:
-            resolved = self.stack.resolve_root()
-        else:
-            parent = self.inodes.get(node.parent)
-            found = self.find(self.fresh(parent), node.name)
-            if found is None:
-                raise _error(errno.ENOENT, node.name)
-            resolved = found
-        node.resolved = resolved
-        node.checked = self.inodes.generation
-        return resolved
+        """NODE's resolution: its directories are held by descriptor, so it stays right when an
+        ancestor is renamed; every change that moves or replaces NODE's own object rebinds it."""
+        return node.resolved
 
     def directory(self, ino: int) -> tuple[Node, Resolved]:
         node = self.inodes.get(ino)
-        resolved = self.fresh(node)
-        if not resolved.is_dir:
+        if not node.resolved.is_dir:
             raise _error(errno.ENOTDIR)
-        return node, resolved
+        return node, node.resolved
+
+    def current_stat(self, node: Node) -> os.stat_result | None:
+        """NODE's object's lstat now, or None when its name does not lead to it at this moment (a
+        change is moving it, or its last name is gone): the caller waits for `settled` and asks again."""
+        resolved = node.resolved
+        if resolved.branches:
+            top = resolved.branches[0]
+            if top.fd is not None:
+                return os.fstat(top.fd.fd)
+        if node.detached is not None and not node.names:
+            return os.fstat(node.detached.fd)
+        try:
+            if resolved.dir is None:
+                return os.lstat(resolved.path)
+            st = resolved.dir.lstat(resolved.name)
+        except FileNotFoundError:
+            st = None
+        if st is not None and resolved.same_object(st):
+            return st
+        if node.detached is not None:
+            return os.fstat(node.detached.fd)
+        return None
 
     def find(self, parent: Resolved, name: str) -> Resolved | None:
         return self._through_index(layers.lookup(parent.branches, name))
@@ -107,17 +125,17 @@ class MergedTree:
         """A lower name of a hardlinked file whose other name was copied up shows the upper copy."""
         if resolved is None or self.links is None or resolved.layer.writable:
             return resolved
-        hit = self.links.find(resolved.stat)
-        if hit is None:
-            return resolved
-        return Resolved(self.stack.layers[0], hit[0], hit[1], ())
+        return self.links.find(resolved.stat, self.stack.layers[0]) or resolved
+
+    def _indexed(self, resolved: Resolved) -> bool:
+        return self.links is not None and self.links.holds(resolved)
 
     def link_count(self, resolved: Resolved, st: os.stat_result) -> int:
         if resolved.is_merged:
             return 1  # like the kernel: a merged directory's count cannot be known cheaply
         if self.links is None or not resolved.layer.writable:
             return st.st_nlink
-        return self.links.link_count(resolved.path, st)
+        return self.links.link_count(resolved, st)
 
     def lookup(self, parent_ino: int, name: str) -> Node:
         """Resolve NAME in a directory and count one kernel reference to it."""
@@ -126,83 +144,105 @@ class MergedTree:
             return self.inodes.remember(parent.parent, parent.name, parent_res)
         if name == "..":
             grandparent = self.inodes.get(parent.parent)
-            return self.inodes.remember(grandparent.parent, grandparent.name, self.fresh(grandparent))
+            return self.inodes.remember(grandparent.parent, grandparent.name, grandparent.resolved)
         found = self.find(parent_res, name)
         if found is None:
             raise _error(errno.ENOENT, name)
         return self.inodes.remember(parent.ino, name, found)
 
     async def list_dir(self, ino: int) -> tuple[Node, list[tuple[str, Resolved]]]:
-        """A directory's merged listing: read and merged once, then replayed until it changes.
+        """A directory's merged listing as it is now: read and merged once, then replayed until
+        something in it changes.
 
         Entries of lower objects carry their stat, which never changes; callers must re-stat upper
-        ones. The list itself is never mutated, so an open directory keeps a stable snapshot.
+        ones. A listing read while a change in the directory was under way is read again (each change
+        bumps the directory's version when it starts and when it ends).
         """
         node, resolved = self.directory(ino)
-        if node.listing is not None and node.listing_generation == self.inodes.generation:
-            return node, node.listing
+        for _ in range(_LISTING_TRIES):
+            if node.listing is not None and node.listing_epoch == self.listing_epoch:
+                return node, node.listing
+            version, epoch = node.version, self.listing_epoch
+            entries = await self._read_listing(node.resolved)
+            if node.version == version and self.listing_epoch == epoch:
+                node.listing, node.listing_epoch = entries, epoch
+                return node, entries
+        async with self._changes:  # busy directory: read it with changes held back
+            entries = await self._read_listing(node.resolved)
+            node.listing, node.listing_epoch = entries, self.listing_epoch
+        return node, entries
+
+    async def _read_listing(self, resolved: Resolved) -> list[tuple[str, Resolved]]:
         entries = await self.in_thread(layers.list_dir, resolved.branches)
         if self.links is not None:
             entries = [(name, self._through_index(r) or r) for name, r in entries]
-        node.listing, node.listing_generation = entries, self.inodes.generation
-        return node, entries
+        return entries
 
     def _changed(self, directory: Node) -> None:
-        """Something in DIRECTORY changed: its cached listing is stale."""
+        """Something in DIRECTORY changes (called before and after): its cached listing is stale."""
         directory.listing = None
+        directory.version += 1
 
     # -- copy-up -----------------------------------------------------------------------------------
-
-    def _upper_path(self, node: Node) -> str:
-        assert self.workspace is not None
-        path = self.inodes.path_of(node)
-        return os.path.join(self.workspace.upper, path) if path else self.workspace.upper
 
     async def _ensure_upper(self, node: Node, *, size: int | None = None) -> Resolved:
         """Copy NODE (and its missing parents, top down) into the upper dir; caller holds the lock.
 
         SIZE: the file is about to be truncated to SIZE, so only that much data is copied.
         """
-        resolved = self.fresh(node)
-        if resolved.layer.writable and not (self.links and self.links.holds(resolved.path)):
+        resolved = node.resolved
+        if resolved.layer.writable and not self._indexed(resolved):
             return resolved
-        ws, style = self._require_writable()
-        parent = self.inodes.get(node.parent)
-        parent_res = await self._ensure_upper(parent)
-        self._changed(parent)
-        if resolved.layer.writable:  # known only through the link index
-            return await self._name_indexed_copy(node, resolved, parent_res)
-        target = self._upper_path(node)
-        upper_layer = self.stack.layers[0]
-        # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
-        if size is None:
-            st = await self.in_thread(upper.keeping_times, parent_res.path, copyup.copy_up, ws, resolved.path, target)
-        else:
-            st = await self.in_thread(
-                upper.keeping_times, parent_res.path, copyup.copy_up_size, ws, resolved.path, target, size
-            )
-        if self.links is not None and not resolved.is_dir and resolved.stat.st_nlink > 1:
-            await self.in_thread(self.links.add, resolved.stat, target)
-        branches: tuple[Branch, ...] = ()
-        if resolved.is_dir:
-            top = Branch(upper_layer, target, NO_MARKERS, st.st_dev, st.st_ino)
-            branches = (top,) + resolved.branches
-        copied = Resolved(upper_layer, target, st, branches)
-        self.inodes.rebind(node, copied)
-        log.debug("copied up %s", target)
-        return copied
+        missing = []  # ancestors not yet in upper, nearest first (the root always is)
+        ancestor = self.inodes.get(node.parent)
+        while not ancestor.resolved.layer.writable:
+            missing.append(ancestor)
+            ancestor = self.inodes.get(ancestor.parent)
+        for directory in reversed(missing):
+            await self._copy_up_one(directory, None)
+        return await self._copy_up_one(node, size)
 
-    async def _name_indexed_copy(self, node: Node, indexed: Resolved, parent_res: Resolved) -> Resolved:
+    async def _copy_up_one(self, node: Node, size: int | None) -> Resolved:
+        """Copy NODE alone into its parent's upper dir, which exists."""
+        ws, _ = self._require_writable()
+        resolved = node.resolved
+        parent = self.inodes.get(node.parent)
+        into = parent.resolved.branches[0]
+        self._changed(parent)
+        try:
+            if self._indexed(resolved):
+                return await self._name_indexed_copy(node, resolved, into)
+            target = into.child(node.name)
+            # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
+            if size is None:
+                st = await self.in_thread(upper.keeping_times, into.path, copyup.copy_up, ws, resolved.path, target)
+            else:
+                st = await self.in_thread(
+                    upper.keeping_times, into.path, copyup.copy_up_size, ws, resolved.path, target, size
+                )
+            if self.links is not None and not resolved.is_dir and resolved.stat.st_nlink > 1:
+                await self.in_thread(self.links.add, resolved.stat, target)
+                self.listing_epoch += 1  # its other lower names, wherever they are, show the copy now
+            upper_layer = self.stack.layers[0]
+            branches: tuple[Branch, ...] = ()
+            if resolved.is_dir:
+                top = Branch(upper_layer, into, node.name, NO_MARKERS, st.st_dev, st.st_ino)
+                branches = (top,) + resolved.branches
+            copied = Resolved(upper_layer, into, node.name, st, branches)
+            self.inodes.rebind(node, copied)
+            log.debug("copied up %s", node.name)
+            return copied
+        finally:
+            self._changed(parent)
+
+    async def _name_indexed_copy(self, node: Node, indexed: Resolved, into: Branch) -> Resolved:
         """A lower name whose file was copied up through another name: link the copy to it in upper."""
         assert self.links is not None
         ws, style = self._require_writable()
         link = NewObject(indexed.stat.st_mode, 0, 0, link_source=indexed.path)
-        st, _ = await self.in_thread(
-            upper.keeping_times, parent_res.path, upper.create, ws, style, parent_res.path, node.name, link
-        )
-        target = self._upper_path(node)
-        await self.in_thread(self.links.covered, target)
-        linked = Resolved(self.stack.layers[0], target, st, ())
+        st, _ = await self.in_thread(upper.keeping_times, into.path, upper.create, ws, style, into.path, node.name, link)
+        await self.in_thread(self.links.covered, into.child(node.name))
+        linked = Resolved(self.stack.layers[0], into, node.name, st, ())
         self.inodes.rebind(node, linked)
         return linked
 
@@ -235,14 +275,18 @@ class MergedTree:
             if self.find(parent_res, name) is not None:
                 raise _error(errno.EEXIST, name)
             parent_res = await self._ensure_upper(parent)
-            self._changed(parent)
+            into = parent_res.branches[0]
             gid = caller.gid
             if parent_res.stat.st_mode & stat.S_ISGID:
                 gid = parent_res.stat.st_gid  # BSD group semantics of setgid directories
                 if stat.S_ISDIR(mode):
                     mode |= stat.S_ISGID
             obj = NewObject(mode, caller.uid, gid, rdev, symlink_target, "", open_flags)
-            st, fd = await self.in_thread(upper.create, ws, style, parent_res.path, name, obj)
+            self._changed(parent)
+            try:
+                st, fd = await self.in_thread(upper.create, ws, style, into.path, name, obj)
+            finally:
+                self._changed(parent)
             return self._remember_new(parent, parent_res, name, st), fd
 
     async def link(self, ino: int, parent_ino: int, name: str) -> Node:
@@ -252,20 +296,26 @@ class MergedTree:
             if self.find(parent_res, name) is not None:
                 raise _error(errno.EEXIST, name)
             node = self.inodes.get(ino)
+            if not node.names and node.detached is not None:
+                raise _error(errno.ENOENT, name)  # no name left to link to (the kernel refuses too)
             source = await self._ensure_upper(node)
             parent_res = await self._ensure_upper(parent)
-            self._changed(parent)
+            into = parent_res.branches[0]
             obj = NewObject(source.stat.st_mode, 0, 0, link_source=source.path)
-            st, _ = await self.in_thread(upper.create, ws, style, parent_res.path, name, obj)
+            self._changed(parent)
+            try:
+                st, _ = await self.in_thread(upper.create, ws, style, into.path, name, obj)
+            finally:
+                self._changed(parent)
             return self._remember_new(parent, parent_res, name, st)
 
     def _remember_new(self, parent: Node, parent_res: Resolved, name: str, st: os.stat_result) -> Node:
-        path = os.path.join(parent_res.path, name)
-        resolved = layers.resolve_alone(self.stack.layers[0], path, st)
+        into = parent_res.branches[0]
+        resolved = layers.resolve_alone(self.stack.layers[0], into, name, st)
         if resolved.is_dir and not resolved.branches[0].markers.opaque:
             lower = layers.lookup(self.stack.lower_part(parent_res.branches), name)
             if lower is not None and lower.is_dir:
-                resolved = Resolved(resolved.layer, path, st, resolved.branches + lower.branches)
+                resolved = Resolved(resolved.layer, into, name, st, resolved.branches + lower.branches)
         return self.inodes.remember(parent.ino, name, resolved)
 
     async def remove(self, parent_ino: int, name: str, *, directory: bool) -> None:
@@ -283,18 +333,42 @@ class MergedTree:
             if directory and await self.in_thread(layers.list_dir, victim.branches):
                 raise _error(errno.ENOTEMPTY, name)
             parent_res = await self._ensure_upper(parent)
-            self._changed(parent)
             await self._index_lower_link(victim)
             leave_whiteout = self._lower_has(parent_res, name)
-            await self.in_thread(
-                lambda: upper.remove(ws, style, parent_res.path, name, leave_whiteout=leave_whiteout)
-            )
-            if self.links is not None and self.links.holds(victim.path):
-                await self.in_thread(self.links.covered, victim.path)
+            into = parent_res.branches[0]
+            victim_node = self.inodes.node_of(victim)
+            self._prepare_detach(victim_node, victim, (parent.ino, name))
+            self._changed(parent)
+            try:
+                await self.in_thread(
+                    lambda: upper.remove(ws, style, into.path, name, leave_whiteout=leave_whiteout)
+                )
+                if self.links is not None and self.links.holds(victim):
+                    await self.in_thread(self.links.covered, victim.path)
+            finally:
+                self._changed(parent)
             self._forget_object(victim)
-            victim_ino = self.inodes.number_for(victim)
-            if victim_ino in self.inodes:
-                self.inodes.unlinked(self.inodes.get(victim_ino), (parent.ino, name))
+            if victim_node is not None:
+                self._name_gone(victim_node, (parent.ino, name))
+
+    def _prepare_detach(self, node: Node | None, resolved: Resolved, name: Name) -> None:
+        """NODE is about to lose NAME: if that is its last known name and it is open, hold the object
+        itself, so fstat, read and write on the open file go on working (st_nlink 0 if no name is
+        left on disk either, as on any filesystem)."""
+        if node is None or node.is_dir or not node.opened or node.names - {name}:
+            return
+        fd, rel = resolved.at()
+        node.detached = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
+
+    def _name_gone(self, node: Node, name: Name) -> None:
+        """NAME of NODE was unlinked or overwritten: keep NODE found by another of its names."""
+        other = self.inodes.unlinked(node, name)
+        if other is None or node.is_dir:
+            return
+        parent = self.inodes.get(other[0])
+        found = self.find(parent.resolved, other[1])
+        if found is not None and not found.is_dir:
+            self.inodes.rebind(node, found)
 
     async def rename(self, old_ino: int, old_name: str, new_ino: int, new_name: str, flags: int) -> None:
         """rename(2) and renameat2's NOREPLACE and EXCHANGE, over the merged view.
@@ -327,9 +401,16 @@ class MergedTree:
             try:
                 if source_node is target_node:
                     return  # two names of one file: rename(2) does nothing
-                await self._rename_in_upper(
-                    ws, style, (old_parent, old_name, source_node), (new_parent, new_name, target_node), exchange
-                )
+                self._changed(old_parent)
+                self._changed(new_parent)
+                try:
+                    await self._rename_in_upper(
+                        ws, style, (old_parent, old_name, source_node), (new_parent, new_name, target_node),
+                        exchange,
+                    )  # fmt: skip
+                finally:
+                    self._changed(old_parent)
+                    self._changed(new_parent)
             finally:
                 self.inodes.forget(source_node.ino, 1)
                 if target_node is not None:
@@ -341,20 +422,20 @@ class MergedTree:
     ) -> None:  # fmt: skip
         old_parent, old_name, source_node = old
         new_parent, new_name, target_node = new
-        old_res = await self._ensure_upper(old_parent)
-        new_res = await self._ensure_upper(new_parent)
-        self._changed(old_parent)
-        self._changed(new_parent)
+        await self._ensure_upper(old_parent)
+        await self._ensure_upper(new_parent)
         await self._make_movable(ws, style, source_node)
         if exchange:
             assert target_node is not None
             await self._make_movable(ws, style, target_node)
-        old_res, new_res = self.fresh(old_parent), self.fresh(new_parent)
+        old_res, new_res = old_parent.resolved, new_parent.resolved
         overwritten = target_node.resolved if target_node is not None and not exchange else None
         if overwritten is not None:
             await self._index_lower_link(overwritten)
-        source_path = os.path.join(old_res.path, old_name)
-        target_path = os.path.join(new_res.path, new_name)
+            self._prepare_detach(target_node, overwritten, (new_parent.ino, new_name))
+        old_dir, new_dir = old_res.branches[0], new_res.branches[0]
+        source_path = old_dir.child(old_name)
+        target_path = new_dir.child(new_name)
         if exchange:
             await self.in_thread(
                 lambda: upper.exchange(
@@ -376,17 +457,17 @@ class MergedTree:
             if exchange:
                 self.inodes.renamed(target_node, new_key, old_key)
             else:
-                self.inodes.unlinked(target_node, new_key)
+                self._name_gone(target_node, new_key)
         self.inodes.renamed(source_node, old_key, new_key)
         if overwritten is not None:
-            if self.links is not None and self.links.holds(overwritten.path):
+            if self.links is not None and self.links.holds(overwritten):
                 await self.in_thread(self.links.covered, overwritten.path)
             self._forget_object(overwritten)
         # Only the moved objects get their new place: an overwritten target is gone, and its number
         # must not follow whatever now sits at its old name.
         for node in (source_node, target_node) if exchange else (source_node,):
             assert node is not None
-            found = self.find(self.fresh(self.inodes.get(node.parent)), node.name)
+            found = self.find(self.inodes.get(node.parent).resolved, node.name)
             if found is not None:
                 self.inodes.rebind(node, found)
 
@@ -405,23 +486,26 @@ class MergedTree:
         entry = self.links.entry(victim.stat)
         await self.in_thread(copyup.copy_up, self.workspace, victim.path, entry)
         await self.in_thread(self.links.set_lower_names, entry, victim.stat.st_nlink - 1)
+        self.listing_epoch += 1
 
     async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node) -> None:
         """An object about to be renamed must live wholly in upper: copy it up, a directory with its
-        lower content too."""
+        lower content too. Nothing of a tree copy that fails (ENOSPC, say) is left behind."""
         resolved = await self._ensure_upper(node)
         if resolved.is_dir and len(resolved.branches) > 1:
-            copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved, resolved.path)
+            copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved)
+            self.listing_epoch += 1
             for old, new in copied:
                 self.inodes.pin(old, new)
-            alone = await self.in_thread(layers.resolve_alone, resolved.layer, resolved.path)
+            assert resolved.dir is not None
+            alone = await self.in_thread(layers.resolve_alone, resolved.layer, resolved.dir, resolved.name)
             self.inodes.rebind(node, alone)
-            self.inodes.generation += 1
+            self._changed(node)
 
     # -- attributes --------------------------------------------------------------------------------
 
     async def truncate(self, node: Node, size: int) -> Resolved:
-        resolved = self.fresh(node)
+        resolved = node.resolved
         if not resolved.layer.writable:
             resolved = await self.copy_up(node, size=size)
         await self.in_thread(os.truncate, resolved.path, size)
@@ -433,3 +517,6 @@ class MergedTree:
         await self.in_thread(change, resolved.path)
         return resolved
 
+
+#: Optimistic reads of a listing before taking the change lock (a directory under constant change).
+_LISTING_TRIES = 3

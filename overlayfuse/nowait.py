@@ -50,14 +50,15 @@ _read_refused: set[int] = set()
 _WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EINVAL, errno.ENOSYS, errno.E2BIG, errno.EOPNOTSUPP})
 
 
-def open_cached(path: str, flags: int) -> int | None:
-    """``os.open(PATH, FLAGS)`` if every step of PATH is cached; None if it would wait (or cannot
-    be tried: flags openat2 refuses, such as O_CREAT, or no openat2); OSError as ``os.open`` would."""
+def open_cached(path: str, flags: int, dir_fd: int = _AT_FDCWD) -> int | None:
+    """``os.open(PATH, FLAGS, dir_fd=DIR_FD)`` if every step of PATH is cached; None if it would wait
+    (or cannot be tried: flags openat2 refuses, such as O_CREAT, or no openat2); OSError as
+    ``os.open`` would."""
     global _open_supported
     if not _open_supported:
         return None
     how = _OpenHow(flags, 0, _RESOLVE_CACHED)
-    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    fd = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
     if fd >= 0:
         return fd
     code = ctypes.get_errno()

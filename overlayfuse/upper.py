@@ -16,13 +16,13 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import copyup, layers, whiteout
 from .copyup import Workspace
-from .layers import Resolved
+from .layers import Branch, Resolved
 from .links import LinkIndex
 from .whiteout import MarkerStyle
 
@@ -167,9 +167,9 @@ def exchange(style: MarkerStyle, a: str, b: str, *, opaque_at_a: bool, opaque_at
 
 
 def copy_up_tree(
-    ws: Workspace, style: MarkerStyle, links: LinkIndex | None, merged: Resolved, upper_dir: str
+    ws: Workspace, style: MarkerStyle, links: LinkIndex | None, merged: Resolved
 ) -> list[tuple[Resolved, Resolved]]:
-    """Make UPPER_DIR hold the whole merged content of MERGED, then mark it opaque.
+    """Make MERGED's upper directory hold its whole merged content, then mark it opaque.
 
     This is how a directory with lower content becomes movable (the kernel answers EXDEV there unless
     redirect_dir is on): after it, the directory no longer depends on its lower paths. It costs a copy
@@ -177,36 +177,93 @@ def copy_up_tree(
     link index, so their names stay one file. Whiteouts left inside are dropped: below an opaque
     directory they hide nothing. Returns (old, new) resolutions of every object whose real file
     changed, so inode numbers can be kept.
+
+    All or nothing: if a copy fails (ENOSPC, EIO...), everything this call added is removed again, in
+    reverse order, and the error is raised; the upper dir is as it was.
     """
     layer = merged.layer
+    top = merged.branches[0]
     copied: list[tuple[Resolved, Resolved]] = []
-    top = os.lstat(upper_dir)
-    dir_times = {upper_dir: (top.st_atime_ns, top.st_mtime_ns)}
-    for child, path in _walk_merged(merged, upper_dir):
-        if child.is_dir:
-            dir_times[path] = (child.stat.st_atime_ns, child.stat.st_mtime_ns)
-        if child.layer.writable:
-            if child.is_merged:  # stays, but loses its lower branches: keep its number
-                copied.append((child, layers.resolve_alone(layer, path)))
-            elif links is not None and links.holds(child.path):
-                os.link(child.path, path)
-                links.covered(path)
-            continue
-        indexed = links.find(child.stat) if links is not None else None
-        if indexed is not None:
-            assert links is not None
-            os.link(indexed[0], path)  # another name of this file was copied up before
-            links.covered(path)
-            continue
-        st = copyup.copy_up(ws, child.path, path)
-        if links is not None and not child.is_dir and child.stat.st_nlink > 1:
-            links.add(child.stat, path)
-        copied.append((child, layers.resolve_alone(layer, path, st)))
-    whiteout.mark_opaque(upper_dir, style)
-    for directory, times in dir_times.items():
-        clear_markers(directory)
-        os.utime(directory, ns=times, follow_symlinks=False)  # copying into it was no visible change
+    added: list[tuple[Branch, str, bool]] = []  # (directory, name, is a directory), in creation order
+    indexed: list[str] = []
+    st = os.fstat(top.fd.fd) if top.fd is not None else os.lstat(top.path)
+    dir_times = [(top, (st.st_atime_ns, st.st_mtime_ns))]
+    try:
+        _copy_tree(ws, links, merged, top, layer, copied, added, indexed, dir_times)
+        whiteout.mark_opaque(top.path, style)
+    except BaseException:
+        _undo(added, indexed)
+        raise
+    for directory, times in dir_times:
+        clear_markers(directory.path)
+        os.utime(directory.path, ns=times, follow_symlinks=False)  # copying into it was no visible change
     return copied
+
+
+def _copy_tree(
+    ws: Workspace, links: LinkIndex | None, merged: Resolved, into: Branch, layer: layers.Layer,
+    copied: list[tuple[Resolved, Resolved]], added: list[tuple[Branch, str, bool]], indexed: list[str],
+    dir_times: list[tuple[Branch, tuple[int, int]]],
+) -> None:  # fmt: skip
+    """Copy what MERGED shows into INTO (its upper directory, held), depth first, iteratively, with
+    every directory held by descriptor while its children are copied (no path grows with depth)."""
+    pending: list[tuple[Resolved, Branch]] = [(merged, into)]
+    while pending:
+        source, target_dir = pending.pop()
+        for branch in source.branches:
+            branch.pin()
+        for name, child in layers.list_dir(source.branches):
+            path = target_dir.child(name)
+            if child.layer.writable:
+                if child.is_merged:  # stays, but loses its lower branches: keep its number
+                    copied.append((child, layers.resolve_alone(layer, target_dir, name)))
+                elif links is not None and links.holds(child):
+                    os.link(child.path, path)
+                    added.append((target_dir, name, False))
+                    links.covered(path)
+            else:
+                copy = links.find(child.stat, layer) if links is not None else None
+                if copy is not None:
+                    assert links is not None
+                    os.link(copy.path, path)  # another name of this file was copied up before
+                    added.append((target_dir, name, False))
+                    links.covered(path)
+                else:
+                    st = copyup.copy_up(ws, child.path, path)
+                    added.append((target_dir, name, child.is_dir))
+                    if links is not None and not child.is_dir and child.stat.st_nlink > 1:
+                        links.add(child.stat, path)
+                        indexed.append(links.entry(child.stat))
+                    copied.append((child, layers.resolve_alone(layer, target_dir, name, st)))
+            if child.is_dir:
+                below = Branch(layer, target_dir, name, whiteout.NO_MARKERS, *_dev_ino(target_dir, name)).pin()
+                dir_times.append((below, (child.stat.st_atime_ns, child.stat.st_mtime_ns)))
+                pending.append((child, below))
+
+
+def _dev_ino(directory: Branch, name: str) -> tuple[int, int]:
+    st = directory.lstat(name)
+    return st.st_dev, st.st_ino
+
+
+def _undo(added: list[tuple[Branch, str, bool]], indexed: list[str]) -> None:
+    """Remove what a failed `copy_up_tree` added, newest first (children before their parents)."""
+    for directory, name, is_dir in reversed(added):
+        fd, rel = directory.at()
+        target = name if rel == "." else f"{rel}/{name}"
+        try:
+            if is_dir:
+                clear_markers(directory.child(name))
+                os.rmdir(target, dir_fd=fd.fd)
+            else:
+                os.unlink(target, dir_fd=fd.fd)
+        except OSError as exc:
+            log.error("could not undo part of a failed directory copy: %s/%s: %s", rel, name, exc)
+    for entry in indexed:
+        try:
+            os.unlink(entry)
+        except OSError:
+            pass
 
 
 def keeping_times(directory: str, change: Callable[..., T], *args: Any) -> T:
@@ -215,15 +272,6 @@ def keeping_times(directory: str, change: Callable[..., T], *args: Any) -> T:
     result = change(*args)
     os.utime(directory, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
     return result
-
-
-def _walk_merged(merged: Resolved, upper_dir: str) -> Iterator[tuple[Resolved, str]]:
-    """Every object below MERGED, parents before children, with the upper path it maps to."""
-    for name, child in layers.list_dir(merged.branches):
-        path = os.path.join(upper_dir, name)
-        yield child, path
-        if child.is_dir:
-            yield from _walk_merged(child, path)
 
 
 def clear_markers(dir_path: str) -> None:

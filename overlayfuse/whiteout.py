@@ -247,8 +247,10 @@ def mark_opaque_fd(dir_fd: int, xattr: str = TRUSTED_OPAQUE) -> None:
 def remove_oci_whiteout(layer_dir: str, name: str) -> None:
     try:
         os.unlink(os.path.join(layer_dir, oci_whiteout_name(name)))
-    except FileNotFoundError:
-        pass
+    except OSError as exc:
+        # A 252+ byte NAME has no whiteout to remove: its ".wh." form is too long to exist.
+        if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
+            raise
 
 
 def mark_opaque(dir_path: str, style: MarkerStyle) -> None:

@@ -63,7 +63,7 @@ def test_copied_up_file_keeps_its_number(tmp_path: Path) -> None:
     copy = tmp_path / "upper" / "a"
     copy.write_bytes(b"x")
     st = os.lstat(copy)
-    table.rebind(node, Resolved(stack.layers[0], str(copy), st, ()))
+    table.rebind(node, Resolved(stack.layers[0], stack.roots[0], "a", st, ()))
     table.forget(before, 1)
     assert table.number_for(_resolve(stack, "a")) == before
 
@@ -74,7 +74,8 @@ def test_directory_moved_without_its_lower_keeps_its_number(tmp_path: Path) -> N
     moved = tmp_path / "upper" / "moved"
     moved.mkdir()
     st = os.lstat(moved)
-    new = Resolved(stack.layers[0], str(moved), st, (Branch(stack.layers[0], str(moved), NO_MARKERS, st.st_dev, st.st_ino),))
+    root = stack.roots[0]
+    new = Resolved(stack.layers[0], root, "moved", st, (Branch(stack.layers[0], root, "moved", NO_MARKERS, st.st_dev, st.st_ino),))
     number = table.number_for(old)
     table.pin(old, new)
     assert table.number_for(new) == number
@@ -90,7 +91,7 @@ def test_new_filesystem_gets_its_own_fsid(tmp_path: Path) -> None:
     stack, table = _table(tmp_path)
     resolved = _resolve(stack, "u")
     foreign = os.stat_result((resolved.stat.st_mode, 42, 0xDEAD, 1, 0, 0, 0, 0, 0, 0))
-    moved = Resolved(resolved.layer, resolved.path, foreign, ())
+    moved = Resolved(resolved.layer, resolved.dir, resolved.name, foreign, ())
     assert table.number_for(moved) == (1 << FSID_SHIFT) | 42
 
 
@@ -99,7 +100,7 @@ def test_number_held_by_another_object_is_not_reused(tmp_path: Path) -> None:
     stack, table = _table(tmp_path)
     held = _remember(stack, table, "u")
     d = _resolve(stack, "d")
-    clash = Resolved(d.layer, d.path, d.stat, (Branch(d.layer, d.path, NO_MARKERS, held.resolved.stat.st_dev, held.ino),))
+    clash = Resolved(d.layer, d.dir, d.name, d.stat, (Branch(d.layer, d.dir, d.name, NO_MARKERS, held.resolved.stat.st_dev, held.ino),))
     number = table.number_for(clash)
     assert number != held.ino and number >> FSID_SHIFT == ALLOCATED_FSID
     assert table.number_for(clash) == number  # remembered for the life of the mount

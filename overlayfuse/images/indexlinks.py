@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .. import layers, whiteout
 from ..errors import StoreError
-from ..layers import LayerStack, Resolved
+from ..layers import Layer, LayerStack, Resolved
 from ..links import INDEX_NAME, LinkIndex
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,10 @@ def indexed_names(lowers: Sequence[Path], upper: Path, workdir: Path) -> list[In
     except FileNotFoundError:
         return []
     # The counter's xattr is trusted.* when the daemon may write it, user.* otherwise.
-    counters = [LinkIndex.prepare(os.fspath(workdir), opaque_xattr) for opaque_xattr in whiteout.OPAQUE_XATTRS]
+    upper_layer = Layer(0, os.fspath(upper), True)
+    counters = [
+        LinkIndex.prepare(os.fspath(workdir), opaque_xattr, upper_layer) for opaque_xattr in whiteout.OPAQUE_XATTRS
+    ]
     wanted: dict[tuple[int, int], str] = {}  # lower (dev, ino) -> its copy's index entry
     for entry in entries:
         path = os.path.join(index_dir, entry)
