@@ -17,6 +17,7 @@ import functools
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -46,8 +47,25 @@ class MountError(Exception):
     """The mount itself failed (after the options were valid): one line for the user."""
 
 
+def _raise_descriptor_limit() -> None:
+    """Hold as many directories open as the system lets us: every directory the kernel knows is held
+    by descriptor (`layers.Branch`). The soft limit goes to the hard one, and as root the hard one
+    to the kernel's maximum (fs.nr_open). Out of descriptors, directories are held by name instead."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+        return
+    except (OSError, ValueError):
+        pass
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, call ON_READY once the mount answers, and serve until unmounted or signalled."""
+    _raise_descriptor_limit()
     stack = LayerStack.from_dirs(options.lowerdirs, options.upperdir)
     workspace = style = links = None
     if options.upperdir and options.workdir and not options.read_only:
