@@ -258,8 +258,14 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        fd, rel = self.inodes.get(inode).resolved.at()
-        return os.fsencode(os.readlink(rel, dir_fd=fd.fd))
+        node = self.inodes.get(inode)
+        held = self.tree.hold_object(node)
+        if held is None:  # a change is moving it: after that change
+            await self.tree.settled()
+            held = self.tree.hold_object(node)
+            if held is None:
+                raise _fuse_error(errno.ENOENT)
+        return os.fsencode(os.readlink("", dir_fd=held.fd))
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -302,9 +308,7 @@ class OverlayOperations(pyfuse3.Operations):
         attr = os.fsdecode(name)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(errno.EPERM)
-        await self.tree.change_metadata(
-            self.inodes.get(inode), lambda path: os.setxattr(path, attr, value, follow_symlinks=False)
-        )
+        await self.tree.change_metadata(self.inodes.get(inode), lambda path: os.setxattr(path, attr, value))
 
     @_boundary
     @_change
@@ -316,7 +320,7 @@ class OverlayOperations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         # Removing what is not there fails without a copy-up, as in the kernel.
         os.getxattr(self.tree.fresh(node).path, attr, follow_symlinks=False)
-        await self.tree.change_metadata(node, lambda path: os.removexattr(path, attr, follow_symlinks=False))
+        await self.tree.change_metadata(node, lambda path: os.removexattr(path, attr))
 
     # -- file data --------------------------------------------------------------------------------
 
@@ -355,7 +359,11 @@ class OverlayOperations(pyfuse3.Operations):
                 fd = _open_real(resolved, flags, nowait.open_cached)
                 if fd is None:
                     fd = await self.tree.in_thread(_open_blocking, resolved, flags)
-            except FileNotFoundError:
+            except OSError:
+                # Whatever is at the name now (a symlink: ELOOP, a fifo: ENXIO, nothing: ENOENT) may
+                # be a change in flight: after it, the second try answers for real.
+                if attempt == 1 and node.detached is None:
+                    raise
                 fd = None
             if fd is not None:
                 if resolved.same_object(os.fstat(fd)) or resolved.branches:
@@ -583,17 +591,19 @@ def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFiel
         return None
 
     def change(path: str) -> None:
+        # PATH is /proc/self/fd/N of the object itself: following it reaches the object (a symlink
+        # included), never what a symlink points to.
         if chown:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            os.chown(path, uid, gid, follow_symlinks=False)
-        if fields.update_mode and not stat.S_ISLNK(os.lstat(path).st_mode):
+            os.chown(path, uid, gid)
+        if fields.update_mode and not stat.S_ISLNK(os.stat(path).st_mode):
             os.chmod(path, stat.S_IMODE(attr.st_mode))  # after chown, which clears setuid
         if fields.update_atime or fields.update_mtime:
-            current = os.lstat(path)
+            current = os.stat(path)
             atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
-            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+            os.utime(path, ns=(atime, mtime))
 
     return change
 
@@ -601,7 +611,9 @@ def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFiel
 def _open_real(resolved: Resolved, flags: int, opener: Callable[[str, int, int], _FD]) -> _FD:
     """Open the real file behind RESOLVED with OPENER (path, flags, dir_fd): ``os.open`` in a worker
     thread, or first `nowait.open_cached` inline, which gives None where it would wait for the disk."""
-    real_flags = (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW
+    # O_NONBLOCK: if a change just put a fifo at the name, the open must fail (it is checked against
+    # the object afterwards), not wait for a writer; on a regular file it changes nothing.
+    real_flags = (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     fd, rel = resolved.at()
     if not resolved.layer.writable:
         # Like the kernel: reading through the overlay does not touch lower atimes. O_NOATIME needs

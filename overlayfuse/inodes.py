@@ -112,6 +112,9 @@ class InodeTable:
     def __contains__(self, ino: int) -> bool:
         return ino in self._nodes
 
+    def find(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
     def get(self, ino: int) -> Node:
         """The node for INO; KeyError if the kernel asks for one it was never given (a bug)."""
         return self._nodes[ino]
@@ -162,6 +165,13 @@ class InodeTable:
         if new_identity != node.identity:
             self._pinned[new_identity] = node.ino
             node.identity = new_identity
+
+    def retire(self, node: Node) -> None:
+        """NODE's real object is deleted but the kernel still holds NODE (an open file, a cached
+        entry): the filesystem may give the object's inode number to a new file, which must then
+        get a number of its own, not NODE's (the kernel would see one inode change type: EIO)."""
+        self._pinned.pop(node.identity, None)
+        node.identity = (node.is_dir, -1, node.ino)
 
     def unpin(self, gone: Resolved) -> None:
         """GONE's real object was deleted: its inode number may be reused by a new file, which must

@@ -24,7 +24,7 @@ import trio
 
 from . import copyup, layers, upper
 from .copyup import Workspace
-from .inodes import InodeTable, Name, Node
+from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
 from .links import LinkIndex
 from .upper import NewObject
@@ -206,6 +206,8 @@ class MergedTree:
         """Copy NODE alone into its parent's upper dir, which exists."""
         ws, _ = self._require_writable()
         resolved = node.resolved
+        if not node.names and node.ino != ROOT_INODE and node.detached is not None:
+            raise _error(errno.ENOENT, node.name)  # no name left to copy it up under
         parent = self.inodes.get(node.parent)
         into = parent.resolved.branches[0]
         self._changed(parent)
@@ -352,23 +354,31 @@ class MergedTree:
                 self._name_gone(victim_node, (parent.ino, name))
 
     def _prepare_detach(self, node: Node | None, resolved: Resolved, name: Name) -> None:
-        """NODE is about to lose NAME: if that is its last known name and it is open, hold the object
-        itself, so fstat, read and write on the open file go on working (st_nlink 0 if no name is
+        """NODE is about to lose NAME: if it is open, hold the object itself, so fstat, read and
+        write on the open file go on working whatever happens to its names (st_nlink 0 if no name is
         left on disk either, as on any filesystem)."""
-        if node is None or node.is_dir or not node.opened or node.names - {name}:
+        if node is None or node.is_dir or not node.opened or node.detached is not None:
             return
         fd, rel = resolved.at()
         node.detached = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
 
     def _name_gone(self, node: Node, name: Name) -> None:
-        """NAME of NODE was unlinked or overwritten: keep NODE found by another of its names."""
-        other = self.inodes.unlinked(node, name)
-        if other is None or node.is_dir:
+        """NAME of NODE was unlinked or overwritten: keep NODE found by another of its live names.
+
+        The kernel's names of a node may be stale (it forgets a dentry without saying which), so
+        each candidate is checked to lead to this very object, and dropped if it does not."""
+        was_current = (node.parent, node.name) == name
+        self.inodes.unlinked(node, name)
+        if not was_current or node.is_dir:
             return
-        parent = self.inodes.get(other[0])
-        found = self.find(parent.resolved, other[1])
-        if found is not None and not found.is_dir:
-            self.inodes.rebind(node, found)
+        for parent_ino, candidate in list(node.names):
+            parent = self.inodes.find(parent_ino)
+            found = self.find(parent.resolved, candidate) if parent is not None and parent.is_dir else None
+            if found is not None and not found.is_dir and found.same_object(node.resolved.stat):
+                node.parent, node.name = parent_ino, candidate
+                node.resolved = found
+                return
+            node.names.discard((parent_ino, candidate))
 
     async def rename(self, old_ino: int, old_name: str, new_ino: int, new_name: str, flags: int) -> None:
         """rename(2) and renameat2's NOREPLACE and EXCHANGE, over the merged view.
@@ -474,6 +484,9 @@ class MergedTree:
     def _forget_object(self, gone: Resolved) -> None:
         """An upper object lost a name; if that was its last, its real inode number may be reused."""
         if gone.layer.writable and (gone.is_dir or gone.stat.st_nlink <= 1):
+            node = self.inodes.node_of(gone)
+            if node is not None and node.identity == identity(gone):
+                self.inodes.retire(node)
             self.inodes.unpin(gone)
 
     async def _index_lower_link(self, victim: Resolved) -> None:
@@ -508,14 +521,50 @@ class MergedTree:
         resolved = node.resolved
         if not resolved.layer.writable:
             resolved = await self.copy_up(node, size=size)
-        await self.in_thread(os.truncate, resolved.path, size)
-        return resolved
+        await self.on_object(node, lambda path: _truncate(path, size))
+        return node.resolved
 
     async def change_metadata(self, node: Node, change: Callable[[str], None]) -> Resolved:
-        """chmod/chown/utimens/setxattr: copy up (metadata and data: no metacopy), then change."""
-        resolved = await self.copy_up(node)
-        await self.in_thread(change, resolved.path)
-        return resolved
+        """chmod/chown/utimens/setxattr: copy up (metadata and data: no metacopy), then change.
+
+        CHANGE gets a path to the object itself (/proc/self/fd/N of a checked O_PATH descriptor):
+        calls on it follow that link to the object, never a symlink found at its name."""
+        await self.copy_up(node)
+        await self.on_object(node, change)
+        return node.resolved
+
+    async def on_object(self, node: Node, action: Callable[[str], T]) -> T:
+        """Run ACTION (in a worker thread) on a path that is NODE's object itself; if a change is
+        moving the object right now, after that change."""
+        for attempt in range(2):
+            held = self.hold_object(node)
+            if held is not None:
+                return await self.in_thread(action, held.proc)
+            if attempt == 0:
+                await self.settled()
+        raise _error(errno.ENOENT, node.name)
+
+    def hold_object(self, node: Node) -> Fd | None:
+        """An O_PATH descriptor of NODE's object, checked to be it; None if its name leads elsewhere."""
+        resolved = node.resolved
+        if node.detached is not None and not node.names:
+            return node.detached
+        fd, rel = resolved.at()
+        try:
+            held = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
+        except FileNotFoundError:
+            return node.detached
+        if resolved.same_object(os.fstat(held.fd)):
+            return held
+        return node.detached
+
+
+def _truncate(path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
 
 
 #: Optimistic reads of a listing before taking the change lock (a directory under constant change).
