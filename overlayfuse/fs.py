@@ -328,22 +328,29 @@ class OverlayOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.inodes.get(inode)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        # Opening for writing copies up (and O_TRUNC truncates): a change, held back by a freeze.
-        async with self.gate if writing else contextlib.nullcontext():
-            if writing:
-                self._check_writable()
-                await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
-            resolved, fd = await self._open_node(node, flags)
-            if flags & os.O_TRUNC and ctx.uid != 0:
-                await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
-            if not writing and not resolved.layer.writable:
-                nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
-        return self._file_info(FileHandle(node, fd, resolved, writing, resolved.stat.st_dev))
+        # Counted as open from the start: a rename or unlink meanwhile must keep the object held.
+        node.opened += 1
+        try:
+            # Opening for writing copies up (and O_TRUNC truncates): a change, held back by a freeze.
+            async with self.gate if writing else contextlib.nullcontext():
+                if writing:
+                    self._check_writable()
+                    await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
+                resolved, fd = await self._open_node(node, flags)
+                if flags & os.O_TRUNC and ctx.uid != 0:
+                    await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
+                if not writing and not resolved.layer.writable:
+                    nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
+        except BaseException:
+            node.opened -= 1
+            raise
+        return self._file_info(FileHandle(node, fd, resolved, writing, resolved.stat.st_dev), counted=True)
 
-    def _file_info(self, handle: FileHandle) -> pyfuse3.FileInfo:
+    def _file_info(self, handle: FileHandle, *, counted: bool = False) -> pyfuse3.FileInfo:
         number = self._new_handle()
         self._files[number] = handle
-        handle.node.opened += 1
+        if not counted:
+            handle.node.opened += 1
         # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
         return pyfuse3.FileInfo(fh=number, keep_cache=True)
 
@@ -355,15 +362,18 @@ class OverlayOperations(pyfuse3.Operations):
             resolved = node.resolved
             if node.detached is not None and not node.names:
                 return resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+            if attempt == 1:  # after a race: only through a descriptor checked to be NODE's object
+                held = self.tree.hold_object(node)
+                if held is None:
+                    break
+                return node.resolved, await self.tree.in_thread(_reopen, held, flags)
             try:
                 fd = _open_real(resolved, flags, nowait.open_cached)
                 if fd is None:
                     fd = await self.tree.in_thread(_open_blocking, resolved, flags)
             except OSError:
-                # Whatever is at the name now (a symlink: ELOOP, a fifo: ENXIO, nothing: ENOENT) may
-                # be a change in flight: after it, the second try answers for real.
-                if attempt == 1 and node.detached is None:
-                    raise
+                # Whatever is at the name now (a symlink: ELOOP, a whiteout: ENXIO, nothing: ENOENT)
+                # may be a change in flight: after it, the second try answers for real.
                 fd = None
             if fd is not None:
                 if resolved.same_object(os.fstat(fd)) or resolved.branches:
@@ -428,8 +438,6 @@ class OverlayOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
         handle.node.opened -= 1
-        if not handle.node.opened:
-            handle.node.detached = None
         os.close(handle.fd)
 
     # -- directories ------------------------------------------------------------------------------
@@ -635,8 +643,9 @@ def _open_blocking(resolved: Resolved, flags: int) -> int:
 
 
 def _reopen(detached: Fd, flags: int) -> int:
-    """Open a file that has no name left, through the descriptor that holds it."""
-    return os.open(detached.proc, (flags & ~_STRIP_FLAGS & ~os.O_TRUNC) | os.O_CLOEXEC)
+    """Open a file through a descriptor that holds it (its name is gone, or was just raced). The
+    /proc link must be followed (no O_NOFOLLOW): it leads to the object itself, checked already."""
+    return os.open(detached.proc, (flags & ~_STRIP_FLAGS & ~os.O_TRUNC & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
 
 
 def _lstat_now(resolved: Resolved) -> os.stat_result | None:

@@ -354,10 +354,11 @@ class MergedTree:
                 self._name_gone(victim_node, (parent.ino, name))
 
     def _prepare_detach(self, node: Node | None, resolved: Resolved, name: Name) -> None:
-        """NODE is about to lose NAME: if it is open, hold the object itself, so fstat, read and
-        write on the open file go on working whatever happens to its names (st_nlink 0 if no name is
-        left on disk either, as on any filesystem)."""
-        if node is None or node.is_dir or not node.opened or node.detached is not None:
+        """NODE is about to lose NAME: the kernel still holds it (an open file, or an open or stat
+        that found it just before), so hold the object itself: fstat, open, read and write go on
+        working whatever happens to its names (st_nlink 0 if no name is left on disk either, as on
+        any filesystem). Released when the kernel forgets NODE."""
+        if node is None or node.is_dir or node.detached is not None:
             return
         fd, rel = resolved.at()
         node.detached = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
@@ -414,9 +415,9 @@ class MergedTree:
                 self._changed(old_parent)
                 self._changed(new_parent)
                 try:
-                    await self._rename_in_upper(
+                        await self._rename_in_upper(
                         ws, style, (old_parent, old_name, source_node), (new_parent, new_name, target_node),
-                        exchange,
+                        exchange, target,
                     )  # fmt: skip
                 finally:
                     self._changed(old_parent)
@@ -429,7 +430,9 @@ class MergedTree:
     async def _rename_in_upper(
         self, ws: Workspace, style: MarkerStyle,
         old: tuple[Node, str, Node], new: tuple[Node, str, Node | None], exchange: bool,
+        target: Resolved | None,
     ) -> None:  # fmt: skip
+        """TARGET: what NEW's name resolved to just now (its link count is current)."""
         old_parent, old_name, source_node = old
         new_parent, new_name, target_node = new
         await self._ensure_upper(old_parent)
@@ -439,7 +442,7 @@ class MergedTree:
             assert target_node is not None
             await self._make_movable(ws, style, target_node)
         old_res, new_res = old_parent.resolved, new_parent.resolved
-        overwritten = target_node.resolved if target_node is not None and not exchange else None
+        overwritten = target if target_node is not None and not exchange else None
         if overwritten is not None:
             await self._index_lower_link(overwritten)
             self._prepare_detach(target_node, overwritten, (new_parent.ino, new_name))
