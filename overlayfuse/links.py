@@ -102,6 +102,8 @@ class LinkIndex:
         # copy is gone and only lower names still show it.
         if stat.S_ISDIR(st.st_mode) or (st.st_nlink < 2 and not self.holds(resolved)):
             return st.st_nlink
-        path = resolved.path
-        lower = self.lower_names(path)
+        try:
+            lower = self.lower_names(resolved.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return st.st_nlink  # its name is gone (an unlinked file still open): nothing below counts
         return st.st_nlink if lower is None else st.st_nlink - 1 + lower
