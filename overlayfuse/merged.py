@@ -214,6 +214,10 @@ class MergedTree:
         try:
             if self._indexed(resolved):
                 return await self._name_indexed_copy(node, resolved, into)
+            if not resolved.is_dir:
+                here = self.find(parent.resolved, node.name)
+                if here is None or not here.same_object(resolved.stat):
+                    return await self._copy_up_orphan(node, size)
             target = into.child(node.name)
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
             if size is None:
@@ -236,6 +240,30 @@ class MergedTree:
             return copied
         finally:
             self._changed(parent)
+
+    async def _copy_up_orphan(self, node: Node, size: int | None) -> Resolved:
+        """Copy up a file whose name now shows another object (it was unlinked or renamed over while
+        an open or a write to it was on its way): like the kernel, into a copy with no name, held by
+        descriptor, which the open file then uses."""
+        ws, _ = self._require_writable()
+        resolved = node.resolved
+        staged = copyup.staging_path(ws)
+
+        def copy_unnamed() -> tuple[os.stat_result, int]:
+            if size is None:
+                st = copyup.copy_up(ws, resolved.path, staged)
+            else:
+                st = copyup.copy_up_size(ws, resolved.path, staged, size)
+            fd = os.open(staged, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.unlink(staged)
+            return st, fd
+
+        st, fd = await self.in_thread(copy_unnamed)
+        node.detached = Fd(fd)
+        node.names.clear()
+        orphan = Resolved(self.stack.layers[0], resolved.dir, resolved.name, st, ())
+        self.inodes.rebind(node, orphan)
+        return orphan
 
     async def _name_indexed_copy(self, node: Node, indexed: Resolved, into: Branch) -> Resolved:
         """A lower name whose file was copied up through another name: link the copy to it in upper."""
