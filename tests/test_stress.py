@@ -32,7 +32,7 @@ SECONDS = 60 if os.environ.get("CI") else 10
 KERNEL_SECONDS = 10
 # Setup, the tree, mounting, the hang grace and the fd settling come on top of --seconds;
 # these only bound a hang.
-OVERHEAD = 240
+OVERHEAD = 420
 
 
 # --- the rules -------------------------------------------------------------------------
@@ -138,6 +138,13 @@ def test_each_kind_of_failure_fails_the_run(spoil: str) -> None:
     else:
         tracebacks = 1
     assert len(failures(result, tracebacks)) == 1
+
+
+def test_fds_are_not_judged_when_workers_never_closed_theirs() -> None:
+    """A hung worker still holds its fds: the hang is the failure, not the count."""
+    result = _result(hung=["reader#0"], aborted=True)
+    result.end = Probe(10 + FD_SLACK + 30, 31000)
+    assert len(failures(result, tracebacks=0)) == 1
 
 
 def test_fd_growth_within_the_slack_passes() -> None:

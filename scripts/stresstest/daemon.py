@@ -76,6 +76,19 @@ class Daemon:
             return None
         return None
 
+    def abort(self) -> None:
+        """Free the processes stuck in requests that the daemon has read but never answers
+        (SIGKILL cannot): abort the FUSE connection through fusectl when it is mounted, else
+        SIGKILL the daemon, whose closing /dev/fuse fails every waiting request."""
+        found = [m.dev for m in read_mounts() if m.mountpoint == str(self.mnt)]
+        if found:
+            abort = Path(f"/sys/fs/fuse/connections/{found[-1].split(':')[1]}/abort")
+            with contextlib.suppress(OSError):
+                abort.write_text("1\n")
+                return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+
     def log_text(self) -> str:
         with contextlib.suppress(OSError):
             return self.log.read_text(errors="replace")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .runner import Probe, RunResult
-from .settings import FD_SLACK, KINDS
+from .settings import FD_SLACK, HANG_GRACE, KINDS
 from .tally import Outcome, Tally
 
 
@@ -20,13 +20,15 @@ def failures(result: RunResult, tracebacks: int) -> list[str]:
     """Every reason the run fails; empty for a clean run."""
     found = [f"{o.op}: {o.error} x{o.count}, e.g. {o.example}"
              for o in _merged(result) if not o.expected]
-    found += [f"worker hung (no report {int(result.seconds_run)} s in): {name}"
+    found += [f"worker hung: {name} had not reported {HANG_GRACE:g} s after the deadline"
               for name in result.hung]
     found += [f"worker crashed: {text}" for text in result.crashed]
     if result.daemon_died_after is not None:
         found.append(f"the daemon died, {result.daemon_died_after} s into the run")
     start, end = result.start.fds, result.end.fds
-    if start is not None and end is not None and end > start + FD_SLACK:
+    # Judged only when every worker closed its fds and the daemon lived to forget its inodes.
+    judged = not result.hung and not result.aborted and result.daemon_died_after is None
+    if judged and start is not None and end is not None and end > start + FD_SLACK:
         found.append(f"the daemon's open fds grew from {start} to {end} (slack {FD_SLACK}), "
                      "with every worker's fds closed and the kernel's inodes forgotten")
     if tracebacks:
@@ -60,6 +62,7 @@ def build(result: RunResult, config: dict[str, Any], tree: dict[str, int], pid: 
             "tracebacks": tracebacks,
             "log_tail": log_tail,
         },
+        "aborted": result.aborted,
         "hung_workers": result.hung,
         "crashed_workers": result.crashed,
     }
