@@ -22,7 +22,7 @@ from tests.mounts import REPO_ROOT, mounts
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from stresstest import names  # noqa: E402
-from stresstest.report import failures  # noqa: E402
+from stresstest.report import exceptions_logged, failures  # noqa: E402
 from stresstest.runner import Probe, RunResult  # noqa: E402
 from stresstest.settings import FD_SLACK, KINDS  # noqa: E402
 from stresstest.tally import Tally  # noqa: E402
@@ -151,6 +151,30 @@ def test_fd_growth_within_the_slack_passes() -> None:
     result = _result()
     result.end = Probe(10 + FD_SLACK, 31000)
     assert failures(result, tracebacks=0) == []
+
+
+def test_exceptions_in_the_daemon_log_are_named() -> None:
+    log = "\n".join([
+        "overlayfuse: INFO ready",
+        "overlayfuse: ERROR lookup failed",
+        "Traceback (most recent call last):",
+        '  File "merged.py", line 87, in fresh',
+        "    parent = self.inodes.get(node.parent)",
+        "RecursionError: maximum recursion depth exceeded",
+        "overlayfuse: ERROR again",
+        "Traceback (most recent call last):",
+        '  File "fs.py", line 1, in read',
+        "KeyError: 7",
+        "",
+        "During handling of the above exception, another exception occurred:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "merged.py", line 87, in fresh',
+        "RecursionError: maximum recursion depth exceeded",
+    ])
+    assert exceptions_logged(log) == {"RecursionError: maximum recursion depth exceeded": 2,
+                                      "KeyError: 7": 1}
+    assert exceptions_logged("overlayfuse: INFO ready\n") == {}
 
 
 # --- real runs -------------------------------------------------------------------------

@@ -141,8 +141,7 @@ def main(argv: Sequence[str]) -> int:
             log = (base / "daemon.log").read_text(errors="replace")
         config = {"target": args.target, "seconds": args.seconds, "seed": args.seed,
                   "workers_per_kind": args.workers, "scratch": str(base)}
-        data = report.build(result, config, layers.summary(), pid, log[-3000:],
-                            log.count("Traceback"))
+        data = report.build(result, config, layers.summary(), pid, log)
         text = report.render(data)
         if args.json:
             print(text, file=sys.stderr)

@@ -108,20 +108,20 @@ def run(mnt: Path, daemon: Daemon | None, seconds: float, seed: int,
     out.peak = Probe(out.start.fds, out.start.rss_kib)
     ctx = multiprocessing.get_context("fork")
     workers: dict[Connection, tuple[str, BaseProcess]] = {}
-    for kind in KINDS:
-        out.tallies[kind] = Tally()
-        for index in range(per_kind):
-            receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=run_worker, name=f"{kind}#{index}",
-                               args=(kind, index, str(mnt), seconds, seed, send),
-                               daemon=True)
-            proc.start()
-            send.close()
-            workers[receive] = (f"{kind}#{index}", proc)
+    out.tallies = {kind: Tally() for kind in KINDS}
     started = time.monotonic()
-    give_up = started + seconds + HANG_GRACE
-    pending = dict(workers)
     try:
+        for kind in KINDS:
+            for index in range(per_kind):
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=run_worker, name=f"{kind}#{index}",
+                                   args=(kind, index, str(mnt), seconds, seed, send),
+                                   daemon=True)
+                workers[receive] = (f"{kind}#{index}", proc)
+                proc.start()
+                send.close()
+        give_up = time.monotonic() + seconds + HANG_GRACE
+        pending = dict(workers)
         while pending and time.monotonic() < give_up:
             for ready in wait(list(pending), timeout=SAMPLE_INTERVAL):
                 conn = cast(Connection, ready)
@@ -139,7 +139,8 @@ def run(mnt: Path, daemon: Daemon | None, seconds: float, seed: int,
                 out.daemon_died_after = round(time.monotonic() - started, 1)
         out.hung = sorted(name for name, _ in pending.values())
     finally:
-        out.aborted = _stop_workers([proc for _, proc in workers.values()], daemon)
+        out.aborted = _stop_workers([p for _, p in workers.values() if p.pid is not None],
+                                    daemon)
         for conn in workers:
             conn.close()
     out.seconds_run = round(time.monotonic() - started, 1)
