@@ -61,12 +61,16 @@ class Daemon:
         return self.proc.poll() is None
 
     def open_fds(self) -> int | None:
+        if not self.alive():  # a zombie lists no fds: not the same as none open
+            return None
         try:
             return len(os.listdir(f"/proc/{self.pid}/fd"))
         except OSError:
             return None
 
     def rss_kib(self, key: str = "VmRSS") -> int | None:
+        if not self.alive():
+            return None
         try:
             with open(f"/proc/{self.pid}/status") as f:
                 for line in f:
