@@ -22,7 +22,7 @@ from tests.mounts import REPO_ROOT, mounts
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from stresstest import names  # noqa: E402
-from stresstest.report import failures  # noqa: E402
+from stresstest.report import exceptions_logged, failures  # noqa: E402
 from stresstest.runner import Probe, RunResult  # noqa: E402
 from stresstest.settings import FD_SLACK, KINDS  # noqa: E402
 from stresstest.tally import Tally  # noqa: E402
@@ -32,7 +32,7 @@ SECONDS = 60 if os.environ.get("CI") else 10
 KERNEL_SECONDS = 10
 # Setup, the tree, mounting, the hang grace and the fd settling come on top of --seconds;
 # these only bound a hang.
-OVERHEAD = 240
+OVERHEAD = 420
 
 
 # --- the rules -------------------------------------------------------------------------
@@ -140,10 +140,41 @@ def test_each_kind_of_failure_fails_the_run(spoil: str) -> None:
     assert len(failures(result, tracebacks)) == 1
 
 
+def test_fds_are_not_judged_when_workers_never_closed_theirs() -> None:
+    """A hung worker still holds its fds: the hang is the failure, not the count."""
+    result = _result(hung=["reader#0"], aborted=True)
+    result.end = Probe(10 + FD_SLACK + 30, 31000)
+    assert len(failures(result, tracebacks=0)) == 1
+
+
 def test_fd_growth_within_the_slack_passes() -> None:
     result = _result()
     result.end = Probe(10 + FD_SLACK, 31000)
     assert failures(result, tracebacks=0) == []
+
+
+def test_exceptions_in_the_daemon_log_are_named() -> None:
+    log = "\n".join([
+        "overlayfuse: INFO ready",
+        "overlayfuse: ERROR lookup failed",
+        "Traceback (most recent call last):",
+        '  File "merged.py", line 87, in fresh',
+        "    parent = self.inodes.get(node.parent)",
+        "RecursionError: maximum recursion depth exceeded",
+        "overlayfuse: ERROR again",
+        "Traceback (most recent call last):",
+        '  File "fs.py", line 1, in read',
+        "KeyError: 7",
+        "",
+        "During handling of the above exception, another exception occurred:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "merged.py", line 87, in fresh',
+        "RecursionError: maximum recursion depth exceeded",
+    ])
+    assert exceptions_logged(log) == {"RecursionError: maximum recursion depth exceeded": 2,
+                                      "KeyError: 7": 1}
+    assert exceptions_logged("overlayfuse: INFO ready\n") == {}
 
 
 # --- real runs -------------------------------------------------------------------------

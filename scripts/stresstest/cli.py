@@ -127,7 +127,8 @@ def main(argv: Sequence[str]) -> int:
         else:
             daemon = daemons.start(binary, layers.lowers, upper, work, mnt, base / "daemon.log")
             pid = daemon.pid
-        say(f"{mnt}: {args.target} (pid {pid}); {args.workers} worker(s) of each of "
+        what = "kernel overlayfs" if pid is None else f"overlayfuse pid {pid}"
+        say(f"{mnt}: {what}; {args.workers} worker(s) of each of "
             f"{len(KINDS)} kinds for {args.seconds:g} s, seed {args.seed}")
         result = runner.run(mnt, daemon, args.seconds, args.seed, args.workers)
         if daemon is not None:
@@ -141,8 +142,7 @@ def main(argv: Sequence[str]) -> int:
             log = (base / "daemon.log").read_text(errors="replace")
         config = {"target": args.target, "seconds": args.seconds, "seed": args.seed,
                   "workers_per_kind": args.workers, "scratch": str(base)}
-        data = report.build(result, config, layers.summary(), pid, log[-3000:],
-                            log.count("Traceback"))
+        data = report.build(result, config, layers.summary(), pid, log)
         text = report.render(data)
         if args.json:
             print(text, file=sys.stderr)

@@ -61,12 +61,16 @@ class Daemon:
         return self.proc.poll() is None
 
     def open_fds(self) -> int | None:
+        if not self.alive():  # a zombie lists no fds: not the same as none open
+            return None
         try:
             return len(os.listdir(f"/proc/{self.pid}/fd"))
         except OSError:
             return None
 
     def rss_kib(self, key: str = "VmRSS") -> int | None:
+        if not self.alive():
+            return None
         try:
             with open(f"/proc/{self.pid}/status") as f:
                 for line in f:
@@ -75,6 +79,19 @@ class Daemon:
         except OSError:
             return None
         return None
+
+    def abort(self) -> None:
+        """Free the processes stuck in requests that the daemon has read but never answers
+        (SIGKILL cannot): abort the FUSE connection through fusectl when it is mounted, else
+        SIGKILL the daemon, whose closing /dev/fuse fails every waiting request."""
+        found = [m.dev for m in read_mounts() if m.mountpoint == str(self.mnt)]
+        if found:
+            abort = Path(f"/sys/fs/fuse/connections/{found[-1].split(':')[1]}/abort")
+            with contextlib.suppress(OSError):
+                abort.write_text("1\n")
+                return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
 
     def log_text(self) -> str:
         with contextlib.suppress(OSError):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from .runner import Probe, RunResult
-from .settings import FD_SLACK, KINDS
+from .settings import FD_SLACK, HANG_GRACE, KINDS
 from .tally import Outcome, Tally
 
 
@@ -20,18 +21,34 @@ def failures(result: RunResult, tracebacks: int) -> list[str]:
     """Every reason the run fails; empty for a clean run."""
     found = [f"{o.op}: {o.error} x{o.count}, e.g. {o.example}"
              for o in _merged(result) if not o.expected]
-    found += [f"worker hung (no report {int(result.seconds_run)} s in): {name}"
+    found += [f"worker hung: {name} had not reported {HANG_GRACE:g} s after the deadline"
               for name in result.hung]
     found += [f"worker crashed: {text}" for text in result.crashed]
     if result.daemon_died_after is not None:
         found.append(f"the daemon died, {result.daemon_died_after} s into the run")
     start, end = result.start.fds, result.end.fds
-    if start is not None and end is not None and end > start + FD_SLACK:
+    # Judged only when every worker closed its fds and the daemon lived to forget its inodes.
+    judged = not result.hung and not result.aborted and result.daemon_died_after is None
+    if judged and start is not None and end is not None and end > start + FD_SLACK:
         found.append(f"the daemon's open fds grew from {start} to {end} (slack {FD_SLACK}), "
                      "with every worker's fds closed and the kernel's inodes forgotten")
     if tracebacks:
-        found.append(f"the daemon logged {tracebacks} traceback(s)")
+        found.append(f"the daemon logged {tracebacks} traceback(s) (see daemon.exceptions)")
     return found
+
+
+def exceptions_logged(log: str) -> dict[str, int]:
+    """How often the daemon logged each exception (the line that ends each traceback), so a
+    report names the bugs behind its tracebacks even when the log's tail shows none."""
+    found: Counter[str] = Counter()
+    in_traceback = False
+    for line in log.splitlines():
+        if line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            found[line[:200]] += 1
+            in_traceback = False
+    return dict(found.most_common())
 
 
 def _probe(p: Probe) -> dict[str, int | None]:
@@ -39,7 +56,9 @@ def _probe(p: Probe) -> dict[str, int | None]:
 
 
 def build(result: RunResult, config: dict[str, Any], tree: dict[str, int], pid: int | None,
-          log_tail: str, tracebacks: int) -> dict[str, Any]:
+          log: str) -> dict[str, Any]:
+    exceptions = exceptions_logged(log)
+    tracebacks = sum(exceptions.values())
     found = failures(result, tracebacks)
     return {
         "ok": not found,
@@ -58,8 +77,10 @@ def build(result: RunResult, config: dict[str, Any], tree: dict[str, int], pid: 
             "end": _probe(result.end),
             "fd_slack": FD_SLACK,
             "tracebacks": tracebacks,
-            "log_tail": log_tail,
+            "exceptions": exceptions,
+            "log_tail": log[-3000:],
         },
+        "aborted": result.aborted,
         "hung_workers": result.hung,
         "crashed_workers": result.crashed,
     }
@@ -98,6 +119,9 @@ def render(report: dict[str, Any]) -> str:
     if report["failures"]:
         lines += ["", f"FAILED ({len(report['failures'])}):"]
         lines += [f"  - {f}" for f in report["failures"]]
+        if d["exceptions"]:
+            lines += ["", "exceptions in the daemon's log:"]
+            lines += [f"  {n:>5}  {line}" for line, n in d["exceptions"].items()]
         if d["log_tail"]:
             lines += ["", "daemon log (tail):", d["log_tail"]]
     else:

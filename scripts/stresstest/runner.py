@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import cast
 
 from .daemon import Daemon, forget_all
+from .errors import say
 from .settings import FD_SETTLE_TIMEOUT, FD_SLACK, HANG_GRACE, KINDS, SAMPLE_INTERVAL
 from .tally import Tally
 from .workers import run_worker
 
 FORGET_EVERY = 5.0  # while the fd count settles, drop the kernel's caches again this often
+WORKER_EXIT_TIMEOUT = 5.0  # for all workers together to die of SIGKILL, before aborting
 
 
 @dataclass(slots=True)
@@ -36,6 +39,7 @@ class RunResult:
     hung: list[str] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)
     daemon_died_after: float | None = None  # seconds into the run
+    aborted: bool = False  # we aborted the connection (or killed the daemon) to free workers
     start: Probe = field(default_factory=lambda: Probe(None, None))
     peak: Probe = field(default_factory=lambda: Probe(None, None))
     workers_done: Probe = field(default_factory=lambda: Probe(None, None))
@@ -75,6 +79,27 @@ def settled_probe(daemon: Daemon | None, baseline: int | None) -> Probe:
         time.sleep(0.25)
 
 
+def _stop_workers(procs: list[BaseProcess], daemon: Daemon | None) -> bool:
+    """SIGKILL every worker still there and reap it.  A worker in a FUSE request the daemon has
+    read cannot die until it is answered: then the connection is aborted, which fails them all."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    deadline = time.monotonic() + WORKER_EXIT_TIMEOUT
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [proc for proc in procs if proc.is_alive()]
+    if stuck and daemon is not None:
+        say(f"{len(stuck)} worker(s) stuck in the daemon after SIGKILL: aborting its connection")
+        daemon.abort()
+        for proc in stuck:
+            proc.join(timeout=WORKER_EXIT_TIMEOUT)
+    for proc in procs:
+        if proc.is_alive():
+            say(f"warning: worker {proc.name} (pid {proc.pid}) survived SIGKILL")
+    return bool(stuck)
+
+
 def run(mnt: Path, daemon: Daemon | None, seconds: float, seed: int,
         per_kind: int) -> RunResult:
     """Run the workers on `mnt`; `daemon` is None for kernel overlayfs."""
@@ -83,25 +108,26 @@ def run(mnt: Path, daemon: Daemon | None, seconds: float, seed: int,
     out.peak = Probe(out.start.fds, out.start.rss_kib)
     ctx = multiprocessing.get_context("fork")
     workers: dict[Connection, tuple[str, BaseProcess]] = {}
-    for kind in KINDS:
-        out.tallies[kind] = Tally()
-        for index in range(per_kind):
-            receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=run_worker, name=f"{kind}#{index}",
-                               args=(kind, index, str(mnt), seconds, seed, send),
-                               daemon=True)
-            proc.start()
-            send.close()
-            workers[receive] = (f"{kind}#{index}", proc)
+    out.tallies = {kind: Tally() for kind in KINDS}
     started = time.monotonic()
-    give_up = started + seconds + HANG_GRACE
-    pending = dict(workers)
     try:
+        for kind in KINDS:
+            for index in range(per_kind):
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=run_worker, name=f"{kind}#{index}",
+                                   args=(kind, index, str(mnt), seconds, seed, send),
+                                   daemon=True)
+                workers[receive] = (f"{kind}#{index}", proc)
+                proc.start()
+                send.close()
+        give_up = time.monotonic() + seconds + HANG_GRACE
+        pending = dict(workers)
         while pending and time.monotonic() < give_up:
-            for conn in wait(list(pending), timeout=SAMPLE_INTERVAL):
-                name, _ = pending.pop(conn)  # type: ignore[call-overload]
+            for ready in wait(list(pending), timeout=SAMPLE_INTERVAL):
+                conn = cast(Connection, ready)
+                name, _ = pending.pop(conn)
                 try:
-                    result = conn.recv()  # type: ignore[union-attr]
+                    result = conn.recv()
                 except (EOFError, OSError):
                     out.crashed.append(f"{name}: exited without a report")
                     continue
@@ -113,16 +139,18 @@ def run(mnt: Path, daemon: Daemon | None, seconds: float, seed: int,
                 out.daemon_died_after = round(time.monotonic() - started, 1)
         out.hung = sorted(name for name, _ in pending.values())
     finally:
-        for _, proc in workers.values():
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=10)
+        out.aborted = _stop_workers([p for _, p in workers.values() if p.pid is not None],
+                                    daemon)
         for conn in workers:
             conn.close()
     out.seconds_run = round(time.monotonic() - started, 1)
-    if daemon is not None and out.daemon_died_after is None and not daemon.alive():
+    if (daemon is not None and out.daemon_died_after is None and not out.aborted
+            and not daemon.alive()):
         out.daemon_died_after = out.seconds_run
     out.workers_done = probe(daemon)
     _raise_peak(out.peak, out.workers_done)
-    out.end = settled_probe(daemon, out.start.fds)
+    # After a hang the workers never closed their fds, and after an abort the daemon is done:
+    # there is nothing to settle.
+    out.end = (out.workers_done if out.hung or out.aborted
+               else settled_probe(daemon, out.start.fds))
     return out

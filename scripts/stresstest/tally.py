@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 WRONG_TYPE = "WRONG-TYPE"  # e.g. f3 is a directory
 BAD_NAME = "BAD-NAME"  # a listed name that is in no class (a leaked whiteout, a temp file)
+BAD_TARGET = "BAD-TARGET"  # a symlink whose target no worker ever wrote
 
 
 def errno_name(code: int) -> str:

@@ -93,7 +93,7 @@ def _bottom(root: Path, rng: random.Random, n: _Counts) -> list[names.Path]:
                         _write(root.joinpath(*d, x, f), _content(rng))
                         n.files += 1
     # Hardlinks: a second name, in another directory, for some files.
-    for src in rng.sample(files, min(40, len(files))):
+    for src in rng.sample(files, min(80, len(files))):
         dst = rng.choice(dirs) + (rng.choice(names.FILE_NAMES),)
         if not os.path.lexists(root.joinpath(*dst)):
             os.link(root.joinpath(*src), root.joinpath(*dst))

@@ -25,7 +25,7 @@ from . import names
 from .linux import RENAME_EXCHANGE, renameat2
 from .names import Path, text
 from .settings import LISTER_HELD_DIRS, READER_HELD_FDS, WRITER_MAX_SIZE
-from .tally import BAD_NAME, WRONG_TYPE, Tally
+from .tally import BAD_NAME, BAD_TARGET, WRONG_TYPE, Tally
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -122,8 +122,7 @@ def step_stater(c: Ctx) -> None:
         target = c.tally.attempt("readlink", names.lookup(path), text(path), os.readlink,
                                  text(path), dir_fd=c.root)
         if target is not None and target not in names.LINK_TARGETS:
-            c.tally.anomaly("readlink", WRONG_TYPE, f"readlink {text(path)}: {target!r}, "
-                                                    "a target no worker wrote")
+            c.tally.anomaly("readlink", BAD_TARGET, f"readlink {text(path)}: {target!r}")
 
 
 def step_reader(c: Ctx) -> None:
