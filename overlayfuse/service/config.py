@@ -320,6 +320,11 @@ def _check_mountpoint(path: str, where: str) -> bool:
     if mounttable.is_dead_fuse_mount(path):
         return True
     _check_dir(path, where)
+    entries = mounttable.mounts_at(os.path.realpath(path))
+    if entries:  # a live mount: ours would hide it (or stack a second daemon on a running one)
+        raise ConfigError(
+            f"{where}: {path} is already in use ({entries[-1].fstype} from {entries[-1].source}): unmount it first"
+        )
     return False
 
 
