@@ -91,6 +91,7 @@ class ImportResult:
     image: ImageRecord
     new_layers: int
     reused_layers: int
+    tags: tuple[str, ...] = ()  # the tags this import gave (the image may have others from before)
 
 
 # -- naming ---------------------------------------------------------------------------------------
@@ -517,7 +518,7 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
         if replaced is not None and replaced.manifest != record.manifest:
             store.collect_garbage()  # the blobs only the old manifest named
     log.info("imported %s from %s (%s)", record.id, source.label, plan.description)
-    return ImportResult(record, new_layers=len(staged.layers), reused_layers=len(staged.reused))
+    return ImportResult(record, new_layers=len(staged.layers), reused_layers=len(staged.reused), tags=tuple(chosen))
 
 
 def _image_record(store: Store, config_digest: str, manifest_digest: str, tags: Sequence[str]) -> ImageRecord:
