@@ -88,8 +88,11 @@ class _Parser(argparse.ArgumentParser):
 def _argument_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="overlayfuse",
+        usage="%(prog)s [-h] [-V] [-f] [-d] [-o OPTS]... [SOURCE] MOUNTPOINT",
         description="Mount a merged view of read-only lower dirs and an optional writable upper dir.",
-        epilog="Example: overlayfuse -o lowerdir=/l/app:/l/base,upperdir=/c/upper,workdir=/c/work /mnt",
+        # Raw: a command wrapped in the middle cannot be copied and pasted.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  overlayfuse -o lowerdir=/l/app:/l/base,upperdir=/c/upper,workdir=/c/work /mnt",
     )
     parser.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS",
                         help="comma-separated options: lowerdir=A:B (leftmost is the top), upperdir=,"
@@ -220,6 +223,10 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         for flag in ("dev", "suid"):
             if "no" + flag not in fuse_options:
                 fuse_options.add(flag)
+        if "auto_unmount" in fuse_options and not {"nodev", "nosuid"} <= fuse_options:
+            # libfuse mounts through fusermount3 for auto_unmount, and that always adds nosuid,nodev.
+            warnings.append("auto_unmount: the mount will be nosuid,nodev (fusermount3 mounts it so): "
+                            "leave auto_unmount out for device nodes and setuid programs to work")
     if allow_other:
         fuse_options.add("allow_other")
     if default_permissions:
