@@ -71,7 +71,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
     except RuntimeError as exc:
-        raise MountError(f"cannot mount on {options.mountpoint}: {exc}") from None
+        raise MountError(f"cannot mount on {options.mountpoint}: {_mount_failure_hint() or exc}") from None
     log.info("mounted %s: %s", options.mountpoint, describe_layers(options))
     unmount = True
     try:
@@ -81,6 +81,14 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     finally:
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", options.mountpoint)
+
+
+def _mount_failure_hint() -> str | None:
+    """Why libfuse's mount failed, when it is the usual cause: /dev/fuse closed to this user."""
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return ("/dev/fuse is not open to this user (udev makes it mode 0666; scripts/setup does where "
+                "no udev runs)")
+    return None
 
 
 def describe_layers(options: MountOptions) -> str:
