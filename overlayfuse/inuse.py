@@ -15,9 +15,10 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from dataclasses import dataclass
 
-from .mounttable import command_line
+from .mounttable import command_line, mounts_at
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,13 @@ def claim(upperdir: str, workdir: str, mountpoint: str) -> Claim:
     lock_path = os.path.join(workdir, LOCK_NAME)
     work_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        if not _try_lock(work_fd):
+        if not _try_lock(work_fd) and not _wait_lock(work_fd, _holder_unmounted(lock_path)):
             raise InUseError(f"workdir {workdir} is in use by {_holder_text(lock_path)}{_ADVICE}")
         upper_fd = os.open(upperdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except BaseException:
         os.close(work_fd)
         raise
-    if not _try_lock(upper_fd):
+    if not _try_lock(upper_fd) and not _wait_lock(upper_fd, UPPER_GRACE):
         holder = _upper_holder(upper_fd)
         os.close(upper_fd)
         os.close(work_fd)
@@ -59,6 +60,35 @@ def claim(upperdir: str, workdir: str, mountpoint: str) -> Claim:
 
 
 _ADVICE = ": unmount that first, or give this mount an upperdir and workdir of its own"
+
+#: A daemon whose mount is gone (``umount M`` returned) exits within milliseconds, but its lock goes
+#: only with it: ``umount M && overlayfuse ... M`` must not fail on that. Generous for a busy machine.
+HOLDER_EXIT_TIMEOUT = 5.0
+#: The same wait for an upper dir's holder, whose mount we cannot look up; short, as a real
+#: conflict on the upper dir alone (another workdir) is rare and this delays its error.
+UPPER_GRACE = 1.0
+_POLL = 0.02
+
+
+def _holder_unmounted(lock_path: str) -> float:
+    """How long to wait for the workdir's holder: HOLDER_EXIT_TIMEOUT if its mount is gone, else 0."""
+    try:
+        with open(lock_path, encoding="utf-8", errors="replace") as f:
+            _, _, mountpoint = f.read().strip().partition(" ")
+    except OSError:
+        return 0.0
+    mounted = mountpoint and any(e.fstype.startswith("fuse") for e in mounts_at(mountpoint))
+    return 0.0 if mounted else HOLDER_EXIT_TIMEOUT
+
+
+def _wait_lock(fd: int, timeout: float) -> bool:
+    """Try to lock FD until TIMEOUT seconds have passed (a holder on its way out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(_POLL)
+        if _try_lock(fd):
+            return True
+    return False
 
 
 def holder(workdir: str) -> str | None:
