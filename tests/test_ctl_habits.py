@@ -19,7 +19,7 @@ import pytest
 from overlayfuse.images import oci
 from tests.containerctl import Ctl, build_images, store_session, store_with_images
 from tests.imagebuild import Images, skopeo_inspect, to_docker_archive
-from tests.mounts import overlayctl_binary, run
+from tests.mounts import overlayctl_binary, overlayfuse, run
 
 pytestmark = pytest.mark.mount
 
@@ -62,16 +62,15 @@ def test_check_and_service_run_notice_a_busy_mountpoint(ctl: Ctl, tmp_path: Path
     assert proc.returncode == 78 and proc.stderr.strip().splitlines() == [f"overlayctl: error: {line}"], proc.stderr
 
 
-def test_check_notices_a_busy_workdir(ctl: Ctl, tmp_path: Path) -> None:
-    lower, upper, work, mnt, other = (tmp_path / n for n in ("lower", "upper", "work", "mnt", "mnt2"))
+def test_check_notices_a_busy_workdir(tmp_path: Path) -> None:
+    lower, upper, work, mnt, other = (tmp_path / n for n in ("lower", "upper", "work", "by-hand", "target"))
     for path in (lower, upper, work, mnt, other):
         path.mkdir()
-    first = run([str(overlayctl_binary()).replace("overlayctl", "overlayfuse"), "-o",
-                 f"lowerdir={lower},upperdir={upper},workdir={work}", mnt], timeout=60)
-    assert first.returncode == 0, first.stderr
     conf = tmp_path / "web.conf"
     conf.write_text(f'mountpoint = "{other}"\nlowerdirs = ["{lower}"]\nupperdir = "{upper}"\nworkdir = "{work}"\n')
-    assert _error(ctl, "check", conf).startswith(f"{conf}: workdir {work} is in use by the mount on {mnt} (pid ")
+    with overlayfuse(mnt, [lower], upper, work):
+        line = Ctl(tmp_path / "unused").fails("check", conf)
+    assert line.startswith(f"overlayctl: error: {conf}: workdir {work} is in use by the mount on {mnt} (pid ")
 
 
 # -- 5. service install, wherever it installs ---------------------------------------------------------
