@@ -9,8 +9,10 @@ daemon's pid, and the daemon serves a control socket (`overlayfuse.control`) tha
 to freeze the mount.
 
 The record says what we started; the mount table and /proc say what is true. A container whose
-record says mounted but whose daemon is gone (or whose mount answers ENOTCONN) is *dead*: ``ps``
-shows it so, and ``umount`` detaches the dead mount and clears the record.
+record says mounted but whose daemon is gone with its mount still there (answering ENOTCONN) is
+*dead*: ``ps`` shows it so, and ``umount`` detaches the dead mount and clears the record. One whose
+daemon and mount are both gone was unmounted cleanly (umount(8), SIGTERM): it is *stopped*, even
+before a command clears its record.
 """
 
 from __future__ import annotations
