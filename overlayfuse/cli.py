@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except daemon.MountError as exc:
         print_error("overlayfuse", str(exc))
         return 1
-    except Exception:  # a bug: its traceback goes to the log as one error record, not bare stderr
-        log.exception("daemon failed")
+    except Exception as exc:  # a bug, or a failure we did not foresee: one line; the traceback with -d
+        log.debug("daemon failed", exc_info=True)
+        print_error("overlayfuse", daemon.failure_text(exc))
         return 1
     return 0
 

@@ -77,16 +77,31 @@ class Workspace:
         try:
             os.mkdir(staging, 0o000)
         except FileExistsError:
+            _make_usable(staging)  # mode 0 from an earlier version: unusable without root
             removed = _empty_dir(staging)
             if removed:
                 log.info("removed %d interrupted copy-up(s) from %s", removed, staging)
         else:
             os.chmod(staging, 0o000)  # mkdir's mode is masked by umask; make it exact
             log.debug("created staging dir %s", staging)
+            _make_usable(staging)
         if os.stat(staging).st_dev != os.stat(upperdir).st_dev:
             raise OSError(errno.EXDEV, f"staging dir is not on the filesystem of upperdir {upperdir}",
                           staging)
         return cls(upper=upperdir, staging=staging)
+
+
+def _make_usable(staging: str) -> None:
+    """Open STAGING to its owner when mode 0 locks us out.
+
+    Mode 0 keeps everyone else out, and root (as the kernel, which works there with the mounter's
+    capabilities) passes it by CAP_DAC_OVERRIDE. An unprivileged daemon has no such capability: it
+    must own and use the dir by its mode, so it gets 0700 (as fuse-overlayfs's work dir has).
+    """
+    if os.access(staging, os.R_OK | os.W_OK | os.X_OK):
+        return
+    os.chmod(staging, 0o700)
+    log.debug("staging dir %s: mode 0700 (no capability to pass mode 0)", staging)
 
 
 def copy_up(ws: Workspace, source: str, target: str) -> os.stat_result:

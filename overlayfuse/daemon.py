@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import pyfuse3
 import trio
 
-from . import control, readahead, whiteout
+from . import control, inuse, readahead, whiteout
 from .notify import notify
 from .copyup import Workspace
 from .fs import OverlayOperations
@@ -69,6 +69,12 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     stack = LayerStack.from_dirs(options.lowerdirs, options.upperdir)
     workspace = style = links = None
     if options.upperdir and options.workdir and not options.read_only:
+        try:  # before the workspace is prepared: that clears WORKDIR/work, which the holder uses
+            inuse.claim(options.upperdir, options.workdir, options.mountpoint)
+        except inuse.InUseError as exc:
+            raise MountError(str(exc)) from None
+        except OSError as exc:
+            raise MountError(f"workdir {options.workdir}: cannot lock it: {exc.strerror or exc}") from None
         try:
             workspace = Workspace.prepare(options.upperdir, options.workdir)
             style = whiteout.probe_marker_style(workspace.staging)
@@ -83,17 +89,32 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
     except RuntimeError as exc:
-        raise MountError(f"cannot mount on {options.mountpoint}: {exc}") from None
-    log.info(
-        "mounted %s: lowerdir=%s upperdir=%s%s",
-        options.mountpoint, ":".join(options.lowerdirs), options.upperdir, " (read-only)" if options.read_only else "",
-    )  # fmt: skip
+        raise MountError(f"cannot mount on {options.mountpoint}: {_mount_failure_hint() or exc}") from None
+    log.info("mounted %s: %s", options.mountpoint, describe_layers(options))
     unmount = True
     try:
         unmount = trio.run(_run, options.mountpoint, on_ready, control_server)
+    except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raised
+        raise _leaf(group) from group
     finally:
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", options.mountpoint)
+
+
+def _mount_failure_hint() -> str | None:
+    """Why libfuse's mount failed, when it is the usual cause: /dev/fuse closed to this user."""
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return ("/dev/fuse is not open to this user (udev makes it mode 0666; scripts/setup does where "
+                "no udev runs)")
+    return None
+
+
+def describe_layers(options: MountOptions) -> str:
+    """What the mount shows, for the log: ``lowerdir=A:B upperdir=U`` or ``lowerdir=A:B, read-only``."""
+    lowers = "lowerdir=" + ":".join(options.lowerdirs)
+    if options.upperdir is None:
+        return f"{lowers}, read-only"
+    return f"{lowers} upperdir={options.upperdir}" + (", read-only" if options.read_only else "")
 
 
 async def _run(
@@ -115,7 +136,13 @@ async def _run(
 
     async def announce_ready() -> None:
         # From a worker thread: the event loop serves this stat like any client's.
-        st = await trio.to_thread.run_sync(os.stat, mountpoint)
+        try:
+            st = await trio.to_thread.run_sync(os.stat, mountpoint)
+        except OSError as exc:  # e.g. the kernel refused the session libfuse set up (ECONNREFUSED)
+            raise MountError(
+                f"{mountpoint} was mounted but does not answer ({exc.strerror}): the kernel refused the FUSE "
+                "session; check the mount options (the daemon's log says which one libfuse rejected)"
+            ) from exc
         await trio.to_thread.run_sync(readahead.widen, st.st_dev)
         notify("READY=1", f"STATUS=serving {mountpoint}", f"MAINPID={os.getpid()}")
         on_ready()
@@ -130,6 +157,28 @@ async def _run(
             notify("STOPPING=1", f"STATUS={mountpoint} was unmounted")
         nursery.cancel_scope.cancel()
     return signalled
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception worth reporting inside (nested) exception groups: a MountError if there is one."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)] or list(exc.exceptions)
+        exc = next((e for e in inner if isinstance(e, MountError)), inner[0])
+    return exc
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line for a failure that is no `MountError` (a bug, or an error we did not foresee): what
+    happened and what to do, without the traceback (which goes to the log at debug level)."""
+    exc = _leaf(exc)
+    if isinstance(exc, MountError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        what = f"{exc.strerror or exc}{where}"
+    else:
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return f"the daemon failed: {what} (run it with -d to see the log, and report it if the cause is not yours)"
 
 
 def _control_server(options: MountOptions, gate: control.FreezeGate) -> Callable[[], Awaitable[None]] | None:
@@ -169,8 +218,9 @@ def run_detached(options: MountOptions) -> int:
         _report(write_end, str(exc))
         status = 1
     except BaseException as exc:  # the parent must hear *something* before the daemon dies
-        log.exception("daemon failed")
-        _report(write_end, f"daemon failed: {exc!r}")
+        log.debug("daemon failed", exc_info=True)
+        log.error("%s", failure_text(exc))
+        _report(write_end, failure_text(exc))
         status = 1
     os._exit(status)
 

@@ -13,11 +13,12 @@ upperdir...) so a bad mount fails before anything is mounted or written.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import stat
 from dataclasses import dataclass
 
-from . import __version__
+from . import __version__, inuse
 from .layers import check_layer_readable
 
 
@@ -47,7 +48,14 @@ _FUSE_FLAGS = frozenset(
         "strictatime", "nostrictatime", "lazytime", "nolazytime",
     }
 )  # fmt: skip
-_FUSE_VALUED = frozenset({"fsname", "subtype", "max_read", "blksize"})
+_FUSE_VALUED = frozenset({"fsname", "subtype", "blksize"})
+
+#: Our own keys and the flags we act on: what a misspelt key is compared with.
+_OWN = ("lowerdir", "upperdir", "workdir", "ro", "control", "allow_other", "noallow_other",
+        "default_permissions", "nodefault_permissions")  # fmt: skip
+_KNOWN = frozenset(_OWN) | _IGNORED | _KERNEL_TUNABLES | _FUSE_FLAGS | _FUSE_VALUED | {"max_read"}
+#: Keys people write from habit elsewhere, and what they mean here.
+_HABITS = {"lowerdirs": "lowerdir"}  # the config file's key (a TOML list) is lowerdirs
 
 FS_TYPE = "overlayfuse"
 
@@ -80,8 +88,11 @@ class _Parser(argparse.ArgumentParser):
 def _argument_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="overlayfuse",
+        usage="%(prog)s [-h] [-V] [-f] [-d] [-o OPTS]... [SOURCE] MOUNTPOINT",
         description="Mount a merged view of read-only lower dirs and an optional writable upper dir.",
-        epilog="Example: overlayfuse -o lowerdir=/l/app:/l/base,upperdir=/c/upper,workdir=/c/work /mnt",
+        # Raw: a command wrapped in the middle cannot be copied and pasted.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  overlayfuse -o lowerdir=/l/app:/l/base,upperdir=/c/upper,workdir=/c/work /mnt",
     )
     parser.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS",
                         help="comma-separated options: lowerdir=A:B (leftmost is the top), upperdir=,"
@@ -145,6 +156,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     read_only = False
     fuse_options: set[str] = set()
     warnings: list[str] = []
+    misspelt: dict[str, str] = {}  # a known key -> the unknown option that looks like it
     # As fuse-overlayfs: the kernel checks permissions for everyone, and root's mounts serve every user.
     is_root = (os.geteuid() if euid is None else euid) == 0
     default_permissions = True
@@ -186,14 +198,22 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
                 fuse_options.add(key)
             elif key in _FUSE_VALUED and has_value:
                 fuse_options.add(f"{key}={unescape(value)}")
+            elif key == "max_read":
+                # pyfuse3 cannot repeat max_read in its INIT reply, and libfuse then refuses the
+                # session: the mount would come up dead. Reads come in requests of up to 1 MiB.
+                warnings.append(f"option {raw!r} ignored: pyfuse3 cannot pass max_read= on to the kernel")
             else:
-                warnings.append(f"unknown option {raw!r} ignored")
+                close = suggest(key)
+                if close:
+                    misspelt[close] = raw
+                hint = f" (did you mean {close}{'=' if has_value else ''}?)" if close else ""
+                warnings.append(f"unknown option {raw!r} ignored{hint}")
 
     if not lowerdirs:
-        raise UsageError("missing lowerdir=: at least one lower layer is required")
+        raise UsageError("missing lowerdir=: at least one lower layer is required" + _typo_note("lowerdir", misspelt))
     if (upperdir is None) != (workdir is None):
         given, missing = ("upperdir", "workdir") if workdir is None else ("workdir", "upperdir")
-        raise UsageError(f"{given}= given without {missing}=: they are used together")
+        raise UsageError(f"{given}= given without {missing}=: they are used together" + _typo_note(missing, misspelt))
     if upperdir is None:
         read_only = True  # as the kernel: no upper layer means a read-only mount
 
@@ -203,6 +223,10 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         for flag in ("dev", "suid"):
             if "no" + flag not in fuse_options:
                 fuse_options.add(flag)
+        if "auto_unmount" in fuse_options and not {"nodev", "nosuid"} <= fuse_options:
+            # libfuse mounts through fusermount3 for auto_unmount, and that always adds nosuid,nodev.
+            warnings.append("auto_unmount: the mount will be nosuid,nodev (fusermount3 mounts it so): "
+                            "leave auto_unmount out for device nodes and setuid programs to work")
     if allow_other:
         fuse_options.add("allow_other")
     if default_permissions:
@@ -229,6 +253,24 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     )
 
 
+def suggest(key: str) -> str | None:
+    """The known option KEY is probably a misspelling of (``wrokdir`` -> ``workdir``), or None."""
+    if key in _HABITS:
+        return _HABITS[key]
+    close = difflib.get_close_matches(key, sorted(_KNOWN), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _typo_note(key: str, misspelt: dict[str, str]) -> str:
+    raw = misspelt.get(key)
+    if raw is None:
+        return ""
+    note = f" (is {raw.partition('=')[0]!r} a misspelt {key}=?"
+    if raw.startswith("lowerdirs"):
+        note += " lowerdirs is the config file's key; the command line takes lowerdir=TOP:...:BASE"
+    return note + ")"
+
+
 def validate(options: MountOptions) -> None:
     """Check the directories the way the kernel does at mount time; raises UsageError on the first problem."""
     _require_dir(options.mountpoint, "mountpoint")
@@ -253,6 +295,11 @@ def validate(options: MountOptions) -> None:
         raise UsageError(f"workdir {options.workdir} is inside upperdir {options.upperdir}")
     if is_inside(real_upper, real_work):
         raise UsageError(f"upperdir {options.upperdir} is inside workdir {options.workdir}")
+    if not options.read_only:
+        holder = inuse.holder(options.workdir)  # the daemon's own claim decides; this says it early
+        if holder:
+            raise UsageError(f"workdir {options.workdir} is in use by {holder}: unmount that first, "
+                             "or give this mount an upperdir and workdir of its own")
 
 
 def is_inside(path: str, directory: str) -> bool:

@@ -63,6 +63,21 @@ def overlayctl_binary() -> Path | None:
     return Path(found) if found else None
 
 
+SYSTEM_BINARY = Path("/usr/local/bin/overlayfuse")  # what mount(8)'s helper finds on PATH
+
+
+def system_binary_problem() -> str | None:
+    """Why SYSTEM_BINARY cannot stand for the code under test (None when it can): scripts/setup makes
+    it, but leaves one pointing at another checkout alone."""
+    if not SYSTEM_BINARY.exists():
+        return f"{SYSTEM_BINARY} missing (scripts/setup creates it)"
+    ours = overlayfuse_binary()
+    if ours is not None and os.path.realpath(SYSTEM_BINARY) != os.path.realpath(ours):
+        return (f"{SYSTEM_BINARY} is another checkout's ({os.path.realpath(SYSTEM_BINARY)}): "
+                "OVERLAYFUSE_LINKS=here ./scripts/setup points it here")
+    return None
+
+
 def mount_at(mnt: Path) -> MountEntry | None:
     """The topmost mount at `mnt`, or None."""
     found = [m for m in mounts() if m.mountpoint == str(mnt)]

@@ -23,6 +23,7 @@ from tests.conftest import skip_or_fail
 from tests.mounts import (
     DAEMON_EXIT_TIMEOUT,
     MOUNT_TIMEOUT,
+    SYSTEM_BINARY,
     daemon_pids,
     escape_option_path,
     is_mounted,
@@ -33,6 +34,7 @@ from tests.mounts import (
     overlayfuse_cmd,
     run,
     run_isolated,
+    system_binary_problem,
     teardown_overlayfuse,
     wait_mounted,
     wait_pids_gone,
@@ -41,7 +43,6 @@ from tests.trees import File, make_tree
 
 pytestmark = pytest.mark.mount
 
-SYSTEM_BINARY = Path("/usr/local/bin/overlayfuse")  # made by scripts/setup
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +326,7 @@ def test_restart_after_kill_clears_the_dead_mount(dirs: Dirs, overlayfuse_bin: P
 
 def test_empty_environment(dirs: Dirs, overlayfuse_bin: Path) -> None:
     """Started by systemd or mount(8), the daemon may have no PATH at all."""
-    binary = SYSTEM_BINARY if SYSTEM_BINARY.exists() else overlayfuse_bin
+    binary = overlayfuse_bin if system_binary_problem() else SYSTEM_BINARY
     with torn_down(dirs.mnt):
         proc = run(["env", "-i", binary, "-o", f"lowerdir={dirs.lower}", dirs.mnt],
                    timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
@@ -335,8 +336,9 @@ def test_empty_environment(dirs: Dirs, overlayfuse_bin: Path) -> None:
 
 def test_mount_helper(dirs: Dirs, overlayfuse_bin: Path) -> None:
     """`mount -t fuse.overlayfuse` goes through fuse3's mount.fuse, which finds us on PATH."""
-    if not SYSTEM_BINARY.exists():
-        skip_or_fail(f"{SYSTEM_BINARY} missing (scripts/setup creates it)")
+    problem = system_binary_problem()
+    if problem:
+        skip_or_fail(problem)
     with torn_down(dirs.mnt):
         proc = run(["mount", "-t", "fuse.overlayfuse", "overlay", dirs.mnt, "-o",
                     f"lowerdir={escape_option_path(dirs.lower)}"], timeout=MOUNT_TIMEOUT,

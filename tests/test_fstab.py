@@ -21,17 +21,18 @@ from tests.conftest import skip_or_fail
 from tests.mounts import (
     DAEMON_EXIT_TIMEOUT,
     MOUNT_TIMEOUT,
+    SYSTEM_BINARY,
     daemon_pids,
     mount_at,
     overlayfuse,
     run,
     run_isolated,
+    system_binary_problem,
     teardown_overlayfuse,
     wait_pids_gone,
 )
 from tests.trees import File, make_tree
 
-SYSTEM_BINARY = Path("/usr/local/bin/overlayfuse")  # what mount(8)'s helper finds on PATH
 FSTAB_WORDS = ["noauto", "nofail", "_netdev", "defaults", "auto", "user", "x-systemd.automount",
                "x-systemd.requires=local-fs.target", "x-systemd.device-timeout=5", "x-mount.mkdir"]
 
@@ -70,8 +71,9 @@ def _write(path: str, data: bytes) -> None:
 
 
 def _require_helper() -> None:
-    if not SYSTEM_BINARY.exists():
-        skip_or_fail(f"{SYSTEM_BINARY} missing (scripts/setup creates it)")
+    problem = system_binary_problem()
+    if problem:
+        skip_or_fail(problem)
 
 
 def _unmount_and_wait(mnt: Path) -> None:

@@ -176,7 +176,7 @@ def _file(path: Path) -> None:
 BAD = [
     Bad("not TOML", lambda d: "mountpoint = \n", r"not valid TOML: .*line 1"),
     Bad("not UTF-8", lambda d: "mountpoint = '\udcff'\n", r"not UTF-8"),
-    Bad("unknown key", lambda d: toml(**d.good(), lowerdir=[d.top]), r"unknown key 'lowerdir' \(known keys: "),
+    Bad("unknown key", lambda d: toml(**d.good(), lowerdir=[d.top]), r"unknown key 'lowerdir' \(did you mean lowerdirs\? .*; known keys: "),
     Bad("mountpoint not a string", lambda d: toml(**d.good(mountpoint=5)),
         r"mountpoint: must be a string, not an integer"),
     Bad("lowerdirs a string", lambda d: toml(**d.good(lowerdirs=f"{d.top}:{d.base}")),
@@ -520,14 +520,19 @@ def test_install_into_a_temporary_root(tmp_path: Path) -> None:
     first = _install(tmp_path, "web")
     assert first.returncode == 0, first.stderr
     unit, conf = tmp_path / "units" / "overlayfuse@.service", tmp_path / "etc-overlayfuse" / "web.conf"
+    # Neither directory is where overlayctl and systemd look by default: the hints say how to reach them.
     assert first.stdout.splitlines() == [
         f"{unit}: installed",
         f"{conf}: written",
-        f"edit {conf}, then check it with: overlayctl check web",
+        f"edit {conf}, then check it with: overlayctl check web --config-dir {conf.parent}",
+        f"{unit.parent} is not where systemd looks for units: make it known with: systemctl link {unit}",
         "start it now and at every boot with: systemctl enable --now overlayfuse@web",
     ]
-    if os.access(service_install.DEFAULT_OVERLAYCTL, os.X_OK):
-        assert unit.read_text() == UNIT.read_text()
+    if os.access(service_install.DEFAULT_OVERLAYCTL, os.X_OK):  # the tree's unit, told where the configs are
+        expected = (UNIT.read_text().replace(" service run %i", f" service run --config-dir {conf.parent} %i")
+                    .replace(" service cleanup %i", f" service cleanup --config-dir {conf.parent} %i")
+                    .replace("(/etc/overlayfuse/%i.conf)", f"({conf.parent}/%i.conf)"))
+        assert unit.read_text() == expected
     _verify(unit)
     assert unit.stat().st_mode & 0o777 == 0o644
     # The example is a config of the right shape, for mount "web", waiting for real paths.

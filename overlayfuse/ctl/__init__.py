@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import containers, images, service
+    from . import containers, images, service, system
 
     parser = argparse.ArgumentParser(
         prog="overlayctl",
@@ -33,9 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="log what happens, on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (images, containers, service):
+    for module in (images, containers, service, system):
         module.register(commands)
+    _global_flags_everywhere(parser)
     return parser
+
+
+def _global_flags_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--root`` and ``--debug`` after the subcommand too (``image ls --root DIR``), as podman
+    takes its global flags. Given there, they win; not given, the global value stays (SUPPRESS)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            sub.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS,
+                             help="the image store (also accepted before the command)")
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="log what happens, on stderr")
+            _global_flags_everywhere(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import asdict
 
-from ..images.store import Store
+from ..images.store import MissingStoreError, Store
 from ..options import FS_TYPE
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,23 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ps.add_argument("--json", action="store_true", help="print JSON")
     ps.set_defaults(handler=cmd_ps)
 
-    rm = commands.add_parser("rm", help="remove a container", description="Remove a container and its changes.")
-    rm.add_argument("name", metavar="NAME")
-    rm.add_argument("-f", "--force", action="store_true", help="unmount it first if it is mounted")
+    rm = commands.add_parser(
+        "rm", help="remove containers",
+        description="Remove containers and their changes: all of them, or none if one cannot go.",
+    )  # fmt: skip
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("-f", "--force", action="store_true", help="unmount them first if they are mounted")
     rm.set_defaults(handler=cmd_rm)
+
+    container = commands.add_parser("container", help="manage containers (prune)")
+    actions = container.add_subparsers(dest="container_command", metavar="SUBCOMMAND")
+    container.set_defaults(handler=lambda args: _usage(container))
+    prune = actions.add_parser(
+        "prune", help="remove every container that is not mounted",
+        description="Remove every container that is not mounted, with its changes, and the layers "
+        "nothing uses any more.",
+    )  # fmt: skip
+    prune.set_defaults(handler=cmd_container_prune)
 
     diff = commands.add_parser(
         "diff", help="list a container's changes",
@@ -66,10 +80,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     commit.set_defaults(handler=cmd_commit)
 
 
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from ..images.containers import mount_container
 
-    record = mount_container(Store.open(args.root), args.image, args.mountpoint, args.ro, name=args.name)
+    record = mount_container(Store.existing(args.root), args.image, args.mountpoint, args.ro, name=args.name)
     print(record.name)
     return 0
 
@@ -77,14 +96,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_umount(args: argparse.Namespace) -> int:
     from ..images.containers import umount_container
 
-    umount_container(Store.open(args.root), args.target)
+    umount_container(Store.existing(args.root), args.target)
     return 0
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
     from ..images.containers import STOPPED, container_states
 
-    states = [s for s in container_states(Store.open(args.root)) if args.all or s.state != STOPPED]
+    try:
+        store = Store.existing(args.root)
+    except MissingStoreError as exc:  # no containers then; other overlayfuse mounts are still listed
+        print(f"overlayctl: note: {exc}", file=sys.stderr)
+        store = Store(exc.root)  # lists nothing, creates nothing
+    states = [s for s in container_states(store) if args.all or s.state != STOPPED]
     if args.json:
         print(json.dumps([asdict(state) for state in states], indent=2))
         return 0
@@ -100,17 +124,29 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from ..images.containers import remove_container
+    from ..images.containers import remove_containers
 
-    for removed in remove_container(Store.open(args.root), args.name, force=args.force):
+    for removed in remove_containers(Store.existing(args.root), args.names, force=args.force):
         log.info("freed %s", removed)
+    return 0
+
+
+def cmd_container_prune(args: argparse.Namespace) -> int:
+    from ..images.containers import prune_containers
+
+    removed, freed = prune_containers(Store.existing(args.root))
+    for name in removed:
+        print(f"Deleted: {name}")
+    for item in freed:
+        log.info("freed %s", item)
+    print(f"Removed {len(removed)} container(s)")
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from ..images.commit import container_changes
 
-    for change in container_changes(Store.open(args.root), args.name):
+    for change in container_changes(Store.existing(args.root), args.name):
         print(f"{change.kind} {change.path}")
     return 0
 
@@ -118,6 +154,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_commit(args: argparse.Namespace) -> int:
     from ..images.commit import commit_container
 
-    record = commit_container(Store.open(args.root), args.name, args.ref, message=args.message, author=args.author)
+    record = commit_container(Store.existing(args.root), args.name, args.ref, message=args.message, author=args.author)
     print(record.id)
     return 0

@@ -1,4 +1,4 @@
-"""``overlayctl image ...``: import, ls, inspect, tag, rm, export.
+"""``overlayctl image ...``: import, ls, inspect, tag, rm, export, save, load, prune.
 
 Parsing and printing only; the work is in `overlayfuse.images` (importer, exporter, store). Every
 command that reads the store takes its lock too: it is cheap, it never sees a half-made change, and
@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
+from ..images.archive import save_image
 from ..images.exporter import export_image
-from ..images.importer import import_image
+from ..images.importer import ImportResult, import_image
 from ..images.progress import Progress, human_size
 from ..images.refs import parse_reference, reference_or_none, resolve_image
-from ..images.store import ImageRecord, Store
+from ..images.store import ImageRecord, MissingStoreError, Store
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ SHORT_ID = 12  # hex digits of an id in tables, as docker shows them
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``image`` and its subcommands to COMMANDS."""
-    image = commands.add_parser("image", help="import, list, inspect, tag, remove and export images")
+    image = commands.add_parser("image", help="import, list, inspect, tag, remove, export, save, load and prune images")
     sub = image.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
     image.set_defaults(handler=lambda args: _usage(image))
 
@@ -62,6 +63,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("dest", metavar="DIR", help="a new or empty directory, or an OCI layout to add to")
     p.set_defaults(handler=cmd_export)
 
+    p = sub.add_parser("save", help="write an image as one tar (docker save / OCI archive)",
+                       description="Write IMAGE to FILE as a tar that is both an OCI layout and a "
+                                   "docker save archive: image load, docker load and skopeo read it.")
+    p.add_argument("ref", metavar="IMAGE")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the tar to write (replaced if it exists)")
+    p.set_defaults(handler=cmd_save)
+
+    p = sub.add_parser("load", help="import an image from a tar (docker save, image save, OCI archive)",
+                       description="Import the image in FILE: what image save or docker save wrote, or an "
+                                   "OCI layout in a tar. The same as image import FILE.")
+    p.add_argument("-i", "--input", required=True, metavar="FILE")
+    p.add_argument("--tag", "-t", action="append", metavar="REF", help="tag the image REF (repeatable)")
+    p.set_defaults(handler=cmd_load)
+
+    p = sub.add_parser("prune", help="remove untagged images that no container uses",
+                       description="Remove the images that have no tag (<none>: left by committing or "
+                                   "importing to a tag again) and that no container uses, then the "
+                                   "layers and blobs nothing uses any more.")
+    p.set_defaults(handler=cmd_prune)
+
     p = sub.add_parser("tag", help="give an image another name")
     p.add_argument("source", metavar="SRC")
     p.add_argument("target", metavar="NEWREF")
@@ -80,21 +101,60 @@ def cmd_import(args: argparse.Namespace) -> int:
     tags = [parse_reference(tag) for tag in args.tag or ()]  # a bad tag fails before any work
     store = Store.open(args.root)
     result = import_image(store, args.path, tags, Progress())
-    print(f"Loaded image ID: {result.image.id}")
-    for tag in result.image.tags:
-        print(f"Loaded image: {tag}")
-    log.info("%d layers unpacked, %d already in the store", result.new_layers, result.reused_layers)
+    _print_loaded(result)
     return 0
 
 
+def _print_loaded(result: ImportResult) -> None:
+    """docker load's report: the id, and the tags this import gave (not the image's older ones)."""
+    print(f"Loaded image ID: {result.image.id}")
+    for tag in result.tags:
+        print(f"Loaded image: {tag}")
+    log.info("%d layers unpacked, %d already in the store", result.new_layers, result.reused_layers)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    store = Store.open(args.root)
+    store = Store.existing(args.root)
     with store.locked():
         record = resolve_image(store, args.ref)
         tag = _tag_named(args.ref, record)
         result = export_image(store, record, Path(args.dest), tag)
     how = "linked" if result.linked else "copied"
     print(f"Exported {record.id} to {args.dest}" + (f" as {tag}" if tag else "") + f" ({result.blobs} blobs {how})")
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    store = Store.existing(args.root)
+    with store.locked():
+        record = resolve_image(store, args.ref)
+        tag = _tag_named(args.ref, record)
+        size = save_image(store, record, tag, Path(args.output))
+    print(f"Saved {record.id} to {args.output}" + (f" as {tag}" if tag else "") + f" ({human_size(size, binary=False)})")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    if not Path(args.input).is_file():
+        raise StoreError(f"{args.input}: no such file (image load reads a tar; image import also takes a layout dir)")
+    tags = [parse_reference(tag) for tag in args.tag or ()]
+    result = import_image(Store.open(args.root), args.input, tags, Progress())
+    _print_loaded(result)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    store = Store.existing(args.root)
+    with store.locked():
+        used = {container.image for container in store.containers()}
+        doomed = [record for record in store.images() if not record.tags and record.id not in used]
+        for record in doomed:
+            store.delete_image(record.id)
+            print(f"Deleted: {record.id}")
+        freed = store.collect_garbage()
+    for item in freed:
+        log.info("freed %s", item)
+    print(f"Removed {len(doomed)} image(s)")
     return 0
 
 
@@ -108,7 +168,7 @@ def _tag_named(text: str, record: ImageRecord) -> str | None:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     target = parse_reference(args.target)
-    store = Store.open(args.root)
+    store = Store.existing(args.root)
     with store.locked():
         record = resolve_image(store, args.source)
         if target not in record.tags:
@@ -120,7 +180,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    store = Store.open(args.root)
+    store = Store.existing(args.root)
     with store.locked():
         for text in args.refs:  # refuse before changing anything: all or nothing
             _remove(store, text, args.force, dry_run=True)
@@ -213,9 +273,14 @@ def _rows(store: Store) -> list[dict[str, Any]]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    store = Store.open(args.root)
-    with store.locked():
-        rows = _rows(store)
+    try:
+        store = Store.existing(args.root)
+    except MissingStoreError as exc:  # nothing to list: say why, as an empty store would not
+        print(f"overlayctl: note: {exc}", file=sys.stderr)
+        rows = []
+    else:
+        with store.locked():
+            rows = _rows(store)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -273,7 +338,7 @@ def describe(store: Store, record: ImageRecord) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    store = Store.open(args.root)
+    store = Store.existing(args.root)
     with store.locked():
         described = [describe(store, resolve_image(store, ref)) for ref in args.refs]
     json.dump(described, sys.stdout, indent=2)

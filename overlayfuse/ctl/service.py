@@ -113,6 +113,8 @@ def do_install(args: argparse.Namespace) -> int:
     if done.reloaded:
         print("systemctl daemon-reload: done")
     if done.config_action == "written":
-        print(f"edit {done.config}, then check it with: overlayctl check {args.name}")
-    print(f"start it now and at every boot with: systemctl enable --now overlayfuse@{args.name}")
+        print(f"edit {done.config}, then check it with: {done.check_command}")
+    if len(done.start_steps) > 1:
+        print(f"{done.unit.parent} is not where systemd looks for units: make it known with: {done.start_steps[0]}")
+    print(f"start it now and at every boot with: {done.start_steps[-1]}")
     return 0

@@ -9,8 +9,10 @@ daemon's pid, and the daemon serves a control socket (`overlayfuse.control`) tha
 to freeze the mount.
 
 The record says what we started; the mount table and /proc say what is true. A container whose
-record says mounted but whose daemon is gone (or whose mount answers ENOTCONN) is *dead*: ``ps``
-shows it so, and ``umount`` detaches the dead mount and clears the record.
+record says mounted but whose daemon is gone with its mount still there (answering ENOTCONN) is
+*dead*: ``ps`` shows it so, and ``umount`` detaches the dead mount and clears the record. One whose
+daemon and mount are both gone was unmounted cleanly (umount(8), SIGTERM): it is *stopped*, even
+before a command clears its record.
 """
 
 from __future__ import annotations
@@ -244,8 +246,20 @@ def _check_mountpoint(target: str) -> None:
         what = "not a directory" if os.path.lexists(target) else "no such directory"
         raise StoreError(f"mountpoint {target}: {what}")
     entries = mounttable.mounts_at(target)
-    if entries and not mounttable.is_dead_fuse_mount(target):  # the daemon detaches dead ones itself
+    if entries and mounttable.is_dead_fuse_mount(target):
+        return  # the daemon detaches it itself (and what it shows is the dead mount's, not the dir's)
+    if entries:
         raise StoreError(f"mountpoint {target} is already in use ({entries[-1].fstype} from {entries[-1].source})")
+    try:
+        with os.scandir(target) as listing:
+            hidden = next(listing, None)
+    except OSError as exc:
+        raise StoreError(f"mountpoint {target}: cannot read it: {exc.strerror or exc}") from None
+    if hidden is not None:
+        raise StoreError(
+            f"mountpoint {target} is not empty (it has {hidden.name!r}): the mount would hide what is there; "
+            "give an empty directory"
+        )
 
 
 def daemon_command(store: Store, record: ContainerRecord, mountpoint: str, read_only: bool) -> list[str]:
@@ -333,10 +347,15 @@ def daemon_alive(pid: int | None, mountpoint: str | None) -> bool:
 
 
 def mount_state(pid: int | None, mountpoint: str | None) -> str:
-    """running, stopped (no mountpoint) or dead (the daemon or its mount is gone)."""
+    """running; stopped (never mounted, or unmounted cleanly: the daemon exited and took its mount
+    with it, as after umount(8) or SIGTERM, even if no overlayctl command has cleared the record
+    yet); or dead (the daemon died and left its mount, or the daemon lives without its mount)."""
     if mountpoint is None:
         return STOPPED
     if not daemon_alive(pid, mountpoint):
+        entries = mounttable.mounts_at(mountpoint)
+        if not entries or entries[-1].fstype != FUSE_FSTYPE:
+            return STOPPED
         return DEAD
     entries = mounttable.mounts_at(mountpoint)
     if not entries or entries[-1].fstype != FUSE_FSTYPE:
@@ -368,10 +387,11 @@ def container_states(store: Store) -> list[ContainerState]:
         state = mount_state(record.pid, record.mountpoint)
         if record.mountpoint:
             known.add(record.mountpoint)
+        stopped = state == STOPPED
         states.append(
             ContainerState(
-                record.name, image_label(images, record.image), record.mountpoint,
-                record.pid if state != STOPPED else None, state, record.read_only,
+                record.name, image_label(images, record.image), None if stopped else record.mountpoint,
+                None if stopped else record.pid, state, record.read_only and not stopped,
             )
         )  # fmt: skip
     for entry in mounttable.read_mounts():
@@ -470,17 +490,43 @@ def _wait_exit(pid: int, mountpoint: str, timeout: float) -> bool:
 def remove_container(store: Store, name: str, force: bool = False) -> list[str]:
     """Delete a container's upper dir and record (unmounting first with FORCE), then the layers and
     blobs nothing uses any more; returns what the garbage collection removed."""
+    return remove_containers(store, [name], force)
+
+
+def remove_containers(store: Store, names: Sequence[str], force: bool = False) -> list[str]:
+    """`remove_container` for each of NAMES, all or nothing: every one is checked (it exists, and is
+    not mounted unless FORCE) before the first is removed."""
     with store.locked():
-        record = _refresh(store, store.container(name))
-        if record.mountpoint is not None:
-            if not force:
-                raise StoreError(f"container {name} is mounted on {record.mountpoint}: umount it first, or use --force")
-            _umount_locked(store, record)
-        try:
-            store.discard(store.container_path(name))
-        except OSError as exc:
-            raise StoreError(f"cannot remove container {name}: {exc.strerror or exc}") from None
-        log.info("removed container %s", name)
+        records = [_refresh(store, store.container(name)) for name in dict.fromkeys(names)]
+        for record in records:
+            if record.mountpoint is not None and not force:
+                raise StoreError(
+                    f"container {record.name} is mounted on {record.mountpoint}: umount it first, or use --force"
+                )
+        for record in records:
+            if record.mountpoint is not None:
+                _umount_locked(store, record)
+            _discard_container(store, record.name)
         return store.collect_garbage()
+
+
+def prune_containers(store: Store) -> tuple[list[str], list[str]]:
+    """Remove every container that is not mounted (a clean unmount counts), then what nothing uses;
+    returns (the containers removed, what the garbage collection removed)."""
+    with store.locked():
+        removed = []
+        for record in store.containers():
+            if _refresh(store, record).mountpoint is None:
+                _discard_container(store, record.name)
+                removed.append(record.name)
+        return removed, store.collect_garbage()
+
+
+def _discard_container(store: Store, name: str) -> None:
+    try:
+        store.discard(store.container_path(name))
+    except OSError as exc:
+        raise StoreError(f"cannot remove container {name}: {exc.strerror or exc}") from None
+    log.info("removed container %s", name)
 
 

@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from ..errors import ImageError, StoreError, UserError
 from . import oci
@@ -46,6 +46,7 @@ from .compression import HashingReader, open_decompressed
 from .inherit import inherit_implicit_dirs
 from .oci import Descriptor, ImageConfig, Manifest
 from .progress import Progress
+from .recompress import GzipCopy
 from .refs import ReferenceError, parse_reference
 from .sources import Source, clean_path, open_source, read_document
 from .store import ImageRecord, LayerRecord, Store, digest_hex, write_file_atomic
@@ -91,6 +92,7 @@ class ImportResult:
     image: ImageRecord
     new_layers: int
     reused_layers: int
+    tags: tuple[str, ...] = ()  # the tags this import gave (the image may have others from before)
 
 
 # -- naming ---------------------------------------------------------------------------------------
@@ -400,15 +402,20 @@ def _verify_only(raw: BinaryIO, layer: LayerPlan, copy_to: BinaryIO | None,
 
 
 def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, staged: _Staged,
-                 progress: Progress, total: int, below: Sequence[Path]) -> tuple[str, Path]:
+                 progress: Progress, total: int, below: Sequence[Path]) -> tuple[str, Path, LayerPlan]:
     """Verify (and unpack, unless the store has it) one layer over BELOW (the content dirs of the
-    layers under it, topmost first); returns its blob digest and its content dir."""
+    layers under it, topmost first); returns its blob digest, its content dir, and the layer as the
+    stored blob is (gzipped, if it came as a plain tar in an archive without a manifest)."""
     keep_blob = layer.digest is None or not store.has_blob(layer.digest)
     blob_path = staging / "blobs" / f"layer-{layer.number}"
     media_type = _unpack_media_type(source, layer)
+    # No manifest names this blob (manifest.json archives): store it gzipped, one copy of the bytes.
+    gzip_it = layer.digest is None and not oci.LAYER_COMPRESSION.get(media_type, "?")
     label = f"layer {layer.number}/{total} {(layer.digest or layer.diff_id)[7:19]}"
     advance = progress.start(label, layer.size)
-    with source.open(layer.path) as raw, (open(blob_path, "wb") if keep_blob else contextlib.nullcontext()) as copy:
+    with source.open(layer.path) as raw, (open(blob_path, "wb") if keep_blob else contextlib.nullcontext()) as out:
+        gzip_copy = GzipCopy(out) if gzip_it and out is not None else None
+        copy = cast(BinaryIO, gzip_copy) if gzip_copy is not None else out
         staged_here = {r.diff_id: target / "diff" for target, r in staged.layers}
         if store.has_layer(layer.diff_id) or layer.diff_id in staged_here:
             log.info("layer %s is in the store already: verifying its blob only", layer.diff_id)
@@ -427,13 +434,17 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
             digest = unpacked.digest
             _inherit(content, unpacked.implicit_dirs, below)
             staged.layers.append((target, LayerRecord(diff_id=layer.diff_id, size=unpacked.unpacked_size)))
-        if copy is not None:
-            copy.flush()
-            os.fsync(copy.fileno())
+        stored = layer
+        if gzip_copy is not None:
+            digest = gzip_copy.finish()
+            stored = replace(layer, media_type=oci.MEDIA_LAYER_GZIP, size=gzip_copy.size)
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
     progress.finish()
     if keep_blob:
         staged.blobs.append((blob_path, digest))
-    return digest, content
+    return digest, content, stored
 
 
 def _inherit(content: Path, implicit_dirs: Sequence[str], below: Sequence[Path]) -> None:
@@ -485,19 +496,21 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
     (staging / "layers").mkdir()
     staged = _Staged()
     digests = []
+    stored_layers = []  # as the blobs are stored (a plain tar from a manifest.json archive is gzipped)
     below: list[Path] = []  # content dirs of the layers staged so far, topmost first
     for layer in plan.layers:
         try:
-            digest, content = _stage_layer(store, source, layer, staging, staged, progress, len(plan.layers),
+            digest, content, stored = _stage_layer(store, source, layer, staging, staged, progress, len(plan.layers),
                                            below)
         except ImageError as exc:  # say which input and which layer of it, then what
             raise ImageError(f"{source.label}, layer {layer.number} of {len(plan.layers)}: {exc}") from None
         digests.append(digest)
+        stored_layers.append(stored)
         below.insert(0, content)
     config_digest = oci.sha256_of(plan.config_bytes)
     manifest_bytes = plan.manifest_bytes
     if manifest_bytes is None:
-        manifest_bytes = _docker_manifest(plan.config_bytes, config_digest, list(zip(plan.layers, digests)))
+        manifest_bytes = _docker_manifest(plan.config_bytes, config_digest, list(zip(stored_layers, digests)))
     manifest_digest = oci.sha256_of(manifest_bytes)
     staged.blobs.append((_stage_bytes(staging, "config", plan.config_bytes), config_digest))
     staged.blobs.append((_stage_bytes(staging, "manifest", manifest_bytes), manifest_digest))
@@ -517,7 +530,7 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
         if replaced is not None and replaced.manifest != record.manifest:
             store.collect_garbage()  # the blobs only the old manifest named
     log.info("imported %s from %s (%s)", record.id, source.label, plan.description)
-    return ImportResult(record, new_layers=len(staged.layers), reused_layers=len(staged.reused))
+    return ImportResult(record, new_layers=len(staged.layers), reused_layers=len(staged.reused), tags=tuple(chosen))
 
 
 def _image_record(store: Store, config_digest: str, manifest_digest: str, tags: Sequence[str]) -> ImageRecord:

@@ -155,6 +155,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class MissingStoreError(StoreError):
+    """There is no store where one was looked for (and none was made: the command only reads)."""
+
+    def __init__(self, message: str, root: Path) -> None:
+        super().__init__(message)
+        self.root = root
+
+
 @dataclass(frozen=True, slots=True)
 class Store:
     """A store root. Cheap to make; `open` creates the directories on first use."""
@@ -172,6 +180,19 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot use store {chosen}: {exc.strerror or exc}") from None
         return store
+
+    @classmethod
+    def existing(cls, root: str | os.PathLike[str] | None = None) -> Store:
+        """The store at ROOT (as `open` chooses it) if there is one; `StoreError` if not.
+
+        Only import (and later pull) makes a store: a command that reads one must not leave an
+        empty store behind a mistyped ``--root``, and must say why it sees nothing."""
+        chosen = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).absolute()
+        if not (chosen / "images").is_dir():
+            raise MissingStoreError(
+                f"no image store at {chosen} (image import creates one; check --root and ${ROOT_ENV})", chosen
+            )
+        return cls.open(chosen)
 
     # -- paths ------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ names the file, the key and what is wrong with it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import errno
 import logging
 import os
@@ -194,8 +195,12 @@ def parse_config(data: dict[str, Any], path: Path, name: str) -> MountConfig:
 
     for key, value in data.items():
         if key not in _KEYS:
+            close = difflib.get_close_matches(key, list(_KEYS), n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]}? " if close else ""
+            if key == "lowerdir":
+                hint = 'did you mean lowerdirs? it takes a list, top first: lowerdirs = ["/top", "/base"]; '
             known = ", ".join(_KEYS)
-            raise ConfigError(f"{path}: unknown key {key!r} (known keys: {known})")
+            raise ConfigError(f"{path}: unknown key {key!r} ({hint}known keys: {known})")
         expected = _KEYS[key]
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             hint = ""
@@ -320,6 +325,11 @@ def _check_mountpoint(path: str, where: str) -> bool:
     if mounttable.is_dead_fuse_mount(path):
         return True
     _check_dir(path, where)
+    entries = mounttable.mounts_at(os.path.realpath(path))
+    if entries:  # a live mount: ours would hide it (or stack a second daemon on a running one)
+        raise ConfigError(
+            f"{where}: {path} is already in use ({entries[-1].fstype} from {entries[-1].source}): unmount it first"
+        )
     return False
 
 
@@ -370,8 +380,9 @@ def _check_with_daemon_rules(plan: MountPlan) -> None:
         options = parse_args(daemon_args(plan), euid=0)
     except UsageError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if options.warnings:
-        option = options.warnings[0].removeprefix("unknown option ").removesuffix(" ignored")
+    unknown = [w for w in options.warnings if w.startswith("unknown option ")]
+    if unknown:
+        option = unknown[0].removeprefix("unknown option ").replace(" ignored", "", 1)
         raise ConfigError(f"{where}: options: unknown mount option {option}")
     if plan.new_container:  # its upper and work dirs do not exist until it is created
         options = dataclasses.replace(options, upperdir=None, workdir=None)
@@ -395,7 +406,7 @@ def _plan_from_store(config: MountConfig, root: str) -> MountPlan:
     where = config.path
     key = "store" if config.store else "image" if config.image else "container"
     if not os.path.isdir(root):
-        raise ConfigError(f"{where}: {key}: the image store {root} does not exist (no image was ever pulled there)")
+        raise ConfigError(f"{where}: {key}: the image store {root} does not exist (no image was ever imported there)")
     try:
         store = Store.open(root)
         image = resolve_image(store, config.image) if config.image else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, UserError
 from ..images.store import write_file_atomic
-from .config import SUFFIX, check_name, config_dir, load_config
+from .config import CONFIG_DIR, CONFIG_DIR_ENV, SUFFIX, check_name, config_dir, load_config
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,13 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "systemd"
 #: Where the unit's ExecStart= expects overlayctl (scripts/setup links it there).
 DEFAULT_OVERLAYCTL = "/usr/local/bin/overlayctl"
 NAME_PLACEHOLDER = "@NAME@"
+CONFIG_PLACEHOLDER = "@CONFIG@"
+CHECK_PLACEHOLDER = "@CHECK@"
+#: Where systemd looks for system units (systemd.unit(5)); a unit elsewhere must be linked first.
+SYSTEMD_UNIT_DIRS = tuple(
+    Path(d) for d in ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                      "/usr/lib/systemd/system", "/lib/systemd/system")
+)  # fmt: skip
 #: daemon-reload waits for systemd to re-read every unit: seconds, on a busy machine.
 RELOAD_TIMEOUT = 60
 
@@ -49,6 +57,10 @@ class Installed:
     config: Path
     config_action: str  # "written", "copied from FILE" or "kept"
     reloaded: bool
+    check_command: str
+    """How to check the installed config, with ``--config-dir`` when it is not the default."""
+    start_steps: tuple[str, ...]
+    """The commands that start the mount (a ``systemctl link`` first if systemd does not look there)."""
 
 
 def unit_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -60,13 +72,19 @@ def systemd_running() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
-def unit_text(overlayctl: str | None = None) -> str:
-    """The unit as it should be installed: its ExecStart names an overlayctl that exists.
+def unit_text(overlayctl: str | None = None, configs: Path | None = None) -> str:
+    """The unit as it should be installed: its ExecStart names an overlayctl that exists, and the
+    config dir CONFIGS when that is not the default (systemd passes no $OVERLAYFUSE_CONFIG_DIR).
 
     The unit in the tree runs /usr/local/bin/overlayctl; where that is missing, its Exec lines get the
     path of the overlayctl doing the install (OVERLAYCTL, else this process's, else on PATH).
     """
     text = _read_source(UNIT_NAME)
+    if configs is not None and not _same_dir(configs, CONFIG_DIR):
+        where = _systemd_quote(os.path.abspath(configs))
+        for action in ("run", "cleanup"):
+            text = text.replace(f" service {action} %i", f" service {action} --config-dir {where} %i")
+        text = text.replace(f"({CONFIG_DIR}/%i.conf)", f"({os.path.abspath(configs)}/%i.conf)")
     if os.access(DEFAULT_OVERLAYCTL, os.X_OK):
         return text
     binary = overlayctl or _this_overlayctl()
@@ -75,9 +93,34 @@ def unit_text(overlayctl: str | None = None) -> str:
     return text.replace(f"={DEFAULT_OVERLAYCTL} ", f"={binary} ").replace(f"=-{DEFAULT_OVERLAYCTL} ", f"=-{binary} ")
 
 
-def example_config(name: str) -> str:
-    """The example config, for mount NAME."""
-    return _read_source(EXAMPLE_NAME).replace(NAME_PLACEHOLDER, check_name(name))
+def example_config(name: str, configs: Path | None = None) -> str:
+    """The example config, for mount NAME, saying where it lives (in CONFIGS) and how to check it."""
+    check_name(name)
+    directory = Path(os.path.abspath(configs)) if configs is not None else CONFIG_DIR
+    return (
+        _read_source(EXAMPLE_NAME)
+        .replace(CONFIG_PLACEHOLDER, str(directory / f"{name}{SUFFIX}"))
+        .replace(CHECK_PLACEHOLDER, check_command(name, directory))
+        .replace(NAME_PLACEHOLDER, name)
+    )
+
+
+def check_command(name: str, configs: Path) -> str:
+    """``overlayctl check NAME``, with ``--config-dir`` when CONFIGS is not where it looks by default."""
+    if _same_dir(configs, CONFIG_DIR) and not os.environ.get(CONFIG_DIR_ENV):
+        return f"overlayctl check {name}"
+    return f"overlayctl check {name} --config-dir {shlex.quote(os.path.abspath(configs))}"
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b) or (a.exists() and b.exists() and a.resolve() == b.resolve())
+
+
+def _systemd_quote(path: str) -> str:
+    """PATH as one word of an Exec= line (systemd.service(5): double quotes, backslash escapes)."""
+    if all(c.isalnum() or c in "/._-+" for c in path):
+        return path
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
 
 
 def install(
@@ -90,16 +133,16 @@ def install(
 ) -> Installed:
     """Install the unit and NAME's config (see the module's docstring); nothing half-done on error."""
     check_name(name)
-    text = unit_text()
+    target_units, target_configs = unit_dir(units), config_dir(configs)
+    text = unit_text(configs=target_configs)
     if config_file is not None:
         source = Path(config_file)
         load_config(source, name)  # its shape at least: a file that is not a config stays out
         config_content = source.read_bytes()
     else:
         source = None
-        config_content = example_config(name).encode()
+        config_content = example_config(name, target_configs).encode()
 
-    target_units, target_configs = unit_dir(units), config_dir(configs)
     unit_path = target_units / UNIT_NAME
     config_path = target_configs / f"{name}{SUFFIX}"
     if config_path.exists() and source is not None and config_path.read_bytes() != config_content:
@@ -117,7 +160,14 @@ def install(
     if reload and unit_action != "unchanged" and default_place and systemd_running():
         _daemon_reload()
         reloaded = True
-    return Installed(unit_path, unit_action, config_path, config_action, reloaded)
+    start = f"systemctl enable --now overlayfuse@{name}"
+    if any(_same_dir(unit_path.parent, d) for d in SYSTEMD_UNIT_DIRS):
+        steps: tuple[str, ...] = (start,)
+    else:  # systemd would not find it: `systemctl link` makes it known (and the reload with it)
+        steps = (f"systemctl link {shlex.quote(os.path.abspath(unit_path))}", start)
+    return Installed(
+        unit_path, unit_action, config_path, config_action, reloaded, check_command(name, target_configs), steps
+    )
 
 
 def _read_source(filename: str) -> str:
