@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import containers, images, service
+    from . import containers, images, registry, service
 
     parser = argparse.ArgumentParser(
         prog="overlayctl",
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="log what happens, on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (images, containers, service):
+    for module in (images, registry, containers, service):
         module.register(commands)
     return parser
 

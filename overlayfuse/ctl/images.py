@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
+from . import registry
 from ..images.exporter import export_image
 from ..images.importer import import_image
 from ..images.progress import Progress, human_size
@@ -30,7 +31,7 @@ SHORT_ID = 12  # hex digits of an id in tables, as docker shows them
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``image`` and its subcommands to COMMANDS."""
-    image = commands.add_parser("image", help="import, list, inspect, tag, remove and export images")
+    image = commands.add_parser("image", help="import, pull, push, list, inspect, tag, remove and export images")
     sub = image.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
     image.set_defaults(handler=lambda args: _usage(image))
 
@@ -66,6 +67,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("source", metavar="SRC")
     p.add_argument("target", metavar="NEWREF")
     p.set_defaults(handler=cmd_tag)
+
+    registry.add_transfer_commands(sub)  # image pull, image push (also top-level commands)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
