@@ -332,7 +332,7 @@ class FaultProxy:
 
     def handle(self, request: http.server.BaseHTTPRequestHandler) -> None:
         headers = {k: v for k, v in request.headers.items()}
-        self.requests.append((request.command, request.path, headers))
+        self.requests.append((request.command, request.path, dict(headers)))  # as received
         length = int(request.headers.get("Content-Length") or 0)
         body = request.rfile.read(length) if length else None
         faults = self.faults

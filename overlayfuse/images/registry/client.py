@@ -130,7 +130,7 @@ class Session:
         if not response.is_stream_consumed:
             try:
                 response.read()
-            except httpx.HTTPError:
+            except (httpx.HTTPError, httpx.StreamError):
                 pass
         words = _STATUS_WORDS.get(response.status_code, f"HTTP {response.status_code} {response.reason_phrase}")
         hint = f" (try: overlayctl login {self.label})" if response.status_code == 401 else ""
@@ -246,12 +246,11 @@ class Session:
                     raise RegistryError(f"{self.label}: {what}: {_transport_words(exc)}") from None
                 attempt += 1
                 continue
-            if response.status_code in _RETRY_STATUS:
-                retry_after = response.headers.get("retry-after")
+            if response.status_code in _RETRY_STATUS and self._wait_before_retry(
+                    attempt, started, response.headers.get("retry-after"), what, f"HTTP {response.status_code}"):
                 response.close()
-                if self._wait_before_retry(attempt, started, retry_after, what, f"HTTP {response.status_code}"):
-                    attempt += 1
-                    continue
+                attempt += 1
+                continue
             return response
 
     def _wait_before_retry(self, attempt: int, started: float, retry_after: str | None, what: str,

@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 ACCEPT = ", ".join((oci.MEDIA_INDEX, oci.MEDIA_MANIFEST, oci.DOCKER_MANIFEST_LIST, oci.DOCKER_MANIFEST))
 #: Layer downloads at once: enough to hide latency, few enough not to swamp a small registry.
 PARALLEL_DOWNLOADS = 3
-#: Bytes per write of a downloaded blob.
-CHUNK = 1 << 16
 #: How often one blob download may restart after its connection broke (each resumes with Range).
 MAX_RESUMES = 5
 
@@ -183,7 +181,7 @@ def download_blob(session: Session, ref: RegistryRef, descriptor: oci.Descriptor
                         hasher, done = hashlib.sha256(), 0
                     elif response.status_code not in ((206,) if done else (200,)):
                         raise session.fail(what, response)
-                    for chunk in response.iter_bytes(CHUNK):
+                    for chunk in response.iter_raw():  # as it arrives (a resume starts after the last byte)
                         done += len(chunk)
                         if done > descriptor.size:
                             raise RegistryError(f"{session.label}: {what}: bad digest: more bytes than the "
