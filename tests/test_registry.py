@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from overlayfuse.images import oci
 from overlayfuse.images.registry.client import Options, parse_challenge
 from overlayfuse.images.registry.credentials import Credentials
 from overlayfuse.images.registry.push import push_image
@@ -30,7 +31,17 @@ from overlayfuse.images.store import Store
 from tests.compare import assert_same_view
 from tests.conftest import skip_or_fail
 from tests.containerctl import Ctl, build_images, change_container, comparable, store_session
-from tests.imagebuild import Images, tool, unpack_rootfs
+from tests.imagebuild import (
+    INDEX,
+    REF_NAME,
+    Images,
+    LayoutEditor,
+    copy_layout,
+    to_zstd,
+    tool,
+    unpack_rootfs,
+    write_blob,
+)
 from tests.registries import (
     PASSWORD,
     USER,
@@ -229,6 +240,57 @@ def test_chunked_upload_of_an_imported_image_gives_the_same_digests(
          f"docker://{registry.host}/test/chunked:1", f"oci:{tmp_path / 'back'}:1")
     assert_same_view(comparable(unpack_rootfs(tmp_path / "back", "1", tmp_path / "b1")),
                      comparable(unpack_rootfs(images.layout, images.deleted, tmp_path / "b2")))
+
+
+def test_a_layer_stored_under_another_compression_is_not_downloaded(
+        registry: RegistryProcess, images: Images, tmp_path: Path) -> None:
+    """The store has full's layers from a zstd import (other blobs, same diff_ids): a pull of the
+    gzip image fetches its config only, and mounts what umoci unpacks."""
+    root = tmp_path / "store"
+    with store_session(root, tmp_path) as ctl:
+        zstd = to_zstd(images.layout, images.full, tmp_path / "zstd")
+        ctl.ok("image", "import", f"{zstd}:{images.full}", "--tag", "local/zstd:1")
+        full = f"{registry.host}/test/full:1"
+        before = len(registry.blob_gets("test/full"))
+        out = ctl.ok(*pull_args(registry, full))
+        assert "0 layers downloaded, 3 already in the store" in out, out
+        assert len(registry.blob_gets("test/full")[before:]) == 1  # the config
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        ctl.ok("mount", full, mnt, "--ro", "--name", "pulled")
+        rootfs = unpack_rootfs(images.layout, images.full, tmp_path / "bundle")
+        assert_same_view(comparable(rootfs), comparable(mnt))
+        # Its layer blobs are not in the store, but the registry has them: a push mounts them.
+        out = ctl.ok("push", full, f"{registry.host}/test/zfull:1", "--cert-dir", str(registry.pki.cert_dir),
+                     "--creds", CREDS)
+        assert "0 blobs uploaded, 4 mounted" in out, out
+
+
+def test_the_platform_is_picked_from_an_index(registry: RegistryProcess, images: Images, tmp_path: Path) -> None:
+    layout = copy_layout(images.layout, tmp_path / "multi")
+    host_os, host_arch = oci.host_platform()
+    entries = []
+    for tag, platform in ((images.other, {"os": "linux", "architecture": "s390x"}),
+                          (images.full, {"os": host_os, "architecture": host_arch})):
+        descriptor = dict(LayoutEditor(layout, tag).descriptor)
+        descriptor.pop("annotations", None)
+        entries.append(descriptor | {"platform": platform})
+    index = json.dumps({"schemaVersion": 2, "mediaType": oci.MEDIA_INDEX, "manifests": entries}).encode()
+    top = json.loads((layout / INDEX).read_text())
+    top["manifests"].append({"mediaType": oci.MEDIA_INDEX, "digest": write_blob(layout, index),
+                             "size": len(index), "annotations": {REF_NAME: "multi"}})
+    (layout / INDEX).write_text(json.dumps(top))
+    run_tool("skopeo", "copy", "--all", "--dest-cert-dir", registry.pki.cert_dir, "--dest-creds", CREDS,
+             f"oci:{layout}:multi", f"docker://{registry.host}/test/multi:1")
+
+    ctl = Ctl(tmp_path / "store")
+    ref = f"{registry.host}/test/multi:1"
+    host_id = ctl.ok(*pull_args(registry, ref, "-q")).strip()
+    s390x_id = ctl.ok(*pull_args(registry, ref, "-q", "--platform", "linux/s390x")).strip()
+    assert host_id == LayoutEditor(layout, images.full).manifest["config"]["digest"]
+    assert s390x_id == LayoutEditor(layout, images.other).manifest["config"]["digest"]
+    line = ctl.fails(*pull_args(registry, ref, "-q", "--platform", "windows/amd64"))
+    assert "no image for windows/amd64" in line and "linux/s390x" in line
 
 
 # -- auth ----------------------------------------------------------------------------------------

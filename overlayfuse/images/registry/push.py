@@ -96,10 +96,6 @@ def upload_blob(session: Session, ref: RegistryRef, store: Store, digest: str, s
         return "skipped"
     if head.status_code not in (404,):
         raise session.fail(what, head)
-    path = store.blob_path(digest)
-    if not path.is_file():
-        raise RegistryError(f"{session.label}: {what}: the store does not have this blob (its layer was "
-                            "pulled under another blob with the same content): it cannot be pushed byte for byte")
     location = None
     for source in _mount_sources(store, ref, digest):
         response = session.request("POST", f"/v2/{repo}/blobs/uploads/",
@@ -111,6 +107,10 @@ def upload_blob(session: Session, ref: RegistryRef, store: Store, digest: str, s
         if response.status_code == 202:  # the registry opened an upload instead
             location = response.headers.get("location")
             break
+    path = store.blob_path(digest)
+    if not path.is_file():
+        raise RegistryError(f"{session.label}: {what}: the store does not have this blob (its layer came "
+                            "in under another blob with the same content), and the registry has no copy of it")
     if location is None:
         response = session.request("POST", f"/v2/{repo}/blobs/uploads/", [push_scope], what)
         if response.status_code != 202:
