@@ -17,13 +17,14 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from overlayfuse.images import oci
-from overlayfuse.images.registry.client import Options, parse_challenge
+from overlayfuse.images.registry.client import Options, Session, parse_challenge
 from overlayfuse.images.registry.credentials import Credentials
 from overlayfuse.images.registry.push import push_image
 from overlayfuse.images.registry.reference import RegistryError, parse_registry_ref
@@ -387,6 +388,26 @@ def test_bearer_tokens_per_scope_anonymous_and_with_credentials(
 
     line = ctl.fails("pull", ref, "--cert-dir", str(registry.pki.cert_dir), "--creds", f"{USER}:nope")
     assert "token" in line and "unauthorized" in line
+
+
+def test_tokens_are_kept_per_scope_until_they_expire(token_registry: tuple[RegistryProcess, TokenServer]) -> None:
+    registry, tokens = token_registry
+    tokens.lifetime = 2  # kept for 1 s (renewed before the registry would refuse it)
+    try:
+        with Session(registry.host, Options(cert_dir=str(registry.pki.cert_dir))) as session:
+            def manifest(repository: str) -> int:
+                response = session.request("GET", f"/v2/{repository}/manifests/1", [f"repository:{repository}:pull"],
+                                           "manifest", headers={"Accept": oci.MEDIA_MANIFEST})
+                return response.status_code
+            assert manifest("team/app") == 200 and manifest("team/app") == 200
+            assert session.token_requests == 1
+            assert manifest("team/other") == 404  # another scope, another token
+            assert session.token_requests == 2
+            time.sleep(1.2)
+            assert manifest("team/app") == 200
+            assert session.token_requests == 3
+    finally:
+        tokens.lifetime = 300
 
 
 # -- faults --------------------------------------------------------------------------------------
