@@ -63,6 +63,7 @@ class Pki:
     server_key: Path
     token_cert: Path
     token_key: Path
+    ca_key: Path
 
 
 def make_pki(directory: Path) -> Pki:
@@ -82,7 +83,21 @@ def make_pki(directory: Path) -> Pki:
     token_key, token_crt = directory / "token.key", directory / "token.crt"
     run_tool("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", token_key, "-out", token_crt,
              "-days", "2", "-subj", "/CN=overlayfuse test token issuer")
-    return Pki(cert_dir, crt, key, token_crt, token_key)
+    return Pki(cert_dir, crt, key, token_crt, token_key, ca_key)
+
+
+def make_client_cert_dir(pki: Pki, directory: Path) -> Path:
+    """A cert dir as containers-certs.d(5) describes it for mutual TLS: ca.crt, client.cert, client.key."""
+    directory.mkdir(parents=True)
+    ca = pki.cert_dir / "ca.crt"
+    (directory / "ca.crt").write_bytes(ca.read_bytes())
+    key, csr = directory / "client.key", directory.parent / "client.csr"
+    run_tool("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=client")
+    ext = directory.parent / "client.ext"
+    ext.write_text("extendedKeyUsage=clientAuth\n")
+    run_tool("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", pki.ca_key, "-CAcreateserial",
+             "-out", directory / "client.cert", "-days", "2", "-extfile", ext)
+    return directory
 
 
 @dataclass
@@ -92,6 +107,7 @@ class RegistryProcess:
     directory: Path
     pki: Pki
     auth: dict[str, Any]
+    client_certs: Path | None = None  # require a client certificate (mutual TLS); the readiness probe uses this one
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -110,7 +126,8 @@ class RegistryProcess:
             "storage": {"filesystem": {"rootdirectory": str(self.directory / "storage")},
                         "delete": {"enabled": True}},
             "http": {"addr": self.host, "tls": {"certificate": str(self.pki.server_cert),
-                                                "key": str(self.pki.server_key)}},
+                                                "key": str(self.pki.server_key)}
+                     | ({"clientcas": [str(self.pki.cert_dir / "ca.crt")]} if self.client_certs else {})},
             "auth": self.auth,
         }
         path = self.directory / "config.yml"
@@ -124,6 +141,8 @@ class RegistryProcess:
             self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL)
         context = ssl.create_default_context(cafile=str(self.pki.cert_dir / "ca.crt"))
+        if self.client_certs:
+            context.load_cert_chain(str(self.client_certs / "client.cert"), str(self.client_certs / "client.key"))
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:

@@ -51,6 +51,7 @@ from tests.registries import (
     RegistryProcess,
     TokenServer,
     htpasswd_auth,
+    make_client_cert_dir,
     make_pki,
     run_tool,
 )
@@ -410,6 +411,26 @@ def test_tokens_are_kept_per_scope_until_they_expire(token_registry: tuple[Regis
         tokens.lifetime = 300
 
 
+def test_mutual_tls_with_a_client_certificate_from_the_cert_dir(
+        pki: Pki, images: Images, tmp_path: Path) -> None:
+    directory = tmp_path / "mtls"
+    directory.mkdir()
+    client = make_client_cert_dir(pki, directory / "client")
+    process = RegistryProcess(directory, pki, htpasswd_auth(directory), client_certs=client)
+    process.start()
+    try:
+        run_tool("skopeo", "copy", "--dest-cert-dir", client, "--dest-creds", CREDS,
+                 f"oci:{images.layout}:{images.other}", f"docker://{process.host}/test/other:1")
+        ctl = Ctl(tmp_path / "store")
+        ref = f"{process.host}/test/other:1"
+        line = ctl.fails("pull", ref, "--cert-dir", str(pki.cert_dir), "--creds", CREDS, "--retry", "0")
+        assert process.host in line  # the CA alone is not enough: the registry wants a client certificate
+        ctl.ok("pull", ref, "--cert-dir", str(client), "--creds", CREDS)
+        ctl.ok("push", ref, f"{process.host}/test/again:1", "--cert-dir", str(client), "--creds", CREDS)
+    finally:
+        process.stop()
+
+
 # -- faults --------------------------------------------------------------------------------------
 
 
@@ -481,6 +502,24 @@ def test_registry_stopped_mid_pull_then_a_rerun_completes(proxy: FaultProxy, reg
     assert list((ctl.root / "tmp").iterdir()) == []  # the staging went with the failed command
     ctl.ok(*proxied_pull(proxy))
     assert json.loads(ctl.ok("image", "inspect", f"{proxy.host}/test/full:1"))[0]["RepoTags"]
+
+
+def test_push_retries_500s_and_too_many_fail_in_one_line(proxy: FaultProxy, registry: RegistryProcess,
+                                                         images: Images, tmp_path: Path) -> None:
+    ctl = Ctl(tmp_path / "store")
+    ctl.ok("image", "import", images.ref(images.full), "--tag", "local/full:1")
+    state = store_state(ctl.root)
+    push = ("push", "local/full:1", f"{proxy.host}/test/via-proxy:1", "--tls-verify=false", "--creds", CREDS,
+            "-q", *FAST_RETRY)
+    proxy.faults.status_500 = 100
+    line = ctl.fails(*push)
+    assert "HTTP 500" in line and proxy.host in line
+    proxy.faults.status_500 = 2
+    ctl.ok(*push)
+    remote = json.loads(tool("skopeo", "inspect", "--cert-dir", registry.pki.cert_dir, "--creds", CREDS,
+                             f"docker://{registry.host}/test/via-proxy:1"))
+    assert remote["Digest"] == json.loads(ctl.ok("image", "inspect", "local/full:1"))[0]["ManifestDigest"]
+    assert store_state(ctl.root) == state  # a push never changes the store
 
 
 def test_redirects_are_followed_without_the_authorization_header(proxy: FaultProxy, tmp_path: Path) -> None:
