@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -294,18 +293,18 @@ class Session:
                 return self.client.build_request(method, url, headers=extra, content=body)
 
             response = self._send_retrying(build, what, stream=stream)
-            if response.status_code == 401 and registry_host and not renewed and self.challenge is not None:
-                # An expired token, or a scope the registry wants widened: ask once more.
+            if response.status_code == 401 and registry_host and self.challenge is not None:
                 challenge = parse_challenge(response.headers.get("www-authenticate", "")) or self.challenge
-                response.close()
-                renewed = True
-                if challenge.scheme == "bearer":
+                if challenge.scheme == "bearer" and not renewed:
+                    # An expired token, or one the registry wants renewed: ask the token server once more.
+                    response.close()
+                    renewed = True
                     self._authorization(scopes, renew=True, challenge=challenge)
                     continue
                 if self.creds is None:
+                    response.close()
                     raise RegistryError(f"{self.label}: {what}: unauthorized: credentials needed "
                                         f"(overlayctl login {self.label}, or --creds)")
-                continue
             if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
                 hops += 1
                 if hops > MAX_REDIRECTS:
@@ -328,9 +327,3 @@ def _transport_words(exc: httpx.TransportError) -> str:
         return f"timed out: {text}"
     return f"connection failed: {text}"
 
-
-def json_body(response: httpx.Response, what: str, label: str) -> Any:
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise RegistryError(f"{label}: {what}: not JSON: {exc}") from None

@@ -148,14 +148,24 @@ def fetch_small_blob(session: Session, ref: RegistryRef, descriptor: oci.Descrip
         raise RegistryError(f"{session.label}: {ref.repository}: {what} {descriptor.digest} is too large")
     where = f"{what} {descriptor.digest}"
     response = session.request("GET", f"/v2/{ref.repository}/blobs/{descriptor.digest}", [_pull_scope(ref)],
-                               f"{ref.repository}: {where}")
-    if response.status_code != 200:
-        raise session.fail(f"{ref.repository}: {where}", response)
+                               f"{ref.repository}: {where}", stream=True)
     try:
-        oci.verify_blob(response.content, descriptor, f"{session.label}: {ref.repository}: {where}")
+        if response.status_code != 200:
+            raise session.fail(f"{ref.repository}: {where}", response)
+        data = b""
+        for chunk in response.iter_raw():
+            data += chunk
+            if len(data) > descriptor.size:
+                break  # more than it should be: verify_blob says so
+    except httpx.TransportError as exc:
+        raise RegistryError(f"{session.label}: {ref.repository}: {where}: connection broke: {exc}") from None
+    finally:
+        response.close()
+    try:
+        oci.verify_blob(data, descriptor, f"{session.label}: {ref.repository}: {where}")
     except ImageError as exc:
         raise RegistryError(f"bad digest: {exc}") from None
-    return response.content
+    return data
 
 
 def download_blob(session: Session, ref: RegistryRef, descriptor: oci.Descriptor, dest: Path,
@@ -173,6 +183,14 @@ def download_blob(session: Session, ref: RegistryRef, descriptor: oci.Descriptor
                 response = session.request("GET", f"/v2/{ref.repository}/blobs/{descriptor.digest}",
                                            [_pull_scope(ref)], what, headers=headers, stream=True)
                 try:
+                    claimed = response.headers.get("docker-content-digest")
+                    if claimed and claimed.startswith("sha256:") and claimed != descriptor.digest:
+                        raise RegistryError(f"{session.label}: {what}: bad digest: the registry says it sends "
+                                            f"{claimed}")
+                    if done and response.status_code == 206 and \
+                            not response.headers.get("content-range", "").startswith(f"bytes {done}-"):
+                        raise RegistryError(f"{session.label}: {what}: the registry resumed at the wrong offset "
+                                            f"({response.headers.get('content-range')!r}, wanted {done})")
                     if done and response.status_code == 200:  # the server ignored Range: start over
                         log.info("%s: no range support, downloading %s again", session.label, descriptor.digest)
                         advance(-done)
