@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pty
 import shutil
 import stat
 import subprocess
@@ -175,6 +176,34 @@ def test_pull_mounts_what_umoci_unpacks_and_a_shared_base_is_fetched_once(
         assert out.strip() == inspected_id(ctl, f"{registry.host}/test/other:1")
         assert registry.blob_gets("test/other")[before + len(other_gets):] == [other_manifest["config"]["digest"]]
         assert store_state(root) == state
+
+
+def test_progress_on_a_terminal_shows_each_layer_with_its_rate(registry: RegistryProcess, tmp_path: Path) -> None:
+    ctl = Ctl(tmp_path / "store")
+    ctl.ok(*pull_args(registry, f"{registry.host}/test/other:1"))  # the base is then in the store
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(ctl.command(*pull_args(registry, f"{registry.host}/test/full:1")), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=slave, timeout=60, check=False)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0, shown
+    text = shown.decode(errors="replace")
+    assert "skipped: already in the store" in text  # the base layer
+    assert "/s)" in text and "\x1b[F" in text  # bytes and rate, redrawn in place
 
 
 def inspected_id(ctl: Ctl, ref: str) -> str:
