@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from . import registry
 from ..images.exporter import export_image
 from ..images.importer import import_image
 from ..images.progress import Progress, human_size
 from ..images.refs import parse_reference, reference_or_none, resolve_image
 from ..images.store import ImageRecord, Store
+from . import registry
 
 log = logging.getLogger(__name__)
 
