@@ -299,6 +299,7 @@ class Faults:
     """What the proxy does wrong; each counter is used up as it fires."""
 
     status_500: int = 0  # answer this many requests (any) with 500
+    status_429: int = 0  # answer this many requests (any) with 429 Too Many Requests, Retry-After: 1
     corrupt_blob: str | None = None  # flip a byte of this blob's body (every time)
     cut_blob: str | None = None  # send only half of this blob's body, then drop the connection (once)
     on_cut: Callable[[], None] | None = None  # called after the cut (e.g. stop the registry)
@@ -359,6 +360,11 @@ class FaultProxy:
             faults.status_500 -= 1
             self._reply(request, 500, b'{"errors":[{"code":"UNKNOWN","message":"injected failure"}]}',
                         {"Content-Type": "application/json"})
+            return
+        if faults.status_429 > 0:
+            faults.status_429 -= 1
+            self._reply(request, 429, b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}',
+                        {"Content-Type": "application/json", "Retry-After": "1"})
             return
         path = request.path
         is_blob_get = request.command == "GET" and "/blobs/sha256:" in path

@@ -493,6 +493,16 @@ def test_500s_are_retried_and_too_many_fail_with_the_store_unchanged(proxy: Faul
     assert proxy.faults.status_500 == 0
 
 
+def test_429_waits_as_told_and_then_succeeds(proxy: FaultProxy, tmp_path: Path) -> None:
+    ctl = Ctl(tmp_path / "store")
+    proxy.faults.status_429 = 1
+    ctl.ok(*proxied_pull(proxy))
+    assert proxy.faults.status_429 == 0
+    proxy.faults.status_429 = 100
+    line = Ctl(tmp_path / "store2").fails(*proxied_pull(proxy, "test/other", "--retry", "1"))
+    assert "HTTP 429" in line
+
+
 def test_wrong_bytes_are_refused_with_the_store_unchanged(proxy: FaultProxy, registry: RegistryProcess,
                                                           tmp_path: Path) -> None:
     ctl = Ctl(tmp_path / "store")
