@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import containers, images, service, system
+    from . import containers, images, registry, service, system
 
     parser = argparse.ArgumentParser(
         prog="overlayctl",
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="log what happens, on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (images, containers, service, system):
+    for module in (images, registry, containers, service, system):
         module.register(commands)
     _global_flags_everywhere(parser)
     return parser

@@ -23,6 +23,7 @@ from ..images.importer import ImportResult, import_image
 from ..images.progress import Progress, human_size
 from ..images.refs import parse_reference, reference_or_none, resolve_image
 from ..images.store import ImageRecord, MissingStoreError, Store
+from . import registry
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ SHORT_ID = 12  # hex digits of an id in tables, as docker shows them
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``image`` and its subcommands to COMMANDS."""
-    image = commands.add_parser("image", help="import, list, inspect, tag, remove, export, save, load and prune images")
+    image = commands.add_parser(
+        "image", help="import, pull, push, list, inspect, tag, remove, export, save, load and prune images"
+    )
     sub = image.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
     image.set_defaults(handler=lambda args: _usage(image))
 
@@ -87,6 +90,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("source", metavar="SRC")
     p.add_argument("target", metavar="NEWREF")
     p.set_defaults(handler=cmd_tag)
+
+    registry.add_transfer_commands(sub)  # image pull, image push (also top-level commands)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

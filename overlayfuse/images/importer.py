@@ -9,6 +9,9 @@ into place and the image record is written last. Any failure before that leaves 
 
 Layers the store already has (same diff_id) are not unpacked again, but their blob is still read,
 verified (digest, size and diff_id) and kept if the store lacks it, so export can give the image back.
+The one exception is a registry pull (`registry.pull`), which does not download a blob whose layer
+the store has under the same diff_id: it names those layers in ``reuse_without_blob``, and their
+blobs may be absent from the staged layout.
 
 A layer tar that names ``etc/foo`` without ``etc/`` (or has no ``./``) makes unpack invent those
 directories; each that exists in the layers below (stored, or staged earlier in this import) then
@@ -213,7 +216,8 @@ def _check_layers(config: ImageConfig, count: int, where: str) -> None:
                          f"{len(config.diff_ids)} diff_ids")
 
 
-def _plan_layout(source: Source, ref: str | None, dir_name: str) -> ImagePlan:
+def _plan_layout(source: Source, ref: str | None, dir_name: str,
+                 reuse_without_blob: frozenset[str] = frozenset()) -> ImagePlan:
     index_where = f"{source.label}: index.json"
     index = oci.parse_index(read_document(source, "index.json", "index"), index_where)
     entry = _pick_entry(index.manifests, ref, source.label)
@@ -231,7 +235,7 @@ def _plan_layout(source: Source, ref: str | None, dir_name: str) -> ImagePlan:
             raise ImageError(f"{source.label}: layer {number} ({layer.digest}) has unsupported media type "
                              f"{layer.media_type!r}")
         rel = _blob_rel(layer.digest)
-        if not source.exists(rel):
+        if not source.exists(rel) and diff_id not in reuse_without_blob:
             raise ImageError(f"{source.label}: layer {number} blob {layer.digest} is missing")
         layers.append(LayerPlan(number, rel, layer.media_type, layer.size, diff_id, layer.digest))
     tags: list[str] = []
@@ -342,10 +346,11 @@ def _unpack_media_type(source: Source, layer: LayerPlan) -> str:
     return actual
 
 
-def plan_import(source: Source, ref: str | None, dir_name: str) -> ImagePlan:
+def plan_import(source: Source, ref: str | None, dir_name: str,
+                reuse_without_blob: frozenset[str] = frozenset()) -> ImagePlan:
     """Read and check every document of the chosen image; no layer is read yet."""
     if source.exists("index.json"):
-        plan = _plan_layout(source, ref, dir_name)
+        plan = _plan_layout(source, ref, dir_name, reuse_without_blob)
         if source.exists("manifest.json"):  # Docker 25+: the RepoTags of the same image win
             config_digest = oci.sha256_of(plan.config_bytes)
             for entry in _docker_entries(source):
@@ -406,6 +411,12 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
     """Verify (and unpack, unless the store has it) one layer over BELOW (the content dirs of the
     layers under it, topmost first); returns its blob digest, its content dir, and the layer as the
     stored blob is (gzipped, if it came as a plain tar in an archive without a manifest)."""
+    if layer.digest is not None and not source.exists(layer.path):  # only for reuse_without_blob layers
+        if not store.has_layer(layer.diff_id):
+            raise ImageError(f"layer {layer.diff_id} was removed from the store during the pull: pull again")
+        log.info("layer %s is in the store already: its blob %s is not needed", layer.diff_id, layer.digest)
+        staged.reused.append(layer.diff_id)
+        return layer.digest, store.layer_dir(layer.diff_id), layer
     keep_blob = layer.digest is None or not store.has_blob(layer.digest)
     blob_path = staging / "blobs" / f"layer-{layer.number}"
     media_type = _unpack_media_type(source, layer)
@@ -471,13 +482,15 @@ def _docker_manifest(config_bytes: bytes, config_digest: str, layers: Sequence[t
 
 
 def import_image(store: Store, text: str, tags: Sequence[str] | None = None,
-                 progress: Progress | None = None) -> ImportResult:
-    """Import ``PATH[:REF]`` into STORE, tagged TAGS (already parsed) or as the source suggests."""
+                 progress: Progress | None = None,
+                 reuse_without_blob: frozenset[str] = frozenset()) -> ImportResult:
+    """Import ``PATH[:REF]`` into STORE, tagged TAGS (already parsed) or as the source suggests.
+    REUSE_WITHOUT_BLOB: diff_ids of layers the store has whose blobs the source may lack (a pull)."""
     progress = progress or Progress(enabled=False)
     path, ref = split_path_ref(text)
     with open_source(path) as source, store.staging("import") as staging:
         try:
-            return _import(store, source, ref, path, staging, tags, progress)
+            return _import(store, source, ref, path, staging, tags, progress, reuse_without_blob)
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise ImageError(f"{source.label}: unreadable archive: {exc}") from None
         except UserError:
@@ -490,8 +503,9 @@ def import_image(store: Store, text: str, tags: Sequence[str] | None = None,
 
 
 def _import(store: Store, source: Source, ref: str | None, path: Path, staging: Path,
-            tags: Sequence[str] | None, progress: Progress) -> ImportResult:
-    plan = plan_import(source, ref, Path(os.path.abspath(path)).name)
+            tags: Sequence[str] | None, progress: Progress,
+            reuse_without_blob: frozenset[str] = frozenset()) -> ImportResult:
+    plan = plan_import(source, ref, Path(os.path.abspath(path)).name, reuse_without_blob)
     (staging / "blobs").mkdir()
     (staging / "layers").mkdir()
     staged = _Staged()
