@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import tarfile
 import time
@@ -30,6 +29,7 @@ from decimal import Decimal, InvalidOperation
 
 from .. import whiteout
 from .compression import CHUNK
+from .remove import remove_at
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Extractor:
             os.unlink(leaf, dir_fd=parent_fd)
             return
         # The fd chain holds PARTS' parents only, never anything inside it: it stays valid.
-        shutil.rmtree(leaf, dir_fd=parent_fd)
+        remove_at(parent_fd, leaf)
         self._forget(parts)
 
     def _forget(self, parts: Parts) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from ..errors import ImageError
 from . import oci
 from .compression import HashingReader, open_decompressed
 from .extract import DIR_FLAGS, IMPLICIT_DIR_MODE, Extractor, Refused
+from .remove import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -186,18 +186,6 @@ class _TarStream(HashingReader):
             if kept:
                 self.last_data = start + kept
         return chunk
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a (half-)unpacked layer, even one whose directories were made read-only."""
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        return
-    except PermissionError:
-        for dirpath, _, _ in os.walk(path):
-            os.chmod(dirpath, 0o700)
-        shutil.rmtree(path)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
