@@ -393,9 +393,18 @@ class Extractor:
             self.space.claim(data_bytes, self.unpacked_size)
         fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=parent_fd)
         try:
-            source = tf.extractfile(member)
-            assert source is not None
+            extracted = tf.extractfile(member)
+            assert extracted is not None
+            # A sparse member's data is read through the raw member reader, whose seek only moves
+            # its position (the buffered one asks a stream tar whether it can seek, and fails);
+            # seeking from one data piece to the next never reads a hole.
+            source = extracted.raw if member.sparse is not None else extracted
             for offset, size in sparse:
+                if size == 0:
+                    continue
+                if offset < 0 or offset + size > member.size:
+                    raise Refused(f"sparse data at {offset}+{size} lies outside its "
+                                  f"{member.size}-byte file")
                 if member.sparse is not None:
                     source.seek(offset)
                 left = size
