@@ -60,7 +60,7 @@ class SpaceWatch:
         if nbytes > self.free - self.reserve or self.claimed_since_refresh >= REFRESH_BYTES:
             self.refresh()
             if nbytes > self.free - self.reserve:
-                raise NoSpace(f"needs {so_far + nbytes} bytes of file data, more than the store's "
+                raise NoSpace(f"needs at least {so_far + nbytes} bytes of file data, more than the store's "
                               f"filesystem has: {self.free} bytes free, of which {self.reserve} are kept free")
         self.free -= nbytes
         self.claimed_since_refresh += nbytes
