@@ -596,6 +596,19 @@ def test_unprivileged_unpack_keeps_oci_whiteouts_and_skips_devices(nobody_dir: P
     assert stat.S_IMODE(os.lstat(layer / "ro").st_mode) == 0o555
 
 
+def test_unprivileged_unpack_sets_modes_without_search_permission(nobody_dir: Path) -> None:
+    # Modes go on children before parents, and the walk leaves a directory before taking away
+    # the search permission its way back up ("..") needs.
+    tar = make_tar(dir_("nox", mode=0o600), dir_("nox/sub", mode=0o000), reg("nox/sub/f", b"f"),
+                   dir_("nox/sub2", mode=0o100), reg("implied/deep/g", b"g"))
+    layer = nobody_dir / "layer"
+    _unpack_as_nobody(tar, layer)
+    modes = {name: stat.S_IMODE(os.lstat(layer / name).st_mode)
+             for name in ("nox", "nox/sub", "nox/sub2", "implied", "implied/deep")}
+    assert modes == {"nox": 0o600, "nox/sub": 0o000, "nox/sub2": 0o100, "implied": 0o755,
+                     "implied/deep": 0o755}
+
+
 # --- against umoci ------------------------------------------------------------------------------
 
 

@@ -168,8 +168,16 @@ class Extractor:
             self._down(name, create=create)
         return self._fd
 
-    def _up(self) -> None:
+    def _up(self, last: Callable[[int], None] | None = None) -> None:
+        """Move the cursor to its parent; LAST, if given, is called with the directory's fd once
+        its parent is open (so LAST may take away the search permission ``..`` needs)."""
         parent = os.open("..", DIR_FLAGS, dir_fd=self._fd)
+        try:
+            if last is not None:
+                last(self._fd)
+        except BaseException:
+            os.close(parent)
+            raise
         os.close(self._fd)
         self._path.pop()
         self._nodes.pop()
@@ -519,10 +527,11 @@ class Extractor:
             name = next(stack[-1], None)
             if name is None:
                 stack.pop()
-                if post is not None:
-                    post(self._nodes[-1], self._fd)
+                node = self._nodes[-1]
                 if stack:
-                    self._up()
+                    self._up(None if post is None else lambda fd: post(node, fd))
+                elif post is not None:
+                    post(node, self._fd)
                 continue
             self._down(name, create=True)
             if pre is not None:
