@@ -116,12 +116,12 @@ def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, diges
     root_fd = os.open(dest, DIR_FLAGS)
     try:
         os.fchmod(root_fd, IMPLICIT_DIR_MODE)
-        space = SpaceWatch.of(root_fd)
-        if copying and size is not None:  # the blob's copy lands on the same filesystem
-            try:
+        try:
+            space = SpaceWatch.of(root_fd)
+            if copying and size is not None:  # the blob's copy lands on the same filesystem
                 space.claim(size, 0)
-            except NoSpace as exc:
-                raise ImageError(f"{label}: its blob of {size} bytes does not fit: {exc}") from None
+        except NoSpace as exc:
+            raise ImageError(f"{label}: before unpacking: {exc}") from None
         style = whiteout.probe_marker_style(str(dest))
         kernel_markers = style.device_whiteouts and style.opaque_xattr == whiteout.TRUSTED_OPAQUE
         extractor = Extractor(root_fd, kernel_markers=kernel_markers, chown=os.geteuid() == 0,
