@@ -270,10 +270,15 @@ DEPTH = 10_000
 
 
 def test_a_chain_ten_thousand_deep_imports_and_is_removed(store: Path, good: Path, tmp_path: Path) -> None:
-    tar = tar_of(reg("d/" * DEPTH + "f", b"deep"))
-    hostile = write_layout(tmp_path / "deep", [layer(tar)], "deep")
+    # Over a base that has d/ itself: the chain's implied directories are looked up below too.
+    base_dir = tarfile.TarInfo("d")
+    base_dir.type, base_dir.mode, base_dir.mtime = tarfile.DIRTYPE, 0o750, MTIME
+    base = layer(tar_of((base_dir, None), reg("etc/hostname", b"base\n")))
+    deep = layer(tar_of(reg("d/" * DEPTH + "f", b"deep")))
+    hostile = write_layout(tmp_path / "deep", [base, deep], "deep")
     ok(store, "image", "import", f"{hostile}:deep")
-    [diff] = sorted((store / "layers").glob("*/diff"))
+    diff = store / "layers" / deep.diff_id[7:] / "diff"
+    assert stat.S_IMODE(os.lstat(diff / "d").st_mode) == 0o750  # inherited from the base
     fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(DEPTH):
