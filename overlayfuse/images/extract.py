@@ -30,7 +30,7 @@ from decimal import Decimal, InvalidOperation
 
 from .. import whiteout
 from .compression import CHUNK
-from .limits import UnpackLimits
+from .limits import ENV_VARIABLES, UnpackLimits
 from .remove import remove_at
 from .space import SpaceWatch
 
@@ -55,10 +55,6 @@ class Refused(Exception):
 
 class LimitExceeded(Refused):
     """The layer goes past one of its `UnpackLimits` (the message names the limit)."""
-
-
-_ENV_HINT = {"max_depth": "OVERLAYFUSE_MAX_LAYER_DEPTH", "max_entries": "OVERLAYFUSE_MAX_LAYER_ENTRIES",
-             "max_bytes": "OVERLAYFUSE_MAX_LAYER_BYTES"}
 
 
 def _components(name: str) -> Parts:
@@ -256,11 +252,11 @@ class Extractor:
             self.space.entry()
         if self.entries > self.limits.max_entries:
             raise LimitExceeded(f"more than {self.limits.max_entries} entries "
-                                f"(the limit {_ENV_HINT['max_entries']})")
+                                f"(the limit {ENV_VARIABLES['max_entries']})")
         parts = _components(member.name)
         if len(parts) > self.limits.max_depth:
             raise LimitExceeded(f"{len(parts)} components deep, more than the limit of "
-                                f"{self.limits.max_depth} ({_ENV_HINT['max_depth']})")
+                                f"{self.limits.max_depth} ({ENV_VARIABLES['max_depth']})")
         if not parts:
             if not member.isdir():
                 raise Refused("the layer root can only be a directory")
@@ -396,7 +392,7 @@ class Extractor:
         data_bytes = sum(size for _, size in sparse)
         if self.unpacked_size + data_bytes > self.limits.max_bytes:
             raise LimitExceeded(f"more than {self.limits.max_bytes} bytes of file data "
-                                f"(the limit {_ENV_HINT['max_bytes']})")
+                                f"(the limit {ENV_VARIABLES['max_bytes']})")
         if self.space is not None:
             self.space.claim(data_bytes, self.unpacked_size)
         fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=parent_fd)

@@ -32,7 +32,8 @@ MAX_RESERVE = 1 << 30
 #: Inodes kept free on the store's filesystem (a layer of millions of empty files).
 RESERVE_INODES = 1024
 
-_ENV = {
+#: The environment variable that sets each limit (named in the error a limit gives).
+ENV_VARIABLES = {
     "max_depth": "OVERLAYFUSE_MAX_LAYER_DEPTH",
     "max_entries": "OVERLAYFUSE_MAX_LAYER_ENTRIES",
     "max_bytes": "OVERLAYFUSE_MAX_LAYER_BYTES",
@@ -51,7 +52,7 @@ class UnpackLimits:
     def from_env(cls) -> UnpackLimits:
         """The defaults, each overridden by its environment variable when set (a positive integer)."""
         values: dict[str, int] = {}
-        for field_name, variable in _ENV.items():
+        for field_name, variable in ENV_VARIABLES.items():
             text = os.environ.get(variable)
             if not text:
                 continue
