@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import stat
 import subprocess
 import tarfile
@@ -61,6 +62,15 @@ def store(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
 
 
+#: Address space an overlayctl run may have (RLIMIT_AS), so that reading a bomb into memory fails
+#: at once in that process instead of pressing on the machine.
+MEMORY_LIMIT = 1 << 30
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
 def ctl(root: Path, *args: str | os.PathLike[str], env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess[str]:
     binary = overlayctl_binary()
@@ -68,7 +78,7 @@ def ctl(root: Path, *args: str | os.PathLike[str], env: dict[str, str] | None = 
         skip_or_fail("overlayctl is not installed in this venv nor on PATH")
     argv = [str(binary), "--root", str(root), *map(os.fspath, args)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=CTL_TIMEOUT, check=False,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, preexec_fn=_limit_memory)
 
 
 def ok(root: Path, *args: str | os.PathLike[str]) -> str:
@@ -391,6 +401,28 @@ def test_a_decompression_bomb_is_refused_for_lack_of_space(store: Path, good: Pa
     line = refused(store, "image", "import", f"{hostile}:bomb", expect="bytes free")
     assert "layer 1 of 1" in line
     assert used_bytes(store.parent) < SMALL
+    still_works(store, good)
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_a_huge_extended_header_is_refused_before_it_is_read(store: Path, good: Path, tmp_path: Path,
+                                                            kind: bytes) -> None:
+    # tarfile reads a PAX or long-name header whole into memory: one of MEMORY_LIMIT bytes must
+    # be refused from its size, before a byte of it is read.
+    size = MEMORY_LIMIT
+    header = tarfile.TarInfo("././@PaxHeader" if kind == tarfile.XHDTYPE else "././@LongLink")
+    header.type, header.size = kind, size
+    stream = _Compressing("gzip")
+    stream.write(header.tobuf(format=tarfile.GNU_FORMAT if kind != tarfile.XHDTYPE else tarfile.USTAR_FORMAT))
+    zeros = bytes(16 << 20)
+    for _ in range(size // len(zeros)):
+        stream.write(zeros)
+    stream.write(bytes(2 * tarfile.BLOCKSIZE))
+    stream.out.write(stream.compressor.flush())
+    bomb = Layer("sha256:" + stream.hasher.hexdigest(), stream.out.getvalue(), MEDIA["gzip"])
+    hostile = write_layout(tmp_path / "header", [bomb], "header")
+    ok(store, "image", "ls")
+    refused(store, "image", "import", f"{hostile}:header", expect=f"a {size}-byte extended header")
     still_works(store, good)
 
 

@@ -34,6 +34,11 @@ from .space import NoSpace, SpaceWatch
 
 log = logging.getLogger(__name__)
 
+#: The largest PAX or GNU long-name header we read: tarfile reads one whole into memory, so a
+#: bomb could claim gigabytes. Real ones hold a long name and some xattrs: a few KiB (xattr values
+#: are at most 64 KiB each on Linux).
+MAX_HEADER_SIZE = 16 << 20
+
 #: tarfile's stream buffer: each small read copies what is left of it, so it must stay small
 #: (see `tarfile._Stream.__read`); 64 KiB keeps headers cheap and large files at full speed.
 TAR_BUFSIZE = 1 << 16
@@ -155,11 +160,27 @@ def _no_space(extractor: Extractor, root_fd: int) -> str:
             f"data ({st.f_bavail * st.f_frsize} bytes free)")
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses an extended header (PAX, GNU long name or link) larger than
+    `MAX_HEADER_SIZE` before tarfile reads it into memory. `tarfile.open(tarinfo=...)` is the
+    documented hook; ``_proc_member`` is where tarfile dispatches on the header type (CPython
+    3.8 to 3.13), the one place to look at the size before the read."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_HEADER_SIZE:
+            raise Refused(f"a {self.size}-byte extended header (the most accepted is {MAX_HEADER_SIZE})")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+_EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                     tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
 def _extract_all(tar_stream: _TarStream, extractor: Extractor, label: str) -> None:
     where = "at the start of the tar"
     try:
         with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=TAR_BUFSIZE, encoding="utf-8",  # type: ignore[call-overload]
-                          errors="surrogateescape") as tf:
+                          errors="surrogateescape", tarinfo=_BoundedTarInfo) as tf:
             while (member := tf.next()) is not None:
                 where = f"entry {member.name!r}"
                 extractor.add(member, tf)
