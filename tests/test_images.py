@@ -546,14 +546,22 @@ def _config_not_json(editor: ib.LayoutEditor) -> None:
     (editor.layout / "index.json").write_text(json.dumps(editor.index))
 
 
-def _escaping(*entries: Any) -> Callable[[ib.LayoutEditor], None]:
+#: The dir (beside the broken layout, in the test's own tmp dir) the escaping layers aim at: it
+#: holds one canary file, which must be there untouched, alone, after the import is refused.
+CANARY_DIR = "canary"
+CANARY = b"canary: must stay as it is\n"
+
+
+def _canary_dir(editor: ib.LayoutEditor) -> Path:
+    return editor.layout.parent / CANARY_DIR
+
+
+def _escaping(entries: Callable[[Path], tuple[Any, ...]]) -> Callable[[ib.LayoutEditor], None]:
+    """A layer whose ENTRIES (made from the canary dir's absolute path) try to write outside it."""
     def add(editor: ib.LayoutEditor) -> None:
-        editor.append_layer(ib.make_tar(entries))
+        editor.append_layer(ib.make_tar(entries(_canary_dir(editor))))
         editor.save()
     return add
-
-
-ESCAPED = "overlayfuse-test-images-escaped"  # what the symlinked-parent case tries to write in /tmp
 
 
 BROKEN_LAYOUTS: dict[str, Callable[[ib.LayoutEditor], None]] = {
@@ -566,9 +574,10 @@ BROKEN_LAYOUTS: dict[str, Callable[[ib.LayoutEditor], None]] = {
     "missing-blob": _missing_blob,
     "manifest-not-json": _manifest_not_json,
     "config-not-json": _config_not_json,
-    "dotdot-entry": _escaping(ib.tar_file("../escaped", b"out")),
-    "symlinked-parent": _escaping(ib.tar_symlink("link", "/tmp"), ib.tar_file(f"link/{ESCAPED}", b"out")),
-    "hardlink-out": _escaping(ib.tar_hardlink("passwd", "../../../../etc/passwd")),
+    "dotdot-entry": _escaping(lambda canary: (ib.tar_file("../" * 64 + f"{canary}/escaped", b"out"),)),
+    "symlinked-parent": _escaping(lambda canary: (ib.tar_symlink("link", str(canary)),
+                                                  ib.tar_file("link/escaped", b"out"))),
+    "hardlink-out": _escaping(lambda canary: (ib.tar_hardlink("passwd", "../" * 64 + f"{canary}/file"),)),
 }
 
 
@@ -595,10 +604,16 @@ def _assert_refused(root: Path, *args: str | os.PathLike[str], expect: str = "")
 @pytest.mark.parametrize("case", sorted(BROKEN_LAYOUTS))
 def test_broken_layout_is_refused(case: str, images: ib.Images, populated: Path, tmp_path: Path) -> None:
     editor = _deleted_copy(images, tmp_path)
+    canary = _canary_dir(editor)
+    canary.mkdir()
+    (canary / "file").write_bytes(CANARY)
     BROKEN_LAYOUTS[case](editor)
     line = _assert_refused(populated, "image", "import", f"{editor.layout}:deleted")
     assert str(editor.layout) in line, f"the message does not say which input: {line}"
-    assert not Path("/tmp", ESCAPED).exists()
+    assert os.listdir(canary) == ["file"]
+    st = os.lstat(canary / "file")
+    assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    assert (canary / "file").read_bytes() == CANARY
 
 
 def test_bad_arguments_are_refused(images: ib.Images, populated: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tarfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -370,3 +371,39 @@ def test_sockets_are_left_out(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(upper / "s"))
         assert [m.name for m in members(tar_of(upper))] == ["."]
+
+
+#: Apparent size of the sparse file a commit must keep sparse: large enough that writing its
+#: zeros shows, small enough that an unsparse tar of it still fits in memory.
+SPARSE_SIZE = 256 << 20
+
+
+def test_a_sparse_file_stays_sparse_through_the_layer(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    with open(upper / "disk.img", "wb") as f:
+        f.write(b"head")
+        f.seek(SPARSE_SIZE // 2)
+        f.write(b"middle")
+        f.truncate(SPARSE_SIZE)  # ends in a hole
+    (upper / "plain").write_bytes(b"no holes")
+    out = io.BytesIO()
+    write_layer_tar(upper, out)
+    tar = out.getvalue()
+    assert len(tar) < 64 << 10  # the data and the map, not the zeros
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        assert members["disk.img"].size == SPARSE_SIZE and members["disk.img"].sparse
+        assert members["plain"].sparse is None
+        assert tf.extractfile("plain").read() == b"no holes"  # type: ignore[union-attr]
+    unpack_layer(io.BytesIO(tar), oci.MEDIA_LAYER_TAR, tmp_path / "layer")
+    st = os.stat(tmp_path / "layer" / "disk.img")
+    assert st.st_size == SPARSE_SIZE and st.st_blocks * 512 < 1 << 20
+    with open(tmp_path / "layer" / "disk.img", "rb") as f:
+        assert f.read(4) == b"head"
+        f.seek(SPARSE_SIZE // 2)
+        assert f.read(6) == b"middle"
+        assert f.read(100) == bytes(100)
+    if shutil.which("tar"):  # GNU tar reads it back as the same file
+        listing = subprocess.run(["tar", "-tvf", "-"], input=tar, capture_output=True, timeout=60, check=True)
+        assert b"disk.img" in listing.stdout and str(SPARSE_SIZE).encode() in listing.stdout

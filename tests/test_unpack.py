@@ -235,7 +235,9 @@ class Hostile:
 
 
 def _hostile_table(outside: str) -> dict[str, Hostile]:
-    """OUTSIDE: an absolute directory outside the layer, which must stay empty."""
+    """OUTSIDE: an absolute directory outside the layer, holding only the file `CANARY_NAME`, which
+    every escape aims at and which must stay as it is."""
+    canary = f"{outside}/{CANARY_NAME}"
     corrupt_zstd = bytearray(compress(GOOD + bytes(4096), "zstd"))
     corrupt_zstd[len(corrupt_zstd) // 2] ^= 0xFF
     garbage_header = bytearray(GOOD)
@@ -247,11 +249,11 @@ def _hostile_table(outside: str) -> dict[str, Hostile]:
         "symlinked-parent": Hostile(make_tar(sym("link", outside), reg("link/x", b"out")),
                                     "'link' is a symlink"),
         "symlinked-dir-then-file": Hostile(
-            make_tar(dir_("real"), sym("etc", "/etc"), sym("d", "real"), reg("d/f", b"x")),
+            make_tar(dir_("real"), sym("out", outside), sym("d", "real"), reg("d/f", b"x")),
             "'d' is a symlink"),
         "file-as-parent": Hostile(make_tar(reg("f", b"x"), reg("f/g", b"y")), "not a directory"),
-        "hardlink-dotdot": Hostile(make_tar(hard("passwd", "../../etc/passwd")), "outside the layer"),
-        "hardlink-absolute": Hostile(make_tar(hard("passwd", "/etc/passwd")), "does not contain"),
+        "hardlink-dotdot": Hostile(make_tar(hard("canary", "../" * 64 + canary)), "outside the layer"),
+        "hardlink-absolute": Hostile(make_tar(hard("canary", canary)), "does not contain"),
         "hardlink-not-in-layer": Hostile(make_tar(reg("a", b"x"), hard("b", "missing")),
                                          "does not contain"),
         "hardlink-to-dir": Hostile(make_tar(dir_("d"), hard("b", "d")), "does not contain"),
@@ -283,13 +285,30 @@ def _hostile_table(outside: str) -> dict[str, Hostile]:
     }
 
 
+CANARY_NAME = "canary"
+CANARY = b"canary: must stay as it is\n"
 HOSTILE_NAMES = sorted(_hostile_table("/x"))
+
+
+def _make_canary(outside: Path) -> Path:
+    outside.mkdir()
+    canary = outside / CANARY_NAME
+    canary.write_bytes(CANARY)
+    return canary
+
+
+def _assert_canary_untouched(canary: Path) -> None:
+    """CANARY still alone in its dir, a regular file with one link and its content."""
+    assert os.listdir(canary.parent) == [canary.name]
+    st = os.lstat(canary)
+    assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    assert canary.read_bytes() == CANARY
 
 
 @pytest.mark.parametrize("case", HOSTILE_NAMES)
 def test_hostile_layer_is_refused_and_leaves_nothing(tmp_path: Path, case: str) -> None:
     outside = tmp_path / "outside"
-    outside.mkdir()
+    canary = _make_canary(outside)
     hostile = _hostile_table(str(outside))[case]
     dest = tmp_path / "layer"
     media_type = hostile.media_type or MEDIA[hostile.compression]
@@ -298,7 +317,7 @@ def test_hostile_layer_is_refused_and_leaves_nothing(tmp_path: Path, case: str) 
                      size=hostile.size, diff_id=hostile.diff_id)
     assert "\n" not in str(caught.value)
     assert not dest.exists()
-    assert list(outside.iterdir()) == []
+    _assert_canary_untouched(canary)
 
 
 def test_errors_name_the_layer_and_the_entry(tmp_path: Path) -> None:
@@ -357,24 +376,25 @@ def test_digests_cover_the_whole_blob_past_the_tar_end(tmp_path: Path) -> None:
 def test_names_are_kept_inside_the_layer(tmp_path: Path) -> None:
     # Absolute names are relative to the layer root; ".." that stays inside is fine.
     outside = tmp_path / "outside"
-    outside.mkdir()
-    tar = make_tar(dir_("./"), reg(f"{outside}/abs", b"a"), reg("/etc/passwd", b"p"),
+    canary = _make_canary(outside)
+    tar = make_tar(dir_("./"), reg(f"{outside}/abs", b"a"), reg(str(canary), b"p"),
                    dir_("a"), reg("a/./b/../c", b"c"), sym("s", str(outside)),
                    sym("t", "../../../../"))
     unpack_bytes(tar, tmp_path / "layer")
     layer = tmp_path / "layer"
     assert (layer / str(outside).lstrip("/") / "abs").read_bytes() == b"a"
-    assert (layer / "etc/passwd").read_bytes() == b"p"
+    assert (layer / str(canary).lstrip("/")).read_bytes() == b"p"
     assert (layer / "a/c").read_bytes() == b"c"
     assert os.readlink(layer / "s") == str(outside)  # kept verbatim, never followed
-    assert list(outside.iterdir()) == []
+    _assert_canary_untouched(canary)
 
 
 def test_later_entries_replace_earlier_ones(tmp_path: Path) -> None:
+    canary = _make_canary(tmp_path / "outside")
     tar = make_tar(
         reg("f2d", b"file"), dir_("f2d"), reg("f2d/in", b"in"),  # a file replaced by a dir
         dir_("d2f"), reg("d2f/gone", b"x"), reg("d2f", b"now a file"),  # a dir by a file
-        sym("s2f", "/etc/passwd"), reg("s2f", b"not through the link"),  # a symlink by a file
+        sym("s2f", str(canary)), reg("s2f", b"not through the link"),  # a symlink by a file
         dir_("dd", mode=0o700), reg("dd/keep", b"k"), dir_("dd", mode=0o751),  # dir over dir
         reg("implicit/parent/f", b"p"),
     )
@@ -384,6 +404,7 @@ def test_later_entries_replace_earlier_ones(tmp_path: Path) -> None:
     assert (layer / "d2f").read_bytes() == b"now a file"
     assert (layer / "s2f").read_bytes() == b"not through the link"
     assert not (layer / "s2f").is_symlink()
+    _assert_canary_untouched(canary)
     assert (layer / "dd/keep").read_bytes() == b"k"
     assert stat.S_IMODE((layer / "dd").stat().st_mode) == 0o751
     assert stat.S_IMODE((layer / "implicit/parent").stat().st_mode) == 0o755
@@ -573,6 +594,19 @@ def test_unprivileged_unpack_keeps_oci_whiteouts_and_skips_devices(nobody_dir: P
     assert os.lstat(layer / "f").st_uid == 65534
     assert (layer / "ro/in").read_bytes() == b"i"
     assert stat.S_IMODE(os.lstat(layer / "ro").st_mode) == 0o555
+
+
+def test_unprivileged_unpack_sets_modes_without_search_permission(nobody_dir: Path) -> None:
+    # Modes go on children before parents, and the walk leaves a directory before taking away
+    # the search permission its way back up ("..") needs.
+    tar = make_tar(dir_("nox", mode=0o600), dir_("nox/sub", mode=0o000), reg("nox/sub/f", b"f"),
+                   dir_("nox/sub2", mode=0o100), reg("implied/deep/g", b"g"))
+    layer = nobody_dir / "layer"
+    _unpack_as_nobody(tar, layer)
+    modes = {name: stat.S_IMODE(os.lstat(layer / name).st_mode)
+             for name in ("nox", "nox/sub", "nox/sub2", "implied", "implied/deep")}
+    assert modes == {"nox": 0o600, "nox/sub": 0o000, "nox/sub2": 0o100, "implied": 0o755,
+                     "implied/deep": 0o755}
 
 
 # --- against umoci ------------------------------------------------------------------------------

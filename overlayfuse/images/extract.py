@@ -21,15 +21,18 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 from .. import whiteout
 from .compression import CHUNK
+from .limits import ENV_VARIABLES, UnpackLimits
+from .remove import remove_at
+from .space import SpaceWatch
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ Parts = tuple[str, ...]
 
 class Refused(Exception):
     """An entry that must not be extracted; the message says why (the caller adds where)."""
+
+
+class LimitExceeded(Refused):
+    """The layer goes past one of its `UnpackLimits` (the message names the limit)."""
 
 
 def _components(name: str) -> Parts:
@@ -101,78 +108,159 @@ def open_dir_path(root_fd: int, depth: int, open_child: Callable[[int, int], int
     return fd
 
 
+@dataclass(slots=True, eq=False)
+class _Node:
+    """A directory of the layer, in a tree of records: keyed by full paths, a chain 10,000 deep
+    would hold 50 million components, and dropping a subtree would mean scanning every key."""
+
+    name: str
+    parent: _Node | None
+    children: dict[str, _Node] = field(default_factory=dict)
+    meta: tuple[int, int, int] | None = None  # its own entry's mode, atime, mtime
+    made_up: bool = False  # made without an entry (the root until a ./ entry)
+    opaque: bool = False  # an opaque marker (kernel form, written at the end)
+    whiteouts: set[str] = field(default_factory=set)  # whiteout names recorded in it
+    files: set[str] = field(default_factory=set)  # non-directories this layer made in it
+
+
 class Extractor:
     """Places entries under the root fd; remembers what the end of the layer must still do (markers,
-    directory modes and times) and which directories it had to make up (`implicit_dirs`)."""
+    directory modes and times) and which directories it had to make up (`implicit_dirs`).
 
-    def __init__(self, root_fd: int, *, kernel_markers: bool, chown: bool) -> None:
+    One cursor (the fd of the directory the last entry went into, and its path) moves between
+    entries: down by name with ``O_NOFOLLOW``, up through ``..``. Consecutive entries are close in a
+    tar, so placing one costs about its own depth, and no more than two fds are open whatever the
+    depth; the finishing pass walks the tree the same way, so it is linear too."""
+
+    def __init__(self, root_fd: int, *, kernel_markers: bool, chown: bool,
+                 limits: UnpackLimits | None = None, space: SpaceWatch | None = None) -> None:
         self.root_fd = root_fd
         self.kernel_markers = kernel_markers
         self.chown = chown
+        self.limits = limits or UnpackLimits()
+        self.space = space
         self.unpacked_size = 0
-        self._chain: list[tuple[str, int]] = []  # open fds of the last parent path, root excluded
-        self._dirs: dict[Parts, tuple[int, int, int]] = {}  # explicit dirs: mode, atime, mtime
-        self._made_up: set[Parts] = {()}  # dirs made without an entry (the root until a ./ entry)
+        self.entries = 0
+        self._root = _Node("", None, made_up=True)
+        self._path: list[str] = []  # where the cursor is, from the root
+        self._nodes: list[_Node] = [self._root]  # the nodes along it, the root first
+        self._fd = root_fd  # the cursor's directory (never closed while it is the root fd)
         self._started_ns = time.time_ns()
-        self._files: set[Parts] = set()  # non-directories this layer made (hardlink targets)
-        self._whiteouts: set[Parts] = set()
-        self._opaque: set[Parts] = set()
-        self._marked: set[Parts] = set()  # every dir (and its parents) a recorded marker is in
         self._skipped_devices = 0
         self._dropped_xattrs: set[str] = set()
         self._unset_xattrs: set[str] = set()
 
-    # -- directories, walked without following anything -------------------------------------
+    # -- the cursor: directories walked without following anything ---------------------------
 
-    def _parent_fd(self, parents: Parts) -> int:
-        """The directory PARENTS (created if missing), from the cached chain of open fds."""
+    def _goto(self, parts: Parts, *, create: bool = True) -> int:
+        """The fd of the directory PARTS (created if missing, when CREATE), moving the cursor."""
         common = 0
-        while common < min(len(self._chain), len(parents)) and self._chain[common][0] == parents[common]:
+        limit = min(len(self._path), len(parts))
+        while common < limit and self._path[common] == parts[common]:
             common += 1
-        self._drop_chain(common)
-        fd = self._chain[-1][1] if self._chain else self.root_fd
-        for i in range(common, len(parents)):
-            fd = self._open_dir(fd, parents[: i + 1], create=True)
-            self._chain.append((parents[i], fd))
-        return fd
+        while len(self._path) > common:
+            self._up()
+        for name in parts[common:]:
+            self._down(name, create=create)
+        return self._fd
 
-    def _drop_chain(self, keep: int = 0) -> None:
-        for _, fd in self._chain[keep:]:
-            os.close(fd)
-        del self._chain[keep:]
-
-    def _open_dir(self, parent_fd: int, parts: Parts, *, create: bool) -> int:
-        name = parts[-1]
+    def _up(self, last: Callable[[int], None] | None = None) -> None:
+        """Move the cursor to its parent; LAST, if given, is called with the directory's fd once
+        its parent is open (so LAST may take away the search permission ``..`` needs)."""
+        parent = os.open("..", DIR_FLAGS, dir_fd=self._fd)
         try:
-            return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+            if last is not None:
+                last(self._fd)
+        except BaseException:
+            os.close(parent)
+            raise
+        os.close(self._fd)
+        self._path.pop()
+        self._nodes.pop()
+        self._fd = self.root_fd if not self._path else parent
+        if not self._path:
+            os.close(parent)
+
+    def _down(self, name: str, *, create: bool) -> None:
+        node = self._nodes[-1]
+        child = node.children.get(name)
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=self._fd)
+            made = False
         except FileNotFoundError:
             if not create:
                 raise
-            os.mkdir(name, IMPLICIT_DIR_MODE, dir_fd=parent_fd)
-            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+            os.mkdir(name, IMPLICIT_DIR_MODE, dir_fd=self._fd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=self._fd)
             os.fchmod(fd, IMPLICIT_DIR_MODE)  # whatever the umask
-            self._made_up.add(parts)
-            return fd
+            made = True
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
-            st = os.lstat(name, dir_fd=parent_fd)
+            st = os.lstat(name, dir_fd=self._fd)
             what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            raise Refused(f"{'/'.join(parts)!r} is {what}") from None
+            raise Refused(f"{'/'.join([*self._path, name])!r} is {what}") from None
+        if child is None:
+            child = node.children[name] = _Node(name, node)
+        if made:
+            child.made_up = True
+        if self._fd != self.root_fd:
+            os.close(self._fd)
+        self._fd = fd
+        self._path.append(name)
+        self._nodes.append(child)
+
+    def _drop_cursor(self) -> None:
+        if self._fd != self.root_fd:
+            os.close(self._fd)
+        self._fd = self.root_fd
+        del self._path[:]
+        del self._nodes[1:]
+
+    def _record(self, parts: Parts) -> _Node:
+        """The record node of directory PARTS, made (as records only, nothing on disk) if missing."""
+        node = self._root
+        for name in parts:
+            child = node.children.get(name)
+            if child is None:
+                child = node.children[name] = _Node(name, node)
+            node = child
+        return node
+
+    def _lookup(self, parts: Parts) -> _Node | None:
+        node: _Node | None = self._root
+        for name in parts:
+            node = node.children.get(name) if node is not None else None
+        return node
 
     def _open_path(self, parts: Parts, *, create: bool = False) -> int:
         """An fd of its own for the directory PARTS, walked from the root (the caller closes it)."""
-        return open_dir_path(self.root_fd, len(parts),
-                             lambda fd, depth: self._open_dir(fd, parts[:depth], create=create))
+        def open_child(fd: int, depth: int) -> int:
+            try:
+                return os.open(parts[depth - 1], DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise Refused(f"{'/'.join(parts[:depth])!r} is not a directory") from None
+        return open_dir_path(self.root_fd, len(parts), open_child)
 
     # -- entries ------------------------------------------------------------------------------
 
     def add(self, member: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        self.entries += 1
+        if self.space is not None:
+            self.space.entry()
+        if self.entries > self.limits.max_entries:
+            raise LimitExceeded(f"more than {self.limits.max_entries} entries "
+                                f"(the limit {ENV_VARIABLES['max_entries']})")
         parts = _components(member.name)
+        if len(parts) > self.limits.max_depth:
+            raise LimitExceeded(f"{len(parts)} components deep, more than the limit of "
+                                f"{self.limits.max_depth} ({ENV_VARIABLES['max_depth']})")
         if not parts:
             if not member.isdir():
                 raise Refused("the layer root can only be a directory")
-            self._apply_dir(self.root_fd, (), member)
+            self._apply_dir(self.root_fd, self._root, member)
             return
         parents, leaf = parts[:-1], parts[-1]
         for part in parents:
@@ -184,26 +272,30 @@ class Extractor:
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk()
                 or member.ischr() or member.isblk() or member.isfifo()):
             raise Refused(f"unsupported tar entry type {member.type!r}")
-        parent_fd = self._parent_fd(parents)
+        parent_fd = self._goto(parents)
+        node = self._nodes[-1]
         try:
             existing: os.stat_result | None = os.lstat(leaf, dir_fd=parent_fd)
         except FileNotFoundError:
             existing = None
         if member.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                self._remove(parent_fd, leaf, parts, existing)
+                self._remove(parent_fd, node, leaf, existing)
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 os.mkdir(leaf, 0o700, dir_fd=parent_fd)
             fd = os.open(leaf, DIR_FLAGS, dir_fd=parent_fd)
             try:
-                self._apply_dir(fd, parts, member)
+                child = node.children.get(leaf)
+                if child is None:
+                    child = node.children[leaf] = _Node(leaf, node)
+                self._apply_dir(fd, child, member)
             finally:
                 os.close(fd)
             return
         if member.islnk():
-            self._add_hardlink(parent_fd, leaf, parts, member, existing)
+            self._add_hardlink(parent_fd, node, leaf, parts, member, existing)
             return
-        self._clear(parent_fd, leaf, parts, existing)
+        self._clear(parent_fd, node, leaf, existing)
         if member.isreg():
             self._add_file(parent_fd, leaf, member, tf)
         elif member.issym():
@@ -221,40 +313,39 @@ class Extractor:
                 self._skipped_devices += 1
                 return
             self._apply_meta(parent_fd, leaf, member)
-        self._files.add(parts)
+        node.files.add(leaf)
 
-    def _clear(self, parent_fd: int, leaf: str, parts: Parts, existing: os.stat_result | None) -> None:
-        """Make room for a non-directory at PARTS. With nothing there yet, kernel-form markers may
-        still be recorded under that name (they are written at the end): the entry wins over
+    def _clear(self, parent_fd: int, node: _Node, leaf: str, existing: os.stat_result | None) -> None:
+        """Make room for a non-directory LEAF in NODE. With nothing there yet, kernel-form markers
+        may still be recorded under that name (they are written at the end): the entry wins over
         them, as it wins over the OCI marker files `_remove` takes away with their directory."""
         if existing is not None:
-            self._remove(parent_fd, leaf, parts, existing)
-        elif parts in self._marked:
-            self._forget(parts)
+            self._remove(parent_fd, node, leaf, existing)
+        elif leaf in node.children:
+            self._forget(node, leaf)
 
-    def _remove(self, parent_fd: int, leaf: str, parts: Parts, existing: os.stat_result) -> None:
-        """Clear the way for a new entry: a directory goes with its content (and every fd and
-        record under it), anything else is unlinked."""
+    def _remove(self, parent_fd: int, node: _Node, leaf: str, existing: os.stat_result) -> None:
+        """Clear the way for a new entry: a directory goes with its content (and every record
+        under it), anything else is unlinked."""
         if not stat.S_ISDIR(existing.st_mode):
             os.unlink(leaf, dir_fd=parent_fd)
+            node.files.discard(leaf)
             return
-        # The fd chain holds PARTS' parents only, never anything inside it: it stays valid.
-        shutil.rmtree(leaf, dir_fd=parent_fd)
-        self._forget(parts)
+        # The cursor is at LEAF's parent, never inside it: it stays valid.
+        remove_at(parent_fd, leaf)
+        self._forget(node, leaf)
 
-    def _forget(self, parts: Parts) -> None:
-        """Drop every record at or under PARTS (what was there is gone)."""
-        depth = len(parts)
-        for records in (self._dirs, self._made_up, self._opaque, self._whiteouts, self._files):
-            for key in [k for k in records if k[:depth] == parts]:
-                if isinstance(records, dict):
-                    del records[key]
-                else:
-                    records.discard(key)
+    @staticmethod
+    def _forget(node: _Node, leaf: str) -> None:
+        """Drop every record at or under LEAF in NODE (what was there is gone)."""
+        node.children.pop(leaf, None)
+        node.whiteouts.discard(leaf)
+        node.files.discard(leaf)
 
     def _add_marker(self, parents: Parts, leaf: str) -> None:
+        node = self._record(parents)
         if whiteout.is_oci_opaque_marker(leaf):
-            self._opaque.add(parents)
+            node.opaque = True
         else:
             target = whiteout.oci_whiteout_target(leaf)
             if target is None:
@@ -262,11 +353,9 @@ class Extractor:
                 return
             if target in ("", ".", ".."):
                 raise Refused(f"whiteout of {target!r}")
-            self._whiteouts.add(parents + (target,))
-        if self.kernel_markers:
-            self._marked.update(parents[:i] for i in range(1, len(parents) + 1))
-        else:
-            parent_fd = self._parent_fd(parents)
+            node.whiteouts.add(target)
+        if not self.kernel_markers:
+            parent_fd = self._goto(parents)
             try:
                 st = os.lstat(leaf, dir_fd=parent_fd)
                 if not stat.S_ISREG(st.st_mode):
@@ -274,44 +363,71 @@ class Extractor:
             except FileNotFoundError:
                 whiteout.write_oci_marker_at(parent_fd, leaf)
 
-    def _add_hardlink(self, parent_fd: int, leaf: str, parts: Parts, member: tarfile.TarInfo,
-                      existing: os.stat_result | None) -> None:
+    def _add_hardlink(self, parent_fd: int, node: _Node, leaf: str, parts: Parts,
+                      member: tarfile.TarInfo, existing: os.stat_result | None) -> None:
         try:
             target = _components(member.linkname)
         except Refused:
             raise Refused(f"hardlink target {member.linkname!r} is outside the layer") from None
-        if target not in self._files:
+        target_node = self._lookup(target[:-1]) if target else None
+        if target_node is None or target[-1] not in target_node.files:
             raise Refused(f"hardlink to {member.linkname!r}, which this layer does not contain")
         if target == parts:
             return
         target_fd = self._open_path(target[:-1])
         try:
-            self._clear(parent_fd, leaf, parts, existing)
+            self._clear(parent_fd, node, leaf, existing)
             os.link(target[-1], leaf, src_dir_fd=target_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
         finally:
             os.close(target_fd)
-        self._files.add(parts)
+        node.files.add(leaf)
 
     def _add_file(self, parent_fd: int, leaf: str, member: tarfile.TarInfo,
                   tf: tarfile.TarFile) -> None:
+        """Regular file data; a sparse member's holes stay holes (only its data is written, at its
+        offsets, and the file is then given its full size), so a member that claims a terabyte in
+        a few hundred bytes of archive takes the space of what it really holds."""
+        sparse = member.sparse if member.sparse is not None else [(0, member.size)]
+        data_bytes = sum(size for _, size in sparse)
+        if self.unpacked_size + data_bytes > self.limits.max_bytes:
+            raise LimitExceeded(f"more than {self.limits.max_bytes} bytes of file data "
+                                f"(the limit {ENV_VARIABLES['max_bytes']})")
+        if self.space is not None:
+            self.space.claim(data_bytes, self.unpacked_size)
         fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=parent_fd)
         try:
-            source = tf.extractfile(member)
-            assert source is not None
-            left = member.size
-            while left > 0:
-                chunk = source.read(min(left, CHUNK))
-                if not chunk:
-                    raise Refused("unexpected end of data (truncated tar?)")
-                left -= len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+            extracted = tf.extractfile(member)
+            assert extracted is not None
+            # A sparse member's data is read through the raw member reader, whose seek only moves
+            # its position (the buffered one asks a stream tar whether it can seek, and fails);
+            # seeking from one data piece to the next never reads a hole.
+            source = extracted.raw if member.sparse is not None else extracted
+            for offset, size in sparse:
+                if size == 0:
+                    continue
+                if offset < 0 or offset + size > member.size:
+                    raise Refused(f"sparse data at {offset}+{size} lies outside its "
+                                  f"{member.size}-byte file")
+                if member.sparse is not None:
+                    source.seek(offset)
+                left = size
+                while left > 0:
+                    chunk = source.read(min(left, CHUNK))
+                    if not chunk:
+                        raise Refused("unexpected end of data (truncated tar?)")
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.pwrite(fd, view, offset)
+                        view = view[written:]
+                        offset += written
+                    left -= len(chunk)
+            if member.sparse is not None:
+                os.ftruncate(fd, member.size)
             self._apply_meta(fd, None, member)
         finally:
             os.close(fd)
-        self.unpacked_size += member.size
+        self.unpacked_size += data_bytes
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -333,13 +449,13 @@ class Extractor:
         else:
             os.utime(leaf, ns=(atime, mtime), dir_fd=fd, follow_symlinks=False)
 
-    def _apply_dir(self, fd: int, parts: Parts, member: tarfile.TarInfo) -> None:
+    def _apply_dir(self, fd: int, node: _Node, member: tarfile.TarInfo) -> None:
         """Owner and xattrs now; mode and times at the end (children would change the times, and a
         read-only mode would stop an unprivileged unpack from filling the directory)."""
         if self.chown:
             self._lchown(fd, None, member.uid, member.gid)
         self._set_xattrs(fd, member)
-        self._dirs[parts] = (stat.S_IMODE(member.mode), *_times_ns(member))
+        node.meta = (stat.S_IMODE(member.mode), *_times_ns(member))
 
     def _lchown(self, fd: int, leaf: str | None, uid: int, gid: int) -> None:
         try:
@@ -378,29 +494,13 @@ class Extractor:
     # -- the end of the layer -----------------------------------------------------------------
 
     def finish(self) -> None:
-        """Markers (kernel form), then directory modes and times deepest first (made-up ones
-        included), then warnings."""
-        self._drop_chain()
+        """Markers (kernel form), then directory modes and times, children before their parents
+        (made-up ones included), then warnings. Each is one walk of the record tree with the
+        cursor, so linear in the number of directories whatever their depth."""
+        self._drop_cursor()
         if self.kernel_markers:
-            for parts in sorted(self._opaque):
-                self._mark_opaque(parts)
-            for parts in sorted(self._whiteouts):
-                self._write_whiteout(parts)
-        made_up = self._made_up - self._dirs.keys()
-        for parts in sorted(self._dirs.keys() | made_up, key=len, reverse=True):
-            fd = self._open_path(parts)
-            try:
-                if parts in made_up:
-                    if self.chown:
-                        self._lchown(fd, None, 0, 0)
-                    os.fchmod(fd, IMPLICIT_DIR_MODE)
-                    os.utime(fd, ns=(self._started_ns, self._started_ns))
-                else:
-                    mode, atime, mtime = self._dirs[parts]
-                    os.fchmod(fd, mode)
-                    os.utime(fd, ns=(atime, mtime))
-            finally:
-                os.close(fd)
+            self._walk(pre=self._write_markers)
+        self._walk(post=self._set_dir_meta)
         if self._skipped_devices:
             log.warning("skipped %d device node(s): creating devices needs root",
                         self._skipped_devices)
@@ -411,41 +511,80 @@ class Extractor:
             log.warning("could not set xattrs (not permitted or not supported here): %s",
                         ", ".join(sorted(self._unset_xattrs)))
 
+    def _walk(self, *, pre: Callable[[_Node, int], None] | None = None,
+              post: Callable[[_Node, int], None] | None = None) -> None:
+        """Visit every directory node depth-first with the cursor on it (creating what is only a
+        record): PRE before its children, POST after them. Iterative: no depth is too deep."""
+        self._drop_cursor()
+        if pre is not None:
+            pre(self._root, self._fd)
+        stack = [iter(sorted(self._root.children))]
+        while stack:
+            name = next(stack[-1], None)
+            if name is None:
+                stack.pop()
+                node = self._nodes[-1]
+                if stack:
+                    self._up(None if post is None else lambda fd: post(node, fd))
+                elif post is not None:
+                    post(node, self._fd)
+                continue
+            self._down(name, create=True)
+            if pre is not None:
+                pre(self._nodes[-1], self._fd)
+            stack.append(iter(sorted(self._nodes[-1].children)))
+        self._drop_cursor()
+
+    def _write_markers(self, node: _Node, fd: int) -> None:
+        if node.opaque:
+            if node is self._root:
+                log.warning("ignoring an opaque marker at the layer root (overlayfs ignores it there)")
+            else:
+                whiteout.mark_opaque_fd(fd)
+        for name in sorted(node.whiteouts):
+            self._write_whiteout(fd, name)
+
+    def _set_dir_meta(self, node: _Node, fd: int) -> None:
+        if node.meta is not None:
+            mode, atime, mtime = node.meta
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(atime, mtime))
+        elif node.made_up:
+            if self.chown:
+                self._lchown(fd, None, 0, 0)
+            os.fchmod(fd, IMPLICIT_DIR_MODE)
+            os.utime(fd, ns=(self._started_ns, self._started_ns))
+
     @property
     def implicit_dirs(self) -> tuple[str, ...]:
         """The directories this layer made without an entry of their own, once `finish` has run:
         relative paths, ``.`` for the root (a tar without ``./``), parents before children."""
-        made_up = self._made_up - self._dirs.keys()
-        return tuple("/".join(parts) or "." for parts in sorted(made_up, key=lambda p: (len(p), p)))
+        found: list[str] = []
+        level: list[tuple[str, _Node]] = [("", self._root)]
+        while level:
+            following: list[tuple[str, _Node]] = []
+            for path, node in level:
+                if node.made_up and node.meta is None:
+                    found.append(path or ".")
+                for name in sorted(node.children):
+                    following.append((f"{path}/{name}" if path else name, node.children[name]))
+            level = following
+        return tuple(found)
 
-    def _mark_opaque(self, parts: Parts) -> None:
-        if not parts:
-            log.warning("ignoring an opaque marker at the layer root (overlayfs ignores it there)")
-            return
-        fd = self._open_path(parts, create=True)
-        try:
-            whiteout.mark_opaque_fd(fd)
-        finally:
-            os.close(fd)
-
-    def _write_whiteout(self, parts: Parts) -> None:
+    def _write_whiteout(self, fd: int, name: str) -> None:
         """A 0:0 device, unless this layer has a real entry of that name: the entry wins, and a
         directory becomes opaque (the whiteout deleted what was below it)."""
-        fd = self._open_path(parts[:-1], create=True)
         try:
+            st = os.lstat(name, dir_fd=fd)
+        except FileNotFoundError:
+            whiteout.write_device_whiteout(name, dir_fd=fd)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            child = os.open(name, DIR_FLAGS, dir_fd=fd)
             try:
-                st = os.lstat(parts[-1], dir_fd=fd)
-            except FileNotFoundError:
-                whiteout.write_device_whiteout(parts[-1], dir_fd=fd)
-                return
-            if stat.S_ISDIR(st.st_mode):
-                child = os.open(parts[-1], DIR_FLAGS, dir_fd=fd)
-                try:
-                    whiteout.mark_opaque_fd(child)
-                finally:
-                    os.close(child)
-        finally:
-            os.close(fd)
+                whiteout.mark_opaque_fd(child)
+            finally:
+                os.close(child)
 
     def close(self) -> None:
-        self._drop_chain()
+        self._drop_cursor()

@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import whiteout
@@ -48,11 +49,20 @@ def inherit_implicit_dirs(layer_dir: Path, implicit_dirs: Sequence[str], below: 
         return 0
     view = _MergedView(LayerStack.from_dirs([os.fspath(path) for path in below], None))
     sources: dict[Parts, Resolved] = {}
+    # Parents come first: an implicit directory whose implicit parent is not below is not below
+    # either, and is skipped by name (a chain thousands deep that the layers below lack costs one
+    # lookup, not one per level with its whole path).
+    absent: set[str] = set()
     for rel in implicit_dirs:
+        if rel != "." and (rel.rpartition("/")[0] or ".") in absent:
+            absent.add(rel)
+            continue
         parts = _parts(rel)
         resolved = view.directory(parts)
         if resolved is not None:
             sources[parts] = resolved
+        else:
+            absent.add(rel)
     unset: set[str] = set()
     root_fd = os.open(layer_dir, DIR_FLAGS)
     try:
@@ -77,23 +87,35 @@ def _parts(rel: str) -> Parts:
 
 
 class _MergedView:
-    """Directories of the merged view of a stack, each resolved once (parents are shared)."""
+    """Directories of the merged view of a stack, each resolved once (parents are shared), kept in
+    a tree by name: walking down it costs one dict lookup per level, with no recursion and no
+    path tuples as keys (a chain thousands deep would make those quadratic)."""
 
     def __init__(self, stack: LayerStack) -> None:
         self._stack = stack
-        self._resolved: dict[Parts, Resolved | None] = {}
+        self._root: _ViewNode | None = None
 
     def directory(self, parts: Parts) -> Resolved | None:
         """The merged directory PARTS, or None when the view has no directory there."""
-        if parts not in self._resolved:
-            found: Resolved | None
-            if not parts:
-                found = self._stack.resolve_root()
-            else:
-                parent = self.directory(parts[:-1])
-                found = lookup(parent.branches, parts[-1]) if parent is not None else None
-            self._resolved[parts] = found if found is not None and found.is_dir else None
-        return self._resolved[parts]
+        if self._root is None:
+            found = self._stack.resolve_root()
+            self._root = _ViewNode(found if found is not None and found.is_dir else None)
+        node = self._root
+        for name in parts:
+            if node.resolved is None:
+                return None
+            child = node.children.get(name)
+            if child is None:
+                found = lookup(node.resolved.branches, name)
+                child = node.children[name] = _ViewNode(found if found is not None and found.is_dir else None)
+            node = child
+        return node.resolved
+
+
+@dataclass(slots=True, eq=False)
+class _ViewNode:
+    resolved: Resolved | None
+    children: dict[str, _ViewNode] = field(default_factory=dict)
 
 
 def _open_dir(root_fd: int, parts: Parts, layer_dir: Path) -> int:

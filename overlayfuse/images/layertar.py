@@ -11,7 +11,8 @@ dirs); every form becomes the OCI one, because a layer must mean the same thing 
 - overlay-private xattrs (``trusted.overlay.*``, ``user.overlay.*``) are dropped, others kept as PAX
   ``SCHILY.xattr.*`` records;
 - a second name of an inode already written becomes a hardlink entry; sockets are skipped (they
-  mean nothing once their process is gone, and tar cannot hold them).
+  mean nothing once their process is gone, and tar cannot hold them);
+- a file with holes becomes a PAX 1.0 sparse entry holding only its data (`sparse`).
 
 The output is deterministic: names sorted bytewise within each directory (depth first), PAX format,
 numeric owners with no user or group names, times from the files (to the nanosecond). Two commits of
@@ -35,6 +36,7 @@ from typing import BinaryIO
 from .. import whiteout
 from ..errors import ImageError
 from .compression import CHUNK
+from .sparse import data_pieces, sparse_member
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,12 @@ class _Writer:
             info.size = st.st_size
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             with os.fdopen(fd, "rb", buffering=0) as data:
-                self.tf.addfile(info, data)
+                # Fewer blocks than its size: it may have holes, which stay holes in the layer.
+                pieces = data_pieces(fd, st.st_size) if st.st_blocks * 512 < st.st_size else None
+                if pieces is None:
+                    self.tf.addfile(info, data)
+                else:
+                    self.tf.addfile(info, sparse_member(info, fd, pieces))
         elif stat.S_ISLNK(mode):
             info = _info(tar_name, tarfile.SYMTYPE, st, xattrs)
             info.linkname = os.readlink(path)

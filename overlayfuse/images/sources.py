@@ -10,9 +10,11 @@ says ``../../etc/shadow`` is refused, never read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import posixpath
+import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: Symlinks followed inside an archive before giving up (docker's ``<id>/layer.tar`` links are one).
 MAX_LINK_DEPTH = 8
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Non-blocking: opening a fifo planted in a layout must not wait for a writer.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 class Source(Protocol):
@@ -59,28 +64,90 @@ def read_document(source: Source, rel: str, what: str) -> bytes:
 
 
 class DirSource:
-    """An OCI layout (or an unpacked ``docker save``) on disk."""
+    """An OCI layout (or an unpacked ``docker save``) on disk.
+
+    Files are opened component by component from the layout's own fd with ``O_NOFOLLOW``: a
+    symlink under ``blobs/`` is refused (a blob is a regular file in the layout, nothing else), and
+    any other symlink (docker's ``<id>/layer.tar``) is resolved by hand like the archive's, and
+    only while it stays inside. What is found must be a regular file: a fifo, a device or a
+    directory is refused by name, never read (opened non-blocking, so a fifo cannot hang us)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.label = str(root)
 
-    def _path(self, rel: str) -> Path:
-        return self.root / clean_path(rel, self.label)
+    def _open(self, rel: str) -> int | None:
+        """An fd of REL's regular file (the caller closes it), None if there is none."""
+        name = clean_path(rel, self.label)
+        for _ in range(MAX_LINK_DEPTH):
+            opened = self._walk(name)
+            if isinstance(opened, int) or opened is None:
+                return opened
+            link_at, target = opened
+            if link_at.split("/", 1)[0] == "blobs":
+                raise ImageError(f"{self.label}: {link_at} is a symlink, not a blob file: refused")
+            name = clean_path(posixpath.join(posixpath.dirname(link_at), target)
+                              + name[len(link_at):], self.label)
+        raise ImageError(f"{self.label}: {rel} is a chain of more than {MAX_LINK_DEPTH} links")
+
+    def _walk(self, name: str) -> int | None | tuple[str, str]:
+        """NAME's file opened without following anything: an fd, None if missing, or (the prefix
+        of NAME that is a symlink, its target)."""
+        parts = name.split("/")
+        try:
+            fd = os.open(self.root, _DIR_FLAGS)
+        except OSError as exc:
+            raise ImageError(f"{self.label}: {exc.strerror}") from None
+        try:
+            for depth, part in enumerate(parts, 1):
+                last = depth == len(parts)
+                try:
+                    child = os.open(part, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    return None
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise ImageError(f"{self.label}: cannot read {name}: {exc.strerror}") from None
+                    prefix = "/".join(parts[:depth])
+                    st = os.lstat(part, dir_fd=fd)
+                    if stat.S_ISLNK(st.st_mode):
+                        return prefix, os.readlink(part, dir_fd=fd)
+                    if last:
+                        raise
+                    return None  # a file used as a directory: nothing there
+                os.close(fd)
+                fd = child
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"{self.label}: {name} is not a regular file: refused")
+            result, fd = fd, -1
+            return result
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def exists(self, rel: str) -> bool:
-        return self._path(rel).is_file()
+        fd = self._open(rel)
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
 
     def size(self, rel: str) -> int:
-        return self._path(rel).stat().st_size
+        fd = self._open(rel)
+        if fd is None:
+            raise ImageError(f"{self.label}: {rel} is missing")
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def open(self, rel: str) -> BinaryIO:
-        try:
-            return open(self._path(rel), "rb")
-        except FileNotFoundError:
-            raise ImageError(f"{self.label}: {rel} is missing") from None
-        except OSError as exc:
-            raise ImageError(f"{self.label}: cannot read {rel}: {exc.strerror}") from None
+        fd = self._open(rel)
+        if fd is None:
+            raise ImageError(f"{self.label}: {rel} is missing")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
 
 class TarSource:

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
+from .remove import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,10 @@ class Store:
         try:
             yield path
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(path)
+            try:
+                remove_tree(path)
+            except OSError as exc:  # the next locked command tries again
+                log.warning("could not remove staging %s: %s", path, exc.strerror or exc)
 
     def discard(self, path: Path) -> None:
         """Remove PATH (in this store) if it exists: renamed into ``tmp/`` first, so it vanishes at
@@ -244,21 +246,30 @@ class Store:
             return
         doomed = self.root / "tmp" / f"discard-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(path, doomed)
-        if doomed.is_dir() and not doomed.is_symlink():
-            shutil.rmtree(doomed)
-        else:
-            doomed.unlink()
+        try:
+            remove_tree(doomed)
+        except OSError as exc:  # gone from where it was; the next locked command tries again
+            log.warning("could not remove %s (left in %s): %s", path, doomed, exc.strerror or exc)
 
     def _clear_dead_staging(self) -> None:
-        for entry in (self.root / "tmp").iterdir():
-            parts = entry.name.rsplit("-", 2)
+        """Remove what dead processes left in ``tmp/``, however deep or odd (modes, symlinks,
+        immutable flags): `remove_tree` neither recurses nor follows links. What still cannot
+        go is warned about and left, never raised: a leftover must not stop the store working."""
+        try:
+            entries = sorted(os.listdir(self.root / "tmp"))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.root / "tmp", exc.strerror or exc)
+            return
+        for name in entries:
+            parts = name.rsplit("-", 2)
             if len(parts) == 3 and parts[1].isdigit() and _pid_alive(int(parts[1])):
                 continue
-            log.info("removing leftover staging %s", entry)
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            entry = self.root / "tmp" / name
+            log.warning("removing leftover staging %s", entry)
+            try:
+                remove_tree(entry)
+            except OSError as exc:
+                log.warning("could not remove leftover staging %s: %s", entry, exc.strerror or exc)
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -298,7 +309,7 @@ class Store:
         installed; an existing layer wins (the content is the same, by diff_id).
         """
         if self.has_layer(record.diff_id):
-            shutil.rmtree(staged)
+            remove_tree(staged)
             return
         write_json_atomic(staged / "layer.json", asdict(record))
         target = self.layer_path(record.diff_id)

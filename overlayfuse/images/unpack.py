@@ -14,9 +14,9 @@ half-built directory is removed.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
-import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +28,16 @@ from ..errors import ImageError
 from . import oci
 from .compression import HashingReader, open_decompressed
 from .extract import DIR_FLAGS, IMPLICIT_DIR_MODE, Extractor, Refused
+from .limits import UnpackLimits
+from .remove import remove_tree
+from .space import NoSpace, SpaceWatch
 
 log = logging.getLogger(__name__)
+
+#: The largest PAX or GNU long-name header we read: tarfile reads one whole into memory, so a
+#: bomb could claim gigabytes. Real ones hold a long name and some xattrs: a few KiB (xattr values
+#: are at most 64 KiB each on Linux).
+MAX_HEADER_SIZE = 16 << 20
 
 #: tarfile's stream buffer: each small read copies what is left of it, so it must stay small
 #: (see `tarfile._Stream.__read`); 64 KiB keeps headers cheap and large files at full speed.
@@ -56,12 +64,15 @@ class UnpackedLayer:
 def unpack_layer(raw: BinaryIO, media_type: str, dest: Path, *, digest: str | None = None,
                  size: int | None = None, diff_id: str | None = None,
                  copy_to: BinaryIO | None = None,
-                 progress: Callable[[int], None] | None = None) -> UnpackedLayer:
+                 progress: Callable[[int], None] | None = None,
+                 limits: UnpackLimits | None = None) -> UnpackedLayer:
     """Unpack the layer blob read from RAW into DEST, which must not exist and is created here.
 
     DIGEST, SIZE (the descriptor's) and DIFF_ID (the config's) are checked when given. COPY_TO
     receives every raw byte as it is read. PROGRESS is called with the number of raw bytes each
-    read consumed (an increment, for a progress bar's update). Any failure raises ImageError and
+    read consumed (an increment, for a progress bar's update). LIMITS bound depth, entries and
+    file data (`UnpackLimits.from_env` when not given); the free space of DEST's filesystem is
+    checked before and while unpacking (`space.SpaceWatch`). Any failure raises ImageError and
     leaves no DEST.
     """
     compression = oci.LAYER_COMPRESSION.get(media_type)
@@ -79,7 +90,8 @@ def unpack_layer(raw: BinaryIO, media_type: str, dest: Path, *, digest: str | No
         raise ImageError(f"{label}: cannot unpack into {dest}: it already exists") from None
     blob = HashingReader(raw, copy_to=copy_to, progress=progress, limit=size, what="the blob")
     try:
-        result = _unpack(blob, compression, dest, label, digest, size, diff_id)
+        result = _unpack(blob, compression, dest, label, digest, size, diff_id,
+                         limits or UnpackLimits.from_env(), copy_to is not None)
     except BaseException as exc:
         remove_tree(dest)
         if isinstance(exc, ImageError) and digest is not None:
@@ -103,14 +115,22 @@ def _raise_if_digest_wrong(blob: HashingReader, digest: str, label: str, exc: Im
 
 
 def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, digest: str | None,
-            size: int | None, diff_id: str | None) -> UnpackedLayer:
+            size: int | None, diff_id: str | None, limits: UnpackLimits,
+            copying: bool) -> UnpackedLayer:
     tar_stream = _TarStream(open_decompressed(blob, compression))
     root_fd = os.open(dest, DIR_FLAGS)
     try:
         os.fchmod(root_fd, IMPLICIT_DIR_MODE)
+        try:
+            space = SpaceWatch.of(root_fd)
+            if copying and size is not None:  # the blob's copy lands on the same filesystem
+                space.claim(size, 0)
+        except NoSpace as exc:
+            raise ImageError(f"{label}: before unpacking: {exc}") from None
         style = whiteout.probe_marker_style(str(dest))
         kernel_markers = style.device_whiteouts and style.opaque_xattr == whiteout.TRUSTED_OPAQUE
-        extractor = Extractor(root_fd, kernel_markers=kernel_markers, chown=os.geteuid() == 0)
+        extractor = Extractor(root_fd, kernel_markers=kernel_markers, chown=os.geteuid() == 0,
+                              limits=limits, space=space)
         try:
             _extract_all(tar_stream, extractor, label)
             _check(blob, tar_stream, label, digest, size, diff_id)
@@ -118,6 +138,10 @@ def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, diges
                 extractor.finish()
             except Refused as exc:  # a marker under a name the layer made a non-directory
                 raise ImageError(f"{label}: {exc}") from None
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    raise
+                raise ImageError(f"{label}: {_no_space(extractor, root_fd)}") from None
         finally:
             extractor.close()
         _syncfs(root_fd)
@@ -127,11 +151,36 @@ def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, diges
                          extractor.implicit_dirs)
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space(extractor: Extractor, root_fd: int) -> str:
+    st = os.fstatvfs(root_fd)
+    return (f"no space left on the store's filesystem after {extractor.unpacked_size} bytes of file "
+            f"data ({st.f_bavail * st.f_frsize} bytes free)")
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses an extended header (PAX, GNU long name or link) larger than
+    `MAX_HEADER_SIZE` before tarfile reads it into memory. `tarfile.open(tarinfo=...)` is the
+    documented hook; ``_proc_member`` is where tarfile dispatches on the header type (CPython
+    3.8 to 3.13), the one place to look at the size before the read."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_HEADER_SIZE:
+            raise Refused(f"a {self.size}-byte extended header (the most accepted is {MAX_HEADER_SIZE})")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+_EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                     tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
 def _extract_all(tar_stream: _TarStream, extractor: Extractor, label: str) -> None:
     where = "at the start of the tar"
     try:
         with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=TAR_BUFSIZE, encoding="utf-8",  # type: ignore[call-overload]
-                          errors="surrogateescape") as tf:
+                          errors="surrogateescape", tarinfo=_BoundedTarInfo) as tf:
             while (member := tf.next()) is not None:
                 where = f"entry {member.name!r}"
                 extractor.add(member, tf)
@@ -142,11 +191,13 @@ def _extract_all(tar_stream: _TarStream, extractor: Extractor, label: str) -> No
             raise Refused(f"data after the end of the archive (offset {end}): corrupt tar header?")
         if tar_stream.size < end + tarfile.BLOCKSIZE:
             raise Refused("the tar ends without its end-of-archive blocks (truncated?)")
-    except (Refused, ImageError) as exc:
+    except (Refused, ImageError, NoSpace) as exc:
         raise ImageError(f"{label}: {where}: {exc}") from None
     except tarfile.TarError as exc:
         raise ImageError(f"{label}: {where}: invalid tar: {exc}") from None
     except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            raise ImageError(f"{label}: {where}: {_no_space(extractor, extractor.root_fd)}") from None
         raise ImageError(f"{label}: {where}: {_describe(exc)}") from None
 
 
@@ -186,18 +237,6 @@ class _TarStream(HashingReader):
             if kept:
                 self.last_data = start + kept
         return chunk
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a (half-)unpacked layer, even one whose directories were made read-only."""
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        return
-    except PermissionError:
-        for dirpath, _, _ in os.walk(path):
-            os.chmod(dirpath, 0o700)
-        shutil.rmtree(path)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
