@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from overlayfuse.mounttable import MountEntry, command_line, process_alive
-from overlayfuse.mounttable import read_mounts as mounts  # re-exported: tests list mounts by it
+# The tests' own /proc readers, not overlayfuse.mounttable: see tests/procfs.py.
+from tests.procfs import MountEntry, command_line, mounts, process_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -526,8 +526,13 @@ def test_install_into_a_temporary_root(tmp_path: Path) -> None:
         f"edit {conf}, then check it with: overlayctl check web",
         "start it now and at every boot with: systemctl enable --now overlayfuse@web",
     ]
+    # The unit names DEFAULT_OVERLAYCTL; where it is not installed the installer writes the
+    # path it found instead, so the shipped unit can be compared only where it is.
     if os.access(service_install.DEFAULT_OVERLAYCTL, os.X_OK):
         assert unit.read_text() == UNIT.read_text()
+    else:
+        skip_or_fail(f"{service_install.DEFAULT_OVERLAYCTL} missing (scripts/setup creates it): "
+                     "the installed unit cannot be compared with systemd/overlayfuse@.service")
     _verify(unit)
     assert unit.stat().st_mode & 0o777 == 0o644
     # The example is a config of the right shape, for mount "web", waiting for real paths.
