@@ -94,20 +94,21 @@ def replay(root: Path, ops: Sequence[Op], side: Side, workers: Workers, *,
                 lower_linked = _run_mounted(str(k_mnt), str(o_mnt), ops, side, workers,
                                             every_step, result)
         except AssertionError as exc:  # overlayfuse's teardown found a traceback in its log
-            _daemon_logged(result, str(exc), len(ops) - 1)
+            result.mismatch = daemon_mismatch(result.mismatch, str(exc), len(ops) - 1)
         if result.mismatch is None and check_upper:
-            result.mismatch = _check_upper(k_set, o_set, workers, len(ops) - 1, lower_linked)
+            result.mismatch = compare_uppers(k_set, o_set, workers, len(ops) - 1, lower_linked)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return result
 
 
-def _daemon_logged(result: Replay, message: str, step: int) -> None:
+def daemon_mismatch(seen: Mismatch | None, message: str, step: int) -> Mismatch:
+    """The mismatch to report when the daemon logged a traceback (`message`)."""
     log_lines = message.splitlines()[:40]
-    if result.mismatch is None:
-        result.mismatch = Mismatch(step, "daemon", log_lines)
-    else:
-        result.mismatch.details += ["and the daemon logged:", *log_lines]
+    if seen is None:
+        return Mismatch(step, "daemon", log_lines)
+    seen.details += ["and the daemon logged:", *log_lines]
+    return seen
 
 
 @dataclass(slots=True)
@@ -130,7 +131,7 @@ class _UserWorkers:
                 worker.close()
 
 
-def _close_held(*workers: Worker) -> None:
+def close_held_in(*workers: Worker) -> None:
     """Close the descriptors operations held, so that the unmount finds the mount idle."""
     for worker in workers:
         with contextlib.suppress(WorkerHung):
@@ -183,11 +184,11 @@ def _run_mounted(k_mnt: str, o_mnt: str, ops: Sequence[Op], side: Side, workers:
         result.mismatch = Mismatch(step, "hang", [str(exc)])
     finally:
         users.close()
-        _close_held(workers.kernel, workers.ours)
+        close_held_in(workers.kernel, workers.ours)
     return {path for path, inode in k_snap.inodes.items() if inode in lower_inodes}
 
 
-def _check_upper(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int,
+def compare_uppers(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int,
                  lower_linked: set[str]) -> Mismatch | None:
     """Mount the kernel on each side's upper dir, with a fresh workdir: the views must agree.
 
