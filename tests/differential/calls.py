@@ -140,12 +140,17 @@ def _hold(slot: int, fd: int) -> None:
     _HELD[slot] = fd
 
 
-def close_held() -> int:
-    """Close every held descriptor (before an unmount); the count closed."""
-    count = len(_HELD)
-    while _HELD:
-        os.close(_HELD.popitem()[1])
-    return count
+def close_held() -> list[tuple[int, str]]:
+    """Close every held descriptor (before an unmount); (slot, errno name) for each close
+    that failed (a FUSE flush can fail at close; the descriptor is gone all the same)."""
+    failed = []
+    for slot in sorted(_HELD):
+        try:
+            os.close(_HELD[slot])
+        except OSError as exc:
+            failed.append((slot, errno.errorcode.get(exc.errno or 0, str(exc.errno))))
+    _HELD.clear()
+    return failed
 
 
 def _getdents(fd: int, bufsize: int) -> list[str]:
@@ -245,6 +250,8 @@ def _apply(op: Op) -> Any:
             return _write_with(path, os.O_WRONLY, _bytes(data), offset)
         case "truncate", [path, size]:
             os.truncate(path, size)
+        case "open_trunc", [path]:
+            os.close(os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK))
         case "read", [path]:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             try:
@@ -304,7 +311,9 @@ def _apply(op: Op) -> Any:
         case "fd_fchmod", [slot, mode]:
             os.fchmod(_held(slot), mode)
         case "fd_close", [slot]:
-            os.close(_HELD.pop(slot) if slot in _HELD else _held(slot))
+            fd = _held(slot)
+            del _HELD[slot]
+            os.close(fd)
         case "dir_hold", [slot, path]:
             _hold(slot, os.open(path, os.O_RDONLY | os.O_DIRECTORY))
         case "dir_read_some", [slot]:
@@ -399,6 +408,8 @@ def render(op: Op) -> str:
                     f"os.pwrite(fd, b{char!r} * {n}, {offset}); os.close(fd)")
         case "truncate", [path, size]:
             return f"os.truncate({lit(path)}, {size})"
+        case "open_trunc", [path]:
+            return f"os.close(os.open({lit(path)}, os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK))"
         case "read", [path]:
             return f"open({lit(path)}, 'rb').read()"
         case "chmod", [path, mode]:

@@ -213,6 +213,7 @@ def _as_user(rng: random.Random) -> list[Op]:
     setup = rng.choice([("chmod", path, rng.choice((0o6777, 0o4777, 0o2777, 0o666, 0o1777))),
                         ("write_trunc", path, _data(rng)), ("chown", path), ("stat", path)])
     inner = rng.choice([("write_trunc", path, _data(rng)), ("append", path, _data(rng)),
+                        ("open_trunc", path), ("open_trunc", path),
                         ("pwrite", path, rng.choice(OFFSETS), _data(rng)),
                         ("truncate", path, rng.choice(SIZES)), ("chmod", path, 0o755),
                         ("unlink", path), ("rename", path, _fresh(rng)), ("read", path),
@@ -239,6 +240,7 @@ _gen(3)(lambda r: ("write_trunc", _name(r), _data(r)))
 _gen(3)(lambda r: ("append", _name(r), _data(r)))
 _gen(3)(lambda r: ("pwrite", _name(r), r.choice(OFFSETS), _data(r)))
 _gen(2)(lambda r: ("truncate", _name(r), r.choice(SIZES)))
+_gen(1)(lambda r: ("open_trunc", _name(r)))
 _gen(2)(lambda r: ("read", _name(r)))
 _gen(2)(lambda r: ("chmod", _name(r), r.choice(MODES)))
 _gen(2)(lambda r: ("chown", _name(r)))
@@ -292,6 +294,7 @@ def generate(rng: random.Random, length: int, *, user: bool = True) -> list[Op]:
 #: Argument positions (after the name) that are paths, per operation.
 PATH_ARGS: dict[str, tuple[int, ...]] = {
     "create_excl": (0,), "write_trunc": (0,), "append": (0,), "pwrite": (0,), "truncate": (0,),
+    "open_trunc": (0,),
     "read": (0,), "chmod": (0,), "chown": (0,), "utime": (0,), "setxattr": (0,),
     "removexattr": (0,), "mkdir": (0,), "mkfifo": (0,), "symlink": (1,), "link": (0, 1),
     "unlink": (0,), "rmdir": (0,), "rmtree": (0,), "rename": (0, 1), "rename_noreplace": (0, 1),

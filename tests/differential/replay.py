@@ -13,6 +13,7 @@ import contextlib
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from tests.compare import Snapshot, snapshot
@@ -131,11 +132,16 @@ class _UserWorkers:
                 worker.close()
 
 
-def close_held_in(*workers: Worker) -> None:
-    """Close the descriptors operations held, so that the unmount finds the mount idle."""
+def close_held_in(*workers: Worker) -> list[Any]:
+    """Close the descriptors operations held, so that the unmount finds the mount idle; what
+    each worker's closes failed with (None for a worker that hung)."""
+    failed = []
     for worker in workers:
-        with contextlib.suppress(WorkerHung):
-            worker.call(close_held)
+        try:
+            failed.append(worker.call(close_held))
+        except WorkerHung:
+            failed.append(None)
+    return failed
 
 
 def _lower_hardlinked(snap: Snapshot) -> set[tuple[int, int]]:
@@ -184,7 +190,10 @@ def _run_mounted(k_mnt: str, o_mnt: str, ops: Sequence[Op], side: Side, workers:
         result.mismatch = Mismatch(step, "hang", [str(exc)])
     finally:
         users.close()
-        close_held_in(workers.kernel, workers.ours)
+        k_failed, o_failed = close_held_in(workers.kernel, workers.ours)
+    if result.mismatch is None and k_failed != o_failed:
+        result.mismatch = Mismatch(len(ops) - 1, "outcome", [
+            f"closing the held descriptors at the end: kernel={k_failed!r} ours={o_failed!r}"])
     return {path for path, inode in k_snap.inodes.items() if inode in lower_inodes}
 
 
