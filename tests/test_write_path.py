@@ -663,8 +663,14 @@ def test_staging_leftovers_removed_at_mount(tmp_path: Path, overlayfuse_bin: Pat
     (staging / "#half-copied").write_bytes(b"partial")
     (staging / "#half-dir").mkdir()
     (staging / "#half-dir/inner").write_bytes(b"x")
-    os.symlink("/etc", staging / "#link")  # removed, never followed
+    # A symlink to a canary dir of this test's own: removed, never followed.  A cleanup that
+    # followed it would empty the canary, not the machine's /etc.
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "keep").write_bytes(b"canary\n")
+    os.symlink(canary, staging / "#link")
     with mount_ours(ls):
         assert os.listdir(staging) == []
         assert run_isolated(run_steps, str(ls.mnt), [("read", "f")]) == [("ok", b"f\n")]
-    assert os.path.isdir("/etc") and os.listdir(ls.upper) == []
+    assert os.listdir(ls.upper) == []
+    assert os.listdir(canary) == ["keep"] and (canary / "keep").read_bytes() == b"canary\n"
