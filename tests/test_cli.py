@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -351,6 +352,14 @@ def test_mount_helper(dirs: Dirs, overlayfuse_bin: Path) -> None:
         assert not is_mounted(dirs.mnt)
 
 
+def _expected_answer(program: str, flag: str) -> bytes:
+    """What `program FLAG` must print first: its usage line, or its name and the version
+    the package declares (so a --version that printed anything at all would not pass)."""
+    if flag == "--version":
+        return f"{program} {importlib.metadata.version('overlayfuse')}\n".encode()
+    return f"usage: {program} ".encode()
+
+
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_overlayctl_answers(flag: str) -> None:
     binary = overlayctl_binary()
@@ -359,11 +368,17 @@ def test_overlayctl_answers(flag: str) -> None:
     assert binary is not None
     proc = run([binary, flag], timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()
+    assert proc.stdout.startswith(_expected_answer("overlayctl", flag)), proc.stdout
+    if flag == "--help":  # every command is listed
+        for command in (b"image", b"mount", b"umount", b"commit", b"service"):
+            assert b"\n    " + command + b" " in proc.stdout, (command, proc.stdout)
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_overlayfuse_answers(flag: str, overlayfuse_bin: Path) -> None:
     proc = run([overlayfuse_bin, flag], timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()
+    assert proc.stdout.startswith(_expected_answer("overlayfuse", flag)), proc.stdout
+    if flag == "--help":  # the options fuse-overlayfs users look for are documented
+        for option in (b"lowerdir", b"upperdir", b"workdir", b"MOUNTPOINT"):
+            assert option in proc.stdout, (option, proc.stdout)
