@@ -16,31 +16,17 @@ A lower read that truly blocks is provided by `tests.gatefs` instead.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.gatefs import FILE_NAME
-from tests.gatefs import FSTYPE as GATE_FSTYPE
-from tests.mounts import (
-    DAEMON_EXIT_TIMEOUT,
-    MOUNT_TIMEOUT,
-    REPO_ROOT,
-    drop_caches,
-    mount_at,
-    overlayfuse,
-    run,
-    run_isolated,
-    wait_pids_gone,
-)
+from tests.gatefs import FILE_NAME, gate_fs, wait_held
+from tests.mounts import drop_caches, overlayfuse, run, run_isolated
 from tests.trees import File, make_tree
 
 pytestmark = pytest.mark.mount
@@ -192,45 +178,9 @@ def test_stat_answers_during_big_read(tmp_path: Path, overlayfuse_bin: Path) -> 
 # --- a lower read that blocks ----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def gate_fs(control: Path, mnt: Path) -> Iterator[Path]:
-    """Mount tests.gatefs; on exit release every waiting read, unmount, reap the process."""
-    control.mkdir()
-    mnt.mkdir()
-    log = control / "gatefs.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.gatefs", str(control), str(mnt)],
-                                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-    try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while (info := mount_at(mnt)) is None or info.fstype != GATE_FSTYPE:
-            assert proc.poll() is None, f"gatefs died: {log.read_text()}"
-            assert time.monotonic() < deadline, "gatefs did not mount"
-            time.sleep(0.05)
-        yield mnt
-    finally:
-        (control / "release").touch()
-        for cmd in (["fusermount3", "-u", str(mnt)], ["fusermount3", "-u", "-z", str(mnt)]):
-            if mount_at(mnt) is None:
-                break
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                run(cmd, timeout=10)
-        if wait_pids_gone([proc.pid], DAEMON_EXIT_TIMEOUT):
-            proc.kill()
-        proc.wait(timeout=DAEMON_EXIT_TIMEOUT)
-    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
-
-
 def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def _wait_for(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 def test_blocked_lower_read_does_not_stall_the_mount(tmp_path: Path,
@@ -247,7 +197,7 @@ def test_blocked_lower_read_does_not_stall_the_mount(tmp_path: Path,
             overlayfuse(tmp_path / "mnt", [top, gate]) as fuse:
         reader = _start_reader(fuse.mnt / FILE_NAME.decode(), byte=ord("g"))
         try:
-            _wait_for(control / "waiting", ANSWER_TIMEOUT)  # the daemon is inside gatefs now
+            wait_held(control, ANSWER_TIMEOUT)  # the daemon is inside gatefs now
             assert run_isolated(os.lstat, str(fuse.mnt / "dir/stat_me"),
                                 timeout=ANSWER_TIMEOUT).st_size == 0
             assert run_isolated(read_file, str(fuse.mnt / "other"),

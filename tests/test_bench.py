@@ -6,7 +6,6 @@ A benchmark, not a performance test: nothing here looks at how fast anything was
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
