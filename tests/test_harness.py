@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import mounts, procfs
 from tests.compare import assert_same_errnos, assert_same_view, getdents, take_snapshot
 from tests.mounts import kernel_overlay
 from tests.rich_tree import RICH_PROBES, LayerSet, build_layer_set, rich_layers
@@ -99,3 +100,18 @@ def test_make_tree_never_goes_through_a_symlink(tmp_path: Path, entry: Entry) ->
     assert os.listdir(canary_dir) == []
     assert [(os.lstat(p).st_mode, os.lstat(p).st_uid) for p in (canary, canary_dir)] == before
     assert "trusted.overlay.opaque" not in os.listxattr(canary_dir)
+
+
+def test_mountinfo_reader_is_the_tests_own() -> None:
+    """tests.procfs reads /proc/self/mountinfo itself (octal escapes included), so the leak
+    checks do not ask overlayfuse.mounttable, the module under test, what is mounted."""
+    line = (b"36 35 98:0 /mnt1 /a\\040dir\\134x rw,noatime master:1 - fuse.overlayfuse "
+            b"over\\011lay rw,user_id=0\n")
+    [entry] = procfs.parse_mountinfo(line)
+    assert (entry.mountpoint, entry.fstype, entry.source, entry.options, entry.mount_options,
+            entry.dev) == ("/a dir\\x", "fuse.overlayfuse", "over\tlay", "rw,user_id=0",
+                           "rw,noatime", "98:0")
+    with pytest.raises(ValueError, match="unreadable mountinfo line"):
+        procfs.parse_mountinfo(b"36 35 98:0 / /x rw\n")
+    assert any(m.mountpoint == "/" for m in procfs.mounts())
+    assert mounts.mounts is procfs.mounts
