@@ -62,7 +62,7 @@ def lower_link_groups() -> list[tuple[str, ...]]:
               for group in LOWER_LINK_GROUPS]]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Round:
     batches: list[list[Op]]  # per worker, own tree
     contended: Op | None
@@ -93,7 +93,6 @@ class ConcurrentReplay:
     rounds: list[Round]
     operations: int = 0
     mismatch: Mismatch | None = None
-    log: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
