@@ -8,7 +8,8 @@ failing sequence.  Each test asserts a floor on the operations it ran (below it,
 was eaten by something other than testing) and prints the count in the log, green or red.
 
     OVERLAYFUSE_DIFF_SEED=abc ./scripts/test tests/test_differential.py   # the same run again
-    OVERLAYFUSE_DIFF_REPLAY=abc-17 ./scripts/test tests/test_differential.py -k matches_kernel
+    OVERLAYFUSE_DIFF_REPLAY=abc-17 \
+        ./scripts/test tests/test_differential.py::test_overlayfuse_matches_kernel
     ./scripts/test tests/test_differential.py --long 3600                  # an hour
 
 The harness tests check the machinery kernel against kernel: identical mounts must agree, in
@@ -54,7 +55,7 @@ MIN_OPERATIONS = 0 if ONLY else int(SECONDS * 10)
 MIN_CONCURRENT_OPERATIONS = 0 if ONLY else int(CONCURRENT_SECONDS * 10)
 # pytest-timeout (120 s by default in pyproject) must leave room for the budget and a shrink.
 TEST_TIMEOUT = int(SECONDS + SHRINK_SECONDS + 120)
-REPLAY = ("OVERLAYFUSE_DIFF_REPLAY={seed} ./scripts/test tests/test_differential.py -k {test}")
+REPLAY = "OVERLAYFUSE_DIFF_REPLAY={seed} ./scripts/test tests/test_differential.py::{test}"
 
 pytestmark = [pytest.mark.kernel]
 
@@ -76,7 +77,7 @@ def test_overlayfuse_matches_kernel(tmp_path: Path, overlayfuse_bin: Path,
         f"; run again with OVERLAYFUSE_DIFF_SEED={SEED}")
     budget = Budget(SECONDS, 1 if ONLY else MAX_SEQUENCES, LENGTH, SHRINK_SECONDS)
     result = explore(tmp_path, OVERLAYFUSE, budget, SEED, say, only=ONLY,
-                     replay_command=REPLAY.replace("{test}", "matches_kernel"))
+                     replay_command=REPLAY.replace("{test}", "test_overlayfuse_matches_kernel"))
     say(f"seed {SEED!r}: {result.sequences} sequences, {result.operations} operations "
         f"in {result.elapsed:.0f}s (floor {MIN_OPERATIONS})")
     assert result.failure is None, result.failure
@@ -90,7 +91,8 @@ def test_overlayfuse_matches_kernel_concurrently(tmp_path: Path, overlayfuse_bin
     say(f"concurrent seed {SEED!r}; run again with OVERLAYFUSE_DIFF_SEED={SEED}")
     budget = Budget(CONCURRENT_SECONDS, 1 if ONLY else MAX_SEQUENCES, ROUNDS, 0)
     result = explore_concurrently(tmp_path, OVERLAYFUSE, budget, SEED, say, only=ONLY,
-                                  replay_command=REPLAY.replace("{test}", "concurrently"))
+                                  replay_command=REPLAY.replace(
+                                      "{test}", "test_overlayfuse_matches_kernel_concurrently"))
     say(f"concurrent seed {SEED!r}: {result.sequences} sequences, {result.operations} "
         f"operations in {result.elapsed:.0f}s (floor {MIN_CONCURRENT_OPERATIONS})")
     assert result.failure is None, result.failure
@@ -123,7 +125,8 @@ def test_harness_shrinks_a_real_difference(tmp_path: Path, say: Callable[[str], 
     hardlinks on copy-up: the exploration must see it and shrink it to a call or two."""
     plain = Side("kernel", "redirect_dir=off,index=off")
     result = explore(tmp_path, plain, Budget(60, 20, LENGTH, 60), "shrink-check", say,
-                     only=ONLY, replay_command=REPLAY.replace("{test}", "shrinks"))
+                     only=ONLY, replay_command=REPLAY.replace(
+                         "{test}", "test_harness_shrinks_a_real_difference"))
     assert result.failure is not None, "a kernel without redirect_dir/index compared equal"
     say(result.failure)
     calls = [line for line in result.failure.splitlines() if line.startswith("    ")
