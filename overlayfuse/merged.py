@@ -130,12 +130,12 @@ class MergedTree:
     def _indexed(self, resolved: Resolved) -> bool:
         return self.links is not None and self.links.holds(resolved)
 
-    def link_count(self, resolved: Resolved, st: os.stat_result) -> int:
+    def link_count(self, resolved: Resolved, st: os.stat_result, held: Fd | None = None) -> int:
         if resolved.is_merged:
             return 1  # like the kernel: a merged directory's count cannot be known cheaply
         if self.links is None or not resolved.layer.writable:
             return st.st_nlink
-        return self.links.link_count(resolved, st)
+        return self.links.link_count(resolved, st, held)
 
     def lookup(self, parent_ino: int, name: str) -> Node:
         """Resolve NAME in a directory and count one kernel reference to it."""
