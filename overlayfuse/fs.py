@@ -337,7 +337,7 @@ class OverlayOperations(pyfuse3.Operations):
             async with self.gate if writing else contextlib.nullcontext():
                 if writing:
                     self._check_writable()
-                    await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
+                    await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
                 resolved, fd = await self._open_node(node, flags)
                 if flags & os.O_TRUNC and ctx.uid != 0:
                     await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller

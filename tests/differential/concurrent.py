@@ -153,7 +153,7 @@ def _run_rounds(k_mnt: str, o_mnt: str, side: Side, pool: Pool,
             if step % VIEW_EVERY == VIEW_EVERY - 1 or step == len(result.rounds) - 1:
                 k_snap = pool.kernel[0].call(snapshot, k_mnt)
                 problems = view_problems(k_snap, pool.ours[0].call(snapshot, o_mnt),
-                                         ours_is_kernel)
+                                         ours_is_kernel, dir_mtimes=False)
                 if problems:
                     result.mismatch = Mismatch(step, "view", problems)
                     return set()

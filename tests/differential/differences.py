@@ -58,11 +58,12 @@ def same_outcome(kernel: Outcome, ours: Outcome, op: Op, *, ours_is_kernel: bool
     return kernel == ours
 
 
-def normalise(snap: Snapshot) -> Snapshot:
+def normalise(snap: Snapshot, dir_mtimes: bool = True) -> Snapshot:
     """The snapshot with the accepted differences (4) and (5) taken out; see the module doc."""
     out = dataclasses.replace(snap, entries=dict(snap.entries))
+    compare_dirs = COMPARE_DIR_MTIMES and dir_mtimes
     for path, info in snap.entries.items():
-        fixed = info.mtime_ns in FIXED_MTIMES and (COMPARE_DIR_MTIMES or info.kind != "dir")
+        fixed = info.mtime_ns in FIXED_MTIMES and (compare_dirs or info.kind != "dir")
         out.entries[path] = dataclasses.replace(
             info,
             mtime_ns=info.mtime_ns if fixed else -1,
@@ -80,7 +81,10 @@ def _forgive_blocks(kernel: Snapshot, ours: Snapshot) -> None:
             ours.entries[path] = dataclasses.replace(o, blocks=k.blocks)
 
 
-def view_problems(kernel: Snapshot, ours: Snapshot, ours_is_kernel: bool) -> list[str]:
-    kernel, ours = normalise(kernel), normalise(ours)
+def view_problems(kernel: Snapshot, ours: Snapshot, ours_is_kernel: bool, *,
+                  dir_mtimes: bool = True) -> list[str]:
+    """DIR_MTIMES false: directory mtimes are not compared (concurrent workers copying up into one
+    parent race on restoring its times, so even two kernels disagree there)."""
+    kernel, ours = normalise(kernel, dir_mtimes), normalise(ours, dir_mtimes)
     _forgive_blocks(kernel, ours)
     return diff_views(kernel, ours, ours_is_kernel=ours_is_kernel)
