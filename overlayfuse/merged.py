@@ -374,10 +374,10 @@ class MergedTree:
             if directory and await self.in_thread(layers.list_dir, victim.branches):
                 raise _error(errno.ENOTEMPTY, name)
             parent_res = await self._ensure_upper(parent)
+            victim_node = self.inodes.node_of(victim)
             await self._index_lower_link(victim)
             leave_whiteout = self._lower_has(parent_res, name)
             into = parent_res.branches[0]
-            victim_node = self.inodes.node_of(victim)
             self._prepare_detach(victim_node, (parent.ino, name))
             self._changed(parent)
             try:
