@@ -123,7 +123,7 @@ def replay_concurrently(root: Path, rounds: Sequence[Round], side: Side,
             result.mismatch = daemon_mismatch(result.mismatch, str(exc), len(rounds) - 1)
         if result.mismatch is None:
             pair = Workers(pool.kernel[0], pool.ours[0])
-            result.mismatch = compare_uppers(k_set, o_set, pair, len(rounds) - 1, linked)
+            result.mismatch = compare_uppers(k_set, o_set, pair, len(rounds) - 1, linked, dir_mtimes=False)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return result

@@ -198,11 +198,11 @@ def _run_mounted(k_mnt: str, o_mnt: str, ops: Sequence[Op], side: Side, workers:
 
 
 def compare_uppers(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int,
-                 lower_linked: set[str]) -> Mismatch | None:
+                 lower_linked: set[str], *, dir_mtimes: bool = True) -> Mismatch | None:
     """Mount the kernel on each side's upper dir, with a fresh workdir: the views must agree.
 
     A fresh workdir on both sides, because neither side's workdir is the other's format; see
-    `_drop_lower_hardlinked` for what that costs.
+    `_drop_lower_hardlinked` for what that costs. DIR_MTIMES: see `view_problems`.
     """
     views = []
     for layers, worker in ((k_set, workers.kernel), (o_set, workers.ours)):
@@ -217,7 +217,7 @@ def compare_uppers(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int
         except WorkerHung as exc:
             return Mismatch(step, "upper", [str(exc)])
     _drop_lower_hardlinked(lower_linked, *views)
-    problems = view_problems(views[0], views[1], True)
+    problems = view_problems(views[0], views[1], True, dir_mtimes=dir_mtimes)
     return Mismatch(step, "upper", problems) if problems else None
 
 
