@@ -208,7 +208,7 @@ class MergedTree:
 
         A file whose name now shows another object, or nothing (it was unlinked or renamed over
         after the caller found it): a change through a descriptor held since (fchmod, fsetxattr)
-        fails as the kernel's does, EEXIST where the name is taken, ENOENT where it is gone; an
+        fails as the kernel's does, with EEXIST (a whiteout or another object has the name); an
         open for writing that raced the change (a window the kernel's VFS all but closes, FUSE's
         request queue does not) gets a copy with no name, held by descriptor, as if it had won."""
         ws, _ = self._require_writable()
@@ -228,7 +228,9 @@ class MergedTree:
                 if here is None or not here.same_object(resolved.stat):
                     if for_open:
                         return await self._copy_up_orphan(node, size)
-                    raise _error(errno.ENOENT if here is None else errno.EEXIST, node.name)
+                    # the kernel tries to copy up to the old name, which a whiteout or another
+                    # object holds now: EEXIST either way
+                    raise _error(errno.EEXIST, node.name)
             target = into.child(node.name)
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
             if size is None:
@@ -378,7 +380,7 @@ class MergedTree:
             await self._index_lower_link(victim)
             leave_whiteout = self._lower_has(parent_res, name)
             into = parent_res.branches[0]
-            self._prepare_detach(victim_node, (parent.ino, name))
+            self._prepare_detach(victim_node, (parent.ino, name), victim)
             self._changed(parent)
             try:
                 await self.in_thread(
@@ -392,15 +394,19 @@ class MergedTree:
             if victim_node is not None:
                 self._name_gone(victim_node, (parent.ino, name))
 
-    def _prepare_detach(self, node: Node | None, name: Name) -> None:
+    def _prepare_detach(self, node: Node | None, name: Name, victim: Resolved) -> None:
         """NODE is about to lose NAME: the kernel still holds it (an open file, or an open or stat
         that found it just before), so hold the object itself: fstat, open, read and write go on
         working whatever happens to its names (st_nlink 0 if no name is left on disk either, as on
         any filesystem). Released when the kernel forgets NODE."""
         if node is None or node.is_dir or node.detached is not None:
             return
-        fd, rel = node.resolved.at()
-        node.detached = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
+        # VICTIM was looked up just now; a node the index took over is held by its index copy.
+        target = node.resolved if self._indexed(node.resolved) else victim
+        fd, rel = target.at()
+        held = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
+        if target.same_object(os.fstat(held.fd)):
+            node.detached = held
 
     def _name_gone(self, node: Node, name: Name) -> None:
         """NAME of NODE was unlinked or overwritten: keep NODE found by another of its live names.
@@ -484,7 +490,7 @@ class MergedTree:
         overwritten = target if target_node is not None and not exchange else None
         if overwritten is not None:
             await self._index_lower_link(overwritten)
-            self._prepare_detach(target_node, (new_parent.ino, new_name))
+            self._prepare_detach(target_node, (new_parent.ino, new_name), overwritten)
         old_dir, new_dir = old_res.branches[0], new_res.branches[0]
         source_path = old_dir.child(old_name)
         target_path = new_dir.child(new_name)
