@@ -18,7 +18,8 @@ from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
 from .report import host_info, render, summarize
 from .runner import Bench
-from .settings import DEFAULT_CACHE, DEFAULT_WORKDIR, MARKER, SCALES, TARGETS, VENV_BIN, WORKLOADS
+from .settings import (CTL_WORKLOADS, DEFAULT_CACHE, DEFAULT_WORKDIR, MARKER, SCALES, TARGETS, VENV_BIN,
+                       WORKLOADS)
 from .stack import choose_targets_of_work, prepare_stack
 from .views import walk_view
 
@@ -68,7 +69,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def preflight(targets: Sequence[str]) -> None:
+def preflight(targets: Sequence[str], workloads: Sequence[str]) -> None:
     if os.geteuid() != 0:
         raise BenchError("needs root (mounts, drop_caches)")
     if "kernel" in targets:
@@ -79,6 +80,9 @@ def preflight(targets: Sequence[str]) -> None:
         raise BenchError("fuse-overlayfs is not installed (apt-get install fuse-overlayfs)")
     if "overlayfuse" in targets and not (VENV_BIN / "overlayfuse").exists():
         raise BenchError(f"{VENV_BIN / 'overlayfuse'} is missing: run scripts/setup")
+    if "overlayfuse" in targets and set(workloads) & set(CTL_WORKLOADS) and shutil.which("umoci") is None:
+        raise BenchError("umoci is not installed (it builds the images for ctl-image-ls and ctl-ps): "
+                         "run scripts/setup")
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -98,7 +102,7 @@ def main(argv: Sequence[str]) -> int:
     mounter: Mounter | None = None
     owned = False  # work is ours to remove
     try:
-        preflight(args.targets)
+        preflight(args.targets, args.workloads)
         if work.exists():
             if mounts_under(work):
                 raise BenchError(f"{work} has mounts under it (a previous run?): unmount them")
