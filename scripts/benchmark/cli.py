@@ -17,6 +17,7 @@ from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
 from .report import host_info, render, summarize
+from . import startup
 from .runner import Bench
 from .settings import (CTL_WORKLOADS, DEFAULT_CACHE, DEFAULT_WORKDIR, MARKER, SCALES, TARGETS, VENV_BIN,
                        WORKLOADS)
@@ -37,6 +38,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="smoke-test size: ~300 entries, 16 MiB big file, under a minute")
     p.add_argument("--reps", type=int, help="repetitions per workload and target "
                    "(default 3; 2 with --quick; 1 with --tiny)")
+    p.add_argument("--startup", action="store_true",
+                   help="only time start-ups (bare interpreter, imports, --version; no root, no "
+                        "mounts): medians of --reps runs (default 21)")
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON on stdout (the table goes to stderr)")
     p.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON here")
@@ -94,6 +98,12 @@ def main(argv: Sequence[str]) -> int:
         sys.stdout.write(json.dumps(walk_view(argv[1])))
         return 0
     args = parse_args(argv)
+    if args.startup:
+        try:
+            return startup.main(args.reps or 21)
+        except BenchError as exc:
+            say(f"error: {exc}")
+            return 1
     scale = SCALES["tiny" if args.tiny else "quick" if args.quick else "full"]
     args.reps = args.reps or scale.reps
     signal.signal(signal.SIGTERM, _terminate)
