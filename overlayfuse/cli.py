@@ -12,9 +12,9 @@ import logging
 import subprocess
 import sys
 
+from .journal import configure_logging, print_error
 from .mounttable import detach_dead_mounts
 from .options import UsageError, parse_args, validate
-from .journal import configure_logging, print_error
 
 log = logging.getLogger(__name__)
 
