@@ -184,14 +184,16 @@ class OverlayOperations(pyfuse3.Operations):
 
     # -- attributes -------------------------------------------------------------------------------
 
-    def _attributes(self, ino: int, resolved: Resolved, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _attributes(
+        self, ino: int, resolved: Resolved, st: os.stat_result, held: Fd | None = None
+    ) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = ino
         attrs.generation = 0
         attrs.entry_timeout = CACHE_TIMEOUT
         attrs.attr_timeout = CACHE_TIMEOUT
         attrs.st_mode = st.st_mode
-        attrs.st_nlink = self.tree.link_count(resolved, st)
+        attrs.st_nlink = self.tree.link_count(resolved, st, held)
         attrs.st_uid = st.st_uid
         attrs.st_gid = st.st_gid
         attrs.st_rdev = st.st_rdev
@@ -205,7 +207,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         st = await self._current_stat(node)
-        return self._attributes(node.ino, node.resolved, st)
+        return self._attributes(node.ino, node.resolved, st, node.detached)
 
     async def _current_stat(self, node: Node) -> os.stat_result:
         """NODE's object's lstat; if a change is moving it right now, after that change."""
@@ -335,7 +337,7 @@ class OverlayOperations(pyfuse3.Operations):
             async with self.gate if writing else contextlib.nullcontext():
                 if writing:
                     self._check_writable()
-                    await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None)
+                    await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
                 resolved, fd = await self._open_node(node, flags)
                 if flags & os.O_TRUNC and ctx.uid != 0:
                     await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller

@@ -164,6 +164,8 @@ class InodeTable:
         new_identity = identity(resolved)
         if new_identity != node.identity:
             self._pinned[new_identity] = node.ino
+            # the object it was (a lower file, say) still leads to this node, not to a new number
+            self._pinned.setdefault(node.identity, node.ino)
             node.identity = new_identity
 
     def retire(self, node: Node) -> None:

@@ -24,7 +24,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .layers import Branch, Layer, Resolved, root_branch
+from .layers import Branch, Fd, Layer, Resolved, root_branch
 from .whiteout import NO_MARKERS
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,12 @@ class LinkIndex:
         if count:
             self.set_lower_names(entry_or_copy, count - 1)
 
-    def lower_names(self, path: str) -> int | None:
-        """How many lower names of this copied-up file still show it; None if it is not in the index."""
+    def lower_names(self, path: str, *, follow: bool = False) -> int | None:
+        """How many lower names of this copied-up file still show it; None if it is not in the index.
+
+        FOLLOW: PATH is /proc/self/fd/N of a held object, a link to follow to the object itself."""
         try:
-            return int(os.getxattr(path, self.count_xattr, follow_symlinks=False))
+            return int(os.getxattr(path, self.count_xattr, follow_symlinks=follow))
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP):
                 return None
@@ -96,14 +98,22 @@ class LinkIndex:
             log.warning("%s: unreadable %s, counting no lower links", path, self.count_xattr)
             return 0
 
-    def link_count(self, resolved: Resolved, st: os.stat_result) -> int:
-        """st_nlink as the merged view shows it: upper names (less the index's) and lower names left."""
+    def link_count(self, resolved: Resolved, st: os.stat_result, held: Fd | None = None) -> int:
+        """st_nlink as the merged view shows it: upper names (less the index's) and lower names left.
+
+        HELD: the object itself, when its node holds it (its name may be gone: an unlinked file
+        still open, whose lower names still count)."""
+        if stat.S_ISDIR(st.st_mode):
+            return st.st_nlink
         # A single link is a plain file, unless it is the index entry alone: every upper name of the
         # copy is gone and only lower names still show it.
-        if stat.S_ISDIR(st.st_mode) or (st.st_nlink < 2 and not self.holds(resolved)):
+        if held is None and st.st_nlink < 2 and not self.holds(resolved):
             return st.st_nlink
         try:
-            lower = self.lower_names(resolved.path)
+            if held is not None:
+                lower = self.lower_names(held.proc, follow=True)
+            else:
+                lower = self.lower_names(resolved.path)
         except (FileNotFoundError, NotADirectoryError):
-            return st.st_nlink  # its name is gone (an unlinked file still open): nothing below counts
+            return st.st_nlink  # its name is gone and nothing holds it: nothing below counts
         return st.st_nlink if lower is None else st.st_nlink - 1 + lower

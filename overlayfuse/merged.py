@@ -24,7 +24,7 @@ import trio
 
 from . import copyup, layers, upper
 from .copyup import Workspace
-from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
+from .inodes import InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
 from .links import LinkIndex
 from .upper import NewObject
@@ -130,12 +130,12 @@ class MergedTree:
     def _indexed(self, resolved: Resolved) -> bool:
         return self.links is not None and self.links.holds(resolved)
 
-    def link_count(self, resolved: Resolved, st: os.stat_result) -> int:
+    def link_count(self, resolved: Resolved, st: os.stat_result, held: Fd | None = None) -> int:
         if resolved.is_merged:
             return 1  # like the kernel: a merged directory's count cannot be known cheaply
         if self.links is None or not resolved.layer.writable:
             return st.st_nlink
-        return self.links.link_count(resolved, st)
+        return self.links.link_count(resolved, st, held)
 
     def lookup(self, parent_ino: int, name: str) -> Node:
         """Resolve NAME in a directory and count one kernel reference to it."""
@@ -185,10 +185,11 @@ class MergedTree:
 
     # -- copy-up -----------------------------------------------------------------------------------
 
-    async def _ensure_upper(self, node: Node, *, size: int | None = None) -> Resolved:
+    async def _ensure_upper(self, node: Node, *, size: int | None = None, for_open: bool = False) -> Resolved:
         """Copy NODE (and its missing parents, top down) into the upper dir; caller holds the lock.
 
         SIZE: the file is about to be truncated to SIZE, so only that much data is copied.
+        FOR_OPEN: an open for writing; see `_copy_up_one` for a file whose name went meanwhile.
         """
         resolved = node.resolved
         if resolved.layer.writable and not self._indexed(resolved):
@@ -199,15 +200,19 @@ class MergedTree:
             missing.append(ancestor)
             ancestor = self.inodes.get(ancestor.parent)
         for directory in reversed(missing):
-            await self._copy_up_one(directory, None)
-        return await self._copy_up_one(node, size)
+            await self._copy_up_one(directory, None, False)
+        return await self._copy_up_one(node, size, for_open)
 
-    async def _copy_up_one(self, node: Node, size: int | None) -> Resolved:
-        """Copy NODE alone into its parent's upper dir, which exists."""
+    async def _copy_up_one(self, node: Node, size: int | None, for_open: bool) -> Resolved:
+        """Copy NODE alone into its parent's upper dir, which exists.
+
+        A file whose name now shows another object, or nothing (it was unlinked or renamed over
+        after the caller found it): a change through a descriptor held since (fchmod, fsetxattr)
+        fails as the kernel's does, EEXIST where the name is taken, ENOENT where it is gone; an
+        open for writing that raced the change (a window the kernel's VFS all but closes, FUSE's
+        request queue does not) gets a copy with no name, held by descriptor, as if it had won."""
         ws, _ = self._require_writable()
         resolved = node.resolved
-        if not node.names and node.ino != ROOT_INODE and node.detached is not None:
-            raise _error(errno.ENOENT, node.name)  # no name left to copy it up under
         parent = self.inodes.get(node.parent)
         into = parent.resolved.branches[0]
         self._changed(parent)
@@ -216,8 +221,14 @@ class MergedTree:
                 return await self._name_indexed_copy(node, resolved, into)
             if not resolved.is_dir:
                 here = self.find(parent.resolved, node.name)
+                mine = self._through_index(resolved) or resolved
+                if here is not None and self._indexed(here) and here.same_object(mine.stat):
+                    # another name of this hardlinked file was copied up meanwhile: link that copy
+                    return await self._name_indexed_copy(node, here, into)
                 if here is None or not here.same_object(resolved.stat):
-                    return await self._copy_up_orphan(node, size)
+                    if for_open:
+                        return await self._copy_up_orphan(node, size)
+                    raise _error(errno.ENOENT if here is None else errno.EEXIST, node.name)
             target = into.child(node.name)
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
             if size is None:
@@ -288,11 +299,11 @@ class MergedTree:
 
     # -- changes -----------------------------------------------------------------------------------
 
-    async def copy_up(self, node: Node, *, size: int | None = None) -> Resolved:
+    async def copy_up(self, node: Node, *, size: int | None = None, for_open: bool = False) -> Resolved:
         """Make NODE's object an upper object (for an open for writing, a truncate, a chmod...)."""
         self._require_writable()
         async with self._changes:
-            return await self._ensure_upper(node, size=size)
+            return await self._ensure_upper(node, size=size, for_open=for_open)
 
     async def create(
         self, parent_ino: int, name: str, mode: int, caller: Caller, *,
@@ -363,11 +374,11 @@ class MergedTree:
             if directory and await self.in_thread(layers.list_dir, victim.branches):
                 raise _error(errno.ENOTEMPTY, name)
             parent_res = await self._ensure_upper(parent)
+            victim_node = self.inodes.node_of(victim)
             await self._index_lower_link(victim)
             leave_whiteout = self._lower_has(parent_res, name)
             into = parent_res.branches[0]
-            victim_node = self.inodes.node_of(victim)
-            self._prepare_detach(victim_node, victim, (parent.ino, name))
+            self._prepare_detach(victim_node, (parent.ino, name))
             self._changed(parent)
             try:
                 await self.in_thread(
@@ -381,14 +392,14 @@ class MergedTree:
             if victim_node is not None:
                 self._name_gone(victim_node, (parent.ino, name))
 
-    def _prepare_detach(self, node: Node | None, resolved: Resolved, name: Name) -> None:
+    def _prepare_detach(self, node: Node | None, name: Name) -> None:
         """NODE is about to lose NAME: the kernel still holds it (an open file, or an open or stat
         that found it just before), so hold the object itself: fstat, open, read and write go on
         working whatever happens to its names (st_nlink 0 if no name is left on disk either, as on
         any filesystem). Released when the kernel forgets NODE."""
         if node is None or node.is_dir or node.detached is not None:
             return
-        fd, rel = resolved.at()
+        fd, rel = node.resolved.at()
         node.detached = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
 
     def _name_gone(self, node: Node, name: Name) -> None:
@@ -473,7 +484,7 @@ class MergedTree:
         overwritten = target if target_node is not None and not exchange else None
         if overwritten is not None:
             await self._index_lower_link(overwritten)
-            self._prepare_detach(target_node, overwritten, (new_parent.ino, new_name))
+            self._prepare_detach(target_node, (new_parent.ino, new_name))
         old_dir, new_dir = old_res.branches[0], new_res.branches[0]
         source_path = old_dir.child(old_name)
         target_path = new_dir.child(new_name)
@@ -522,7 +533,8 @@ class MergedTree:
 
     async def _index_lower_link(self, victim: Resolved) -> None:
         """Before a name of a hardlinked lower file is deleted or overwritten, put the file in the link
-        index, so its other names count one link less (the kernel's index=on does the same)."""
+        index, so its other names count one link less (the kernel's index=on does the same). The
+        node the kernel knows the file by is the index copy from then on."""
         if self.links is None or self.workspace is None or victim.layer.writable:
             return
         if victim.is_dir or victim.stat.st_nlink < 2:
@@ -531,6 +543,10 @@ class MergedTree:
         await self.in_thread(copyup.copy_up, self.workspace, victim.path, entry)
         await self.in_thread(self.links.set_lower_names, entry, victim.stat.st_nlink - 1)
         self.listing_epoch += 1
+        node = self.inodes.node_of(victim)
+        indexed = self.links.find(victim.stat, self.stack.layers[0])
+        if node is not None and indexed is not None:
+            self.inodes.rebind(node, indexed)
 
     async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node) -> None:
         """An object about to be renamed must live wholly in upper: copy it up, a directory with its

@@ -184,37 +184,45 @@ def snapshot(mnt: str) -> Snapshot:
     failing path shows up in the diff instead of aborting the walk.
     """
     snap = Snapshot()
-    _walk(mnt, ".", snap)
+    _walk(os.fspath(mnt), ".", snap)
     return snap
 
 
-def _walk(mnt: str, rel: str, snap: Snapshot) -> None:
-    full = os.path.join(mnt, rel)
+def _walk(full: str, rel: str, snap: Snapshot) -> None:
+    """Walk by directory descriptor: each child is reached as /proc/self/fd/N/./NAME, so a
+    tree deeper than PATH_MAX is walked whole (the differential builds such trees)."""
     st = os.lstat(full)
     listing: list[DirEntry] | None = None
-    children: list[str] = []
-    if stat.S_ISDIR(st.st_mode):
-        listing = []
-        for dent in getdents(full):
-            if dent.name in (".", ".."):
+    children: list[tuple[str, str]] = []  # (path to reach it, path relative to the root)
+    dir_fd = None
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            dir_fd = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            here = f"/proc/self/fd/{dir_fd}/."
+            listing = []
+            for dent in getdents(here):
+                if dent.name in (".", ".."):
+                    listing.append(dent)
+                    continue
+                child = _join(rel, dent.name)
+                try:
+                    os.lstat(dent.name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    snap.vanished.append(child)
+                    continue
                 listing.append(dent)
-                continue
-            child = _join(rel, dent.name)
+                snap.d_inos[child] = dent.d_ino
+                children.append((f"{here}/{dent.name}", child))
+        snap.entries[rel] = _entry(full, st, listing)
+        snap.inodes[rel] = (st.st_dev, st.st_ino)
+        for reach, child in children:
             try:
-                os.lstat(os.path.join(mnt, child))
-            except FileNotFoundError:
-                snap.vanished.append(child)
-                continue
-            listing.append(dent)
-            snap.d_inos[child] = dent.d_ino
-            children.append(child)
-    snap.entries[rel] = _entry(full, st, listing)
-    snap.inodes[rel] = (st.st_dev, st.st_ino)
-    for child in children:
-        try:
-            _walk(mnt, child, snap)
-        except OSError as exc:
-            snap.errors[child] = errno.errorcode.get(exc.errno or 0, str(exc))
+                _walk(reach, child, snap)
+            except OSError as exc:
+                snap.errors[child] = errno.errorcode.get(exc.errno or 0, str(exc))
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
 
 
 def take_snapshot(mnt: os.PathLike[str] | str) -> Snapshot:

@@ -11,15 +11,21 @@ rather than a mock, and no timing guesses.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import stat
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
 import trio
 
 from tests.minifs import FlatReadOnlyFS, serve
+from tests.mounts import DAEMON_EXIT_TIMEOUT, MOUNT_TIMEOUT, REPO_ROOT, mount_at, run, \
+    wait_pids_gone
 
 FILE_NAME = b"gated"
 FILE_INODE = pyfuse3.ROOT_INODE + 1
@@ -76,6 +82,44 @@ class GateFS(FlatReadOnlyFS):
         while not self.release_marker.exists():
             await trio.sleep(POLL_SECONDS)
         return b"g" * max(0, min(size, FILE_SIZE - off))
+
+
+@contextlib.contextmanager
+def gate_fs(control: Path, mnt: Path) -> Iterator[Path]:
+    """Mount gatefs; on exit release every waiting read, unmount, reap the process."""
+    control.mkdir()
+    mnt.mkdir()
+    log = control / "gatefs.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.gatefs", str(control), str(mnt)],
+                                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while (info := mount_at(mnt)) is None or info.fstype != FSTYPE:
+            assert proc.poll() is None, f"gatefs died: {log.read_text()}"
+            assert time.monotonic() < deadline, "gatefs did not mount"
+            time.sleep(0.05)
+        yield mnt
+    finally:
+        (control / "release").touch()
+        for cmd in (["fusermount3", "-u", str(mnt)], ["fusermount3", "-u", "-z", str(mnt)]):
+            if mount_at(mnt) is None:
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run(cmd, timeout=10)
+        if wait_pids_gone([proc.pid], DAEMON_EXIT_TIMEOUT):
+            proc.kill()
+        proc.wait(timeout=DAEMON_EXIT_TIMEOUT)
+    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
+
+
+def wait_held(control: Path, timeout: float) -> None:
+    """Wait until a read of the gated file is being held (CONTROL/waiting exists); the timeout
+    bounds a hang only."""
+    deadline = time.monotonic() + timeout
+    while not (control / "waiting").exists():
+        assert time.monotonic() < deadline, f"no read of {FILE_NAME!r} within {timeout}s"
+        time.sleep(0.02)
 
 
 def main(argv: list[str]) -> int:

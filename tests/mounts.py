@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from overlayfuse.mounttable import MountEntry, command_line, process_alive
-from overlayfuse.mounttable import read_mounts as mounts  # re-exported: tests list mounts by it
+# The tests' own /proc readers, not overlayfuse.mounttable: see tests/procfs.py.
+from tests.procfs import MountEntry, command_line, mounts, process_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -344,3 +344,35 @@ def wait_mounted(mnt: Path, proc: subprocess.Popen[bytes] | None = None,
             raise MountError(f"daemon exited with {proc.returncode} before mounting")
         time.sleep(0.05)
     raise MountError(f"{mnt} not mounted after {timeout}s")
+
+
+# --- a caller blocked in a FUSE request ---------------------------------------------------
+
+BLOCKED_TIMEOUT = 30.0  # bounds a hang only: a blocked request shows up at once
+#: The kernel function a task sleeps in while its FUSE request waits for the daemon's answer.
+FUSE_WAIT = "request_wait_answer"
+
+
+def waits_on_fuse(pid: int) -> bool:
+    """Whether a thread of `pid` sleeps waiting for a FUSE daemon's answer (its wchan)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if Path(f"/proc/{pid}/task/{task}/wchan").read_text().strip() == FUSE_WAIT:
+                return True
+    return False
+
+
+def blocked_in_daemon(proc: subprocess.Popen[Any], timeout: float = BLOCKED_TIMEOUT) -> bool:
+    """Wait until `proc` has ended (False) or sleeps in a FUSE request the daemon has not
+    answered (True): "it is blocked in the daemon", as the kernel sees it, no timing guess."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if waits_on_fuse(proc.pid):
+            return proc.poll() is None
+        assert time.monotonic() < deadline, f"{proc.args!r} neither ended nor blocked on FUSE"
+        time.sleep(0.01)
+    return False

@@ -72,6 +72,30 @@ class NotifyListener:
         """The environment of a process that should talk to this listener."""
         return {**os.environ, "NOTIFY_SOCKET": self.address}
 
+    def pending(self) -> list[Message]:
+        """Every message queued on the socket now, without waiting: after a sender has exited,
+        or once a `mark` has been received, this holds everything it sent before."""
+        got = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    data, ancillary, _flags, _addr = self.sock.recvmsg(
+                        4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+                except BlockingIOError:
+                    return got
+                got.append(self._record(data, ancillary))
+        finally:
+            self.sock.setblocking(True)
+
+    def mark(self) -> None:
+        """Queue a MARK=1 message of the test's own: a datagram socket keeps order, so whatever
+        a daemon sends after this call is received after the mark, and anything received
+        before it was sent before."""
+        target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sender:
+            sender.sendto(b"MARK=1", target)
+
     def receive(self, timeout: float) -> Message | None:
         """The next message, or None if none came within TIMEOUT seconds."""
         self.sock.settimeout(timeout)
@@ -79,6 +103,9 @@ class NotifyListener:
             data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
         except TimeoutError:
             return None
+        return self._record(data, ancillary)
+
+    def _record(self, data: bytes, ancillary: list[tuple[int, int, bytes]]) -> Message:
         pid = -1
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:

@@ -6,13 +6,13 @@ A benchmark, not a performance test: nothing here looks at how fast anything was
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.mounts import REPO_ROOT, mounts
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
@@ -32,9 +32,7 @@ STARTUP_TIMEOUT = 120
 @pytest.mark.timeout(BENCH_TIMEOUT + 30)
 def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
     if shutil.which("fuse-overlayfs") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("precondition missing in CI: fuse-overlayfs", pytrace=False)
-        pytest.skip("needs fuse-overlayfs")
+        skip_or_fail("needs fuse-overlayfs")
     workdir = tmp_path / "bench"
     proc = subprocess.run(
         [str(BENCH), "--quick", "--tiny", "--reps", "1", "--json", "--workdir", str(workdir)],

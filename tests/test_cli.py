@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -326,7 +327,10 @@ def test_restart_after_kill_clears_the_dead_mount(dirs: Dirs, overlayfuse_bin: P
 
 def test_empty_environment(dirs: Dirs, overlayfuse_bin: Path) -> None:
     """Started by systemd or mount(8), the daemon may have no PATH at all."""
-    binary = overlayfuse_bin if system_binary_problem() else SYSTEM_BINARY
+    problem = system_binary_problem()
+    if problem:
+        skip_or_fail(problem)
+    binary = SYSTEM_BINARY
     with torn_down(dirs.mnt):
         proc = run(["env", "-i", binary, "-o", f"lowerdir={dirs.lower}", dirs.mnt],
                    timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
@@ -351,6 +355,14 @@ def test_mount_helper(dirs: Dirs, overlayfuse_bin: Path) -> None:
         assert not is_mounted(dirs.mnt)
 
 
+def _expected_answer(program: str, flag: str) -> bytes:
+    """What `program FLAG` must print first: its usage line, or its name and the version
+    the package declares (so a --version that printed anything at all would not pass)."""
+    if flag == "--version":
+        return f"{program} {importlib.metadata.version('overlayfuse')}\n".encode()
+    return f"usage: {program} ".encode()
+
+
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_overlayctl_answers(flag: str) -> None:
     binary = overlayctl_binary()
@@ -359,11 +371,17 @@ def test_overlayctl_answers(flag: str) -> None:
     assert binary is not None
     proc = run([binary, flag], timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()
+    assert proc.stdout.startswith(_expected_answer("overlayctl", flag)), proc.stdout
+    if flag == "--help":  # every command is listed
+        for command in (b"image", b"mount", b"umount", b"commit", b"service"):
+            assert b"\n    " + command + b" " in proc.stdout, (command, proc.stdout)
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_overlayfuse_answers(flag: str, overlayfuse_bin: Path) -> None:
     proc = run([overlayfuse_bin, flag], timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()
+    assert proc.stdout.startswith(_expected_answer("overlayfuse", flag)), proc.stdout
+    if flag == "--help":  # the options fuse-overlayfs users look for are documented
+        for option in (b"lowerdir", b"upperdir", b"workdir", b"MOUNTPOINT"):
+            assert option in proc.stdout, (option, proc.stdout)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from tests.compare import assert_same_view
 from tests.containerctl import Ctl, build_images, change_container, comparable, sh, store_session, store_with_images
 from tests.imagebuild import Images, unpack_rootfs
-from tests.mounts import mount_at, overlayfuse_cmd, run, wait_mounted, wait_pids_gone
+from tests.mounts import mount_at, mounts, overlayfuse_cmd, process_alive, run, wait_mounted, wait_pids_gone
 
 pytestmark = pytest.mark.mount
 
@@ -136,7 +135,9 @@ def test_remount_after_a_dead_daemon_without_umount(ctl: Ctl, mnt: Path) -> None
     assert wait_pids_gone([pid], 10) == []
     ctl.ok("mount", "phoenix", mnt)
     assert ctl.state("phoenix")["state"] == "running"
-    assert len([m for m in [mount_at(mnt)] if m is not None]) == 1
+    # Exactly one mount there: the dead one was cleared, not buried under the new one.
+    stacked = [m for m in mounts() if m.mountpoint == str(mnt)]
+    assert [m.fstype for m in stacked] == ["fuse.overlayfuse"], stacked
 
 
 def test_bad_input_is_one_line_and_changes_nothing(ctl: Ctl, mnt: Path, tmp_path: Path) -> None:
@@ -225,7 +226,7 @@ def test_ps_state_of_a_mount_made_with_a_relative_path(ctl: Ctl, tmp_path: Path)
 def test_umount_waits_for_the_daemon(ctl: Ctl, mnt: Path) -> None:
     ctl.ok("mount", "test/other", mnt, "--name", "quick")
     pid = ctl.state("quick")["pid"]
-    started = time.monotonic()
     ctl.ok("umount", "quick")
-    assert time.monotonic() - started < 10
-    assert not Path(f"/proc/{pid}").exists() or wait_pids_gone([pid], 0.5) == []
+    # When umount returns, the daemon has exited: no wait, no time window (a zombie counts as
+    # gone; ctl.ok's timeout bounds a hang).
+    assert not process_alive(pid), f"daemon {pid} still running after umount returned"

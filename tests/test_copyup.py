@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from overlayfuse.copyup import (
     rename_exchange,
     rename_noreplace,
 )
+from tests.gatefs import gate_fs, wait_held
 from tests.trees import (
     BlockDev,
     CharDev,
@@ -357,33 +357,35 @@ print("done", flush=True)
 
 
 def test_kill_during_copy_up_leaves_nothing_visible(tmp_path: Path) -> None:
-    lower = tmp_path / "lower"
-    lower.mkdir()
-    source, target = lower / "huge", tmp_path / "upper" / "huge"
-    write_random(source, 512 * MIB)
+    """SIGKILL mid-copy, every time: the source is tests.gatefs's file, whose read waits until
+    the test releases it, so the kill lands while the copy is under way, not by a race."""
+    control = tmp_path / "control"
+    target = tmp_path / "upper" / "gated"
     ws = workspace(tmp_path)
-    try:
+    with gate_fs(control, tmp_path / "gate") as gate:
         proc = subprocess.Popen(
-            [sys.executable, "-c", KILL_SCRIPT, ws.upper, ws.staging, str(source), str(target)],
+            [sys.executable, "-c", KILL_SCRIPT, ws.upper, ws.staging, str(gate / "gated"),
+             str(target)],
             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
         )
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
-        time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stdout.close()
-
-        if os.path.lexists(target):  # the copy won the race: then it must be whole
-            assert sha256(target) == sha256(source)
-        else:
-            assert proc.returncode == -signal.SIGKILL
-            assert staging_entries(ws) != []  # killed mid-copy: the half copy is in staging
-        Workspace.prepare(ws.upper, str(tmp_path / "workdir"))
-        assert staging_entries(ws) == []
-    finally:
-        source.unlink()
-        target.unlink(missing_ok=True)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n"
+            wait_held(control, 60)  # copy_up is reading the source: mid-copy
+            assert staging_entries(ws) != [], "a copy under way has nothing in staging"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.lexists(target), "a half copy at the target's name"
+    assert staging_entries(ws) != []  # the half copy is in staging, where prepare finds it
+    Workspace.prepare(ws.upper, str(tmp_path / "workdir"))
+    assert staging_entries(ws) == []
 
 
 def test_fallback_copy_lands_at_the_same_offsets(tmp_path: Path) -> None:

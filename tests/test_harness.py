@@ -12,15 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from tests import mounts, procfs
 from tests.compare import assert_same_errnos, assert_same_view, getdents, take_snapshot
 from tests.mounts import kernel_overlay
 from tests.rich_tree import RICH_PROBES, LayerSet, build_layer_set, rich_layers
 from tests.trees import (
     CharDev,
+    Dir,
     Entry,
     File,
     OciWhiteout,
     Opaque,
+    Sparse,
     Whiteout,
     kernel_equivalent,
     make_tree,
@@ -71,3 +74,44 @@ def test_kernel_equivalent_forms(tmp_path: Path) -> None:
     assert os.lstat(kroot / "d/x").st_rdev == 0
     assert os.getxattr(kroot / "o", "trusted.overlay.opaque") == b"y"
     assert os.stat(kroot / "dev").st_rdev == os.makedev(1, 3)
+
+
+@pytest.mark.parametrize("entry", [
+    File("link/f", b"x"), File("dirlink/f", b"x"), File("link", b"x", mode=0o600),
+    Dir("dirlink", mode=0o700), Opaque("dirlink"), Opaque("dirlink", "oci"),
+    Sparse("link", 1 << 20), OciWhiteout("dirlink/x"),
+], ids=repr)
+def test_make_tree_never_goes_through_a_symlink(tmp_path: Path, entry: Entry) -> None:
+    """make_tree refuses to write, chown or chmod through a symlink it meets (a parent or the
+    entry itself): the symlinks aim at a canary file and dir in this test's own tmp dir."""
+    canary_dir = tmp_path / "canary-dir"
+    canary_dir.mkdir(mode=0o755)
+    canary = tmp_path / "canary"
+    canary.write_bytes(b"canary")
+    os.chmod(canary, 0o644)
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(canary, root / "link")
+    os.symlink(canary_dir, root / "dirlink")
+    before = [(os.lstat(p).st_mode, os.lstat(p).st_uid) for p in (canary, canary_dir)]
+    with pytest.raises(OSError):
+        make_tree(root, entry)
+    assert canary.read_bytes() == b"canary"
+    assert os.listdir(canary_dir) == []
+    assert [(os.lstat(p).st_mode, os.lstat(p).st_uid) for p in (canary, canary_dir)] == before
+    assert "trusted.overlay.opaque" not in os.listxattr(canary_dir)
+
+
+def test_mountinfo_reader_is_the_tests_own() -> None:
+    """tests.procfs reads /proc/self/mountinfo itself (octal escapes included), so the leak
+    checks do not ask overlayfuse.mounttable, the module under test, what is mounted."""
+    line = (b"36 35 98:0 /mnt1 /a\\040dir\\134x rw,noatime master:1 - fuse.overlayfuse "
+            b"over\\011lay rw,user_id=0\n")
+    [entry] = procfs.parse_mountinfo(line)
+    assert (entry.mountpoint, entry.fstype, entry.source, entry.options, entry.mount_options,
+            entry.dev) == ("/a dir\\x", "fuse.overlayfuse", "over\tlay", "rw,user_id=0",
+                           "rw,noatime", "98:0")
+    with pytest.raises(ValueError, match="unreadable mountinfo line"):
+        procfs.parse_mountinfo(b"36 35 98:0 / /x rw\n")
+    assert any(m.mountpoint == "/" for m in procfs.mounts())
+    assert mounts.mounts is procfs.mounts

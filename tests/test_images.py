@@ -782,9 +782,11 @@ def test_progress_bar_text() -> None:
     assert "layer 1/1 abc [" in terminal.text and "2.0 KiB / 2.0 KiB" in terminal.text
     assert terminal.text.endswith("\n")
     assert human_size(1536) == "1.5 KiB" and human_size(12_300_000, binary=False) == "12.3MB"
-    quiet = Progress(Terminal(), enabled=False)  # type: ignore[arg-type]
+    silent = Terminal()
+    quiet = Progress(silent, enabled=False)  # type: ignore[arg-type]
     quiet.start("x", 1)(1)
     quiet.finish()
+    assert silent.text == "", "a disabled progress bar wrote to the terminal"
 
 
 # --- units: implied directories ---------------------------------------------------------------------

@@ -538,7 +538,7 @@ def test_registry_stopped_mid_pull_then_a_rerun_completes(proxy: FaultProxy, reg
         registry.start()
     assert proxy.host in line and ("HTTP 502" in line or "connect" in line or "broke" in line), line
     assert store_state(ctl.root) == state
-    assert list((ctl.root / "tmp").iterdir()) == []  # the staging went with the failed command
+    assert not (ctl.root / "tmp").exists() or list((ctl.root / "tmp").iterdir()) == []  # staging went with the failed command
     ctl.ok(*proxied_pull(proxy))
     assert json.loads(ctl.ok("image", "inspect", f"{proxy.host}/test/full:1"))[0]["RepoTags"]
 

@@ -355,7 +355,7 @@ def test_service_run_refuses_a_bad_config(dirs: Dirs, tmp_path: Path, overlayfus
     with NotifyListener(path=tmp_path / "notify.sock") as listener:
         with daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d:
             assert d.wait(READY_TIMEOUT) == EXIT_CONFIG
-            assert listener.receive(0.2) is None
+            assert listener.pending() == []  # it has exited: all it ever sent is queued
             assert mount_at(dirs.mnt) is None
     assert d.log_text() == f"<3>{path}: upperdir: {dirs.root}/nope: no such directory\n"
 
@@ -533,6 +533,9 @@ def test_install_into_a_temporary_root(tmp_path: Path) -> None:
                     .replace(" service cleanup %i", f" service cleanup --config-dir {conf.parent} %i")
                     .replace("(/etc/overlayfuse/%i.conf)", f"({conf.parent}/%i.conf)"))
         assert unit.read_text() == expected
+    else:
+        skip_or_fail(f"{service_install.DEFAULT_OVERLAYCTL} missing (scripts/setup creates it): "
+                     "the installed unit cannot be compared with systemd/overlayfuse@.service")
     _verify(unit)
     assert unit.stat().st_mode & 0o777 == 0o644
     # The example is a config of the right shape, for mount "web", waiting for real paths.

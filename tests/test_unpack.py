@@ -29,6 +29,7 @@ import zstandard
 from overlayfuse.errors import ImageError
 from overlayfuse.images import oci
 from overlayfuse.images.compression import (
+    CHUNK,
     COMPRESSIONS,
     HashingReader,
     open_decompressed,
@@ -168,8 +169,14 @@ def test_decompressed_output_per_read_is_bounded() -> None:
     # 256 MiB of zeros is ~256 KiB of gzip: a read must not try to inflate it all at once.
     bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
     blob = b"".join([bomb.compress(bytes(1 << 24)) for _ in range(16)] + [bomb.flush()])
-    reader = open_decompressed(io.BytesIO(blob), "gzip")
-    assert len(reader.read(1 << 16)) == 1 << 16
+    raw = io.BytesIO(blob)
+    reader = open_decompressed(raw, "gzip")
+    # Whatever a caller asks for, one read inflates at most one CHUNK: a request of 64 MiB
+    # gets no more than a small one would have made the decoder hold.
+    for size in (1, 4096, 1 << 16, CHUNK, 1 << 26, 1 << 26):
+        out = reader.read(size)
+        assert 0 < len(out) <= min(size, CHUNK), (size, len(out))
+        assert out == bytes(len(out))
 
 
 def test_hashing_reader_tees_reports_progress_and_enforces_its_limit() -> None:

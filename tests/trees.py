@@ -191,15 +191,18 @@ def oci_whiteout_name(path: str) -> str:
 
 
 def _build(root: Path, entry: Entry) -> None:
-    """Create one entry, its parents first (mode 0755), refusing to clobber anything."""
-    target = root / entry.path
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Create one entry, its parents first (mode 0755), refusing to clobber anything.
+
+    Nothing is ever written, chowned or chmodded through a symlink: parents must be real
+    directories (a symlinked parent is an error, not a detour out of `root`), files are
+    created with O_EXCL|O_NOFOLLOW and their metadata set through that descriptor.
+    """
+    target = _parent_dirs(root, entry.path) / Path(entry.path).name
     match entry:
         case File():
-            target.write_bytes(entry.data)
-            _own_mode_xattrs(target, entry.uid, entry.gid, entry.mode, entry.xattrs)
+            _write_new(target, entry.data, entry.uid, entry.gid, entry.mode, entry.xattrs)
         case Dir():
-            target.mkdir(exist_ok=True)
+            _real_dir(target, create=True)
             _own_mode_xattrs(target, entry.uid, entry.gid, entry.mode, entry.xattrs)
         case Symlink():
             os.symlink(entry.target, target)
@@ -208,7 +211,7 @@ def _build(root: Path, entry: Entry) -> None:
         case HardLink():
             os.link(root / entry.target, target, follow_symlinks=False)
         case Fifo():
-            os.mkfifo(target, entry.mode)
+            os.mkfifo(target, entry.mode)  # EEXIST on anything there, a symlink included
             os.chmod(target, entry.mode)
         case Socket():
             _make_socket(target)
@@ -221,18 +224,67 @@ def _build(root: Path, entry: Entry) -> None:
         case Whiteout():
             _mknod(target, stat.S_IFCHR | 0o000, 0, 0)
         case OciWhiteout():
-            (root / oci_whiteout_name(entry.path)).write_bytes(b"")
+            _write_new(_parent_dirs(root, oci_whiteout_name(entry.path)).joinpath(
+                Path(oci_whiteout_name(entry.path)).name), b"")
         case Opaque():
             _make_opaque(target, entry.form)
         case _:
             raise TypeError(f"not a tree entry: {entry!r}")
 
 
-def _own_mode_xattrs(path: Path, uid: int, gid: int, mode: int, xattrs: Xattrs) -> None:
+def _real_dir(path: Path, *, create: bool) -> None:
+    """`path` is a directory and not a symlink to one (made, mode 0755, if `create`)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise
+        os.mkdir(path, 0o755)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a directory (never followed)")
+
+
+def _parent_dirs(root: Path, rel: str) -> Path:
+    """Make the parents of `rel` under `root`, each a real directory; return the last."""
+    here = root
+    for part in Path(rel).parent.parts:
+        here = here / part
+        _real_dir(here, create=True)
+    return here
+
+
+def _opened(path: Path, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _write_new(path: Path, data: bytes, uid: int = 0, gid: int = 0, mode: int = 0o644,
+               xattrs: Xattrs | None = None) -> None:
+    fd = _opened(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        _fd_own_mode_xattrs(fd, uid, gid, mode, xattrs or {})
+    finally:
+        os.close(fd)
+
+
+def _fd_own_mode_xattrs(fd: int, uid: int, gid: int, mode: int, xattrs: Xattrs) -> None:
     # chown before chmod: chown clears set-user-ID/set-group-ID bits.
-    os.chown(path, uid, gid)
-    os.chmod(path, mode)
-    _set_xattrs(path, xattrs)
+    os.fchown(fd, uid, gid)
+    os.fchmod(fd, mode)
+    for name, value in xattrs.items():
+        os.setxattr(fd, name, value)
+
+
+def _own_mode_xattrs(path: Path, uid: int, gid: int, mode: int, xattrs: Xattrs) -> None:
+    """Through a descriptor opened with O_NOFOLLOW: a symlink at `path` is an error."""
+    fd = _opened(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _fd_own_mode_xattrs(fd, uid, gid, mode, xattrs)
+    finally:
+        os.close(fd)
 
 
 def _set_xattrs(path: Path, xattrs: Xattrs) -> None:
@@ -256,20 +308,22 @@ def _make_socket(path: Path) -> None:
 
 
 def _make_sparse(path: Path, entry: Sparse) -> None:
-    with open(path, "wb") as f:
-        f.truncate(entry.size)
+    fd = _opened(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.ftruncate(fd, entry.size)
         for offset, chunk in entry.chunks.items():
-            f.seek(offset)
-            f.write(chunk)
-    os.chmod(path, entry.mode)
+            os.pwrite(fd, chunk, offset)
+        os.fchmod(fd, entry.mode)
+    finally:
+        os.close(fd)
 
 
 def _make_opaque(path: Path, form: str) -> None:
-    path.mkdir(exist_ok=True)
+    _real_dir(path, create=True)
     if form == "oci":
-        (path / OCI_OPAQUE_MARKER).write_bytes(b"")
+        _write_new(path / OCI_OPAQUE_MARKER, b"")
     else:
-        os.setxattr(path, f"{form}.overlay.opaque", b"y")
+        os.setxattr(path, f"{form}.overlay.opaque", b"y", follow_symlinks=False)
 
 
 def _set_times(root: Path, mtime_ns: int) -> None:

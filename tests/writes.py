@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from overlayfuse.copyup import rename_exchange, rename_noreplace
 from tests.compare import Snapshot, diff_views, kind_of, take_snapshot
 from tests.mounts import FuseMount, kernel_overlay, overlayfuse, run_isolated
 from tests.rich_tree import LayerSet, build_layer_set
+from tests.syscalls import rename_exchange, rename_noreplace
 from tests.trees import Dir, Entry, File, HardLink, Sparse, Whiteout
 
 MiB = 1 << 20

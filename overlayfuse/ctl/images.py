@@ -109,8 +109,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from ..images.store import Store
 
     tags = [parse_reference(tag) for tag in args.tag or ()]  # a bad tag fails before any work
-    store = Store.open(args.root)
-    result = import_image(store, args.path, tags, Progress())
+    with Store.creating(args.root) as store:
+        result = import_image(store, args.path, tags, Progress())
     _print_loaded(result)
     return 0
 
@@ -162,7 +162,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     if not Path(args.input).is_file():
         raise StoreError(f"{args.input}: no such file (image load reads a tar; image import also takes a layout dir)")
     tags = [parse_reference(tag) for tag in args.tag or ()]
-    result = import_image(Store.open(args.root), args.input, tags, Progress())
+    with Store.creating(args.root) as store:
+        result = import_image(store, args.input, tags, Progress())
     _print_loaded(result)
     return 0
 

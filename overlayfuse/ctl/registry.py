@@ -108,9 +108,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from ..images.store import Store
 
     platform = parse_platform(args.platform)
-    store = Store.open(args.root)
-    result = pull_image(store, args.ref, _options(args), platform, Transfers(quiet=args.quiet),
-                        Progress(enabled=False) if args.quiet else Progress())
+    with Store.creating(args.root) as store:
+        result = pull_image(store, args.ref, _options(args), platform, Transfers(quiet=args.quiet),
+                            Progress(enabled=False) if args.quiet else Progress())
     if args.quiet:
         print(result.imported.image.id)
         return 0
@@ -125,7 +125,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from ..images.registry.push import push_image
     from ..images.store import Store
 
-    store = Store.open(args.root)
+    store = Store.existing(args.root)
     result = push_image(store, args.image, args.dest, _options(args), Transfers(quiet=args.quiet))
     if not args.quiet:
         print(f"Pushed {result.ref} ({result.manifest_digest}): {result.uploaded} blobs uploaded, "

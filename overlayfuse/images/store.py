@@ -182,6 +182,22 @@ class Store:
         return store
 
     @classmethod
+    @contextlib.contextmanager
+    def creating(cls, root: str | os.PathLike[str] | None = None) -> Iterator[Store]:
+        """The store at ROOT, made if missing (for the commands that add images: import, load,
+        pull). A failed command leaves the store as it was: one it had to make is removed again,
+        as long as it is still empty."""
+        chosen = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).absolute()
+        existed = (chosen / "images").is_dir()
+        store = cls.open(chosen)
+        try:
+            yield store
+        except BaseException:
+            if not existed:
+                _remove_if_empty(chosen)
+            raise
+
+    @classmethod
     def existing(cls, root: str | os.PathLike[str] | None = None) -> Store:
         """The store at ROOT (as `open` chooses it) if there is one; `StoreError` if not.
 
@@ -407,3 +423,23 @@ class Store:
                     path.unlink()
                 removed.append(f"blob sha256:{path.name}")
         return removed
+
+
+def _remove_if_empty(root: Path) -> None:
+    """Remove a store skeleton that holds nothing: its directories (empty) and its lock file."""
+    for sub in ("tmp", "blobs/sha256", "blobs", "layers", "images", "containers"):
+        try:
+            (root / sub).rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # something is in it: not an empty store any more
+    for leftover in ("lock",):
+        try:
+            (root / leftover).unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        root.rmdir()
+    except OSError:
+        pass

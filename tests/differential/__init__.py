@@ -13,7 +13,10 @@ When a sequence mismatches, `shrink` reduces it by delta debugging (each candida
 fresh trees and mounts) and `render` prints it as Python calls to run in the mount's root.
 
 Every filesystem call runs in a `Worker`, a child process killed on timeout, so a hung mount
-fails a sequence instead of freezing the suite.
+fails a sequence instead of freezing the suite.  Workers hold descriptors across operations
+(open, then unlink/rename/write by name, then fstat/pread/write through the descriptor), an
+unprivileged worker (setpriv) runs the permission and set-id cases, and the concurrent mode
+runs several workers per side at once.
 
 The accepted differences between the two sides are listed, and normalised, in `differences`.
 
@@ -23,11 +26,13 @@ Modules, each importing only those above it:
 - `calls`: what each operation does on a mount, and `render`, the same as Python;
 - `worker`: `Worker`, running calls in a killable child process;
 - `replay`: `Side` and `replay`, one sequence on the kernel and on the side under test;
-- `explore`: `explore`, random sequences until one mismatches, then shrinking and the report.
+- `concurrent`: several workers per side at once, compared on outcomes and end state;
+- `explore`: `explore` and `explore_concurrently`, random sequences until one mismatches, then
+  shrinking (sequential mode only) and the report.
 """
 
-from tests.differential.calls import renameat2, render
-from tests.differential.explore import Budget, Exploration, explore
+from tests.differential.calls import render
+from tests.differential.explore import Budget, Exploration, explore, explore_concurrently
 from tests.differential.ops import generate, starting_layers
 from tests.differential.replay import KERNEL, OVERLAYFUSE, Replay, Side, replay
 
@@ -39,8 +44,8 @@ __all__ = [
     "Replay",
     "Side",
     "explore",
+    "explore_concurrently",
     "generate",
-    "renameat2",
     "render",
     "replay",
     "starting_layers",

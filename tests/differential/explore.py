@@ -6,14 +6,17 @@ fresh trees and mounts) and `report` prints it as Python calls to run in the mou
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.compare import MAX_REPORTED
 from tests.differential.calls import render
+from tests.differential.concurrent import WORKERS, Pool, generate_rounds, render_rounds, \
+    replay_concurrently
 from tests.differential.ops import Op, Outcome, generate
 from tests.differential.replay import KERNEL_OPTIONS, Replay, Side, replay
 from tests.differential.worker import Workers
@@ -91,7 +94,7 @@ def report(side: Side, seed: str, original: Replay, minimal: Replay, trials: int
         + ("" if shrink_done else " (shrink budget exhausted: may not be minimal)"),
         f"first seen: {original.mismatch.summary()}",
         "Starting tree: tests.differential.starting_layers(), upper empty. In the mount's root:",
-        "    from tests.differential import renameat2  # rename_noreplace/rename_exchange",
+        "    from tests.syscalls import rename_exchange, rename_noreplace",
     ]
     for i, op in enumerate(minimal.ops):
         outcome = ""
@@ -132,16 +135,30 @@ class Exploration:
     failure: str | None = None
 
 
+def sequence_seeds(base_seed: str, only: str | None) -> Iterator[str]:
+    """The seed of each sequence: BASE-0, BASE-1, ...; or just `only`, to replay one."""
+    if only is not None:
+        yield only
+        return
+    yield from (f"{base_seed}-{i}" for i in itertools.count())
+
+
 def explore(root: Path, side: Side, budget: Budget, base_seed: str,
-            log: Callable[[str], None] = print) -> Exploration:
-    """Run random sequences until one mismatches or the budget is spent; shrink a mismatch."""
+            log: Callable[[str], None] = print, *, only: str | None = None,
+            replay_command: str = "") -> Exploration:
+    """Run random sequences until one mismatches or the budget is spent; shrink a mismatch.
+
+    `replay_command` (with ``{seed}``) is printed with a failure: the one line that replays
+    the failing sequence by itself.
+    """
     result = Exploration()
     workers = Workers()
     start = time.monotonic()
     try:
-        while (result.sequences < budget.max_sequences
-               and time.monotonic() - start < budget.seconds):
-            seed = f"{base_seed}-{result.sequences}"
+        for seed in sequence_seeds(base_seed, only):
+            if (result.sequences >= budget.max_sequences
+                    or time.monotonic() - start >= budget.seconds):
+                break
             ops = generate(random.Random(seed), budget.length)
             run = replay(root / "seq", ops, side, workers)
             result.sequences += 1
@@ -160,8 +177,48 @@ def explore(root: Path, side: Side, budget: Budget, base_seed: str,
                 log("the shrunk sequence did not fail again: reporting the original")
             result.failure = report(side, seed, run, minimal, shrinker.trials,
                                     not shrinker.out_of_time())
+            if replay_command:
+                result.failure += "\nreplay it: " + replay_command.format(seed=seed)
             break
     finally:
         workers.close()
+        result.elapsed = time.monotonic() - start
+    return result
+
+
+def explore_concurrently(root: Path, side: Side, budget: Budget, base_seed: str,
+                         log: Callable[[str], None] = print, *, only: str | None = None,
+                         replay_command: str = "") -> Exploration:
+    """The concurrent mode (see `concurrent`): `budget.length` rounds per sequence, no
+    shrinking (which worker wins a race is not replayable), the failing rounds printed."""
+    result = Exploration()
+    pool = Pool()
+    start = time.monotonic()
+    try:
+        for seed in sequence_seeds(base_seed, only):
+            if (result.sequences >= budget.max_sequences
+                    or time.monotonic() - start >= budget.seconds):
+                break
+            rounds = generate_rounds(random.Random(seed), budget.length)
+            run = replay_concurrently(root / "conc", rounds, side, pool)
+            result.sequences += 1
+            result.operations += run.operations
+            if run.mismatch is None:
+                continue
+            m = run.mismatch
+            lines = [f"{side} differs from kernel overlayfs ({KERNEL_OPTIONS}) with "
+                     f"{WORKERS} workers per side; sequence seed {seed!r}",
+                     "Starting tree: tests.differential.concurrent.shared_layers(), upper "
+                     "empty; each worker in the mount's root, all at once, round by round:",
+                     *render_rounds(rounds, m.step),
+                     f"mismatch ({m.where}, in round {m.step}):",
+                     *[f"    {d}" for d in m.details[:MAX_REPORTED]]]
+            if replay_command:
+                lines.append("replay it: " + replay_command.format(seed=seed))
+            result.failure = "\n".join(lines)
+            log(f"sequence {seed!r}: {m.summary()}")
+            break
+    finally:
+        pool.close()
         result.elapsed = time.monotonic() - start
     return result

@@ -13,13 +13,14 @@ import contextlib
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from tests.compare import Snapshot, snapshot
-from tests.differential.calls import render, run_op
+from tests.differential.calls import close_held, render, run_op
 from tests.differential.differences import same_outcome, view_problems
-from tests.differential.ops import Op, Outcome, starting_layers
-from tests.differential.worker import WorkerHung, Workers
+from tests.differential.ops import LOWER_LINK_GROUPS, Op, Outcome, starting_layers
+from tests.differential.worker import SETPRIV, Worker, WorkerHung, Workers
 from tests.mounts import MountError, kernel_overlay, overlayfuse
 from tests.rich_tree import LayerSet, build_layer_set
 
@@ -88,56 +89,120 @@ def replay(root: Path, ops: Sequence[Op], side: Side, workers: Workers, *,
     try:
         k_set = build_layer_set(root / "kernel", layers, kernel=True)
         o_set = build_layer_set(root / "ours", layers, kernel=True)
+        lower_linked: set[str] = set()
         try:
             with mount_side(KERNEL, k_set) as k_mnt, mount_side(side, o_set) as o_mnt:
-                _run_mounted(str(k_mnt), str(o_mnt), ops, side, workers, every_step, result)
+                lower_linked = _run_mounted(str(k_mnt), str(o_mnt), ops, side, workers,
+                                            every_step, result)
         except AssertionError as exc:  # overlayfuse's teardown found a traceback in its log
-            log_lines = str(exc).splitlines()[:40]
-            if result.mismatch is None:
-                result.mismatch = Mismatch(len(ops) - 1, "daemon", log_lines)
-            else:
-                result.mismatch.details += ["and the daemon logged:", *log_lines]
+            result.mismatch = daemon_mismatch(result.mismatch, str(exc), len(ops) - 1)
         if result.mismatch is None and check_upper:
-            result.mismatch = _check_upper(k_set, o_set, workers, len(ops) - 1)
+            result.mismatch = compare_uppers(k_set, o_set, workers, len(ops) - 1, lower_linked)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return result
 
 
+def daemon_mismatch(seen: Mismatch | None, message: str, step: int) -> Mismatch:
+    """The mismatch to report when the daemon logged a traceback (`message`)."""
+    log_lines = message.splitlines()[:40]
+    if seen is None:
+        return Mismatch(step, "daemon", log_lines)
+    seen.details += ["and the daemon logged:", *log_lines]
+    return seen
+
+
+@dataclass(slots=True)
+class _UserWorkers:
+    """The unprivileged caller on each side: started in the mount's root on first use (it
+    cannot traverse pytest's tmp dir itself), killed before the unmount."""
+
+    k_mnt: str
+    o_mnt: str
+    pair: tuple[Worker, Worker] | None = None
+
+    def get(self) -> tuple[Worker, Worker]:
+        if self.pair is None:
+            self.pair = (Worker(SETPRIV, self.k_mnt), Worker(SETPRIV, self.o_mnt))
+        return self.pair
+
+    def close(self) -> None:
+        if self.pair is not None:
+            for worker in self.pair:
+                worker.close()
+
+
+def close_held_in(*workers: Worker) -> list[Any]:
+    """Close the descriptors operations held, so that the unmount finds the mount idle; what
+    each worker's closes failed with (None for a worker that hung)."""
+    failed = []
+    for worker in workers:
+        try:
+            failed.append(worker.call(close_held))
+        except WorkerHung:
+            failed.append(None)
+    return failed
+
+
+def _lower_hardlinked(snap: Snapshot) -> set[tuple[int, int]]:
+    """The inodes of the starting tree's lower hardlink groups, as the kernel reports them."""
+    return {snap.inodes[path] for group in LOWER_LINK_GROUPS for path in group
+            if path in snap.inodes}
+
+
 def _run_mounted(k_mnt: str, o_mnt: str, ops: Sequence[Op], side: Side, workers: Workers,
-                 every_step: bool, result: Replay) -> None:
+                 every_step: bool, result: Replay) -> set[str]:
+    """Run and compare; return the paths that are, at the end, names of a lower hardlink
+    group in the kernel's view (see `_drop_lower_hardlinked`)."""
     ours_is_kernel = side.is_kernel
     step = -1
+    users = _UserWorkers(k_mnt, o_mnt)
+    lower_inodes: set[tuple[int, int]] = set()
+    k_snap = Snapshot()
     try:
         k_snap = workers.kernel.call(snapshot, k_mnt)
+        lower_inodes = _lower_hardlinked(k_snap)
         problems = view_problems(k_snap, workers.ours.call(snapshot, o_mnt), ours_is_kernel)
         if problems:
             result.mismatch = Mismatch(step, "view", problems)
-            return
+            return set()
         for step, op in enumerate(ops):
-            k_out = workers.kernel.call(run_op, k_mnt, op)
-            o_out = workers.ours.call(run_op, o_mnt, op)
+            if op[0] == "as_user":
+                k_user, o_user = users.get()
+                k_out = k_user.call(run_op, None, op[1])
+                o_out = o_user.call(run_op, None, op[1])
+            else:
+                k_out = workers.kernel.call(run_op, k_mnt, op)
+                o_out = workers.ours.call(run_op, o_mnt, op)
             result.outcomes.append((k_out, o_out))
             if not same_outcome(k_out, o_out, op, ours_is_kernel=ours_is_kernel):
                 result.mismatch = Mismatch(
                     step, "outcome", [f"{render(op)}: kernel={k_out!r} ours={o_out!r}"])
-                return
+                return set()
             if every_step or step == len(ops) - 1:
                 k_snap = workers.kernel.call(snapshot, k_mnt)
                 problems = view_problems(k_snap, workers.ours.call(snapshot, o_mnt),
                                          ours_is_kernel)
                 if problems:
                     result.mismatch = Mismatch(step, "view", problems)
-                    return
+                    return set()
     except WorkerHung as exc:
         result.mismatch = Mismatch(step, "hang", [str(exc)])
+    finally:
+        users.close()
+        k_failed, o_failed = close_held_in(workers.kernel, workers.ours)
+    if result.mismatch is None and k_failed != o_failed:
+        result.mismatch = Mismatch(len(ops) - 1, "outcome", [
+            f"closing the held descriptors at the end: kernel={k_failed!r} ours={o_failed!r}"])
+    return {path for path, inode in k_snap.inodes.items() if inode in lower_inodes}
 
 
-def _check_upper(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int) -> Mismatch | None:
+def compare_uppers(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int,
+                 lower_linked: set[str]) -> Mismatch | None:
     """Mount the kernel on each side's upper dir, with a fresh workdir: the views must agree.
 
     A fresh workdir on both sides, because neither side's workdir is the other's format; see
-    `_drop_hardlinked` for what that costs.
+    `_drop_lower_hardlinked` for what that costs.
     """
     views = []
     for layers, worker in ((k_set, workers.kernel), (o_set, workers.ours)):
@@ -151,22 +216,22 @@ def _check_upper(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int) 
             return Mismatch(step, "upper", [f"the kernel refuses {layers.upper}: {exc}"])
         except WorkerHung as exc:
             return Mismatch(step, "upper", [str(exc)])
-    _drop_hardlinked(*views)
+    _drop_lower_hardlinked(lower_linked, *views)
     problems = view_problems(views[0], views[1], True)
     return Mismatch(step, "upper", problems) if problems else None
 
 
-def _drop_hardlinked(*views: Snapshot) -> None:
-    """Forget files with st_nlink > 1 on either side (their names stay in the listings).
+def _drop_lower_hardlinked(paths: set[str], *views: Snapshot) -> None:
+    """Forget the names of the starting tree's lower hardlinks (h1/h2, t1/d/t2/m/t3, and any
+    name linked to them since); every other file is compared, whatever its link count.
 
     What a hardlinked lower file shows after a copy-up depends on an index kept in workdir,
-    which a fresh workdir does not have (the kernel's own upper loses its links too), and
-    which name the upper copy takes is not fixed: overlayfuse names it after the first name
-    looked up.  The live comparison checks these files; the upper check cannot.
+    which a fresh workdir does not have (the kernel's own upper loses its links too), and each
+    side's index is invisible to the other (README, "Where we differ").  The live comparison
+    checks these names; the upper check cannot.  Upper-only hardlinks have no such index and
+    are compared in full.
     """
-    linked = {path for view in views for path, info in view.entries.items()
-              if info.kind != "dir" and info.nlink > 1}
     for view in views:
-        for path in linked:
+        for path in paths:
             view.entries.pop(path, None)
             view.inodes.pop(path, None)

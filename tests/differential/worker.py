@@ -23,7 +23,8 @@ WORKER_TIMEOUT = 30.0  # one call; the slowest is a snapshot of a few MiB on two
 _WORKER_BOOTSTRAP = """
 import importlib, os, pickle, struct, sys
 sys.path.insert(0, sys.argv[1])
-os.chdir("/")  # never hold a mount busy
+if len(sys.argv) < 3:
+    os.chdir("/")  # a long-lived worker never holds a mount busy between calls
 os.umask(0o022)
 out = os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)  # a stray print must not corrupt the protocol
@@ -47,40 +48,71 @@ class WorkerHung(RuntimeError):
     """A call did not answer within WORKER_TIMEOUT: the worker was killed."""
 
 
+#: The unprivileged caller of the permission and set-id operations, and how it is made.
+USER_UID = USER_GID = 1000
+SETPRIV = ("setpriv", f"--reuid={USER_UID}", f"--regid={USER_GID}", "--clear-groups")
+
+
 class Worker:
     """A child process that runs module-level functions; SIGKILLed if a call hangs.
 
-    A process stuck in a FUSE request dies on SIGKILL, a thread would not.  The worker keeps
-    no file descriptor or working directory on any mount between calls.
+    A process stuck in a FUSE request dies on SIGKILL, a thread would not.  A worker without
+    `cwd` is long-lived and keeps no working directory on any mount between calls (operations
+    that hold descriptors are closed by the caller before an unmount).  A worker with `cwd`
+    starts there (chdir as root, before `prefix` drops privileges: the unprivileged caller
+    cannot traverse pytest's 0700 tmp dir) and must be closed before that mount is unmounted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: tuple[str, ...] = (), cwd: str | None = None) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self._prefix = prefix
+        self._cwd = cwd
+        self._pending: str | None = None
 
     def _start(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
+            extra = [] if self._cwd is None else ["stay"]
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(REPO_ROOT)],
+                [*self._prefix, sys.executable, "-c", _WORKER_BOOTSTRAP, str(REPO_ROOT), *extra],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                cwd=self._cwd,
             )
         return self._proc
 
-    def call(self, func: Callable[..., Any], *args: Any, timeout: float = WORKER_TIMEOUT) -> Any:
+    def submit(self, func: Callable[..., Any], *args: Any) -> None:
+        """Send a call without waiting: several workers then run at the same time."""
+        assert self._pending is None, "one call at a time per worker"
         proc = self._start()
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
         body = pickle.dumps((func.__module__, func.__qualname__, args))
+        self._pending = f"{func.__qualname__}{args!r}"
         try:
             proc.stdin.write(struct.pack("<Q", len(body)) + body)
             proc.stdin.flush()
+        except BrokenPipeError as exc:
+            self._pending = None
+            self.close()
+            raise WorkerHung(f"{func.__qualname__}{args!r}: worker died") from exc
+
+    def result(self, timeout: float = WORKER_TIMEOUT) -> Any:
+        """The answer to the submitted call (re-raising what it raised)."""
+        proc = self._proc
+        what, self._pending = self._pending, None
+        assert proc is not None and what is not None, "result() without submit()"
+        try:
             deadline = time.monotonic() + timeout
             head = self._read(proc, 8, deadline)
             status, value = pickle.loads(self._read(proc, struct.unpack("<Q", head)[0], deadline))
-        except (WorkerHung, BrokenPipeError, EOFError) as exc:
+        except (WorkerHung, EOFError) as exc:
             self.close()
-            raise WorkerHung(f"{func.__qualname__}{args!r}: {exc or 'no answer'}") from exc
+            raise WorkerHung(f"{what}: {exc or 'no answer'}") from exc
         if status == "raised":
             raise value
         return value
+
+    def call(self, func: Callable[..., Any], *args: Any, timeout: float = WORKER_TIMEOUT) -> Any:
+        self.submit(func, *args)
+        return self.result(timeout)
 
     @staticmethod
     def _read(proc: subprocess.Popen[bytes], size: int, deadline: float) -> bytes:
@@ -98,6 +130,7 @@ class Worker:
         return data
 
     def close(self) -> None:
+        self._pending = None
         if self._proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(signal.SIGKILL)
