@@ -20,9 +20,13 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 BENCH = REPO_ROOT / "scripts" / "bench"
 TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
 WORKLOADS = ("walk-cold", "walk-warm", "stat-ls", "read-all", "seqread-1G", "copyup-big",
-             "create-small", "copyup-many", "rm-tree", "parallel")
+             "create-small", "copyup-many", "rm-tree", "parallel", "mount-to-first-read")
+#: overlayctl's listings: one column, overlayfuse's.
+CTL_WORKLOADS = ("ctl-image-ls", "ctl-ps")
 # --tiny finishes in well under a minute on two idle cores; this only bounds a hang.
 BENCH_TIMEOUT = 240
+# --startup --reps 1: 18 starts of a second at most each, plus scripts/setup's check.
+STARTUP_TIMEOUT = 120
 
 
 @pytest.mark.timeout(BENCH_TIMEOUT + 30)
@@ -54,6 +58,10 @@ def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
                 assert cell["peak_rss_kib"] and cell["peak_rss_kib"] > 0, (workload, target)
         assert set(report["results"][workload]["ratios"]) == {
             "overlayfuse/fuse-overlayfs", "overlayfuse/kernel"}
+    for workload in CTL_WORKLOADS:
+        cells = report["results"][workload]["targets"]
+        assert list(cells) == ["overlayfuse"], (workload, cells)
+        assert not cells["overlayfuse"]["errors"] and cells["overlayfuse"]["median"] > 0, (workload, cells)
     for target in ("fuse-overlayfs", "overlayfuse"):
         walks = report["rss_walks"][target]
         assert "error" not in walks and all(k and k > 0 for k in walks["rss_kib"]), walks
@@ -63,3 +71,18 @@ def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
     assert "workload" in stderr and "overlayfuse" in stderr
     assert not workdir.exists()
     assert not [m for m in mounts() if m.mountpoint.startswith(str(workdir))]
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + 30)
+def test_startup_table_has_every_row() -> None:
+    """``--startup``: no mounts; each row a median in ms, with and without bytecode."""
+    proc = subprocess.run([str(BENCH), "--startup", "--reps", "1"], capture_output=True,
+                          timeout=STARTUP_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    lines = proc.stdout.decode().splitlines()
+    rows = [line.split(None, 1) for line in lines[1:]]
+    assert len(rows) == 9, lines
+    assert all(float(ms) > 0 for ms, _ in rows), lines
+    labels = [label for _, label in rows]
+    assert "python -S -c pass (no site)" in labels and "overlayfuse --version" in labels
+    assert labels.count("same, no bytecode") == 2, labels

@@ -28,7 +28,7 @@ from overlayfuse.ctl.service import EXIT_CONFIG
 from overlayfuse.errors import ConfigError
 from overlayfuse.service import install as service_install
 from overlayfuse.service.config import daemon_args, load_config, plan_mount
-from overlayfuse.service.journal import JournalFormatter, syslog_priority, under_journal
+from overlayfuse.journal import JournalFormatter, syslog_priority, under_journal
 from tests.conftest import skip_or_fail
 from tests.imagebuild import missing_tools, new_image, repack_layer
 from tests.mounts import (

@@ -1,7 +1,7 @@
 """``overlayctl`` subcommands for containers: mount, umount, ps, rm, diff, commit.
 
 Parsing and printing only: the work is in `overlayfuse.images.containers` and
-`overlayfuse.images.commit`.
+`overlayfuse.images.commit`, imported by the subcommand that needs it (see `overlayfuse.ctl`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ import json
 import logging
 import sys
 from dataclasses import asdict
-
-from ..images.store import MissingStoreError, Store
-from ..options import FS_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +84,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from ..images.containers import mount_container
+    from ..images.store import Store
 
     record = mount_container(Store.existing(args.root), args.image, args.mountpoint, args.ro, name=args.name)
     print(record.name)
@@ -95,6 +93,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     from ..images.containers import umount_container
+    from ..images.store import Store
 
     umount_container(Store.existing(args.root), args.target)
     return 0
@@ -102,6 +101,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     from ..images.containers import STOPPED, container_states
+    from ..images.store import MissingStoreError, Store
+    from ..options import FS_TYPE
 
     try:
         store = Store.existing(args.root)
@@ -125,6 +126,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from ..images.containers import remove_containers
+    from ..images.store import Store
 
     for removed in remove_containers(Store.existing(args.root), args.names, force=args.force):
         log.info("freed %s", removed)
@@ -133,6 +135,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_container_prune(args: argparse.Namespace) -> int:
     from ..images.containers import prune_containers
+    from ..images.store import Store
 
     removed, freed = prune_containers(Store.existing(args.root))
     for name in removed:
@@ -145,6 +148,7 @@ def cmd_container_prune(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from ..images.commit import container_changes
+    from ..images.store import Store
 
     for change in container_changes(Store.existing(args.root), args.name):
         print(f"{change.kind} {change.path}")
@@ -153,6 +157,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_commit(args: argparse.Namespace) -> int:
     from ..images.commit import commit_container
+    from ..images.store import Store
 
     record = commit_container(Store.existing(args.root), args.name, args.ref, message=args.message, author=args.author)
     print(record.id)

@@ -1,6 +1,8 @@
 """``overlayctl image ...``: import, ls, inspect, tag, rm, export, save, load, prune.
 
-Parsing and printing only; the work is in `overlayfuse.images` (importer, exporter, store). Every
+Parsing and printing only; the work is in `overlayfuse.images` (importer, exporter, store), imported
+by the subcommand that needs it: ``image ls`` does not load the importer or the registry client
+(see `overlayfuse.ctl`). Every
 command that reads the store takes its lock too: it is cheap, it never sees a half-made change, and
 it clears what a killed command left in ``tmp/``.
 """
@@ -14,16 +16,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
-from ..images.archive import save_image
-from ..images.exporter import export_image
-from ..images.importer import ImportResult, import_image
-from ..images.progress import Progress, human_size
-from ..images.refs import parse_reference, reference_or_none, resolve_image
-from ..images.store import ImageRecord, MissingStoreError, Store
 from . import registry
+
+if TYPE_CHECKING:
+    from ..images.importer import ImportResult
+    from ..images.store import ImageRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,11 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from ..images.importer import import_image
+    from ..images.progress import Progress
+    from ..images.refs import parse_reference
+    from ..images.store import Store
+
     tags = [parse_reference(tag) for tag in args.tag or ()]  # a bad tag fails before any work
     with Store.creating(args.root) as store:
         result = import_image(store, args.path, tags, Progress())
@@ -119,6 +124,10 @@ def _print_loaded(result: ImportResult) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..images.exporter import export_image
+    from ..images.refs import resolve_image
+    from ..images.store import Store
+
     store = Store.existing(args.root)
     with store.locked():
         record = resolve_image(store, args.ref)
@@ -130,6 +139,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    from ..images.archive import save_image
+    from ..images.progress import human_size
+    from ..images.refs import resolve_image
+    from ..images.store import Store
+
     store = Store.existing(args.root)
     with store.locked():
         record = resolve_image(store, args.ref)
@@ -140,6 +154,11 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    from ..images.importer import import_image
+    from ..images.progress import Progress
+    from ..images.refs import parse_reference
+    from ..images.store import Store
+
     if not Path(args.input).is_file():
         raise StoreError(f"{args.input}: no such file (image load reads a tar; image import also takes a layout dir)")
     tags = [parse_reference(tag) for tag in args.tag or ()]
@@ -150,6 +169,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from ..images.store import Store
+
     store = Store.existing(args.root)
     with store.locked():
         used = {container.image for container in store.containers()}
@@ -166,6 +187,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _tag_named(text: str, record: ImageRecord) -> str | None:
     """The tag TEXT names if it is one of RECORD's, else its first tag (TEXT was an id)."""
+    from ..images.refs import reference_or_none
+
     wanted = reference_or_none(text)
     if wanted in record.tags:
         return wanted
@@ -173,6 +196,9 @@ def _tag_named(text: str, record: ImageRecord) -> str | None:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
+    from ..images.refs import parse_reference, resolve_image
+    from ..images.store import Store
+
     target = parse_reference(args.target)
     store = Store.existing(args.root)
     with store.locked():
@@ -186,6 +212,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from ..images.store import Store
+
     store = Store.existing(args.root)
     with store.locked():
         for text in args.refs:  # refuse before changing anything: all or nothing
@@ -199,6 +227,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def _remove(store: Store, text: str, force: bool, dry_run: bool = False) -> None:
     """Untag TEXT if it is one of several tags, else delete the image (docker's rules)."""
+    from ..images.refs import reference_or_none, resolve_image
+
     record = resolve_image(store, text)
     tag = reference_or_none(text)
     if tag in record.tags and len(record.tags) > 1:
@@ -279,6 +309,9 @@ def _rows(store: Store) -> list[dict[str, Any]]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ..images.progress import human_size
+    from ..images.store import MissingStoreError, Store
+
     try:
         store = Store.existing(args.root)
     except MissingStoreError as exc:  # nothing to list: say why, as an empty store would not
@@ -344,6 +377,9 @@ def describe(store: Store, record: ImageRecord) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..images.refs import resolve_image
+    from ..images.store import Store
+
     store = Store.existing(args.root)
     with store.locked():
         described = [describe(store, resolve_image(store, ref)) for ref in args.refs]

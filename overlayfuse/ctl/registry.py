@@ -1,6 +1,7 @@
 """``overlayctl pull``, ``push``, ``login``, ``logout`` (also as ``image pull`` and ``image push``).
 
-Parsing and printing only; the work is in `overlayfuse.images.registry`. Flags follow podman's:
+Parsing and printing only; the work is in `overlayfuse.images.registry`, imported when one of these
+commands runs (the HTTP client alone takes ~40 ms to import). Flags follow podman's:
 ``--creds``, ``--authfile``, ``--cert-dir``, ``--tls-verify``, ``--platform``, ``--quiet``, plus
 ``--retry``/``--retry-delay`` for the bounded retries of connection errors, 429 and 5xx.
 """
@@ -11,22 +12,13 @@ import argparse
 import getpass
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..images.progress import Progress
-from ..images.registry.client import Options, Session
-from ..images.registry.credentials import (
-    Credentials,
-    parse_creds,
-    remove_credentials,
-    store_credentials,
-    write_target,
-)
-from ..images.registry.progress import Transfers
-from ..images.registry.pull import parse_platform, pull_image
-from ..images.registry.push import push_image
-from ..images.registry.reference import RegistryError, normalize_registry
-from ..images.store import Store
+
+if TYPE_CHECKING:
+    from ..images.registry.client import Options
+    from ..images.registry.credentials import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +56,9 @@ def _connection_flags(parser: argparse.ArgumentParser, retries: bool = True) -> 
 
 
 def _options(args: argparse.Namespace) -> Options:
+    from ..images.registry.client import Options
+    from ..images.registry.credentials import parse_creds
+
     creds = parse_creds(args.creds) if args.creds else None
     return Options(creds=creds, authfile=args.authfile, cert_dir=args.cert_dir, tls_verify=args.tls_verify,
                    retries=max(0, getattr(args, "retry", 3)), retry_delay=getattr(args, "retry_delay", 1.0))
@@ -107,6 +102,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from ..images.progress import Progress
+    from ..images.registry.progress import Transfers
+    from ..images.registry.pull import parse_platform, pull_image
+    from ..images.store import Store
+
     platform = parse_platform(args.platform)
     with Store.creating(args.root) as store:
         result = pull_image(store, args.ref, _options(args), platform, Transfers(quiet=args.quiet),
@@ -121,6 +121,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from ..images.registry.progress import Transfers
+    from ..images.registry.push import push_image
+    from ..images.store import Store
+
     store = Store.existing(args.root)
     result = push_image(store, args.image, args.dest, _options(args), Transfers(quiet=args.quiet))
     if not args.quiet:
@@ -130,6 +134,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _login_credentials(args: argparse.Namespace) -> Credentials:
+    from ..images.registry.credentials import Credentials, parse_creds
+
     if args.creds:
         return parse_creds(args.creds)
     username = args.username
@@ -151,6 +157,10 @@ def _login_credentials(args: argparse.Namespace) -> Credentials:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
+    from ..images.registry.client import Options, Session
+    from ..images.registry.credentials import store_credentials
+    from ..images.registry.reference import normalize_registry
+
     registry = normalize_registry(args.registry)
     creds = _login_credentials(args)
     options = Options(creds=creds, authfile=args.authfile, cert_dir=args.cert_dir, tls_verify=args.tls_verify,
@@ -164,6 +174,9 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
+    from ..images.registry.credentials import remove_credentials, write_target
+    from ..images.registry.reference import RegistryError, normalize_registry
+
     registry = normalize_registry(args.registry)
     path = remove_credentials(registry, args.authfile)
     if path is None:

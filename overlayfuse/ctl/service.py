@@ -15,11 +15,13 @@ import argparse
 import logging
 
 from ..errors import ConfigError
-from ..service import install, run
-from ..service.config import load_config, locate, plan_mount
-from ..service.journal import configure_logging, print_error
+from ..journal import configure_logging, print_error
 
 log = logging.getLogger(__name__)
+
+#: `overlayfuse.service.install.UNIT_DIR`, for --help: that module (and the image store it writes
+#: with) is imported only when ``service install`` runs.
+DEFAULT_UNIT_DIR = "/etc/systemd/system"
 
 #: sysexits.h's EX_CONFIG: the unit's RestartPreventExitStatus= names it, so a bad config is not
 #: retried every two seconds (fixing the file and starting again is what helps).
@@ -59,7 +61,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _config_dir_option(install_parser)
     install_parser.add_argument(
         "--unit-dir", metavar="DIR",
-        help=f"where to put the unit (default: $OVERLAYFUSE_UNIT_DIR, else {install.UNIT_DIR})",
+        help=f"where to put the unit (default: $OVERLAYFUSE_UNIT_DIR, else {DEFAULT_UNIT_DIR})",
     )  # fmt: skip
     install_parser.add_argument(
         "--no-reload", action="store_true", help="do not run systemctl daemon-reload"
@@ -75,6 +77,8 @@ def _config_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def do_check(args: argparse.Namespace) -> int:
+    from ..service.config import load_config, locate, plan_mount
+
     name, path = locate(args.config, args.config_dir)
     plan = plan_mount(load_config(path, name), args.root)
     print(f"{name}: ok ({plan.describe()})")
@@ -83,6 +87,8 @@ def do_check(args: argparse.Namespace) -> int:
 
 def do_run(args: argparse.Namespace) -> int:
     """Check, then exec the daemon. Errors are one line on stderr, which the journal files as err."""
+    from ..service import run
+
     configure_logging("overlayctl", logging.DEBUG if args.debug else logging.INFO)
     try:
         plan = run.prepare(args.config, args.config_dir, args.root)
@@ -97,6 +103,8 @@ def do_run(args: argparse.Namespace) -> int:
 
 
 def do_cleanup(args: argparse.Namespace) -> int:
+    from ..service import run
+
     configure_logging("overlayctl", logging.DEBUG if args.debug else logging.INFO)
     done = run.release_container(args.config, args.config_dir, args.root)
     if done:
@@ -105,6 +113,8 @@ def do_cleanup(args: argparse.Namespace) -> int:
 
 
 def do_install(args: argparse.Namespace) -> int:
+    from ..service import install
+
     done = install.install(
         args.name, config_file=args.config, units=args.unit_dir, configs=args.config_dir, reload=not args.no_reload
     )

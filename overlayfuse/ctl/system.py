@@ -11,10 +11,6 @@ import logging
 import sys
 from dataclasses import asdict
 
-from ..images.progress import human_size
-from ..images.store import Store
-from ..images.usage import store_usage
-
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +34,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_df(args: argparse.Namespace) -> int:
+    from ..images.progress import human_size
+    from ..images.store import Store
+    from ..images.usage import store_usage
+
     store = Store.existing(args.root)
     with store.locked():
         rows = store_usage(store)

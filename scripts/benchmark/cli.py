@@ -17,8 +17,10 @@ from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
 from .report import host_info, render, summarize
+from . import startup
 from .runner import Bench
-from .settings import DEFAULT_CACHE, DEFAULT_WORKDIR, MARKER, SCALES, TARGETS, VENV_BIN, WORKLOADS
+from .settings import (CTL_WORKLOADS, DEFAULT_CACHE, DEFAULT_WORKDIR, MARKER, SCALES, TARGETS, VENV_BIN,
+                       WORKLOADS)
 from .stack import choose_targets_of_work, prepare_stack
 from .views import walk_view
 
@@ -36,6 +38,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="smoke-test size: ~300 entries, 16 MiB big file, under a minute")
     p.add_argument("--reps", type=int, help="repetitions per workload and target "
                    "(default 3; 2 with --quick; 1 with --tiny)")
+    p.add_argument("--startup", action="store_true",
+                   help="only time start-ups (bare interpreter, imports, --version; no root, no "
+                        "mounts): medians of --reps runs (default 21)")
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON on stdout (the table goes to stderr)")
     p.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON here")
@@ -68,7 +73,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def preflight(targets: Sequence[str]) -> None:
+def preflight(targets: Sequence[str], workloads: Sequence[str]) -> None:
     if os.geteuid() != 0:
         raise BenchError("needs root (mounts, drop_caches)")
     if "kernel" in targets:
@@ -79,6 +84,9 @@ def preflight(targets: Sequence[str]) -> None:
         raise BenchError("fuse-overlayfs is not installed (apt-get install fuse-overlayfs)")
     if "overlayfuse" in targets and not (VENV_BIN / "overlayfuse").exists():
         raise BenchError(f"{VENV_BIN / 'overlayfuse'} is missing: run scripts/setup")
+    if "overlayfuse" in targets and set(workloads) & set(CTL_WORKLOADS) and shutil.which("umoci") is None:
+        raise BenchError("umoci is not installed (it builds the images for ctl-image-ls and ctl-ps): "
+                         "run scripts/setup")
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -90,6 +98,12 @@ def main(argv: Sequence[str]) -> int:
         sys.stdout.write(json.dumps(walk_view(argv[1])))
         return 0
     args = parse_args(argv)
+    if args.startup:
+        try:
+            return startup.main(args.reps or 21)
+        except BenchError as exc:
+            say(f"error: {exc}")
+            return 1
     scale = SCALES["tiny" if args.tiny else "quick" if args.quick else "full"]
     args.reps = args.reps or scale.reps
     signal.signal(signal.SIGTERM, _terminate)
@@ -98,7 +112,7 @@ def main(argv: Sequence[str]) -> int:
     mounter: Mounter | None = None
     owned = False  # work is ours to remove
     try:
-        preflight(args.targets)
+        preflight(args.targets, args.workloads)
         if work.exists():
             if mounts_under(work):
                 raise BenchError(f"{work} has mounts under it (a previous run?): unmount them")

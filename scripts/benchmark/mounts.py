@@ -16,8 +16,8 @@ from overlayfuse.mounttable import command_line, process_alive, read_mounts
 
 from .errors import BenchError, say
 from .processes import run
-from .settings import (DAEMON_EXIT_TIMEOUT, FSTYPES, MOUNT_TIMEOUT, SYNC_TIMEOUT,
-                       UNMOUNT_TIMEOUT, VENV_BIN)
+from .settings import (DAEMON_EXIT_TIMEOUT, FIRST_READ, FIRST_READ_POLL, FSTYPES, MOUNT_TIMEOUT,
+                       SYNC_TIMEOUT, UNMOUNT_TIMEOUT, VENV_BIN)
 
 
 def fstype_at(mnt: Path) -> str | None:
@@ -68,6 +68,7 @@ class Mount:
     log: Path
     pid: int | None = None
     mount_s: float = 0.0
+    first_read_s: float | None = None  # from starting the mount command to a file read through it
 
     def log_text(self) -> str:
         with contextlib.suppress(OSError):
@@ -99,7 +100,9 @@ class Mounter:
         return [str(VENV_BIN / "overlayfuse"), "-o", opts, str(mnt)]
 
     @contextlib.contextmanager
-    def mounted(self, target: str) -> Iterator[Mount]:
+    def mounted(self, target: str, first_read: bool = False) -> Iterator[Mount]:
+        """TARGET mounted on fresh upper and work dirs; with FIRST_READ, time how long it takes from
+        starting the mount command until a file reads through the mount (``m.first_read_s``)."""
         self.serial += 1
         base = self.root / f"{self.serial:04d}-{target}"
         m = Mount(target, base / "mnt", base / "upper", base / "work", base / "daemon.log")
@@ -110,7 +113,7 @@ class Mounter:
         self.live.append(m)
         try:
             start = time.perf_counter()
-            self._mount(m, opts)
+            self._mount(m, opts, first_read)
             m.mount_s = time.perf_counter() - start
             if target != "kernel":
                 m.pid = daemon_pid(target, m.mnt)
@@ -122,19 +125,24 @@ class Mounter:
                 say(f"warning: the {target} daemon logged a traceback:\n{m.log_text()[-2000:]}")
             run(["rm", "-rf", "--one-file-system", str(base)], SYNC_TIMEOUT, check=False)
 
-    def _mount(self, m: Mount, opts: str) -> None:
+    def _mount(self, m: Mount, opts: str, first_read: bool = False) -> None:
         cmd = self.command(m.target, opts, m.mnt)
         # The daemon's output goes to a file: a detached daemon may keep stderr open, and a
         # pipe would then never reach EOF.
         with open(m.log, "wb") as log:
+            start = time.perf_counter()
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
             try:
+                if first_read:
+                    m.first_read_s = _wait_first_read(m.mnt / FIRST_READ, proc, start)
                 rc = proc.wait(timeout=MOUNT_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, BenchError) as exc:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
+                if isinstance(exc, BenchError):
+                    raise
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while fstype_at(m.mnt) != FSTYPES[m.target]:
             if time.monotonic() > deadline or rc != 0:
@@ -172,6 +180,28 @@ class Mounter:
         for m in reversed(list(self.live)):
             with contextlib.suppress(BenchError):
                 self.unmount(m)
+
+
+def _wait_first_read(path: Path, proc: subprocess.Popen[bytes], start: float) -> float | None:
+    """Seconds from START until PATH (under an empty mountpoint, so only the mount can show it)
+    reads; polled without waiting for PROC, the mount command, to exit. None if PROC failed first
+    (the caller reports that). O_NOFOLLOW: the probe never follows a symlink out of the tree."""
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if proc.poll() not in (None, 0):
+                return None
+            time.sleep(FIRST_READ_POLL)
+            continue
+        try:
+            if os.read(fd, 4096):
+                return time.perf_counter() - start
+        finally:
+            os.close(fd)
+        raise BenchError(f"{path} read empty through the mount")
+    raise BenchError(f"{path} did not appear through the mount within {MOUNT_TIMEOUT:.0f} s")
 
 
 def remove_tree(path: Path) -> None:

@@ -55,7 +55,7 @@ def render_table(bench: Bench, results: dict[str, Any]) -> str:
     head = ["workload", "target", "median", "min", "max", "unit", "peak RSS", "of/fo", "of/kern"]
     rows = [head]
     for w in bench.workloads:
-        for i, t in enumerate(bench.targets):
+        for i, t in enumerate(t for t in bench.targets if t in results[w]["targets"]):
             r = results[w]["targets"][t]
             rss = f"{r['peak_rss_kib'] / 1024:.1f} MiB" if r["peak_rss_kib"] else "-"
             ratio = results[w]["ratios"] if t == "overlayfuse" else {}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from . import ctl
 from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter
 from .processes import bash, drop_caches, sync, timed
-from .settings import RSS_WALKS, WORKLOADS, Scale
+from .settings import CTL_WORKLOADS, RSS_WALKS, WORKLOADS, Scale
 from .stack import Stack
 from .views import Entry, compare_views, walk_view_isolated
 from .workloads import JOBS, Job
@@ -29,7 +31,8 @@ class Bench:
         self.scale = scale
         self.targets: list[str] = args.targets
         self.workloads: list[str] = args.workloads
-        self.cells = {w: {t: Cell() for t in self.targets} for w in self.workloads}
+        self.cells = {w: {t: Cell() for t in self.targets if w not in CTL_WORKLOADS or t == "overlayfuse"}
+                      for w in self.workloads}
         self.mount_s: dict[str, list[float]] = {t: [] for t in self.targets}
         self.loads: list[float] = []
         self.rss_walks: dict[str, dict[str, Any]] = {}
@@ -62,6 +65,8 @@ class Bench:
                 k = rep % len(self.targets)  # rotate the order, so no target always goes first
                 for target in self.targets[k:] + self.targets[:k]:
                     self._one(mounter, stack, job, target, rep)
+        if any(w in self.workloads for w in CTL_WORKLOADS) and "overlayfuse" in self.targets:
+            self._ctl(mounter.root.parent)
         if "walk-warm" in self.workloads:
             for target in self.targets:
                 if target != "kernel":
@@ -70,7 +75,7 @@ class Bench:
     def _one(self, mounter: Mounter, stack: Stack, job: Job, target: str, rep: int) -> None:
         wanted = [w for w in job.produces if w in self.workloads]
         try:
-            with mounter.mounted(target) as m:
+            with mounter.mounted(target, first_read=job.first_read) as m:
                 self.mount_s[target].append(m.mount_s)
                 if job.cold:
                     drop_caches()
@@ -92,6 +97,22 @@ class Bench:
             shown.append(f"{w} {values[w]:.3f} {WORKLOADS[w][0]}")
         rss = f", VmHWM {hwm / 1024:.1f} MiB" if hwm is not None else ""
         say(f"rep {rep + 1}/{self.args.reps} {target:<14} {', '.join(shown)}{rss}")
+
+    def _ctl(self, work: Path) -> None:
+        """overlayctl's listings, on a store built once (in the scratch dir)."""
+        try:
+            store = ctl.build_store(work)
+            for rep in range(self.args.reps):
+                for w, samples in ctl.measure(store, self.scale.cmd_timeout).items():
+                    if w in self.workloads:
+                        self.cells[w]["overlayfuse"].samples.extend(samples)
+                        say(f"rep {rep + 1}/{self.args.reps} overlayctl     {w} "
+                            + " ".join(f"{v:.3f}" for v in samples) + " s")
+        except BenchError as exc:
+            say(f"overlayctl listings: FAILED: {exc}")
+            for w in CTL_WORKLOADS:
+                if w in self.workloads:
+                    self.cells[w]["overlayfuse"].errors.append(str(exc))
 
     def _rss_walks(self, mounter: Mounter, target: str) -> None:
         """VmRSS after a cold walk and after each of RSS_WALKS warm walks on one mount."""

@@ -13,6 +13,9 @@ TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
 FSTYPES = {"kernel": "overlay", "fuse-overlayfs": "fuse.fuse-overlayfs",
            "overlayfuse": "fuse.overlayfuse"}
 
+CTL_IMAGES = 20  # images in the store ctl-image-ls and ctl-ps list
+CTL_RUNS = 5  # runs of each overlayctl command per rep: one run takes a tenth of a second
+
 # name, unit, cold (caches dropped after mounting), what it does
 WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "walk-cold": ("s", True, "find MNT -printf '%s %i %m\\n', caches dropped"),
@@ -25,7 +28,12 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "copyup-many": ("s", False, "append one byte to many lower files"),
     "rm-tree": ("s", False, "rm -rf of a lower tree (whiteouts)"),
     "parallel": ("s", True, "dd of big.bin + dd of big2.bin + find, at once, caches dropped"),
+    "mount-to-first-read": ("s", False, "from starting the mount command to a 4 KiB read through the mount"),
+    "ctl-image-ls": ("s", False, f"overlayctl image ls, store of {CTL_IMAGES} images (overlayfuse only)"),
+    "ctl-ps": ("s", False, f"overlayctl ps -a, store of {CTL_IMAGES} images (overlayfuse only)"),
 }
+#: Workloads of overlayctl, not of a mount: measured once, in the overlayfuse column.
+CTL_WORKLOADS = ("ctl-image-ls", "ctl-ps")
 
 MOUNT_TIMEOUT = 60.0  # a mount must answer a stat by then; only bounds a hang
 UNMOUNT_TIMEOUT = 15.0  # per unmount command, before the lazy fallback
@@ -38,6 +46,9 @@ BIG_DIR = "opt/bench"  # where the big files live in l1; excluded from read-all
 NEW_DIR = "bench-new"  # top dir of the create-small tarball
 CHUNK = 8 << 20  # write unit for the big files
 RSS_WALKS = 3  # warm walks for the RSS-growth table
+FIRST_READ = f"{BIG_DIR}/big.bin"  # in l1 in every scale; the mountpoint is empty until mounted
+FIRST_READ_POLL = 0.0005  # seconds between tries to read FIRST_READ while the mount comes up
+TOOL_TIMEOUT = 120.0  # one umoci or overlayctl call building the ctl store
 MARKER = ".overlayfuse-bench"  # marks --workdir as ours, so a rerun may empty it
 
 
