@@ -215,6 +215,8 @@ class InodeTable:
         node.lookups -= count
         if node.lookups <= 0 and ino != ROOT_INODE:
             del self._nodes[ino]
+            for branch in node.resolved.branches:  # a cached listing may keep the branch itself
+                branch.unpin()
 
     def _xino(self, dev: int, real_ino: int) -> int | None:
         fsid = self._fsids.get(dev)

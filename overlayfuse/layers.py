@@ -101,8 +101,13 @@ class Branch:
             if (st.st_dev, st.st_ino) != (self.dev, self.ino):
                 raise OSError(errno.ESTALE, "directory replaced while being looked up", self.name)
             self.fd = opened
-            self.parent = None  # nothing needs the way here any more
         return self
+
+    def unpin(self) -> None:
+        """Let the descriptor go (the kernel forgot the directory): held by name again, below its
+        parent, as an entry of a cached listing is. Layer roots stay held."""
+        if self.parent is not None:
+            self.fd = None
 
     def at(self) -> tuple[Fd, str]:
         """A held ancestor (or this directory itself) and the relative path from it ("." for itself)."""
