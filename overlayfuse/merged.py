@@ -47,6 +47,12 @@ class Caller:
     gid: int
 
 
+def _is_entry(resolved: Resolved, directory: Branch, name: str) -> bool:
+    """Whether RESOLVED is the entry NAME of the real DIRECTORY (not another name of its object)."""
+    held = resolved.dir
+    return held is not None and resolved.name == name and (held.dev, held.ino) == (directory.dev, directory.ino)
+
+
 def _error(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code), what) if what else OSError(code, os.strerror(code))
 
@@ -482,10 +488,10 @@ class MergedTree:
         new_parent, new_name, target_node = new
         await self._ensure_upper(old_parent)
         await self._ensure_upper(new_parent)
-        await self._make_movable(ws, style, source_node)
+        await self._make_movable(ws, style, source_node, old_parent, old_name)
         if exchange:
             assert target_node is not None
-            await self._make_movable(ws, style, target_node)
+            await self._make_movable(ws, style, target_node, new_parent, new_name)
         old_res, new_res = old_parent.resolved, new_parent.resolved
         overwritten = target if target_node is not None and not exchange else None
         if overwritten is not None:
@@ -554,10 +560,21 @@ class MergedTree:
         if node is not None and indexed is not None:
             self.inodes.rebind(node, indexed)
 
-    async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node) -> None:
-        """An object about to be renamed must live wholly in upper: copy it up, a directory with its
-        lower content too. Nothing of a tree copy that fails (ENOSPC, say) is left behind."""
+    async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node, parent: Node, name: str) -> None:
+        """An object about to be renamed from NAME in PARENT must live wholly in upper, under that
+        name: copy it up, a directory with its lower content too. Nothing of a tree copy that fails
+        (ENOSPC, say) is left behind.
+
+        A hardlinked file may be in upper already under another name (its node then holds that
+        copy) while NAME is still a lower name showing it through the link index: NAME is linked
+        to the copy in upper first, or the rename would find nothing there to move."""
         resolved = await self._ensure_upper(node)
+        if not resolved.is_dir:
+            into = parent.resolved.branches[0]
+            here = self.find(parent.resolved, name)
+            if here is not None and self._indexed(here) and not _is_entry(here, into, name):
+                await self._name_indexed_copy(node, here, into)
+            return
         if resolved.is_dir and len(resolved.branches) > 1:
             copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved)
             self.listing_epoch += 1

@@ -307,13 +307,17 @@ def teardown_overlayfuse(mnt: Path) -> None:
     Raises MountError if the mount or a daemon process survives all of that.
     """
     pids = daemon_pids(mnt)
+    busy_with: list[str] = []  # who kept a clean unmount from working, if anyone did
     for cmd in (["fusermount3", "-u", str(mnt)], ["fusermount3", "-u", "-z", str(mnt)],
                 ["umount", "-l", str(mnt)]):
         if not is_mounted(mnt):
             break
+        if cmd[1:] == ["-u", "-z"]:
+            busy_with = holders(mnt)
         with contextlib.suppress(subprocess.TimeoutExpired):
             run(cmd, timeout=UNMOUNT_TIMEOUT)
     leftover = wait_pids_gone(pids, DAEMON_EXIT_TIMEOUT)
+    waiting = {pid: daemon_threads(pid) for pid in leftover}
     for pid in leftover:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -324,7 +328,42 @@ def teardown_overlayfuse(mnt: Path) -> None:
     if is_mounted(mnt):
         raise MountError(f"{mnt} is still mounted after teardown")
     if leftover:
-        raise MountError(f"overlayfuse daemon(s) {leftover} for {mnt} ignored the unmount")
+        raise MountError(f"overlayfuse daemon(s) {leftover} for {mnt} ignored the unmount; "
+                         f"its threads were in {waiting}; the mount was held by {busy_with}")
+
+
+def holders(mnt: Path) -> list[str]:
+    """Processes whose working directory, root or an open descriptor is inside `mnt`: why a
+    clean unmount fails with EBUSY (a lazy one then leaves the daemon serving them)."""
+    inside = str(mnt)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        links = [f"/proc/{entry}/cwd", f"/proc/{entry}/root"]
+        with contextlib.suppress(OSError):
+            links += [f"/proc/{entry}/fd/{fd}" for fd in os.listdir(f"/proc/{entry}/fd")]
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == inside or target.startswith(inside + "/"):
+                argv = command_line(int(entry)) or []
+                found.append(f"{entry} {' '.join(argv)[:80]!r} {link.rsplit('/', 1)[-1]}={target}")
+    return found
+
+
+def daemon_threads(pid: int) -> list[str]:
+    """What each thread of `pid` waits in (name and kernel wait channel)."""
+    threads = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text().strip()
+                threads.append(f"{comm}:{wchan}")
+    return threads
 
 
 def wait_mounted(mnt: Path, proc: subprocess.Popen[bytes] | None = None,

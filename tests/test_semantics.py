@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests import syscalls
 from tests.mounts import overlayfuse, run_isolated
 from tests.trees import Dir, File, HardLink
 from tests.writes import mounted_pair
@@ -226,6 +227,21 @@ def _getdents_names(fd: int, at_most: int) -> list[str]:
     return names
 
 
+def rename_a_lower_link_whose_sibling_moved_up(mnt: str, how: str) -> list[Any]:
+    """d/t2 and m/t3 are one lower file; moving the merged dir d copies d/t2 up (into the link
+    index): m/t3, still a lower name, must then move too (exchanged with d, or renamed after)."""
+    os.chdir(mnt)
+    out = [_lst("m/t3")]
+    if how == "exchange":
+        out.append(_try(syscalls.rename_exchange, "d", "m/t3"))
+        out += [_lst(p) for p in ("d", "m/t3/t2", "m/t3/q", "t1")]  # not m/t3: see README, dir renames
+    else:
+        out.append(_try(os.rename, "d", "e"))
+        out.append(_try(os.rename, "m/t3", "m/t4"))
+        out += [_lst(p) for p in ("e/t2", "m/t3", "m/t4", "t1")]
+    return out
+
+
 def unprivileged_set_id(mnt: str, op: str) -> Any:
     """As nobody: change a 06777 file owned by root by OP; its mode afterwards."""
     where = os.open(os.path.join(mnt, "s"), os.O_RDONLY | os.O_DIRECTORY)  # the test's tmp dir is 0700
@@ -284,6 +300,14 @@ def test_rename_ring_among_hardlinked_names(tmp_path: Path, where: str) -> None:
     entries = [Dir(where), File(f"{where}/r0", b"ring")] + [HardLink(f"{where}/r{i}", f"{where}/r0") for i in range(1, 7)]
     layers = {"l1": entries} if where == "lower" else {"upper": entries, "l1": [File("x")]}
     _same(tmp_path, layers, rename_ring, where, 31)
+
+
+@pytest.mark.parametrize("how", ["exchange", "rename"])
+def test_rename_of_a_lower_link_whose_other_name_was_copied_up(tmp_path: Path, how: str) -> None:
+    links = [Dir("d"), Dir("m"), File("t1", b"linked"), HardLink("d/t2", "t1"), HardLink("m/t3", "t1")]
+    layers = {"l1": [Dir("d"), File("d/q", b"upper layer of d")], "l2": links}
+    out = _same(tmp_path, layers, rename_a_lower_link_whose_sibling_moved_up, how)
+    assert None in out[1:3] and "ENOENT" not in out[1:3]
 
 
 @pytest.mark.parametrize("name,create", [("tmpf", True), ("lowerfile", False)])
