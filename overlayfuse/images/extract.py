@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from .. import whiteout
+from ..overlay import whiteout
 from .compression import CHUNK
 from .limits import ENV_VARIABLES, UnpackLimits
 from .remove import remove_at

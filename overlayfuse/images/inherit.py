@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import whiteout
-from ..layers import LayerStack, Resolved, lookup
+from ..overlay import whiteout
+from ..overlay.layers import LayerStack, Resolved, lookup
 from .extract import DIR_FLAGS, open_dir_path
 
 log = logging.getLogger(__name__)

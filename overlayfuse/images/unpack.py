@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import whiteout
+from ..overlay import whiteout
 from ..errors import ImageError
 from . import oci
 from .compression import HashingReader, open_decompressed

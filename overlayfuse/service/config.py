@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import mounttable
+from ..linux import mounttable
 from ..errors import ConfigError, UserError
-from ..layers import check_layer_readable
-from ..images.containers import upper_dir, work_dir
+from ..overlay.layers import check_layer_readable
+from ..containers.lifecycle import upper_dir, work_dir
 from ..images.refs import resolve_image
 from ..images.store import DEFAULT_ROOT, ROOT_ENV, Store, check_container_name
-from ..options import UsageError, escape, is_inside, parse_args, validate
+from ..daemon.options import UsageError, escape, is_inside, parse_args, validate
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from overlayfuse.mounttable import read_mounts
+from overlayfuse.linux.mounttable import read_mounts
 
 from .errors import StressError, say
 from .settings import (COMMAND_TIMEOUT, DAEMON_EXIT_TIMEOUT, FUSE_FSTYPE, MOUNT_TIMEOUT,
