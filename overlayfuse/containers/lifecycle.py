@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..linux import mounttable
+from ..linux.sockets import sockaddr
 from ..errors import StoreError
 from ..daemon.options import FS_TYPE, escape
 from ..images.refs import resolve_image
@@ -281,7 +282,7 @@ def _start_daemon(store: Store, record: ContainerRecord, mountpoint: str, read_o
     address = f"@overlayfuse/notify/{os.getpid()}/{secrets.token_hex(8)}"
     log_file = log_path(store, record.name)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as listener:
-        listener.bind(b"\0" + address[1:].encode())
+        listener.bind(sockaddr(address))
         env = {**os.environ, "NOTIFY_SOCKET": address}
         with open(log_file, "ab") as log_out:
             log_out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())

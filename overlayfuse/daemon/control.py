@@ -45,6 +45,8 @@ from types import TracebackType
 
 import trio
 
+from ..linux.sockets import is_abstract, sockaddr
+
 log = logging.getLogger(__name__)
 
 #: Longest command line a client may send; anything longer is not a client of ours.
@@ -118,10 +120,6 @@ class FreezeGate:
 # -- the daemon's side ----------------------------------------------------------------------------
 
 
-def _sockaddr(address: str) -> str | bytes:
-    return b"\0" + address[1:].encode() if address.startswith("@") else address
-
-
 def bind(address: str) -> socket.socket:
     """A listening socket at ADDRESS, made before the mount so that a clash fails the mount early.
 
@@ -129,12 +127,12 @@ def bind(address: str) -> socket.socket:
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        if not address.startswith("@") and os.path.exists(address):
+        if not is_abstract(address) and os.path.exists(address):
             if _answers(address):
                 raise OSError(errno.EADDRINUSE, "another daemon serves this control socket", address)
             os.unlink(address)
-        sock.bind(_sockaddr(address))
-        if not address.startswith("@"):
+        sock.bind(sockaddr(address))
+        if not is_abstract(address):
             os.chmod(address, 0o600)
         sock.listen(8)
     except BaseException:
@@ -146,7 +144,7 @@ def bind(address: str) -> socket.socket:
 def _answers(address: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
         try:
-            probe.connect(_sockaddr(address))
+            probe.connect(sockaddr(address))
         except OSError:
             return False
     return True
@@ -164,7 +162,7 @@ async def serve(sock: socket.socket, address: str, gate: FreezeGate) -> None:
     finally:
         with contextlib.suppress(OSError):
             await listener.aclose()
-        if not address.startswith("@"):
+        if not is_abstract(address):
             with contextlib.suppress(OSError):
                 os.unlink(address)
 
@@ -244,7 +242,7 @@ def frozen(address: str, timeout: float = FREEZE_TIMEOUT) -> Iterator[None]:
     try:
         sock.settimeout(timeout)
         try:
-            sock.connect(_sockaddr(address))
+            sock.connect(sockaddr(address))
             _request(sock, "freeze", "frozen", address)
         except TimeoutError:
             raise ControlError(f"control socket {address}: the mount did not freeze within {timeout:.0f} s") from None
@@ -263,7 +261,7 @@ def ping(address: str, timeout: float = 5.0) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(_sockaddr(address))
+            sock.connect(sockaddr(address))
             _request(sock, "ping", "pong", address)
         except (OSError, ControlError):
             return False

@@ -12,6 +12,8 @@ import logging
 import os
 import socket
 
+from ..linux.sockets import is_abstract, sockaddr
+
 log = logging.getLogger(__name__)
 
 
@@ -19,10 +21,8 @@ def _address(value: str) -> str | bytes | None:
     """The socket address $NOTIFY_SOCKET names: an absolute path, or ``@name`` in the abstract
     namespace (no trailing NUL: the name is exactly the rest). Anything else (systemd 253's
     ``vsock:`` addresses, a relative path) is not ours to guess at: None."""
-    if value.startswith("@"):
-        return b"\0" + value[1:].encode()
-    if value.startswith("/"):
-        return value
+    if is_abstract(value) or value.startswith("/"):
+        return sockaddr(value)
     return None
 
 

@@ -13,7 +13,6 @@ half-built directory is removed.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..linux.syscalls import syncfs
 from ..overlay import whiteout
 from ..errors import ImageError
 from . import oci
@@ -144,7 +144,7 @@ def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, diges
                 raise ImageError(f"{label}: {_no_space(extractor, root_fd)}") from None
         finally:
             extractor.close()
-        _syncfs(root_fd)
+        syncfs(root_fd)  # one for the layer, not one fsync per file: a crash must not leave it half-written
     finally:
         os.close(root_fd)
     return UnpackedLayer(blob.digest, blob.size, tar_stream.digest, extractor.unpacked_size,
@@ -238,13 +238,3 @@ class _TarStream(HashingReader):
                 self.last_data = start + kept
         return chunk
 
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(fd: int) -> None:
-    """One syncfs for the whole layer instead of an fsync per file: the caller renames the layer
-    into the store next, and a crash must not leave a renamed layer with missing data."""
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))

@@ -8,16 +8,16 @@ mountpoint before it mounts (``umount -l``, as fusermount3 -uz would).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import subprocess
 from dataclasses import dataclass
 
+from . import syscalls
+
 log = logging.getLogger(__name__)
 
-MNT_DETACH = 2
 #: How many dead mounts stacked on one mountpoint we clear before giving up.
 MAX_STACKED = 16
 
@@ -95,12 +95,12 @@ def detach_dead_mounts(path: str) -> int:
 
 
 def _detach(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(os.fsencode(path), MNT_DETACH) == 0:
+    try:
+        syscalls.umount2(path, syscalls.MNT_DETACH)
         return
-    code = ctypes.get_errno()
-    if code != errno.EPERM:
-        raise OSError(code, os.strerror(code), path)
+    except OSError as exc:
+        if exc.errno != errno.EPERM:
+            raise
     # Not root: fusermount3 is setuid root and may detach our own FUSE mounts.
     subprocess.run(["fusermount3", "-u", "-z", path], check=True, capture_output=True, timeout=30)
 

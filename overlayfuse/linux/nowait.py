@@ -24,20 +24,20 @@ import errno
 import logging
 import os
 
+from .syscalls import AT_FDCWD, LIBC
+
 log = logging.getLogger(__name__)
 
 #: openat2's number is the same on every architecture (it is newer than the split tables).
 _SYS_OPENAT2 = 437
 _RESOLVE_CACHED = 0x20
-_AT_FDCWD = -100
 
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
+_syscall = LIBC.syscall
 _syscall.restype = ctypes.c_long
 _syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
 
@@ -50,7 +50,7 @@ _read_refused: set[int] = set()
 _WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EINVAL, errno.ENOSYS, errno.E2BIG, errno.EOPNOTSUPP})
 
 
-def open_cached(path: str, flags: int, dir_fd: int = _AT_FDCWD) -> int | None:
+def open_cached(path: str, flags: int, dir_fd: int = AT_FDCWD) -> int | None:
     """``os.open(PATH, FLAGS, dir_fd=DIR_FD)`` if every step of PATH is cached; None if it would wait
     (or cannot be tried: flags openat2 refuses, such as O_CREAT, or no openat2); OSError as
     ``os.open`` would."""

@@ -13,7 +13,6 @@ mapped to errno at the FUSE boundary.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import itertools
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..linux.syscalls import rename_noreplace, start_writeback
 from . import whiteout
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,10 @@ _FALLBACK_CHUNK = 1 << 20
 
 #: How much a copy-up copies before it hands that part to the disk (see `_copy_range`).
 _WRITEBACK_CHUNK = 32 << 20
-SYNC_FILE_RANGE_WRITE = 2
 
 #: xattrs that carry access control: losing them would widen access, so a target that cannot store them
 #: fails the copy-up (the kernel's ovl_must_copy_xattr); any other unsupported xattr is skipped.
 _MUST_COPY_XATTRS = ("system.posix_acl_access", "system.posix_acl_default", "security.capability")
-
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-RENAME_WHITEOUT = 4
 
 _serial = itertools.count()  # next() on a count is atomic in CPython: safe across worker threads
 
@@ -124,21 +118,6 @@ def copy_up_size(ws: Workspace, source: str, target: str, size: int) -> os.stat_
     if size < 0:
         raise OSError(errno.EINVAL, "negative size", source)
     return _copy_up(ws, source, target, size)
-
-
-def rename_noreplace(src: str, dst: str) -> None:
-    """Rename SRC to DST, failing with EEXIST instead of replacing an existing DST."""
-    _renameat2(src, dst, RENAME_NOREPLACE)
-
-
-def rename_exchange(a: str, b: str) -> None:
-    """Atomically swap the objects at A and B (both must exist; they may differ in type)."""
-    _renameat2(a, b, RENAME_EXCHANGE)
-
-
-def rename_whiteout(src: str, dst: str) -> None:
-    """Rename SRC to DST and leave a 0:0 whiteout device at SRC, in one step (needs CAP_MKNOD)."""
-    _renameat2(src, dst, RENAME_WHITEOUT)
 
 
 def staging_path(ws: Workspace) -> str:
@@ -263,7 +242,7 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
     while offset < end:
         step = min(_WRITEBACK_CHUNK, end - offset)
         copied = _copy_chunk(src, dst, offset, step)
-        _start_writeback(dst, offset, copied)
+        start_writeback(dst, offset, copied)
         if copied < step:  # the source shrank under us; the final ftruncate zero-fills the rest
             return
         offset += step
@@ -306,14 +285,6 @@ def _copy_chunk_fallback(src: int, dst: int, offset: int, count: int) -> int:
             break
         offset += os.pwrite(dst, chunk, offset)
     return offset - start
-
-
-def _start_writeback(fd: int, offset: int, count: int) -> None:
-    """Start writing COUNT bytes at OFFSET of FD to disk, without waiting (the later fsync waits).
-    Only a head start: where sync_file_range is missing or fails, the fsync does all the work."""
-    if _sync_file_range is not None and count > 0:
-        if _sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE) != 0:
-            log.debug("sync_file_range: %s", os.strerror(ctypes.get_errno()))
 
 
 def _copy_metadata(src: int | str, dst: int | str, st: os.stat_result) -> None:
@@ -409,29 +380,3 @@ def _empty_dir(path: str) -> int:
     finally:
         os.close(fd)
     return len(entries)
-
-
-def _load_libc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
-    """libc's NAME (returning int, errno kept for ctypes.get_errno), or None if this libc lacks it."""
-    try:
-        func = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except AttributeError:
-        return None
-    func.argtypes = argtypes
-    func.restype = ctypes.c_int
-    return func
-
-
-# renameat2 has a glibc wrapper since 2.28; sync_file_range since long before.
-_renameat2_func = _load_libc_function(
-    "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
-)
-_sync_file_range = _load_libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-
-
-def _renameat2(src: str, dst: str, flags: int) -> None:
-    if _renameat2_func is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available in this libc", src, None, dst)
-    if _renameat2_func(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), src, None, dst)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..linux import syscalls
 from . import copyup, layers, upper
 from .copyup import Workspace
 from .inodes import InodeTable, Name, Node, identity
@@ -440,8 +441,8 @@ class MergedTree:
             if source is None:
                 raise _error(errno.ENOENT, old_name)
             target = self.find(new_res, new_name)
-            exchange = bool(flags & copyup.RENAME_EXCHANGE)
-            if flags & copyup.RENAME_NOREPLACE and target is not None:
+            exchange = bool(flags & syscalls.RENAME_EXCHANGE)
+            if flags & syscalls.RENAME_NOREPLACE and target is not None:
                 raise _error(errno.EEXIST, new_name)
             if exchange and target is None:
                 raise _error(errno.ENOENT, new_name)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..linux import syscalls
 from . import copyup, layers, whiteout
 from .copyup import Workspace
 from .layers import Branch, Resolved
@@ -67,9 +68,9 @@ def create(
         if stat.S_ISDIR(obj.mode) and (existing is not None or oci_whited):
             whiteout.mark_opaque(staged, style)
         if existing is None:
-            copyup.rename_noreplace(staged, target)
+            syscalls.rename_noreplace(staged, target)
         elif stat.S_ISDIR(obj.mode):
-            copyup.rename_exchange(staged, target)  # rename(2) cannot put a dir over a device
+            syscalls.rename_exchange(staged, target)  # rename(2) cannot put a dir over a device
             os.unlink(staged)
         else:
             os.rename(staged, target)
@@ -98,7 +99,7 @@ def remove(ws: Workspace, style: MarkerStyle, parent_dir: str, name: str, *, lea
         staged = copyup.staging_path(ws)
         whiteout.write_device_whiteout(staged)
         if is_dir:
-            copyup.rename_exchange(staged, target)  # the dir ends up in staging
+            syscalls.rename_exchange(staged, target)  # the dir ends up in staging
             _discard(staged)
         else:
             os.rename(staged, target)
@@ -136,20 +137,20 @@ def rename(
         # rename(2) cannot replace a non-empty dir (an upper dir holding only markers is one) nor
         # put a dir over a device: swap the two, then deal with what landed at SOURCE.
         assert existing is not None
-        copyup.rename_exchange(source, target)
+        syscalls.rename_exchange(source, target)
         if leave_whiteout and whiteout.is_device_whiteout(existing):
             pass  # what landed at SOURCE is already the whiteout it needs
         elif leave_whiteout and style.device_whiteouts:
             staged = copyup.staging_path(ws)
             whiteout.write_device_whiteout(staged)
-            copyup.rename_exchange(staged, source)
+            syscalls.rename_exchange(staged, source)
             _discard(staged)
         else:
             if leave_whiteout:
                 whiteout.write_oci_whiteout(source_dir, source_name)
             _move_out(ws, source, stat.S_ISDIR(existing.st_mode))
     elif leave_whiteout and style.device_whiteouts:
-        copyup.rename_whiteout(source, target)
+        syscalls.rename_whiteout(source, target)
     else:
         if leave_whiteout:
             whiteout.write_oci_whiteout(source_dir, source_name)
@@ -163,7 +164,7 @@ def exchange(style: MarkerStyle, a: str, b: str, *, opaque_at_a: bool, opaque_at
         whiteout.mark_opaque(a, style)
     if opaque_at_a and os.path.isdir(b) and not os.path.islink(b):
         whiteout.mark_opaque(b, style)
-    copyup.rename_exchange(a, b)
+    syscalls.rename_exchange(a, b)
 
 
 def copy_up_tree(
@@ -288,7 +289,7 @@ def _publish_whiteout(ws: Workspace, style: MarkerStyle, parent_dir: str, name: 
         staged = copyup.staging_path(ws)
         whiteout.write_device_whiteout(staged)
         try:
-            copyup.rename_noreplace(staged, os.path.join(parent_dir, name))
+            syscalls.rename_noreplace(staged, os.path.join(parent_dir, name))
         except BaseException:
             _discard(staged)
             raise

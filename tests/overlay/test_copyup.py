@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayfuse.overlay.copyup import Workspace, copy_up, copy_up_size, rename_exchange, rename_noreplace
+from overlayfuse.overlay.copyup import Workspace, copy_up, copy_up_size
 from tests.support.gatefs import gate_fs, wait_held
 from tests.support.trees import BlockDev, CharDev, Dir, Fifo, File, Socket, Sparse, Symlink, make_tree
 
@@ -307,27 +307,6 @@ def test_missing_source_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         copy_up(ws, str(tmp_path / "nope"), str(tmp_path / "upper" / "nope"))
     assert staging_entries(ws) == [] and os.listdir(tmp_path / "upper") == []
-
-
-def test_rename_noreplace(tmp_path: Path) -> None:
-    make_tree(tmp_path, File("a", b"a"), File("b", b"b"))
-    with pytest.raises(FileExistsError) as excinfo:
-        rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
-    assert excinfo.value.errno == errno.EEXIST
-    assert (tmp_path / "a").read_bytes() == b"a" and (tmp_path / "b").read_bytes() == b"b"
-    rename_noreplace(str(tmp_path / "a"), str(tmp_path / "c"))
-    assert not (tmp_path / "a").exists() and (tmp_path / "c").read_bytes() == b"a"
-    with pytest.raises(FileNotFoundError):
-        rename_noreplace(str(tmp_path / "a"), str(tmp_path / "d"))
-
-
-def test_rename_exchange_swaps_a_dir_and_a_file(tmp_path: Path) -> None:
-    make_tree(tmp_path, File("d/inside", b"in dir"), File("f", b"file"))
-    rename_exchange(str(tmp_path / "d"), str(tmp_path / "f"))
-    assert (tmp_path / "f" / "inside").read_bytes() == b"in dir"
-    assert (tmp_path / "d").read_bytes() == b"file"
-    with pytest.raises(FileNotFoundError):
-        rename_exchange(str(tmp_path / "d"), str(tmp_path / "missing"))
 
 
 KILL_SCRIPT = """
