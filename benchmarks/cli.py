@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import startup
 from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
 from .report import host_info, render, summarize
-from . import startup
 from .runner import Bench
-from .settings import (CTL_WORKLOADS, DEFAULT_CACHE, DEFAULT_WORKDIR, MARKER, SCALES, TARGETS, VENV_BIN,
-                       WORKLOADS)
+from .settings import CTL_WORKLOADS, DEFAULT_CACHE, DEFAULT_WORKDIR, MARKER, SCALES, TARGETS, VENV_BIN, WORKLOADS
 from .stack import choose_targets_of_work, prepare_stack
 from .views import walk_view
 

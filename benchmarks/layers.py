@@ -209,7 +209,7 @@ def build_l2(l1: Path, l2: Path, changes: int, seed: int = 2) -> dict[str, Any]:
     want = max(6, changes // 25)
     opaque = min(dirs, key=lambda p: (abs(counts[p] - want), p))
     blocked = [opaque]
-    wh_dirs = []
+    wh_dirs: list[str] = []
     for p in rng.sample(dirs, len(dirs)):
         if len(wh_dirs) >= max(1, changes // 500):
             break

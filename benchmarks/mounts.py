@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -16,8 +16,16 @@ from overlayfuse.linux.mounttable import command_line, process_alive, read_mount
 
 from .errors import BenchError, say
 from .processes import run
-from .settings import (DAEMON_EXIT_TIMEOUT, FIRST_READ, FIRST_READ_POLL, FSTYPES, MOUNT_TIMEOUT,
-                       SYNC_TIMEOUT, UNMOUNT_TIMEOUT, VENV_BIN)
+from .settings import (
+    DAEMON_EXIT_TIMEOUT,
+    FIRST_READ,
+    FIRST_READ_POLL,
+    FSTYPES,
+    MOUNT_TIMEOUT,
+    SYNC_TIMEOUT,
+    UNMOUNT_TIMEOUT,
+    VENV_BIN,
+)
 
 
 def fstype_at(mnt: Path) -> str | None:

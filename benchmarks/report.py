@@ -80,7 +80,7 @@ def render_table(bench: Bench, results: dict[str, Any]) -> str:
 
 
 def render(bench: Bench, report: dict[str, Any]) -> str:
-    h, st = report["host"], report["stack"]
+    h, st, check = report["host"], report["stack"], report["view_check"]
     lines = [
         f"overlayfuse bench ({bench.scale.name}), {h['date']}",
         f"host: load average {h['loadavg_start']} at start, {h['loadavg_end']} at end"
@@ -96,7 +96,7 @@ def render(bench: Bench, report: dict[str, Any]) -> str:
         " full with pseudo-random data; create-small:"
         f" {st['tar_files']} files, {st['tar_bytes'] / 2**20:.1f} MiB; copyup-many:"
         f" {st['copyup_files']} files; rm-tree: /{st['rm_dir']} ({st['rm_entries']} entries)",
-        f"view check: {'same merged view on ' + ', '.join(report['view_check']['targets']) if report['view_check'].get('same') else report['view_check']}",
+        "view check: " + (f"same merged view on {', '.join(check['targets'])}" if check.get("same") else str(check)),
         f"reps {report['config']['reps']}; median [min, max]; seconds unless MB/s (1 MB = 10^6 B);"
         " of/fo and of/kern = overlayfuse / fuse-overlayfs and overlayfuse / kernel medians"
         " (time: >1 is slower; MB/s: <1 is slower); peak RSS = daemon VmHWM before unmount",

@@ -47,7 +47,7 @@ class Bench:
                 + (f", {views[target]['vanished']} listed names that lstat ENOENT (ignored)"
                    if views[target]["vanished"] else ""))
         problems = compare_views(views)
-        ref = views[self.targets[0]]["entries"]
+        ref: dict[str, Entry] = views[self.targets[0]]["entries"]
         self.view_check = {
             "ran": True, "targets": list(views), "entries": len(ref), "same": not problems,
             "ignored_enoent_names": {t: v["vanished"] for t, v in views.items()},

@@ -11,7 +11,6 @@ from typing import Any
 
 from .processes import run
 
-
 Entry = list[Any]  # [kind, permissions, size, symlink target, rdev]
 
 KINDS = {stat.S_IFDIR: "d", stat.S_IFREG: "f", stat.S_IFLNK: "l", stat.S_IFCHR: "c",
@@ -56,7 +55,8 @@ def walk_view_isolated(root: Path, timeout: float) -> dict[str, Any]:
     """
     package = __name__.rpartition(".")[0]
     proc = run([sys.executable, "-m", package, "--_walk", str(root)], timeout)
-    return json.loads(proc.stdout)
+    view: dict[str, Any] = json.loads(proc.stdout)
+    return view
 
 
 def show(e: Entry) -> str:

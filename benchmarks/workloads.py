@@ -89,7 +89,7 @@ def job_parallel(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
             raise BenchError(f"parallel took more than {sc.cmd_timeout:.0f} s: killed") from None
         raise
     elapsed = time.perf_counter() - start
-    for c, p in zip(cmds, procs):
+    for c, p in zip(cmds, procs, strict=True):
         err = p.stderr.read().decode(errors="replace").strip() if p.stderr else ""
         if p.stderr:
             p.stderr.close()

@@ -16,9 +16,6 @@ from typing import Any
 
 import pytest
 
-# Shared assertion helpers live in plain modules: let pytest explain their failures too.
-pytest.register_assert_rewrite("tests.support.writes", "tests.support.differential", "tests.support.compare")
-
 from tests.support.mounts import (
     FuseMount,
     MountError,

@@ -28,14 +28,14 @@ from typing import Any
 from ..daemon import control
 from ..errors import StoreError
 from ..images import oci
-from .changes import Change, list_changes
 from ..images.compression import BlobInfo, write_layer_blob
-from .lifecycle import RUNNING, control_address, lower_dirs, mount_state, upper_dir, work_dir
-from .indexlinks import append_to_tar, indexed_names
-from .layertar import write_layer_tar
 from ..images.refs import parse_reference
 from ..images.store import ContainerRecord, ImageRecord, LayerRecord, Store, now_rfc3339, write_file_atomic
 from ..images.unpack import unpack_layer
+from .changes import Change, list_changes
+from .indexlinks import append_to_tar, indexed_names
+from .layertar import write_layer_tar
+from .lifecycle import RUNNING, control_address, lower_dirs, mount_state, upper_dir, work_dir
 
 log = logging.getLogger(__name__)
 

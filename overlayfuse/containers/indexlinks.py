@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..overlay import layers, whiteout
 from ..errors import StoreError
+from ..overlay import layers, whiteout
 from ..overlay.layers import Layer, LayerStack, Resolved
 from ..overlay.links import INDEX_NAME, LinkIndex
 

@@ -33,9 +33,9 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
-from ..overlay import whiteout
 from ..errors import ImageError
 from ..images.compression import CHUNK
+from ..overlay import whiteout
 from .sparse import data_pieces, sparse_member
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def _set_mtime(info: tarfile.TarInfo, mtime_ns: int) -> None:
     seconds, ns = divmod(mtime_ns, _NS)
     info.mtime = seconds
     if ns:
-        info.pax_headers["mtime"] = f"{seconds}.{ns:09d}".rstrip("0")
+        info.pax_headers = {**info.pax_headers, "mtime": f"{seconds}.{ns:09d}".rstrip("0")}
 
 
 def _xattrs(path: str, tar_name: str) -> dict[str, str]:

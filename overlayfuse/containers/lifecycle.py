@@ -33,12 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..linux import mounttable
-from ..linux.sockets import sockaddr
-from ..errors import StoreError
 from ..daemon.options import FS_TYPE, escape
+from ..errors import StoreError
 from ..images.refs import resolve_image
 from ..images.store import ContainerRecord, ImageRecord, Store, check_container_name, write_json_atomic
+from ..linux import mounttable
+from ..linux.sockets import sockaddr
 
 log = logging.getLogger(__name__)
 

@@ -56,8 +56,8 @@ def sparse_member(info: tarfile.TarInfo, fd: int, pieces: Pieces) -> io.RawIOBas
     lines = [str(len(pieces))] + [str(n) for piece in pieces for n in piece]
     header = "\n".join(lines).encode() + b"\n"
     header += bytes(-len(header) % tarfile.BLOCKSIZE)
-    info.pax_headers.update({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
-                             "GNU.sparse.name": real_name, "GNU.sparse.realsize": str(real_size)})
+    info.pax_headers = {**info.pax_headers, "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                        "GNU.sparse.name": real_name, "GNU.sparse.realsize": str(real_size)}
     # The ustar name GNU tar uses, so a reader that knows no sparse format extracts the raw data
     # area under a name of its own instead of over the real file.
     info.name = f"GNUSparseFile.0/{os.path.basename(real_name)}"[:100]
@@ -78,7 +78,7 @@ class _SparseData(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, n: int = -1) -> bytes:
         """Up to N bytes, short only at the end (tarfile's copy takes a short read as truncation)."""
         if n is None or n < 0:
             n = 1 << 20

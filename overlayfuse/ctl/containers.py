@@ -101,8 +101,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     from ..containers.lifecycle import STOPPED, container_states
-    from ..images.store import MissingStoreError, Store
     from ..daemon.options import FS_TYPE
+    from ..images.store import MissingStoreError, Store
 
     try:
         store = Store.existing(args.root)
@@ -120,7 +120,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         rows.append((name, s.image or "-", state, str(s.pid) if s.pid else "-", s.mountpoint or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
     return 0
 
 

@@ -25,10 +25,10 @@ import pyfuse3
 
 from ..linux import nowait
 from ..overlay import whiteout
-from .control import FreezeGate
 from ..overlay.inodes import Node
 from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import Caller, MergedTree
+from .control import FreezeGate
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,8 @@ class OverlayOperations(pyfuse3.Operations):
         return handle.fd
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    # pyfuse3's stub says bytes; it sends any buffer, and a memoryview of the read saves a copy.
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         handle = self._files[fh]
         fd = self._readable_fd(handle)
         data = nowait.read_cached(fd, size, off, handle.dev)
@@ -489,9 +490,10 @@ class OverlayOperations(pyfuse3.Operations):
             if reply is None:
                 st = resolved.stat
                 if resolved.layer.writable:
-                    st = _lstat_now(resolved)
-                    if st is None:
+                    now = _lstat_now(resolved)
+                    if now is None:
                         continue  # gone since the listing was read: never send a stale pairing
+                    st = now
                 attrs = self._attributes(self.inodes.number_for(resolved), resolved, st)
                 reply = (os.fsencode(name), attrs)
                 if not resolved.layer.writable:
@@ -690,4 +692,4 @@ def _permitted(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bo
     return mode & granted == mode
 
 
-__all__ = ["OverlayOperations", "CACHE_TIMEOUT"]
+__all__ = ["CACHE_TIMEOUT", "OverlayOperations"]

@@ -24,14 +24,14 @@ from collections.abc import Awaitable, Callable
 import pyfuse3
 import trio
 
-from . import control, inuse, readahead
 from ..overlay import whiteout
-from .notify import notify
 from ..overlay.copyup import Workspace
-from .fs import OverlayOperations
 from ..overlay.layers import LayerStack
 from ..overlay.links import LinkIndex
 from ..overlay.merged import MergedTree
+from . import control, inuse, readahead
+from .fs import OverlayOperations
+from .notify import notify
 from .options import MountOptions
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ import stat
 from dataclasses import dataclass
 
 from .. import __version__
-from . import inuse
 from ..overlay.layers import check_layer_readable
+from . import inuse
 
 
 class UsageError(Exception):

@@ -98,7 +98,7 @@ class _MergedView:
     def directory(self, parts: Parts) -> Resolved | None:
         """The merged directory PARTS, or None when the view has no directory there."""
         if self._root is None:
-            found = self._stack.resolve_root()
+            found: Resolved | None = self._stack.resolve_root()
             self._root = _ViewNode(found if found is not None and found.is_dir else None)
         node = self._root
         for name in parts:

@@ -58,7 +58,7 @@ def open_cached(path: str, flags: int, dir_fd: int = AT_FDCWD) -> int | None:
     if not _open_supported:
         return None
     how = _OpenHow(flags, 0, _RESOLVE_CACHED)
-    fd = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    fd: int = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
     if fd >= 0:
         return fd
     code = ctypes.get_errno()

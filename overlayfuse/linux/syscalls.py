@@ -83,9 +83,8 @@ def rename_whiteout(src: str, dst: str) -> None:
 def start_writeback(fd: int, offset: int, count: int) -> None:
     """Start writing COUNT bytes at OFFSET of FD to disk, without waiting (a later fsync waits).
     Only a head start: where sync_file_range is missing or fails, the fsync does all the work."""
-    if _sync_file_range is not None and count > 0:
-        if _sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE) != 0:
-            log.debug("sync_file_range: %s", os.strerror(ctypes.get_errno()))
+    if _sync_file_range is not None and count > 0 and _sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE) != 0:
+        log.debug("sync_file_range: %s", os.strerror(ctypes.get_errno()))
 
 
 def syncfs(fd: int) -> None:

@@ -21,9 +21,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ..linux.syscalls import rename_noreplace, start_writeback
 from . import whiteout

@@ -254,7 +254,7 @@ def list_dir(parent: Sequence[Branch]) -> list[tuple[str, Resolved]]:
         for name in listing.entries:
             if not whiteout.is_reserved_name(name):
                 order.setdefault(name, None)
-    probe = _ListedProbe(dict(zip(parent, listings)))
+    probe = _ListedProbe(dict(zip(parent, listings, strict=True)))
     result = []
     for name in order:
         resolved = _merge(parent, name, probe)

@@ -110,10 +110,7 @@ class LinkIndex:
         if held is None and st.st_nlink < 2 and not self.holds(resolved):
             return st.st_nlink
         try:
-            if held is not None:
-                lower = self.lower_names(held.proc, follow=True)
-            else:
-                lower = self.lower_names(resolved.path)
+            lower = self.lower_names(held.proc, follow=True) if held is not None else self.lower_names(resolved.path)
         except (FileNotFoundError, NotADirectoryError):
             return st.st_nlink  # its name is gone and nothing holds it: nothing below counts
         return st.st_nlink if lower is None else st.st_nlink - 1 + lower

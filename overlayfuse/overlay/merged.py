@@ -159,7 +159,7 @@ class MergedTree:
         ones. A listing read while a change in the directory was under way is read again (each change
         bumps the directory's version when it starts and when it ends).
         """
-        node, resolved = self.directory(ino)
+        node, _resolved = self.directory(ino)
         for _ in range(_LISTING_TRIES):
             if node.listing is not None and node.listing_epoch == self.listing_epoch:
                 return node, node.listing
@@ -247,7 +247,7 @@ class MergedTree:
             branches: tuple[Branch, ...] = ()
             if resolved.is_dir:
                 top = Branch(upper_layer, into, node.name, NO_MARKERS, st.st_dev, st.st_ino)
-                branches = (top,) + resolved.branches
+                branches = (top, *resolved.branches)
             copied = Resolved(upper_layer, into, node.name, st, branches)
             self.inodes.rebind(node, copied)
             log.debug("copied up %s", node.name)
@@ -284,7 +284,8 @@ class MergedTree:
         assert self.links is not None
         ws, style = self._require_writable()
         link = NewObject(indexed.stat.st_mode, 0, 0, link_source=indexed.path)
-        st, _ = await self.in_thread(upper.keeping_times, into.path, upper.create, ws, style, into.path, node.name, link)
+        st, _ = await self.in_thread(upper.keeping_times, into.path, upper.create, ws, style, into.path, node.name,
+                                     link)
         await self.in_thread(self.links.covered, into.child(node.name))
         linked = Resolved(self.stack.layers[0], into, node.name, st, ())
         self.inodes.rebind(node, linked)
@@ -374,7 +375,7 @@ class MergedTree:
                 raise _error(errno.ENOTDIR, name)
             if not directory and victim.is_dir:
                 raise _error(errno.EISDIR, name)
-            if directory and await self.in_thread(layers.list_dir, victim.branches):
+            if directory and bool(await self.in_thread(layers.list_dir, victim.branches)):
                 raise _error(errno.ENOTEMPTY, name)
             parent_res = await self._ensure_upper(parent)
             victim_node = self.inodes.node_of(victim)
@@ -451,7 +452,7 @@ class MergedTree:
                     raise _error(errno.ENOTDIR, new_name)
                 if target.is_dir and not source.is_dir:
                     raise _error(errno.EISDIR, new_name)
-                if target.is_dir and await self.in_thread(layers.list_dir, target.branches):
+                if target.is_dir and bool(await self.in_thread(layers.list_dir, target.branches)):
                     raise _error(errno.ENOTEMPTY, new_name)
             source_node = self.inodes.remember(old_parent.ino, old_name, source)
             target_node = self.inodes.remember(new_parent.ino, new_name, target) if target else None

@@ -15,10 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from ..linux import mounttable
-from ..errors import ConfigError, UserError
 from ..containers.lifecycle import control_address, create_container, daemon_alive
+from ..errors import ConfigError, UserError
 from ..images.store import Store
+from ..linux import mounttable
 from .config import MountConfig, MountPlan, daemon_args, load_config, locate, plan_mount, store_root
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,7 @@ from pathlib import Path
 from overlayfuse.linux.mounttable import read_mounts
 
 from .errors import StressError, say
-from .settings import (COMMAND_TIMEOUT, DAEMON_EXIT_TIMEOUT, FUSE_FSTYPE, MOUNT_TIMEOUT,
-                       UNMOUNT_TIMEOUT)
+from .settings import COMMAND_TIMEOUT, DAEMON_EXIT_TIMEOUT, FUSE_FSTYPE, MOUNT_TIMEOUT, UNMOUNT_TIMEOUT
 
 
 def run(cmd: Sequence[str], timeout: float) -> subprocess.CompletedProcess[bytes]:

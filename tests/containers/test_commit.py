@@ -22,8 +22,8 @@ import pytest
 import trio
 import trio.testing
 
-from overlayfuse.daemon import control
 from overlayfuse.containers.lifecycle import control_address
+from overlayfuse.daemon import control
 from overlayfuse.images.store import Store
 from tests.support.compare import assert_same_view
 from tests.support.containerctl import (

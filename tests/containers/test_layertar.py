@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from overlayfuse.errors import ImageError
-from overlayfuse.images import oci
 from overlayfuse.containers.changes import Change, list_changes
 from overlayfuse.containers.layertar import write_layer_tar
+from overlayfuse.errors import ImageError
+from overlayfuse.images import oci
 from overlayfuse.images.unpack import unpack_layer
-from tests.support.compare import Snapshot, assert_same_view, take_snapshot
 from tests.conftest import MountFactory
+from tests.support.compare import Snapshot, assert_same_view, take_snapshot
 from tests.support.imagebuild import sha256_digest
 from tests.support.mounts import FuseMount, kernel_overlay, overlayfuse, run_isolated
 from tests.support.trees import (
@@ -361,7 +361,7 @@ def test_a_kernel_metacopy_file_is_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_upper_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="cannot read the upper dir .*missing"):
+    with pytest.raises(ImageError, match=r"cannot read the upper dir .*missing"):
         tar_of(tmp_path / "missing")
 
 

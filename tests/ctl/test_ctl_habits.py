@@ -56,7 +56,8 @@ def test_check_and_service_run_notice_a_busy_mountpoint(ctl: Ctl, tmp_path: Path
     lower.mkdir()
     conf_dir.mkdir()
     (conf_dir / "web.conf").write_text(f'mountpoint = "{mnt}"\nlowerdirs = ["{lower}"]\n')
-    line = f"{conf_dir}/web.conf: mountpoint: {mnt} is already in use (fuse.overlayfuse from overlayctl:web): unmount it first"
+    line = (f"{conf_dir}/web.conf: mountpoint: {mnt} is already in use (fuse.overlayfuse from overlayctl:web): "
+            "unmount it first")
     assert _error(ctl, "check", "web", "--config-dir", conf_dir) == line
     proc = ctl.run("service", "run", "web", "--config-dir", conf_dir)
     assert proc.returncode == 78 and proc.stderr.strip().splitlines() == [f"overlayctl: error: {line}"], proc.stderr
@@ -121,7 +122,8 @@ def test_mount_refuses_a_non_empty_directory(ctl: Ctl, tmp_path: Path) -> None:
 
 def test_a_mistyped_root_creates_no_store(tmp_path: Path, images: Images) -> None:
     typo = Ctl(tmp_path / "stroe")
-    note = f"overlayctl: note: no image store at {typo.root} (image import creates one; check --root and $OVERLAYFUSE_ROOT)"
+    note = (f"overlayctl: note: no image store at {typo.root} "
+            "(image import creates one; check --root and $OVERLAYFUSE_ROOT)")
     proc = typo.run("image", "ls")
     assert proc.returncode == 0 and proc.stderr.splitlines() == [note], proc.stderr
     assert proc.stdout.splitlines() == ["REPOSITORY   TAG   IMAGE ID   CREATED   SIZE"]

@@ -21,7 +21,6 @@ from tests.conftest import skip_or_fail
 from tests.support.mounts import (
     DAEMON_EXIT_TIMEOUT,
     MOUNT_TIMEOUT,
-    SYSTEM_BINARY,
     daemon_pids,
     mount_at,
     overlayfuse,

@@ -122,25 +122,27 @@ def test_ready_waits_until_the_mount_answers(tmp_path: Path, overlayfuse_bin: Pa
     comes once the layer answers."""
     listener = NotifyListener(path=tmp_path / "notify.sock")
     control, mnt = tmp_path / "control", tmp_path / "mnt"
-    with listener, faultfs(control, tmp_path / "lower", hold_while_mounted=mnt) as lower:
-        with daemon(_foreground(mnt, lower), mnt, env=listener.env()) as d:
-            try:
-                wait_fstype(mnt, FUSE_TYPE, d.proc)
-                # It could not answer: its stat of its root is the one faultfs holds.
-                assert _wait_file(control / "holding", READY_TIMEOUT), "nothing asked for the root's attributes"
-                # Our own mark, queued before the release: a READY sent while the layer held the
-                # stat is received before it, one sent after the release after it. No time window.
-                listener.mark()
-            finally:
-                (control / "release").touch()
-            ready = listener.wait_for("READY=1", READY_TIMEOUT)
-            fields = [m.fields for m in listener.messages]
-            assert ("MARK=1",) in fields[: listener.messages.index(ready)], \
-                f"READY=1 sent while the mount could not answer: {fields}"
-            assert ready.pid == d.proc.pid
-            assert _answers(mnt)
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.wait() == 0
+    with (
+        listener, faultfs(control, tmp_path / "lower", hold_while_mounted=mnt) as lower,
+        daemon(_foreground(mnt, lower), mnt, env=listener.env()) as d,
+    ):
+        try:
+            wait_fstype(mnt, FUSE_TYPE, d.proc)
+            # It could not answer: its stat of its root is the one faultfs holds.
+            assert _wait_file(control / "holding", READY_TIMEOUT), "nothing asked for the root's attributes"
+            # Our own mark, queued before the release: a READY sent while the layer held the
+            # stat is received before it, one sent after the release after it. No time window.
+            listener.mark()
+        finally:
+            (control / "release").touch()
+        ready = listener.wait_for("READY=1", READY_TIMEOUT)
+        fields = [m.fields for m in listener.messages]
+        assert ("MARK=1",) in fields[: listener.messages.index(ready)], \
+            f"READY=1 sent while the mount could not answer: {fields}"
+        assert ready.pid == d.proc.pid
+        assert _answers(mnt)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.wait() == 0
 
 
 def _wait_file(path: Path, timeout: float) -> bool:

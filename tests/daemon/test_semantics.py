@@ -56,7 +56,7 @@ def lower_link_then_unlink_other(mnt: str) -> list[Any]:
     os.link("foo", "no_foo")
     out = [_lst("foo"), _lst("no_foo")]
     os.unlink("no_foo")
-    out += [_lst("foo"), _lst("no_foo"), open("foo", "rb").read()]
+    out += [_lst("foo"), _lst("no_foo"), Path("foo").read_bytes()]
     return out
 
 
@@ -281,7 +281,8 @@ def test_every_name_of_a_hardlinked_file_unlinked_in_turn(tmp_path: Path, where:
 
 @pytest.mark.parametrize("where", ["lower", "upper"])
 def test_rename_ring_among_hardlinked_names(tmp_path: Path, where: str) -> None:
-    entries = [Dir(where), File(f"{where}/r0", b"ring")] + [HardLink(f"{where}/r{i}", f"{where}/r0") for i in range(1, 7)]
+    links = [HardLink(f"{where}/r{i}", f"{where}/r0") for i in range(1, 7)]
+    entries = [Dir(where), File(f"{where}/r0", b"ring"), *links]
     layers = {"l1": entries} if where == "lower" else {"upper": entries, "l1": [File("x")]}
     _same(tmp_path, layers, rename_ring, where, 31)
 

@@ -21,11 +21,11 @@ from tests.support.mounts import REPO_ROOT, mounts
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from stresstest import names  # noqa: E402
-from stresstest.report import exceptions_logged, failures  # noqa: E402
-from stresstest.runner import Probe, RunResult  # noqa: E402
-from stresstest.settings import FD_SLACK, KINDS  # noqa: E402
-from stresstest.tally import Tally  # noqa: E402
+from stresstest import names
+from stresstest.report import exceptions_logged, failures
+from stresstest.runner import Probe, RunResult
+from stresstest.settings import FD_SLACK, KINDS
+from stresstest.tally import Tally
 
 STRESS = REPO_ROOT / "scripts" / "stress"
 SECONDS = 60 if os.environ.get("CI") else 10

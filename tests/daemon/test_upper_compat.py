@@ -22,7 +22,7 @@ import pytest
 from tests.support.compare import Snapshot, assert_same_view, take_snapshot
 from tests.support.mounts import kernel_overlay, run_isolated
 from tests.support.rich_tree import LayerSet, build_layer_set
-from tests.support.writes import F, KERNEL_OPTS, MiB, Step, mount_ours, run_steps, standard_layers
+from tests.support.writes import KERNEL_OPTS, F, MiB, Step, mount_ours, run_steps, standard_layers
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 

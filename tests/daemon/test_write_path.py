@@ -41,11 +41,11 @@ from tests.support.mounts import (
 from tests.support.rich_tree import LayerSet, build_layer_set
 from tests.support.trees import Dir, Entry, File
 from tests.support.writes import (
-    F,
     KERNEL_OPTS,
     OURS_IS_KERNEL,
     SPARSE_CHUNKS,
     SPARSE_SIZE,
+    F,
     MiB,
     Pair,
     Step,

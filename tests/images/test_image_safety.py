@@ -206,12 +206,12 @@ def write_layout(layout: Path, layers: list[Layer], tag: str) -> Path:
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     config = json.dumps({"architecture": oci.host_platform()[1], "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in layers]}}).encode()
+                         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}}).encode()
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": oci.MEDIA_MANIFEST,
         "config": {"mediaType": oci.MEDIA_CONFIG, "digest": write_blob(layout, config), "size": len(config)},
-        "layers": [{"mediaType": l.media_type, "digest": write_blob(layout, l.blob), "size": len(l.blob)}
-                   for l in layers],
+        "layers": [{"mediaType": layer.media_type, "digest": write_blob(layout, layer.blob), "size": len(layer.blob)}
+                   for layer in layers],
     }).encode()
     index = {"schemaVersion": 2, "manifests": [{
         "mediaType": oci.MEDIA_MANIFEST, "digest": write_blob(layout, manifest), "size": len(manifest),
@@ -295,7 +295,8 @@ def test_a_chain_ten_thousand_deep_imports_and_is_removed(store: Path, good: Pat
             child = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = child
-        assert os.read(leaf := os.open("f", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), 10) == b"deep"
+        leaf = os.open("f", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+        assert os.read(leaf, 10) == b"deep"
         os.close(leaf)
     finally:
         os.close(fd)

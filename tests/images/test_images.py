@@ -26,14 +26,14 @@ from typing import Any
 
 import pytest
 
+from overlayfuse.errors import ImageError
 from overlayfuse.images import oci
 from overlayfuse.images.importer import familiar, split_path_ref
 from overlayfuse.images.inherit import inherit_implicit_dirs
 from overlayfuse.images.store import ContainerRecord, Store
-from overlayfuse.errors import ImageError
+from tests.conftest import skip_or_fail
 from tests.support import imagebuild as ib
 from tests.support.compare import Snapshot, diff_views, take_snapshot
-from tests.conftest import skip_or_fail
 from tests.support.mounts import overlayctl_binary
 from tests.support.trees import Dir, File, Opaque, Whiteout, make_tree
 
@@ -231,7 +231,7 @@ def test_each_layer_prefix_matches_umoci(tag: str, images: ib.Images, rootfs: Ca
     empty = tmp_path / "empty"  # the kernel wants two lowerdirs when there is no upperdir
     empty.mkdir()
     ok(root, "image", "import", images.ref(tag))
-    stack = lowers(inspect(root, f"layout:{tag}")) + [empty]
+    stack = [*lowers(inspect(root, f"layout:{tag}")), empty]
     view = kernel_mount(tmp_path / "mnt", stack)
     assert_same_tree(rootfs(tag), view)
 
@@ -367,7 +367,8 @@ def test_ls_and_inspect(images: ib.Images, tmp_path: Path) -> None:
     rows = [line.split() for line in table[1:]]
     assert sorted(row[:3] for row in rows) == [["app", "1", full[7:19]], ["app", "latest", full[7:19]]]
     listed = json.loads(ok(root, "image", "ls", "--json"))
-    assert {(row["Repository"], row["Tag"], row["ID"]) for row in listed} == {("app", "1", full), ("app", "latest", full)}
+    rows = {(row["Repository"], row["Tag"], row["ID"]) for row in listed}
+    assert rows == {("app", "1", full), ("app", "latest", full)}
 
     described = inspect(root, "app:1")
     assert described["Id"] == full and described["RepoTags"] == ["app:1", "app:latest"]
@@ -380,7 +381,7 @@ def test_ls_and_inspect(images: ib.Images, tmp_path: Path) -> None:
     assert config["WorkingDir"] == "/home/user" and config["User"] == "1000:1000"
     assert config["Labels"] == {"org.example.kind": "base"}
     assert described["RootFS"]["Type"] == "layers" and len(described["RootFS"]["Layers"]) == 3
-    for layer, diff_id in zip(described["Layers"], described["RootFS"]["Layers"]):
+    for layer, diff_id in zip(described["Layers"], described["RootFS"]["Layers"], strict=True):
         assert layer["DiffID"] == diff_id
         assert Path(layer["Path"]).is_dir() and Path(layer["Path"]) == root / "layers" / diff_id[7:] / "diff"
         assert layer["UnpackedSize"] > 0 or layer is described["Layers"][1]
@@ -440,7 +441,8 @@ def test_rm_refuses_an_image_a_container_uses(images: ib.Images, tmp_path: Path)
     described = inspect(root, "other:1")
     store = Store.open(root)
     store.container_path("box").mkdir()
-    store.save_container(ContainerRecord(name="box", image=described["Id"], layers=tuple(described["RootFS"]["Layers"])))
+    layers = tuple(described["RootFS"]["Layers"])
+    store.save_container(ContainerRecord(name="box", image=described["Id"], layers=layers))
     before = store_state(root)
     proc = ctl(root, "image", "rm", "base:1", "other:1")  # all or nothing: base stays too
     assert proc.returncode != 0 and "used by container(s) box" in proc.stderr
@@ -711,7 +713,8 @@ def _run_on_terminal(argv: list[str]) -> tuple[int, str]:
 def test_progress_only_on_a_terminal(images: ib.Images, tmp_path: Path) -> None:
     binary = overlayctl_binary()
     assert binary is not None
-    status, shown = _run_on_terminal([str(binary), "--root", str(tmp_path / "a"), "image", "import", images.ref("full")])
+    command = [str(binary), "--root", str(tmp_path / "a"), "image", "import", images.ref("full")]
+    status, shown = _run_on_terminal(command)
     assert status == 0
     assert "layer 1/3" in shown and "layer 3/3" in shown and "[" + "#" * 30 + "]" in shown, shown
     proc = ctl(tmp_path / "b", "image", "import", images.ref("full"))
@@ -737,7 +740,7 @@ def test_path_and_reference_parsing(tmp_path: Path) -> None:
     (b"[]", "expected a JSON object"),
     (b"{\"schemaVersion\": 1, \"layers\": []}", "schemaVersion"),
     (b"{\"layers\": [], \"config\": {\"mediaType\": \"x\", \"digest\": \"md5:00\", \"size\": 1}}", "only sha256"),
-    (b"{\"layers\": [], \"config\": {\"mediaType\": \"x\", \"digest\": \"sha256:00\", \"size\": 1}}", "malformed digest"),
+    (b'{"layers": [], "config": {"mediaType": "x", "digest": "sha256:00", "size": 1}}', "malformed digest"),
     (b"{\"layers\": [], \"config\": {\"mediaType\": \"x\", \"digest\": \"sha256:" + b"0" * 64 + b"\", \"size\": -1}}",
      "invalid size"),
     (b"{\"layers\": {}, \"config\": {}}", "'layers' must be a list"),
@@ -749,7 +752,7 @@ def test_manifest_validation(document: bytes, message: str) -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ImageError, match="no rootfs.diff_ids"):
+    with pytest.raises(ImageError, match=r"no rootfs\.diff_ids"):
         oci.parse_config(b"{}", "config")
     with pytest.raises(ImageError, match="malformed digest"):
         oci.parse_config(b"{\"rootfs\": {\"type\": \"layers\", \"diff_ids\": [\"sha256:1\"]}}", "config")

@@ -30,8 +30,8 @@ from overlayfuse.images.registry.credentials import Credentials
 from overlayfuse.images.registry.push import push_image
 from overlayfuse.images.registry.reference import RegistryError, parse_registry_ref
 from overlayfuse.images.store import Store
-from tests.support.compare import assert_same_view
 from tests.conftest import skip_or_fail
+from tests.support.compare import assert_same_view
 from tests.support.containerctl import Ctl, build_images, change_container, comparable, store_session
 from tests.support.imagebuild import (
     INDEX,
@@ -183,7 +183,8 @@ def test_progress_on_a_terminal_shows_each_layer_with_its_rate(registry: Registr
     ctl.ok(*pull_args(registry, f"{registry.host}/test/other:1"))  # the base is then in the store
     master, slave = pty.openpty()
     try:
-        proc = subprocess.run(ctl.command(*pull_args(registry, f"{registry.host}/test/full:1")), stdin=subprocess.DEVNULL,
+        command = ctl.command(*pull_args(registry, f"{registry.host}/test/full:1"))
+        proc = subprocess.run(command, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=slave, timeout=60, check=False)
         os.close(slave)
         slave = -1
@@ -538,7 +539,8 @@ def test_registry_stopped_mid_pull_then_a_rerun_completes(proxy: FaultProxy, reg
         registry.start()
     assert proxy.host in line and ("HTTP 502" in line or "connect" in line or "broke" in line), line
     assert store_state(ctl.root) == state
-    assert not (ctl.root / "tmp").exists() or list((ctl.root / "tmp").iterdir()) == []  # staging went with the failed command
+    # staging went with the failed command
+    assert not (ctl.root / "tmp").exists() or list((ctl.root / "tmp").iterdir()) == []
     ctl.ok(*proxied_pull(proxy))
     assert json.loads(ctl.ok("image", "inspect", f"{proxy.host}/test/full:1"))[0]["RepoTags"]
 

@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import stat
-import sys
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from overlayfuse.containers.layertar import write_layer_tar
 from overlayfuse.errors import ImageError
 from overlayfuse.images import oci
 from overlayfuse.images.compression import (
@@ -35,14 +36,13 @@ from overlayfuse.images.compression import (
     open_decompressed,
     write_layer_blob,
 )
-from overlayfuse.containers.layertar import write_layer_tar
 from overlayfuse.images.unpack import UnpackedLayer, unpack_layer
+from tests.conftest import MountFactory, skip_or_fail
 from tests.support import imagebuild
 from tests.support.compare import Snapshot, assert_same_view, take_snapshot
-from tests.conftest import MountFactory, skip_or_fail
 from tests.support.imagebuild import sha256_digest
-from tests.support.trees import Dir, File, OciWhiteout, Opaque, make_tree
 from tests.support.mounts import FuseMount
+from tests.support.trees import Dir, File, OciWhiteout, Opaque, make_tree
 
 MEDIA = {"": oci.MEDIA_LAYER_TAR, "gzip": oci.MEDIA_LAYER_GZIP, "zstd": oci.MEDIA_LAYER_ZSTD}
 MTIME = 1_600_000_000
@@ -628,7 +628,7 @@ def _unpack_image_layers(layout: Path, tag: str, into: Path) -> list[Path]:
     config = json.loads(imagebuild.blob_path(layout, manifest["config"]["digest"]).read_bytes())
     into.mkdir()
     dirs = []
-    for i, (layer, diff_id) in enumerate(zip(manifest["layers"], config["rootfs"]["diff_ids"])):
+    for i, (layer, diff_id) in enumerate(zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True)):
         dest = into / f"layer{i}"
         with open(imagebuild.blob_path(layout, layer["digest"]), "rb") as raw:
             result = unpack_layer(raw, layer["mediaType"], dest, digest=layer["digest"],
@@ -681,6 +681,12 @@ def test_long_and_non_utf8_names(tmp_path: Path, fmt: int) -> None:
         tf.addfile(link)
     unpack_bytes(out.getvalue(), tmp_path / "layer")
     layer = os.fsencode(tmp_path / "layer")
-    assert open(layer + b"/" + os.fsencode(long_dir) + b"/file", "rb").read() == b"long"
-    assert open(layer + b"/caf\xe9", "rb").read() == b"odd"
+    assert _read(layer + b"/" + os.fsencode(long_dir) + b"/file") == b"long"
+    assert _read(layer + b"/caf\xe9") == b"odd"
     assert os.stat(layer + b"/" + os.fsencode(long_dir) + b"/file").st_nlink == 2
+
+
+def _read(path: bytes) -> bytes:
+    """The content of PATH, a bytes path (not valid UTF-8, which pathlib cannot name)."""
+    with open(path, "rb") as f:
+        return f.read()

@@ -75,7 +75,8 @@ def test_directory_moved_without_its_lower_keeps_its_number(tmp_path: Path) -> N
     moved.mkdir()
     st = os.lstat(moved)
     root = stack.roots[0]
-    new = Resolved(stack.layers[0], root, "moved", st, (Branch(stack.layers[0], root, "moved", NO_MARKERS, st.st_dev, st.st_ino),))
+    branch = Branch(stack.layers[0], root, "moved", NO_MARKERS, st.st_dev, st.st_ino)
+    new = Resolved(stack.layers[0], root, "moved", st, (branch,))
     number = table.number_for(old)
     table.pin(old, new)
     assert table.number_for(new) == number
@@ -100,7 +101,8 @@ def test_number_held_by_another_object_is_not_reused(tmp_path: Path) -> None:
     stack, table = _table(tmp_path)
     held = _remember(stack, table, "u")
     d = _resolve(stack, "d")
-    clash = Resolved(d.layer, d.dir, d.name, d.stat, (Branch(d.layer, d.dir, d.name, NO_MARKERS, held.resolved.stat.st_dev, held.ino),))
+    branch = Branch(d.layer, d.dir, d.name, NO_MARKERS, held.resolved.stat.st_dev, held.ino)
+    clash = Resolved(d.layer, d.dir, d.name, d.stat, (branch,))
     number = table.number_for(clash)
     assert number != held.ino and number >> FSID_SHIFT == ALLOCATED_FSID
     assert table.number_for(clash) == number  # remembered for the life of the mount

@@ -26,9 +26,9 @@ import pytest
 
 from overlayfuse.ctl.service import EXIT_CONFIG
 from overlayfuse.errors import ConfigError
+from overlayfuse.linux.journal import JournalFormatter, syslog_priority, under_journal
 from overlayfuse.service import install as service_install
 from overlayfuse.service.config import daemon_args, load_config, plan_mount
-from overlayfuse.linux.journal import JournalFormatter, syslog_priority, under_journal
 from tests.conftest import skip_or_fail
 from tests.support.imagebuild import missing_tools, new_image, repack_layer
 from tests.support.mounts import REPO_ROOT, mount_at, mounts, overlayctl_binary, run, run_isolated, wait_mounted
@@ -168,7 +168,8 @@ def _file(path: Path) -> None:
 BAD = [
     Bad("not TOML", lambda d: "mountpoint = \n", r"not valid TOML: .*line 1"),
     Bad("not UTF-8", lambda d: "mountpoint = '\udcff'\n", r"not UTF-8"),
-    Bad("unknown key", lambda d: toml(**d.good(), lowerdir=[d.top]), r"unknown key 'lowerdir' \(did you mean lowerdirs\? .*; known keys: "),
+    Bad("unknown key", lambda d: toml(**d.good(), lowerdir=[d.top]),
+        r"unknown key 'lowerdir' \(did you mean lowerdirs\? .*; known keys: "),
     Bad("mountpoint not a string", lambda d: toml(**d.good(mountpoint=5)),
         r"mountpoint: must be a string, not an integer"),
     Bad("lowerdirs a string", lambda d: toml(**d.good(lowerdirs=f"{d.top}:{d.base}")),
@@ -319,18 +320,20 @@ def _service_run(dirs: Dirs, *extra: str) -> list[str]:
 @pytest.mark.mount
 def test_service_run_becomes_the_daemon(dirs: Dirs, tmp_path: Path, overlayfuse_bin: Path) -> None:
     dirs.conf(toml(**dirs.good(options=["nosuid"])))
-    with NotifyListener(path=tmp_path / "notify.sock") as listener:
-        with daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d:
-            ready = listener.wait_for("READY=1", READY_TIMEOUT)
-            assert ready.pid == d.proc.pid, "overlayctl must exec the daemon: systemd only hears its main pid"
-            info = mount_at(dirs.mnt)
-            assert info is not None and info.fstype == FUSE_TYPE and info.source == "overlayfuse@web"
-            assert "nosuid" in info.mount_options.split(",")
-            assert run_isolated(_read, str(dirs.mnt / "etc/motd"), timeout=30) == b"top\n"
-            d.proc.send_signal(signal.SIGTERM)
-            assert listener.wait_for("STOPPING=1", READY_TIMEOUT).pid == d.proc.pid
-            assert d.wait() == 0
-            assert mount_at(dirs.mnt) is None
+    with (
+        NotifyListener(path=tmp_path / "notify.sock") as listener,
+        daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d,
+    ):
+        ready = listener.wait_for("READY=1", READY_TIMEOUT)
+        assert ready.pid == d.proc.pid, "overlayctl must exec the daemon: systemd only hears its main pid"
+        info = mount_at(dirs.mnt)
+        assert info is not None and info.fstype == FUSE_TYPE and info.source == "overlayfuse@web"
+        assert "nosuid" in info.mount_options.split(",")
+        assert run_isolated(_read, str(dirs.mnt / "etc/motd"), timeout=30) == b"top\n"
+        d.proc.send_signal(signal.SIGTERM)
+        assert listener.wait_for("STOPPING=1", READY_TIMEOUT).pid == d.proc.pid
+        assert d.wait() == 0
+        assert mount_at(dirs.mnt) is None
     log = d.log_text()
     assert log.startswith("<6>web: exec "), log
     assert "Traceback" not in log
@@ -344,11 +347,13 @@ def _read(path: str) -> bytes:
 @pytest.mark.mount
 def test_service_run_refuses_a_bad_config(dirs: Dirs, tmp_path: Path, overlayfuse_bin: Path) -> None:
     path = dirs.conf(toml(**dirs.good(upperdir=dirs.root / "nope")))
-    with NotifyListener(path=tmp_path / "notify.sock") as listener:
-        with daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d:
-            assert d.wait(READY_TIMEOUT) == EXIT_CONFIG
-            assert listener.pending() == []  # it has exited: all it ever sent is queued
-            assert mount_at(dirs.mnt) is None
+    with (
+        NotifyListener(path=tmp_path / "notify.sock") as listener,
+        daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d,
+    ):
+        assert d.wait(READY_TIMEOUT) == EXIT_CONFIG
+        assert listener.pending() == []  # it has exited: all it ever sent is queued
+        assert mount_at(dirs.mnt) is None
     assert d.log_text() == f"<3>{path}: upperdir: {dirs.root}/nope: no such directory\n"
 
 
@@ -356,24 +361,26 @@ def test_service_run_refuses_a_bad_config(dirs: Dirs, tmp_path: Path, overlayfus
 def test_service_restarts_over_the_dead_mount_of_a_killed_daemon(dirs: Dirs, tmp_path: Path,
                                                                  overlayfuse_bin: Path) -> None:
     dirs.conf(toml(**dirs.good()))
-    with NotifyListener(path=tmp_path / "notify.sock") as listener:
-        with daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as first:
-            listener.wait_for("READY=1", READY_TIMEOUT)
-            first.proc.kill()
-            first.wait()
-            with pytest.raises(OSError) as dead:
-                os.statvfs(dirs.mnt)
-            assert dead.value.errno == errno.ENOTCONN
-            check = ctl("check", "web", "--config-dir", dirs.conf_dir)
-            assert check.returncode == 0 and "the dead mount there will be detached first" in check.stdout
-            with daemon(_service_run(dirs), dirs.mnt, env=listener.env(),
-                        log=tmp_path / "second.log") as second:
-                assert listener.wait_for("READY=1", READY_TIMEOUT).pid == second.proc.pid
-                assert sum(1 for m in mounts() if m.mountpoint == str(dirs.mnt)) == 1
-                assert run_isolated(_read, str(dirs.mnt / "bin/sh"), timeout=30) == b"#!\n"
-                second.proc.send_signal(signal.SIGTERM)
-                assert second.wait() == 0
-            assert "<4>" + f"{dirs.mnt}: detached a FUSE mount whose daemon had died" in second.log_text()
+    with (
+        NotifyListener(path=tmp_path / "notify.sock") as listener,
+        daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as first,
+    ):
+        listener.wait_for("READY=1", READY_TIMEOUT)
+        first.proc.kill()
+        first.wait()
+        with pytest.raises(OSError) as dead:
+            os.statvfs(dirs.mnt)
+        assert dead.value.errno == errno.ENOTCONN
+        check = ctl("check", "web", "--config-dir", dirs.conf_dir)
+        assert check.returncode == 0 and "the dead mount there will be detached first" in check.stdout
+        with daemon(_service_run(dirs), dirs.mnt, env=listener.env(),
+                    log=tmp_path / "second.log") as second:
+            assert listener.wait_for("READY=1", READY_TIMEOUT).pid == second.proc.pid
+            assert sum(1 for m in mounts() if m.mountpoint == str(dirs.mnt)) == 1
+            assert run_isolated(_read, str(dirs.mnt / "bin/sh"), timeout=30) == b"#!\n"
+            second.proc.send_signal(signal.SIGTERM)
+            assert second.wait() == 0
+        assert "<4>" + f"{dirs.mnt}: detached a FUSE mount whose daemon had died" in second.log_text()
     assert mount_at(dirs.mnt) is None
 
 
@@ -414,18 +421,20 @@ def test_image_and_container_config(image_store: Path, dirs: Dirs, tmp_path: Pat
     assert first.stdout == (f"web: ok (image test/svc, container {name} (created on first start) (1 layer) "
                             f"on {dirs.mnt}, read-write)\n"), first.stderr
     store = Store.open(image_store)
-    with NotifyListener(path=tmp_path / "notify.sock") as listener:
-        with daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d:
-            assert listener.wait_for("READY=1", READY_TIMEOUT).pid == d.proc.pid
-            assert run_isolated(_read, str(dirs.mnt / "etc/motd"), timeout=30) == b"image\n"
-            run_isolated(_write, str(dirs.mnt / "etc/new"), b"kept\n", timeout=30)
-            record = store.container(name)
-            assert (record.mountpoint, record.pid) == (str(dirs.mnt), d.proc.pid)
-            ps = json.loads(ctl("--root", image_store, "ps", "--json").stdout)
-            # (ps also lists overlayfuse mounts that are no container's, unnamed: not this test's business)
-            assert [(s["name"], s["state"]) for s in ps if s["name"]] == [(name, "running")]
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.wait() == 0
+    with (
+        NotifyListener(path=tmp_path / "notify.sock") as listener,
+        daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d,
+    ):
+        assert listener.wait_for("READY=1", READY_TIMEOUT).pid == d.proc.pid
+        assert run_isolated(_read, str(dirs.mnt / "etc/motd"), timeout=30) == b"image\n"
+        run_isolated(_write, str(dirs.mnt / "etc/new"), b"kept\n", timeout=30)
+        record = store.container(name)
+        assert (record.mountpoint, record.pid) == (str(dirs.mnt), d.proc.pid)
+        ps = json.loads(ctl("--root", image_store, "ps", "--json").stdout)
+        # (ps also lists overlayfuse mounts that are no container's, unnamed: not this test's business)
+        assert [(s["name"], s["state"]) for s in ps if s["name"]] == [(name, "running")]
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.wait() == 0
     cleanup = ctl("service", "cleanup", "web", "--config-dir", dirs.conf_dir, env=no_journal_env())
     assert cleanup.returncode == 0, cleanup.stderr
     assert store.container(name).mountpoint is None
@@ -489,12 +498,14 @@ def test_eio_reaches_the_log_with_its_cause(journal: bool, tmp_path: Path, overl
 @pytest.mark.mount
 def test_debug_logs_each_request_at_debug_priority(dirs: Dirs, tmp_path: Path, overlayfuse_bin: Path) -> None:
     dirs.conf(toml(**dirs.good(debug=True)))
-    with NotifyListener(path=tmp_path / "notify.sock") as listener:
-        with daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d:
-            listener.wait_for("READY=1", READY_TIMEOUT)
-            assert run_isolated(_read, str(dirs.mnt / "etc/motd"), timeout=30) == b"top\n"
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.wait() == 0
+    with (
+        NotifyListener(path=tmp_path / "notify.sock") as listener,
+        daemon(_service_run(dirs), dirs.mnt, env=listener.env()) as d,
+    ):
+        listener.wait_for("READY=1", READY_TIMEOUT)
+        assert run_isolated(_read, str(dirs.mnt / "etc/motd"), timeout=30) == b"top\n"
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.wait() == 0
     lines = d.log_text().splitlines()
     assert any(line.startswith("<7>lookup(") and "b'motd'" in line for line in lines), lines
     assert any(line.startswith("<7>read(") for line in lines), lines
@@ -554,7 +565,8 @@ def test_install_with_a_config_file(tmp_path: Path, dirs: Dirs) -> None:
     mine.write_text(toml(**dirs.good(read_only=True)))
     clash = _install(tmp_path, "db", "--config", mine)
     assert clash.returncode == 1 and clash.stdout == ""
-    assert clash.stderr == f"overlayctl: error: {conf} exists and differs from {mine}: not overwriting it (edit or remove it)\n"
+    assert clash.stderr == (f"overlayctl: error: {conf} exists and differs from {mine}: "
+                            "not overwriting it (edit or remove it)\n")
     assert "read_only" not in conf.read_text()
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tests.support.compare import Snapshot, take_snapshot
 from tests.conftest import skip_or_fail
+from tests.support.compare import Snapshot, take_snapshot
 from tests.support.imagebuild import Images, missing_tools, standard_images
 from tests.support.mounts import MountError, is_mounted, overlayctl_binary, run, teardown_overlayfuse
 

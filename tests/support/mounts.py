@@ -297,7 +297,7 @@ def _teardown_keeping(exc: BaseException, mnt: Path) -> None:
     """
     try:
         teardown_overlayfuse(mnt)
-    except Exception as teardown_error:  # noqa: BLE001 - reported, not swallowed
+    except Exception as teardown_error:
         exc.add_note(f"teardown of {mnt} also failed: {teardown_error!r}")
 
 

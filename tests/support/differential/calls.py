@@ -351,7 +351,7 @@ def run_op(mnt: str | None, op: Op) -> Outcome:
         return ("ok", _apply(op))
     except OSError as exc:
         return ("err", errno.errorcode.get(exc.errno or 0, str(exc.errno)))
-    except Exception as exc:  # noqa: BLE001 - reported as a failure, with the operation
+    except Exception as exc:
         return ("exc", repr(exc))
     finally:
         os.fchdir(back)

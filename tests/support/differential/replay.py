@@ -13,8 +13,8 @@ import contextlib
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from tests.support.compare import Snapshot, snapshot
 from tests.support.differential.calls import close_held, render, run_op
