@@ -25,10 +25,11 @@ import pyfuse3
 
 from ..linux import nowait
 from ..overlay import whiteout
-from ..overlay.inodes import Node
+from ..overlay.inodes import Node, UnknownInode
 from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import Caller, MergedTree
 from .control import FreezeGate
+from .handles import HandleTable, UnknownHandle
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def _boundary(handler: F) -> F:
             else:
                 log.debug("%s -> %s (%s)", name, errno.errorcode.get(exc.errno, exc.errno), exc)
             raise pyfuse3.FUSEError(exc.errno) from None
-        except KeyError as exc:  # an inode or handle the kernel should not have used
-            log.error("%s%s: unknown inode or handle %s; answering ESTALE", name, _brief(args), exc)
+        except (UnknownInode, UnknownHandle) as exc:  # a number the kernel should not have used
+            log.error("%s%s: unknown %s; answering ESTALE", name, _brief(args), exc)
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         except Exception:
             log.exception("%s%s failed unexpectedly; answering EIO", name, _brief(args))
@@ -168,10 +169,10 @@ class OverlayOperations(pyfuse3.Operations):
         self.gate = FreezeGate()  # the daemon's control socket freezes it
         self.inodes = tree.inodes
         self.read_only = read_only
-        self._dirs: dict[int, DirHandle] = {}
+        self._dirs: HandleTable[DirHandle] = HandleTable("directory handle")
         self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
         self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
-        self._files: dict[int, FileHandle] = {}
+        self._files: HandleTable[FileHandle] = HandleTable("file handle")
         self._next_handle = 1
 
     def _new_handle(self) -> int:
@@ -514,10 +515,13 @@ class OverlayOperations(pyfuse3.Operations):
     # -- namespace changes ------------------------------------------------------------------------
 
     async def _create(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, **kwargs: Any
-    ) -> pyfuse3.EntryAttributes:
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, *,
+        rdev: int = 0, symlink_target: str = "",
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        """mkdir, mknod and symlink: MODE carries the type; RDEV is a device's, SYMLINK_TARGET a link's."""
         self._check_writable()
-        node, _ = await self.tree.create(parent_inode, os.fsdecode(name), mode, Caller(ctx.uid, ctx.gid), **kwargs)
+        node, _ = await self.tree.create(parent_inode, os.fsdecode(name), mode, Caller(ctx.uid, ctx.gid),
+                                         rdev=rdev, symlink_target=symlink_target)
         return await self._node_attributes(node)
 
     @_boundary

@@ -50,7 +50,7 @@ from .inherit import inherit_implicit_dirs
 from .oci import Descriptor, ImageConfig, Manifest
 from .progress import Progress
 from .recompress import GzipCopy
-from .refs import ReferenceError, parse_reference
+from .refs import InvalidReference, parse_reference
 from .sources import Source, clean_path, open_source, read_document
 from .store import ImageRecord, LayerRecord, Store, digest_hex, write_file_atomic
 from .unpack import unpack_layer
@@ -113,7 +113,7 @@ def familiar(reference: str) -> str:
 def _try_familiar(reference: str, where: str) -> str | None:
     try:
         return familiar(reference)
-    except ReferenceError as exc:
+    except InvalidReference as exc:
         log.warning("%s: ignoring the name %r: %s", where, reference, exc)
         return None
 

@@ -36,13 +36,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import pyfuse3
-
 from .layers import Fd, Resolved
 
 log = logging.getLogger(__name__)
 
-ROOT_INODE = int(pyfuse3.ROOT_INODE)
+#: FUSE_ROOT_ID (linux/fuse.h): the node id the kernel gives the root, fixed by the protocol.
+ROOT_INODE = 1
 
 #: Low bits carry the real inode number; ext4, xfs, btrfs and tmpfs numbers fit well within 56 bits.
 FSID_SHIFT = 56
@@ -51,6 +50,13 @@ ALLOCATED_FSID = 0xFF
 
 Identity = tuple[bool, int, int]  # (is a directory, st_dev, st_ino) of the object's origin
 Name = tuple[int, str]  # (parent inode, name)
+
+
+class UnknownInode(LookupError):
+    """The kernel named an inode number this table never gave it, or one it has forgotten.
+
+    Its own type, not KeyError, so that the FUSE boundary answers exactly this with ESTALE and
+    any other missing key (a bug of ours) with EIO and a traceback in the log."""
 
 
 def identity(resolved: Resolved) -> Identity:
@@ -116,8 +122,11 @@ class InodeTable:
         return self._nodes.get(ino)
 
     def get(self, ino: int) -> Node:
-        """The node for INO; KeyError if the kernel asks for one it was never given (a bug)."""
-        return self._nodes[ino]
+        """The node for INO; `UnknownInode` if the kernel asks for one it was never given (a bug)."""
+        node = self._nodes.get(ino)
+        if node is None:
+            raise UnknownInode(f"inode {ino}")
+        return node
 
     def number_for(self, resolved: Resolved) -> int:
         """The inode number this object has (or will have) in the mount."""
