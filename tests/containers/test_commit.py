@@ -167,7 +167,7 @@ def _read(*cmd: str | Path, timeout: float = 10.0) -> bytes:
 
 FREEZER = """
 import sys, time
-from overlayfuse import control
+from overlayfuse.daemon import control
 with control.frozen(sys.argv[1]):
     print("frozen", flush=True)
     time.sleep(600)
