@@ -24,11 +24,9 @@ from collections.abc import Awaitable, Callable
 import pyfuse3
 import trio
 
-from ..overlay import whiteout
-from ..overlay.copyup import Workspace
 from ..overlay.layers import LayerStack
-from ..overlay.links import LinkIndex
 from ..overlay.merged import MergedTree
+from ..overlay.upper import UpperDir
 from . import control, inuse, readahead
 from .fs import OverlayOperations
 from .notify import notify
@@ -67,7 +65,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, call ON_READY once the mount answers, and serve until unmounted or signalled."""
     _raise_descriptor_limit()
     stack = LayerStack.from_dirs(options.lowerdirs, options.upperdir)
-    workspace = style = links = None
+    upper_dir = None
     if options.upperdir and options.workdir and not options.read_only:
         try:  # before the workspace is prepared: that clears WORKDIR/work, which the holder uses
             inuse.claim(options.upperdir, options.workdir, options.mountpoint)
@@ -76,14 +74,12 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         except OSError as exc:
             raise MountError(f"workdir {options.workdir}: cannot lock it: {exc.strerror or exc}") from None
         try:
-            workspace = Workspace.prepare(options.upperdir, options.workdir)
-            style = whiteout.probe_marker_style(workspace.staging)
-            links = LinkIndex.prepare(options.workdir, style.opaque_xattr, stack.layers[0])
+            upper_dir = UpperDir.prepare(options.upperdir, options.workdir, stack.layers[0])
         except OSError as exc:
             raise MountError(f"workdir {options.workdir}: {exc.strerror or exc}") from None
-        if not style.device_whiteouts:
+        if not upper_dir.style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
-    tree = MergedTree(stack, workspace, style, links)
+    tree = MergedTree(stack, upper_dir)
     operations = OverlayOperations(tree, read_only=options.read_only)
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     try:

@@ -27,8 +27,7 @@ from . import copyup, layers, upper
 from .copyup import Workspace
 from .inodes import InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
-from .links import LinkIndex
-from .upper import NewObject
+from .upper import NewObject, UpperDir
 from .whiteout import NO_MARKERS, MarkerStyle
 
 log = logging.getLogger(__name__)
@@ -55,14 +54,13 @@ def _error(code: int, what: str = "") -> OSError:
 class MergedTree:
     """The merged view of one mount: its layer stack, inode table and (if writable) upper dir."""
 
-    def __init__(
-        self, stack: LayerStack, workspace: Workspace | None = None, style: MarkerStyle | None = None,
-        links: LinkIndex | None = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, stack: LayerStack, upper_dir: UpperDir | None = None) -> None:
+        """UPPER_DIR: the writable side; without it the tree is read-only."""
         self.stack = stack
-        self.workspace = workspace
-        self.style = style
-        self.links = links
+        self.upper_dir = upper_dir
+        self.workspace = upper_dir.workspace if upper_dir else None
+        self.style = upper_dir.style if upper_dir else None
+        self.links = upper_dir.links if upper_dir else None
         self.inodes = InodeTable(
             stack.resolve_root(), [os.lstat(layer.root).st_dev for layer in stack.layers]
         )

@@ -33,6 +33,23 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class UpperDir:
+    """The writable side of a mount as one object: where changes are staged (the workspace), which
+    marker forms this mount may write, and the hardlink index. Prepared once, at mount time."""
+
+    workspace: Workspace
+    style: MarkerStyle
+    links: LinkIndex
+
+    @classmethod
+    def prepare(cls, upperdir: str, workdir: str, upper_layer: layers.Layer) -> UpperDir:
+        """Clear WORKDIR's staging of interrupted changes, probe the marker forms, open the index."""
+        workspace = Workspace.prepare(upperdir, workdir)
+        style = whiteout.probe_marker_style(workspace.staging)
+        return cls(workspace, style, LinkIndex.prepare(workdir, style.opaque_xattr, upper_layer))
+
+
+@dataclass(frozen=True, slots=True)
 class NewObject:
     """What to create: the caller has already decided owner and mode (umask, setgid dirs)."""
 

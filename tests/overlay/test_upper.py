@@ -16,7 +16,8 @@ import pytest
 
 from overlayfuse.overlay import upper
 from overlayfuse.overlay.copyup import Workspace
-from overlayfuse.overlay.upper import NewObject
+from overlayfuse.overlay.layers import LayerStack
+from overlayfuse.overlay.upper import NewObject, UpperDir
 from overlayfuse.overlay.whiteout import OPAQUE_XATTRS, MarkerStyle
 from tests.support.trees import Dir, File, Whiteout, make_tree
 
@@ -127,3 +128,15 @@ def test_whiteout_builder_matches_upper(tmp_path: Path) -> None:
     upper.remove(ws, DEVICE, ws.upper, "w", leave_whiteout=True)
     built, ours = os.lstat(tmp_path / "built/w"), os.lstat(tmp_path / "upper/w")
     assert (stat.S_IFMT(built.st_mode), built.st_rdev) == (stat.S_IFMT(ours.st_mode), ours.st_rdev)
+
+
+def test_upper_dir_prepare(tmp_path: Path) -> None:
+    """One call makes the writable side: staging cleared of an interrupted change, the marker forms
+    probed (root: the kernel's), the hardlink index opened."""
+    make_tree(tmp_path, Dir("lower"), Dir("upper"), File("work/work/#leftover", b"half a copy-up"))
+    stack = LayerStack.from_dirs([str(tmp_path / "lower")], str(tmp_path / "upper"))
+    prepared = UpperDir.prepare(str(tmp_path / "upper"), str(tmp_path / "work"), stack.layers[0])
+    assert prepared.workspace.staging == str(tmp_path / "work/work") and _staging_empty(prepared.workspace)
+    assert prepared.style == DEVICE
+    assert prepared.links.directory == str(tmp_path / "work/overlayfuse-index")
+    assert os.path.isdir(prepared.links.directory)

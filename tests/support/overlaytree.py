@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from overlayfuse.overlay import whiteout
-from overlayfuse.overlay.copyup import Workspace
 from overlayfuse.overlay.layers import LayerStack
-from overlayfuse.overlay.links import LinkIndex
 from overlayfuse.overlay.merged import Caller, MergedTree
+from overlayfuse.overlay.upper import UpperDir
 
 ROOT = Caller(0, 0)
 
@@ -25,7 +23,4 @@ def open_tree(lowers: list[Path], upper: Path | None = None, work: Path | None =
     if upper is None or work is None:
         return MergedTree(stack)
     os.makedirs(work, exist_ok=True)
-    workspace = Workspace.prepare(str(upper), str(work))
-    style = whiteout.probe_marker_style(workspace.staging)
-    links = LinkIndex.prepare(str(work), style.opaque_xattr, stack.layers[0])
-    return MergedTree(stack, workspace, style, links)
+    return MergedTree(stack, UpperDir.prepare(str(upper), str(work), stack.layers[0]))
