@@ -75,6 +75,16 @@ class LinkIndex:
         os.link(upper_copy, entry)
         self.set_lower_names(entry, lower.st_nlink - 1)
 
+    def record(self, lower: os.stat_result, upper_copy: str) -> str | None:
+        """After LOWER was copied up to UPPER_COPY: a hardlinked file's copy goes in the index, so its
+        other lower names show the copy from then on. Returns the entry made, or None (nothing to keep:
+        a directory, or a file with one name). The one place that rule lives, for a copy-up of one
+        object and of a whole tree alike."""
+        if stat.S_ISDIR(lower.st_mode) or lower.st_nlink < 2:
+            return None
+        self.add(lower, upper_copy)
+        return self.entry(lower)
+
     def set_lower_names(self, path: str, count: int) -> None:
         os.setxattr(path, self.count_xattr, str(count).encode(), follow_symlinks=False)
 

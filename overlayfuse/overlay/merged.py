@@ -238,8 +238,7 @@ class MergedTree:
                 st = await self.in_thread(
                     upper.keeping_times, into.path, copyup.copy_up_size, ws, resolved.path, target, size
                 )
-            if self.links is not None and not resolved.is_dir and resolved.stat.st_nlink > 1:
-                await self.in_thread(self.links.add, resolved.stat, target)
+            if self.links is not None and await self.in_thread(self.links.record, resolved.stat, target) is not None:
                 self.listing_epoch += 1  # its other lower names, wherever they are, show the copy now
             upper_layer = self.stack.layers[0]
             branches: tuple[Branch, ...] = ()

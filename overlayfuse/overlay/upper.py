@@ -249,9 +249,9 @@ def _copy_tree(
                 else:
                     st = copyup.copy_up(ws, child.path, path)
                     added.append((target_dir, name, child.is_dir))
-                    if links is not None and not child.is_dir and child.stat.st_nlink > 1:
-                        links.add(child.stat, path)
-                        indexed.append(links.entry(child.stat))
+                    entry = links.record(child.stat, path) if links is not None else None
+                    if entry is not None:
+                        indexed.append(entry)
                     copied.append((child, layers.resolve_alone(layer, target_dir, name, st)))
             if child.is_dir:
                 below = Branch(layer, target_dir, name, whiteout.NO_MARKERS, *_dev_ino(target_dir, name)).pin()

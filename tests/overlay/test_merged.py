@@ -167,3 +167,14 @@ async def test_read_only_tree_refuses_changes(dirs: tuple[Path, Path, Path, Path
             await change()
         assert excinfo.value.errno == errno.EROFS
     assert os.listdir(dirs[2]) == []
+
+
+async def test_dir_rename_keeps_hardlinks(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """A directory with lower content is copied up whole to move (the kernel says EXDEV without
+    redirect_dir): the two names of a lower hardlink inside it stay one file, through the index."""
+    await tree.rename(ROOT_INODE, "hl", ROOT_INODE, "moved", 0)
+    moved = _upper(dirs) / "moved"
+    a, b = os.lstat(moved / "a"), os.lstat(moved / "b")
+    assert a.st_ino == b.st_ino and a.st_nlink >= 2 and (moved / "b").read_bytes() == b"linked"
+    assert os.getxattr(moved, TRUSTED_OPAQUE) == b"y" and _is_whiteout(_upper(dirs) / "hl")
+    assert await _names(tree, _ino(tree, "moved")) == ["a", "b"]
