@@ -16,10 +16,7 @@ from typing import Any
 
 import pytest
 
-# Shared assertion helpers live in plain modules: let pytest explain their failures too.
-pytest.register_assert_rewrite("tests.writes", "tests.differential", "tests.compare")
-
-from tests.mounts import (
+from tests.support.mounts import (
     FuseMount,
     MountError,
     kernel_overlay,

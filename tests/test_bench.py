@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import skip_or_fail
-from tests.mounts import REPO_ROOT, mounts
+from tests.support.mounts import REPO_ROOT, mounts
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import mounts, procfs
-from tests.compare import assert_same_errnos, assert_same_view, getdents, take_snapshot
-from tests.mounts import kernel_overlay
-from tests.rich_tree import RICH_PROBES, LayerSet, build_layer_set, rich_layers
-from tests.trees import (
+from tests.support import mounts, procfs
+from tests.support.compare import assert_same_errnos, assert_same_view, getdents, take_snapshot
+from tests.support.mounts import kernel_overlay
+from tests.support.rich_tree import RICH_PROBES, LayerSet, build_layer_set, rich_layers
+from tests.support.trees import (
     CharDev,
     Dir,
     Entry,
@@ -103,8 +103,8 @@ def test_make_tree_never_goes_through_a_symlink(tmp_path: Path, entry: Entry) ->
 
 
 def test_mountinfo_reader_is_the_tests_own() -> None:
-    """tests.procfs reads /proc/self/mountinfo itself (octal escapes included), so the leak
-    checks do not ask overlayfuse.mounttable, the module under test, what is mounted."""
+    """tests.support.procfs reads /proc/self/mountinfo itself (octal escapes included), so the leak
+    checks do not ask overlayfuse.linux.mounttable, the module under test, what is mounted."""
     line = (b"36 35 98:0 /mnt1 /a\\040dir\\134x rw,noatime master:1 - fuse.overlayfuse "
             b"over\\011lay rw,user_id=0\n")
     [entry] = procfs.parse_mountinfo(line)

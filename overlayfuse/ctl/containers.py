@@ -1,7 +1,7 @@
 """``overlayctl`` subcommands for containers: mount, umount, ps, rm, diff, commit.
 
-Parsing and printing only: the work is in `overlayfuse.images.containers` and
-`overlayfuse.images.commit`, imported by the subcommand that needs it (see `overlayfuse.ctl`).
+Parsing and printing only: the work is in `overlayfuse.containers.lifecycle` and
+`overlayfuse.containers.commit`, imported by the subcommand that needs it (see `overlayfuse.ctl`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from ..images.containers import mount_container
+    from ..containers.lifecycle import mount_container
     from ..images.store import Store
 
     record = mount_container(Store.existing(args.root), args.image, args.mountpoint, args.ro, name=args.name)
@@ -92,7 +92,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from ..images.containers import umount_container
+    from ..containers.lifecycle import umount_container
     from ..images.store import Store
 
     umount_container(Store.existing(args.root), args.target)
@@ -100,9 +100,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from ..images.containers import STOPPED, container_states
+    from ..containers.lifecycle import STOPPED, container_states
+    from ..daemon.options import FS_TYPE
     from ..images.store import MissingStoreError, Store
-    from ..options import FS_TYPE
 
     try:
         store = Store.existing(args.root)
@@ -120,12 +120,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
         rows.append((name, s.image or "-", state, str(s.pid) if s.pid else "-", s.mountpoint or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from ..images.containers import remove_containers
+    from ..containers.lifecycle import remove_containers
     from ..images.store import Store
 
     for removed in remove_containers(Store.existing(args.root), args.names, force=args.force):
@@ -134,7 +134,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_container_prune(args: argparse.Namespace) -> int:
-    from ..images.containers import prune_containers
+    from ..containers.lifecycle import prune_containers
     from ..images.store import Store
 
     removed, freed = prune_containers(Store.existing(args.root))
@@ -147,7 +147,7 @@ def cmd_container_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from ..images.commit import container_changes
+    from ..containers.commit import container_changes
     from ..images.store import Store
 
     for change in container_changes(Store.existing(args.root), args.name):
@@ -156,7 +156,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    from ..images.commit import commit_container
+    from ..containers.commit import commit_container
     from ..images.store import Store
 
     record = commit_container(Store.existing(args.root), args.name, args.ref, message=args.message, author=args.author)

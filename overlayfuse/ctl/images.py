@@ -149,7 +149,8 @@ def cmd_save(args: argparse.Namespace) -> int:
         record = resolve_image(store, args.ref)
         tag = _tag_named(args.ref, record)
         size = save_image(store, record, tag, Path(args.output))
-    print(f"Saved {record.id} to {args.output}" + (f" as {tag}" if tag else "") + f" ({human_size(size, binary=False)})")
+    as_tag = f" as {tag}" if tag else ""
+    print(f"Saved {record.id} to {args.output}{as_tag} ({human_size(size, binary=False)})")
     return 0
 
 
@@ -335,7 +336,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         table.append((row["Repository"], row["Tag"], row["ID"][7:7 + SHORT_ID], _since(row["Created"], now), size))
     widths = [max(len(line[n]) for line in table) for n in range(len(table[0]) - 1)]
     for line in table:
-        print("   ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "   " + line[-1])
+        print("   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)) + "   " + line[-1])
     return 0
 
 

@@ -70,7 +70,8 @@ def add_transfer_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                        description="Pull REF (host[:port]/repo[:tag][@digest]; a short name means docker.io) "
                                    "into the store, named by its full reference.")
     p.add_argument("ref", metavar="REF")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: this machine)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="from a multi-platform image (default: this machine)")
     p.add_argument("--quiet", "-q", action="store_true", help="print the image id only")
     _connection_flags(p)
     p.set_defaults(handler=cmd_pull)

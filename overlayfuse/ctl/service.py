@@ -15,7 +15,7 @@ import argparse
 import logging
 
 from ..errors import ConfigError
-from ..journal import configure_logging, print_error
+from ..linux.journal import configure_logging, print_error
 
 log = logging.getLogger(__name__)
 

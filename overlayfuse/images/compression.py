@@ -19,11 +19,14 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 import zstandard
 
 from ..errors import ImageError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ ZSTD_LEVEL = 3
 _GZIP_WBITS = 31
 
 
-def _sha256_digest(hasher: hashlib._Hash) -> str:  # type: ignore[name-defined]
+def _sha256_digest(hasher: hashlib._Hash) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
@@ -232,16 +235,19 @@ class _ZstdDecoder(_Decoder):
         return out, (self._obj.unused_data + bytes(rest) if self._obj.eof else rest)
 
 
-def open_decompressed(raw: BinaryIO, compression: str) -> BinaryIO:
+def open_decompressed(raw: BinaryIO | io.RawIOBase, compression: str) -> BinaryIO:
     """A reader of RAW's uncompressed bytes; COMPRESSION is "", "gzip" or "zstd".
 
     Corrupt or truncated input raises ImageError from `read`.
     """
     check_compression(compression)
+    # Only read(n) is ever called on RAW and on what this returns: a raw reader (our own hashing
+    # readers) serves as well as a buffered file.
+    stream = cast(BinaryIO, raw)
     if compression == "":
-        return raw
-    decoder: _Decoder = _GzipDecoder(raw) if compression == "gzip" else _ZstdDecoder(raw)
-    return decoder  # type: ignore[return-value]
+        return stream
+    decoder: _Decoder = _GzipDecoder(stream) if compression == "gzip" else _ZstdDecoder(stream)
+    return cast(BinaryIO, decoder)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -256,6 +262,14 @@ class BlobInfo:
     diff_id: str
 
 
+class _Compressor(Protocol):
+    """What zlib's and zstandard's compression objects share."""
+
+    def compress(self, data: bytes, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
 class _HashingWriter(io.RawIOBase):
     """Hashes and counts what is written, then passes it on to SINK (a callable taking bytes)."""
 
@@ -268,8 +282,8 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        data = bytes(data)
+    def write(self, buffer: ReadableBuffer, /) -> int:
+        data = bytes(buffer)
         self._hasher.update(data)
         self.size += len(data)
         self._sink(data)
@@ -292,6 +306,7 @@ def write_layer_blob(produce: Callable[[BinaryIO], None], out_path: Path,
     try:
         with open(out_path, "xb") as out:
             blob = _HashingWriter(out.write)
+            compressor: _Compressor | None
             if compression == "gzip":
                 compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
             elif compression == "zstd":
@@ -305,8 +320,8 @@ def write_layer_blob(produce: Callable[[BinaryIO], None], out_path: Path,
                     if chunk := compressor.compress(data):
                         blob.write(chunk)
                 tar = _HashingWriter(sink)
-            buffered = io.BufferedWriter(tar, CHUNK)  # type: ignore[arg-type]
-            produce(buffered)  # type: ignore[arg-type]
+            buffered = io.BufferedWriter(tar, CHUNK)
+            produce(buffered)
             buffered.flush()
             if compressor is not None:
                 blob.write(compressor.flush())

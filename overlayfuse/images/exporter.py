@@ -117,8 +117,8 @@ def export_image(store: Store, record: ImageRecord, dest: Path, tag: str | None)
     entries = index.get("manifests")
     assert isinstance(entries, list)
     if tag is not None:
-        entries[:] = [entry for entry in entries
-                      if entry.get("annotations", {}).get(oci.ANNOTATION_REF_NAME) != annotations[oci.ANNOTATION_REF_NAME]]
+        name = annotations[oci.ANNOTATION_REF_NAME]
+        entries[:] = [entry for entry in entries if entry.get("annotations", {}).get(oci.ANNOTATION_REF_NAME) != name]
     else:
         entries[:] = [entry for entry in entries
                       if entry.get("digest") != record.manifest or entry.get("annotations")]

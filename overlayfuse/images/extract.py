@@ -19,6 +19,8 @@ This module knows nothing of compression, digests or the store: `unpack` feeds i
 from __future__ import annotations
 
 import errno
+import functools
+import io
 import logging
 import os
 import stat
@@ -27,8 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from typing import BinaryIO, cast
 
-from .. import whiteout
+from ..overlay import whiteout
 from .compression import CHUNK
 from .limits import ENV_VARIABLES, UnpackLimits
 from .remove import remove_at
@@ -349,7 +352,7 @@ class Extractor:
         else:
             target = whiteout.oci_whiteout_target(leaf)
             if target is None:
-                log.debug("skipping AUFS metadata %r", "/".join(parents + (leaf,)))
+                log.debug("skipping AUFS metadata %r", "/".join((*parents, leaf)))
                 return
             if target in ("", ".", ".."):
                 raise Refused(f"whiteout of {target!r}")
@@ -388,7 +391,9 @@ class Extractor:
         """Regular file data; a sparse member's holes stay holes (only its data is written, at its
         offsets, and the file is then given its full size), so a member that claims a terabyte in
         a few hundred bytes of archive takes the space of what it really holds."""
-        sparse = member.sparse if member.sparse is not None else [(0, member.size)]
+        # typeshed says bytes; tarfile keeps a sparse member's map as (offset, size) pairs.
+        pieces = cast("list[tuple[int, int]] | None", member.sparse)
+        sparse = pieces if pieces is not None else [(0, member.size)]
         data_bytes = sum(size for _, size in sparse)
         if self.unpacked_size + data_bytes > self.limits.max_bytes:
             raise LimitExceeded(f"more than {self.limits.max_bytes} bytes of file data "
@@ -398,11 +403,11 @@ class Extractor:
         fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=parent_fd)
         try:
             extracted = tf.extractfile(member)
-            assert extracted is not None
+            assert isinstance(extracted, io.BufferedReader)  # tarfile's ExFileObject
             # A sparse member's data is read through the raw member reader, whose seek only moves
             # its position (the buffered one asks a stream tar whether it can seek, and fails);
             # seeking from one data piece to the next never reads a hole.
-            source = extracted.raw if member.sparse is not None else extracted
+            source: BinaryIO | io.RawIOBase = extracted.raw if pieces is not None else extracted
             for offset, size in sparse:
                 if size == 0:
                     continue
@@ -525,7 +530,7 @@ class Extractor:
                 stack.pop()
                 node = self._nodes[-1]
                 if stack:
-                    self._up(None if post is None else lambda fd: post(node, fd))
+                    self._up(None if post is None else functools.partial(post, node))
                 elif post is not None:
                     post(node, self._fd)
                 continue

@@ -50,7 +50,7 @@ from .inherit import inherit_implicit_dirs
 from .oci import Descriptor, ImageConfig, Manifest
 from .progress import Progress
 from .recompress import GzipCopy
-from .refs import ReferenceError, parse_reference
+from .refs import InvalidReference, parse_reference
 from .sources import Source, clean_path, open_source, read_document
 from .store import ImageRecord, LayerRecord, Store, digest_hex, write_file_atomic
 from .unpack import unpack_layer
@@ -113,7 +113,7 @@ def familiar(reference: str) -> str:
 def _try_familiar(reference: str, where: str) -> str | None:
     try:
         return familiar(reference)
-    except ReferenceError as exc:
+    except InvalidReference as exc:
         log.warning("%s: ignoring the name %r: %s", where, reference, exc)
         return None
 
@@ -230,7 +230,7 @@ def _plan_layout(source: Source, ref: str | None, dir_name: str,
     config = oci.parse_config(config_bytes, f"{source.label}: config {manifest.config.digest}")
     _check_layers(config, len(manifest.layers), f"{source.label}: manifest {entry.digest}")
     layers = []
-    for number, (layer, diff_id) in enumerate(zip(manifest.layers, config.diff_ids), 1):
+    for number, (layer, diff_id) in enumerate(zip(manifest.layers, config.diff_ids, strict=True), 1):
         if layer.media_type not in oci.LAYER_COMPRESSION:
             raise ImageError(f"{source.label}: layer {number} ({layer.digest}) has unsupported media type "
                              f"{layer.media_type!r}")
@@ -306,7 +306,7 @@ def _plan_docker(source: Source, ref: str | None) -> ImagePlan:
     config = oci.parse_config(config_bytes, f"{source.label}: config {config_rel}")
     _check_layers(config, len(layer_rels), where)
     layers = []
-    for number, (rel, diff_id) in enumerate(zip(layer_rels, config.diff_ids), 1):
+    for number, (rel, diff_id) in enumerate(zip(layer_rels, config.diff_ids, strict=True), 1):
         rel = clean_path(rel, source.label)
         if not source.exists(rel):
             raise ImageError(f"{source.label}: layer {number} ({rel}) is missing")
@@ -386,7 +386,7 @@ def _verify_only(raw: BinaryIO, layer: LayerPlan, copy_to: BinaryIO | None,
                  progress: Callable[[int], None] | None) -> str:
     """Check a layer we will not unpack: digest and size of the blob, diff_id of its tar."""
     blob = HashingReader(raw, copy_to=copy_to, progress=progress, limit=layer.size, what="the blob")
-    tar = HashingReader(open_decompressed(blob, oci.LAYER_COMPRESSION[layer.media_type]))  # type: ignore[arg-type]
+    tar = HashingReader(open_decompressed(blob, oci.LAYER_COMPRESSION[layer.media_type]))
     try:
         tar.drain()
     except ImageError as exc:
@@ -524,7 +524,8 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
     config_digest = oci.sha256_of(plan.config_bytes)
     manifest_bytes = plan.manifest_bytes
     if manifest_bytes is None:
-        manifest_bytes = _docker_manifest(plan.config_bytes, config_digest, list(zip(stored_layers, digests)))
+        layer_blobs = list(zip(stored_layers, digests, strict=True))
+        manifest_bytes = _docker_manifest(plan.config_bytes, config_digest, layer_blobs)
     manifest_digest = oci.sha256_of(manifest_bytes)
     staged.blobs.append((_stage_bytes(staging, "config", plan.config_bytes), config_digest))
     staged.blobs.append((_stage_bytes(staging, "manifest", manifest_bytes), manifest_digest))
@@ -532,19 +533,19 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
         os.sync()  # the unpacked files must be on disk before their directory is renamed into place
     chosen = tuple(tags) if tags else plan.tags
     with store.locked():
-        for blob, digest in staged.blobs:
-            store.install_blob(blob, digest)
-        for layer_dir, record in staged.layers:
-            store.install_layer(layer_dir, record)
+        for blob, blob_digest in staged.blobs:
+            store.install_blob(blob, blob_digest)
+        for layer_dir, layer_record in staged.layers:
+            store.install_layer(layer_dir, layer_record)
         for diff_id in staged.reused:
             if not store.has_layer(diff_id):
                 raise StoreError(f"layer {diff_id} was removed from the store during the import: import again")
-        record = _image_record(store, config_digest, manifest_digest, chosen)
-        replaced = store.install_image(record)
-        if replaced is not None and replaced.manifest != record.manifest:
+        image = _image_record(store, config_digest, manifest_digest, chosen)
+        replaced = store.install_image(image)
+        if replaced is not None and replaced.manifest != image.manifest:
             store.collect_garbage()  # the blobs only the old manifest named
-    log.info("imported %s from %s (%s)", record.id, source.label, plan.description)
-    return ImportResult(record, new_layers=len(staged.layers), reused_layers=len(staged.reused), tags=tuple(chosen))
+    log.info("imported %s from %s (%s)", image.id, source.label, plan.description)
+    return ImportResult(image, new_layers=len(staged.layers), reused_layers=len(staged.reused), tags=tuple(chosen))
 
 
 def _image_record(store: Store, config_digest: str, manifest_digest: str, tags: Sequence[str]) -> ImageRecord:

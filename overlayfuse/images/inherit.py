@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import whiteout
-from ..layers import LayerStack, Resolved, lookup
+from ..overlay import whiteout
+from ..overlay.layers import LayerStack, Resolved, lookup
 from .extract import DIR_FLAGS, open_dir_path
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class _MergedView:
     def directory(self, parts: Parts) -> Resolved | None:
         """The merged directory PARTS, or None when the view has no directory there."""
         if self._root is None:
-            found = self._stack.resolve_root()
+            found: Resolved | None = self._stack.resolve_root()
             self._root = _ViewNode(found if found is not None and found.is_dir else None)
         node = self._root
         for name in parts:

@@ -25,25 +25,25 @@ MIN_ID_PREFIX = 4
 _HEX = re.compile(r"[0-9a-f]+")
 
 
-class ReferenceError(StoreError):
+class InvalidReference(StoreError):
     """Not a valid image reference."""
 
 
 def parse_reference(text: str) -> str:
-    """Return TEXT as a normalized ``name:tag`` (tag ``latest`` when missing), or raise `ReferenceError`."""
+    """Return TEXT as a normalized ``name:tag`` (tag ``latest`` when missing), or raise `InvalidReference`."""
     if "@" in text:
-        raise ReferenceError(f"invalid reference {text!r}: digests are not tags (name an image by id instead)")
+        raise InvalidReference(f"invalid reference {text!r}: digests are not tags (name an image by id instead)")
     name, tag = text, "latest"
     slash = text.rfind("/")
     colon = text.rfind(":")
     if colon > slash:
         name, tag = text[:colon], text[colon + 1 :]
     if len(name) > 255 or not _NAME.fullmatch(name):
-        raise ReferenceError(
+        raise InvalidReference(
             f"invalid reference {text!r}: a name is lower-case letters, digits and separators (. _ - /)"
         )
     if not _TAG.fullmatch(tag):
-        raise ReferenceError(f"invalid reference {text!r}: a tag is up to 128 letters, digits, '_', '.', '-'")
+        raise InvalidReference(f"invalid reference {text!r}: a tag is up to 128 letters, digits, '_', '.', '-'")
     return f"{name}:{tag}"
 
 
@@ -51,7 +51,7 @@ def reference_or_none(text: str) -> str | None:
     """TEXT normalized as `parse_reference` does, or None if it is not a reference (an id, say)."""
     try:
         return parse_reference(text)
-    except ReferenceError:
+    except InvalidReference:
         return None
 
 

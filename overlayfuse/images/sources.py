@@ -90,7 +90,7 @@ class DirSource:
                               + name[len(link_at):], self.label)
         raise ImageError(f"{self.label}: {rel} is a chain of more than {MAX_LINK_DEPTH} links")
 
-    def _walk(self, name: str) -> int | None | tuple[str, str]:
+    def _walk(self, name: str) -> int | tuple[str, str] | None:
         """NAME's file opened without following anything: an fd, None if missing, or (the prefix
         of NAME that is a symlink, its target)."""
         parts = name.split("/")
@@ -214,7 +214,7 @@ def open_source(path: Path) -> Iterator[Source]:
     if not st.st_size:
         raise ImageError(neither + " (it is empty)")
     try:
-        tar = tarfile.open(path, "r:*")
+        tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the `with` below; only opening means "not a tar"
     except (tarfile.TarError, EOFError, OSError) as exc:
         log.debug("%s is not a tar archive: %s", path, exc)
         raise ImageError(neither) from None

@@ -27,14 +27,20 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import StoreError
 from .remove import remove_tree
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 log = logging.getLogger(__name__)
+
+#: A record class of the store (`LayerRecord`, `ImageRecord`, `ContainerRecord`).
+RecordT = TypeVar("RecordT", bound="DataclassInstance")
 
 DEFAULT_ROOT = Path("/var/lib/overlayfuse")
 ROOT_ENV = "OVERLAYFUSE_ROOT"
@@ -100,10 +106,10 @@ class ContainerRecord:
     read_only: bool = False
 
 
-def _read_record(cls: type, path: Path) -> Any:
+def _read_record(cls: type[RecordT], path: Path) -> RecordT:
     """The record of class CLS that the JSON file PATH holds (fields it does not know are ignored)."""
     data = json.loads(path.read_text())
-    known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}  # type: ignore[attr-defined]
+    known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
     for name, value in known.items():
         if isinstance(value, list):
             known[name] = tuple(value)

@@ -13,7 +13,6 @@ half-built directory is removed.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -23,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import whiteout
 from ..errors import ImageError
+from ..linux.syscalls import syncfs
+from ..overlay import whiteout
 from . import oci
 from .compression import HashingReader, open_decompressed
 from .extract import DIR_FLAGS, IMPLICIT_DIR_MODE, Extractor, Refused
@@ -144,7 +144,7 @@ def _unpack(blob: HashingReader, compression: str, dest: Path, label: str, diges
                 raise ImageError(f"{label}: {_no_space(extractor, root_fd)}") from None
         finally:
             extractor.close()
-        _syncfs(root_fd)
+        syncfs(root_fd)  # one for the layer, not one fsync per file: a crash must not leave it half-written
     finally:
         os.close(root_fd)
     return UnpackedLayer(blob.digest, blob.size, tar_stream.digest, extractor.unpacked_size,
@@ -166,10 +166,11 @@ class _BoundedTarInfo(tarfile.TarInfo):
     documented hook; ``_proc_member`` is where tarfile dispatches on the header type (CPython
     3.8 to 3.13), the one place to look at the size before the read."""
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _EXTENDED_HEADERS and self.size > MAX_HEADER_SIZE:
             raise Refused(f"a {self.size}-byte extended header (the most accepted is {MAX_HEADER_SIZE})")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
 
 
 _EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
@@ -179,7 +180,7 @@ _EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
 def _extract_all(tar_stream: _TarStream, extractor: Extractor, label: str) -> None:
     where = "at the start of the tar"
     try:
-        with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=TAR_BUFSIZE, encoding="utf-8",  # type: ignore[call-overload]
+        with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=TAR_BUFSIZE, encoding="utf-8",
                           errors="surrogateescape", tarinfo=_BoundedTarInfo) as tf:
             while (member := tf.next()) is not None:
                 where = f"entry {member.name!r}"
@@ -238,13 +239,3 @@ class _TarStream(HashingReader):
                 self.last_data = start + kept
         return chunk
 
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(fd: int) -> None:
-    """One syncfs for the whole layer instead of an fsync per file: the caller renames the layer
-    into the store next, and a crash must not leave a renamed layer with missing data."""
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))

@@ -6,5 +6,5 @@
 - `install`: ``overlayctl service install``: the unit and an example config where systemd looks.
 
 Plain synchronous code: nothing here imports pyfuse3. The ``<N>`` priority prefixes journald reads on
-stderr are `overlayfuse.journal`'s: the daemon uses them too, and never loads this package.
+stderr are `overlayfuse.linux.journal`'s: the daemon uses them too, and never loads this package.
 """

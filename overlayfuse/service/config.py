@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import mounttable
+from ..containers.lifecycle import upper_dir, work_dir
+from ..daemon.options import UsageError, escape, is_inside, parse_args, validate
 from ..errors import ConfigError, UserError
-from ..layers import check_layer_readable
-from ..images.containers import upper_dir, work_dir
 from ..images.refs import resolve_image
 from ..images.store import DEFAULT_ROOT, ROOT_ENV, Store, check_container_name
-from ..options import UsageError, escape, is_inside, parse_args, validate
+from ..linux import mounttable
+from ..overlay.layers import check_layer_readable
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ class MountPlan:
             layers = len(self.lowerdirs) - (1 if config.container and self.upperdir is None else 0)
             parts = [f"image {config.image}"] if config.image else []
             if config.container:
-                parts.append(f"container {config.container}" + (" (created on first start)" if self.new_container else ""))
+                created = " (created on first start)" if self.new_container else ""
+                parts.append(f"container {config.container}{created}")
             what = ", ".join(parts) + f" ({_count(layers, 'layer')})"
         else:
             what = _count(len(self.lowerdirs), "lowerdir")

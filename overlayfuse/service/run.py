@@ -15,10 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from .. import mounttable
+from ..containers.lifecycle import control_address, create_container, daemon_alive
 from ..errors import ConfigError, UserError
-from ..images.containers import control_address, create_container, daemon_alive
 from ..images.store import Store
+from ..linux import mounttable
 from .config import MountConfig, MountPlan, daemon_args, load_config, locate, plan_mount, store_root
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def daemon_command() -> list[str]:
     script = Path(sys.executable).parent / "overlayfuse"
     if os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-m", "overlayfuse.cli"]
+    return [sys.executable, "-m", "overlayfuse.daemon.cli"]
 
 
 def prepare(

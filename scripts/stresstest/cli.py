@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from overlayfuse.mounttable import read_mounts
+from overlayfuse.linux.mounttable import read_mounts
 
 from . import daemon as daemons
 from . import kernel, report, runner, tree

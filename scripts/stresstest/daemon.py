@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from overlayfuse.mounttable import read_mounts
+from overlayfuse.linux.mounttable import read_mounts
 
 from .errors import StressError, say
-from .settings import (COMMAND_TIMEOUT, DAEMON_EXIT_TIMEOUT, FUSE_FSTYPE, MOUNT_TIMEOUT,
-                       UNMOUNT_TIMEOUT)
+from .settings import COMMAND_TIMEOUT, DAEMON_EXIT_TIMEOUT, FUSE_FSTYPE, MOUNT_TIMEOUT, UNMOUNT_TIMEOUT
 
 
 def run(cmd: Sequence[str], timeout: float) -> subprocess.CompletedProcess[bytes]:

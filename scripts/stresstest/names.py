@@ -94,7 +94,7 @@ def all_dirs(depth: int) -> list[Path]:
     """Every directory path of exactly `depth` d components."""
     paths: list[Path] = [()]
     for _ in range(depth):
-        paths = [p + (d,) for p in paths for d in DIR_NAMES]
+        paths = [(*p, d) for p in paths for d in DIR_NAMES]
     return paths
 
 
@@ -108,16 +108,16 @@ def random_file(rng: random.Random) -> Path:
     """An f path: in a d directory, or (one time in five) inside an x name."""
     parent = random_dir(rng)
     if rng.random() < 0.2:
-        return parent + (rng.choice(SWAP_NAMES), rng.choice(X_FILE_NAMES))
-    return parent + (rng.choice(FILE_NAMES),)
+        return (*parent, rng.choice(SWAP_NAMES), rng.choice(X_FILE_NAMES))
+    return (*parent, rng.choice(FILE_NAMES))
 
 
 def random_swap(rng: random.Random) -> Path:
-    return random_dir(rng) + (rng.choice(SWAP_NAMES),)
+    return (*random_dir(rng), rng.choice(SWAP_NAMES))
 
 
 def random_link(rng: random.Random) -> Path:
-    return random_dir(rng) + (rng.choice(LINK_NAMES),)
+    return (*random_dir(rng), rng.choice(LINK_NAMES))
 
 
 def random_any(rng: random.Random) -> Path:

@@ -74,7 +74,7 @@ def _bottom(root: Path, rng: random.Random, n: _Counts) -> list[names.Path]:
         for f in names.FILE_NAMES:
             if rng.random() < 0.6:
                 _write(root.joinpath(*d, f), _content(rng))
-                files.append(d + (f,))
+                files.append((*d, f))
                 n.files += 1
         for s in names.LINK_NAMES:
             if rng.random() < 0.5:
@@ -94,7 +94,7 @@ def _bottom(root: Path, rng: random.Random, n: _Counts) -> list[names.Path]:
                         n.files += 1
     # Hardlinks: a second name, in another directory, for some files.
     for src in rng.sample(files, min(80, len(files))):
-        dst = rng.choice(dirs) + (rng.choice(names.FILE_NAMES),)
+        dst = (*rng.choice(dirs), rng.choice(names.FILE_NAMES))
         if not os.path.lexists(root.joinpath(*dst)):
             os.link(root.joinpath(*src), root.joinpath(*dst))
             n.hardlinks += 1

@@ -75,7 +75,7 @@ def _scan(fd: int) -> list[tuple[str, bool, bool, bool]]:
 def _list(c: Ctx, op: str, fd: int, path: Path) -> None:
     entries = c.tally.attempt(op, names.HELD, text(path), _scan, fd)
     for name, is_dir, is_file, is_link in entries or ():
-        child = path + (name,)
+        child = (*path, name)
         if names.name_class(name) is None:
             c.tally.anomaly(op, BAD_NAME, f"{op} {text(path)}: lists {name!r}")
             continue
@@ -93,8 +93,8 @@ def _list(c: Ctx, op: str, fd: int, path: Path) -> None:
 
 def step_lister(c: Ctx) -> None:
     if c.held and c.rng.random() < 0.5:
-        fd, path = c.rng.choice(c.held)
-        _list(c, "list-held", fd, path)
+        held_fd, path = c.rng.choice(c.held)
+        _list(c, "list-held", held_fd, path)
         return
     path = names.random_dir(c.rng) if c.rng.random() < 0.8 else names.random_swap(c.rng)
     fd = c.tally.attempt("opendir", names.needs_dir(path), text(path), os.open, text(path),
@@ -127,10 +127,10 @@ def step_stater(c: Ctx) -> None:
 
 def step_reader(c: Ctx) -> None:
     if c.held and c.rng.random() < 0.5:
-        fd, path = c.rng.choice(c.held)
-        c.tally.attempt("pread-held", names.NOTHING, text(path), os.pread, fd, 4096,
+        held_fd, path = c.rng.choice(c.held)
+        c.tally.attempt("pread-held", names.NOTHING, text(path), os.pread, held_fd, 4096,
                         c.rng.randrange(0, 65536))
-        st = c.tally.attempt("fstat-held", names.NOTHING, text(path), os.fstat, fd)
+        st = c.tally.attempt("fstat-held", names.NOTHING, text(path), os.fstat, held_fd)
         if st is not None:
             _check_type(c, "fstat-held", path, st.st_mode)
         return

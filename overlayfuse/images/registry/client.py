@@ -16,6 +16,7 @@ shared by the download threads of a pull (httpx's Client is thread-safe; the tok
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import re
 import threading
@@ -146,7 +147,7 @@ class Session:
         for scheme in schemes:
             base = f"{scheme}://{self.registry}"
             try:
-                response = self._send_retrying(lambda: self.client.build_request("GET", f"{base}/v2/"),
+                response = self._send_retrying(functools.partial(self.client.build_request, "GET", f"{base}/v2/"),
                                                f"{base}/v2/", retry_transport=scheme == schemes[-1])
             except RegistryError as exc:
                 last = exc
@@ -174,7 +175,8 @@ class Session:
             self._token((), self.challenge, renew=True)
             return
         response = self._send_retrying(
-            lambda: self.client.build_request("GET", f"{self.base}/v2/", headers={"Authorization": self._basic() or ""}),
+            lambda: self.client.build_request("GET", f"{self.base}/v2/",
+                                              headers={"Authorization": self._basic() or ""}),
             "/v2/")
         response.close()
         if response.status_code != 200:
@@ -285,7 +287,9 @@ class Session:
             registry_host = urlsplit(url).netloc == urlsplit(self.base).netloc
             authorization = self._authorization(scopes) if registry_host else None
 
-            def build(url: str = url, authorization: str | None = authorization) -> httpx.Request:
+            # Every value a redirect may change is bound now, not looked up when a retry calls this.
+            def build(url: str = url, authorization: str | None = authorization, method: str = method,
+                      content: bytes | Callable[[], Iterator[bytes]] | None = content) -> httpx.Request:
                 extra = dict(headers or {})
                 if authorization:
                     extra["Authorization"] = authorization

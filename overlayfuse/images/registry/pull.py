@@ -130,10 +130,12 @@ def resolve_manifest(session: Session, ref: RegistryRef, platform: Platform) -> 
     data, media_type, digest = fetch_manifest(session, ref, ref.reference)
     if media_type in oci.INDEX_TYPES:
         index = oci.parse_index(data, f"{session.label}: index {ref}", media_type)
-        candidates = [m for m in index.manifests if m.media_type in oci.MANIFEST_TYPES and _matches(m.platform, platform)]
+        candidates = [m for m in index.manifests
+                      if m.media_type in oci.MANIFEST_TYPES and _matches(m.platform, platform)]
         if not candidates:
-            offered = sorted({"/".join(filter(None, ((m.platform or {}).get("os"), (m.platform or {}).get("architecture"),
-                                                      (m.platform or {}).get("variant")))) for m in index.manifests})
+            keys = ("os", "architecture", "variant")
+            offered = sorted({"/".join(filter(None, ((m.platform or {}).get(key) for key in keys)))
+                              for m in index.manifests})
             raise RegistryError(f"{session.label}: {ref}: no image for {platform} (it has {', '.join(offered)})")
         chosen = candidates[0]
         data, media_type, digest = fetch_manifest(session, ref, chosen.digest)
@@ -275,7 +277,7 @@ def pull_image(store: Store, text: str, options: Options, platform: Platform | N
         wanted: list[oci.Descriptor] = []
         reuse_without_blob: set[str] = set()
         present = 0
-        for number, (layer, diff_id) in enumerate(zip(manifest.layers, config.diff_ids), 1):
+        for number, (layer, diff_id) in enumerate(zip(manifest.layers, config.diff_ids, strict=True), 1):
             if layer.media_type not in oci.LAYER_COMPRESSION:
                 raise RegistryError(f"{session.label}: {ref}: layer {number} has unsupported media type "
                                     f"{layer.media_type!r}")
@@ -314,7 +316,7 @@ def _download_all(session: Session, ref: RegistryRef, layers: list[oci.Descripto
 
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="pull") as pool:
         futures = [pool.submit(one, layer) for layer in layers]
-        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        _finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for future in futures:
             future.cancel()
         for future in futures:

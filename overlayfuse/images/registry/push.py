@@ -11,9 +11,10 @@ Nothing in the store changes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def upload_blob(session: Session, ref: RegistryRef, store: Store, digest: str, s
                 "PATCH", location, [push_scope], what,
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(length),
                          "Content-Range": f"{offset}-{offset + length - 1}"},
-                content=lambda start=offset, count=length: _counted(_file_chunks(path, start, count), advance))
+                content=functools.partial(_counted_chunks, path, offset, length, advance))
             if response.status_code != 202:
                 raise session.fail(f"{what}: uploading bytes {offset}-{offset + length - 1}", response)
             location = _location(response.headers.get("location"), session, what)
@@ -143,9 +144,14 @@ def upload_blob(session: Session, ref: RegistryRef, store: Store, digest: str, s
     return "uploaded"
 
 
-def _counted(chunks: Iterator[bytes], advance: object) -> Iterator[bytes]:
+def _counted_chunks(path: Path, start: int, length: int, advance: Callable[[int], None]) -> Iterator[bytes]:
+    """LENGTH bytes of PATH from START, counted by ADVANCE as they go out."""
+    return _counted(_file_chunks(path, start, length), advance)
+
+
+def _counted(chunks: Iterator[bytes], advance: Callable[[int], None]) -> Iterator[bytes]:
     for chunk in chunks:
-        advance(len(chunk))  # type: ignore[operator]
+        advance(len(chunk))
         yield chunk
 
 

@@ -1,0 +1,220 @@
+"""Mounting the three targets on fresh upper/work dirs, finding their daemons, tearing down."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from overlayfuse.linux.mounttable import command_line, process_alive, read_mounts
+
+from .errors import BenchError, say
+from .processes import run
+from .settings import (
+    DAEMON_EXIT_TIMEOUT,
+    FIRST_READ,
+    FIRST_READ_POLL,
+    FSTYPES,
+    MOUNT_TIMEOUT,
+    SYNC_TIMEOUT,
+    UNMOUNT_TIMEOUT,
+    VENV_BIN,
+)
+
+
+def fstype_at(mnt: Path) -> str | None:
+    found = [m.fstype for m in read_mounts() if m.mountpoint == str(mnt)]
+    return found[-1] if found else None
+
+
+def mounts_under(root: Path) -> list[str]:
+    prefix = str(root).rstrip("/") + "/"
+    return [m.mountpoint for m in read_mounts() if m.mountpoint.startswith(prefix) or m.mountpoint == str(root)]
+
+
+def escape_opt(path: Path) -> str:
+    return str(path).replace(":", r"\:").replace(",", r"\,")
+
+
+def daemon_pid(target: str, mnt: Path) -> int | None:
+    """The FUSE daemon serving `mnt`: its command line names `mnt` as a whole argument."""
+    name = "overlayfuse" if target == "overlayfuse" else "fuse-overlayfs"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        argv = command_line(int(entry))
+        if argv is not None and str(mnt) in argv and any(os.path.basename(a) == name for a in argv[:3]):
+            return int(entry)
+    return None
+
+
+def proc_status_kib(pid: int | None, key: str) -> int | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass(slots=True)
+class Mount:
+    target: str
+    mnt: Path
+    upper: Path
+    work: Path
+    log: Path
+    pid: int | None = None
+    mount_s: float = 0.0
+    first_read_s: float | None = None  # from starting the mount command to a file read through it
+
+    def log_text(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")
+        return ""
+
+    def rss_kib(self) -> int | None:
+        return proc_status_kib(self.pid, "VmRSS")
+
+    def hwm_kib(self) -> int | None:
+        return proc_status_kib(self.pid, "VmHWM")
+
+
+class Mounter:
+    """Mounts targets on fresh upper/work dirs and tears them down, whatever happens."""
+
+    def __init__(self, root: Path, lowers: Sequence[Path]) -> None:
+        self.root = root
+        self.lowers = list(lowers)
+        self.live: list[Mount] = []
+        self.serial = 0
+        self.tracebacks: list[str] = []
+
+    def command(self, target: str, opts: str, mnt: Path) -> list[str]:
+        if target == "kernel":
+            return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
+        if target == "fuse-overlayfs":
+            return ["fuse-overlayfs", "-o", opts, str(mnt)]
+        return [str(VENV_BIN / "overlayfuse"), "-o", opts, str(mnt)]
+
+    @contextlib.contextmanager
+    def mounted(self, target: str, first_read: bool = False) -> Iterator[Mount]:
+        """TARGET mounted on fresh upper and work dirs; with FIRST_READ, time how long it takes from
+        starting the mount command until a file reads through the mount (``m.first_read_s``)."""
+        self.serial += 1
+        base = self.root / f"{self.serial:04d}-{target}"
+        m = Mount(target, base / "mnt", base / "upper", base / "work", base / "daemon.log")
+        for d in (m.mnt, m.upper, m.work):
+            d.mkdir(parents=True)
+        opts = ("lowerdir=" + ":".join(escape_opt(p) for p in self.lowers)
+                + f",upperdir={escape_opt(m.upper)},workdir={escape_opt(m.work)}")
+        self.live.append(m)
+        try:
+            start = time.perf_counter()
+            self._mount(m, opts, first_read)
+            m.mount_s = time.perf_counter() - start
+            if target != "kernel":
+                m.pid = daemon_pid(target, m.mnt)
+            yield m
+        finally:
+            self.unmount(m)
+            if "Traceback" in m.log_text():
+                self.tracebacks.append(f"{target}: {m.log_text()[-2000:]}")
+                say(f"warning: the {target} daemon logged a traceback:\n{m.log_text()[-2000:]}")
+            run(["rm", "-rf", "--one-file-system", str(base)], SYNC_TIMEOUT, check=False)
+
+    def _mount(self, m: Mount, opts: str, first_read: bool = False) -> None:
+        cmd = self.command(m.target, opts, m.mnt)
+        # The daemon's output goes to a file: a detached daemon may keep stderr open, and a
+        # pipe would then never reach EOF.
+        with open(m.log, "wb") as log:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+            try:
+                if first_read:
+                    m.first_read_s = _wait_first_read(m.mnt / FIRST_READ, proc, start)
+                rc = proc.wait(timeout=MOUNT_TIMEOUT)
+            except (subprocess.TimeoutExpired, BenchError) as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+                if isinstance(exc, BenchError):
+                    raise
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while fstype_at(m.mnt) != FSTYPES[m.target]:
+            if time.monotonic() > deadline or rc != 0:
+                raise BenchError(f"mount failed: {shlex.join(cmd)} exited {rc}"
+                                 f" ({m.log_text()[-300:].strip()}); mount type"
+                                 f" {fstype_at(m.mnt)}")
+            time.sleep(0.02)
+        run(["stat", "-c", "%i", str(m.mnt)], MOUNT_TIMEOUT)  # it answers
+
+    def unmount(self, m: Mount) -> None:
+        if m.target == "kernel":
+            commands = [["umount", str(m.mnt)], ["umount", "-l", str(m.mnt)]]
+        else:
+            commands = [["fusermount3", "-u", str(m.mnt)], ["fusermount3", "-u", "-z", str(m.mnt)],
+                        ["umount", "-l", str(m.mnt)]]
+        for cmd in commands:
+            if fstype_at(m.mnt) is None:
+                break
+            with contextlib.suppress(BenchError):
+                run(cmd, UNMOUNT_TIMEOUT, check=False)
+        if m.pid is not None:
+            deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+            while process_alive(m.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if process_alive(m.pid):
+                say(f"warning: {m.target} daemon {m.pid} ignored the unmount: SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(m.pid, signal.SIGKILL)
+        if m in self.live:
+            self.live.remove(m)
+        if fstype_at(m.mnt) is not None:
+            raise BenchError(f"{m.mnt} is still mounted after a lazy unmount")
+
+    def unmount_all(self) -> None:
+        for m in reversed(list(self.live)):
+            with contextlib.suppress(BenchError):
+                self.unmount(m)
+
+
+def _wait_first_read(path: Path, proc: subprocess.Popen[bytes], start: float) -> float | None:
+    """Seconds from START until PATH (under an empty mountpoint, so only the mount can show it)
+    reads; polled without waiting for PROC, the mount command, to exit. None if PROC failed first
+    (the caller reports that). O_NOFOLLOW: the probe never follows a symlink out of the tree."""
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if proc.poll() not in (None, 0):
+                return None
+            time.sleep(FIRST_READ_POLL)
+            continue
+        try:
+            if os.read(fd, 4096):
+                return time.perf_counter() - start
+        finally:
+            os.close(fd)
+        raise BenchError(f"{path} read empty through the mount")
+    raise BenchError(f"{path} did not appear through the mount within {MOUNT_TIMEOUT:.0f} s")
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that refuses a tree with mounts under it (and never crosses into another fs)."""
+    if path.exists() or path.is_symlink():
+        if mounts_under(path):
+            raise BenchError(f"{path} has mounts under it; not removing it")
+        run(["rm", "-rf", "--one-file-system", str(path)], SYNC_TIMEOUT)

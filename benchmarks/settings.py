@@ -1,0 +1,75 @@
+"""What every part of the bench agrees on: paths, targets, workloads, limits and scales."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# benchmarks/settings.py -> the repository root
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+
+TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
+FSTYPES = {"kernel": "overlay", "fuse-overlayfs": "fuse.fuse-overlayfs",
+           "overlayfuse": "fuse.overlayfuse"}
+
+CTL_IMAGES = 20  # images in the store ctl-image-ls and ctl-ps list
+CTL_RUNS = 5  # runs of each overlayctl command per rep: one run takes a tenth of a second
+
+# name, unit, cold (caches dropped after mounting), what it does
+WORKLOADS: dict[str, tuple[str, bool, str]] = {
+    "walk-cold": ("s", True, "find MNT -printf '%s %i %m\\n', caches dropped"),
+    "walk-warm": ("s", False, "the same find again, same mount"),
+    "stat-ls": ("s", False, "ls -lR MNT/usr, fresh mount"),
+    "read-all": ("s", True, "tar cf - -C MNT --exclude=./opt/bench . | wc -c, caches dropped"),
+    "seqread-1G": ("MB/s", True, "dd bs=1M of the big lower file, caches dropped"),
+    "copyup-big": ("s", False, "1-byte write into the big lower file (full copy-up)"),
+    "create-small": ("s", False, "untar many small files into a new dir"),
+    "copyup-many": ("s", False, "append one byte to many lower files"),
+    "rm-tree": ("s", False, "rm -rf of a lower tree (whiteouts)"),
+    "parallel": ("s", True, "dd of big.bin + dd of big2.bin + find, at once, caches dropped"),
+    "mount-to-first-read": ("s", False, "from starting the mount command to a 4 KiB read through the mount"),
+    "ctl-image-ls": ("s", False, f"overlayctl image ls, store of {CTL_IMAGES} images (overlayfuse only)"),
+    "ctl-ps": ("s", False, f"overlayctl ps -a, store of {CTL_IMAGES} images (overlayfuse only)"),
+}
+#: Workloads of overlayctl, not of a mount: measured once, in the overlayfuse column.
+CTL_WORKLOADS = ("ctl-image-ls", "ctl-ps")
+
+MOUNT_TIMEOUT = 60.0  # a mount must answer a stat by then; only bounds a hang
+UNMOUNT_TIMEOUT = 15.0  # per unmount command, before the lazy fallback
+DAEMON_EXIT_TIMEOUT = 15.0  # after unmount, before SIGKILL
+SYNC_TIMEOUT = 300.0  # sync can wait on other busy filesystems
+DEBOOTSTRAP_TIMEOUT = 1800.0  # a minbase download and install; usually 2 to 5 minutes
+DEFAULT_WORKDIR = Path("/var/tmp/overlayfuse-bench")
+DEFAULT_CACHE = Path("/var/cache/overlayfuse-bench")
+BIG_DIR = "opt/bench"  # where the big files live in l1; excluded from read-all
+NEW_DIR = "bench-new"  # top dir of the create-small tarball
+CHUNK = 8 << 20  # write unit for the big files
+RSS_WALKS = 3  # warm walks for the RSS-growth table
+FIRST_READ = f"{BIG_DIR}/big.bin"  # in l1 in every scale; the mountpoint is empty until mounted
+FIRST_READ_POLL = 0.0005  # seconds between tries to read FIRST_READ while the mount comes up
+TOOL_TIMEOUT = 120.0  # one umoci or overlayctl call building the ctl store
+MARKER = ".overlayfuse-bench"  # marks --workdir as ours, so a rerun may empty it
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    """How big everything is in one mode."""
+
+    name: str
+    tree_entries: int  # generated l1 tree (debootstrap trees are what they are)
+    l2_changes: int  # files added + replaced + whited out in l2
+    big: int  # bytes in opt/bench/big.bin; big2.bin is half
+    create_files: int
+    create_bytes: int
+    copyup_files: int
+    rm_entries: int  # wanted size of the rm-tree subtree
+    reps: int
+    cmd_timeout: float  # per timed command
+
+
+SCALES = {
+    "full": Scale("full", 7000, 1500, 1 << 30, 4000, 45 << 20, 2000, 4000, 3, 1800.0),
+    "quick": Scale("quick", 2500, 500, 256 << 20, 1500, 16 << 20, 700, 1200, 2, 600.0),
+    "tiny": Scale("tiny", 300, 60, 16 << 20, 120, 1 << 20, 50, 80, 1, 120.0),
+}

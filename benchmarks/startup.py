@@ -1,0 +1,74 @@
+"""``scripts/bench --startup``: what a start costs, from the bare interpreter up to our commands.
+
+Each row is one command run RUNS times in a row (the first run warms the page cache and is not
+counted); the median is reported. The rows go from the floor (the interpreter alone, without and
+with ``site``) through the imports no FUSE daemon in Python can skip (trio, pyfuse3) to ours, so
+that the README can say how close to the floor we are. ``no bytecode`` runs a copy of the package
+that has no ``__pycache__`` with ``PYTHONDONTWRITEBYTECODE=1``: what every start would pay on a
+read-only install whose bytecode was not compiled at install time (scripts/setup compiles it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import BenchError
+from .settings import REPO_ROOT, VENV_BIN
+
+#: One start takes a fraction of a second; this only bounds a hang.
+RUN_TIMEOUT = 60.0
+PY = str(VENV_BIN / "python")
+DAEMON_IMPORTS = "import overlayfuse.daemon.cli, overlayfuse.daemon.mount"
+
+
+def rows(plain_copy: Path) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(label, command, extra environment) for each row of the table."""
+    no_pyc = {"PYTHONPATH": str(plain_copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    return [
+        ("python -S -c pass (no site)", [PY, "-S", "-c", "pass"], {}),
+        ("python -c pass (venv site)", [PY, "-c", "pass"], {}),
+        ("python -c 'import trio'", [PY, "-c", "import trio"], {}),
+        ("python -c 'import pyfuse3' (imports trio)", [PY, "-c", "import pyfuse3"], {}),
+        ("python -c 'import overlayfuse.daemon.mount'", [PY, "-c", DAEMON_IMPORTS], {}),
+        ("  same, no bytecode", [PY, "-c", DAEMON_IMPORTS], no_pyc),
+        ("overlayfuse --version", [str(VENV_BIN / "overlayfuse"), "--version"], {}),
+        ("  same, no bytecode", [PY, "-c", "import sys; from overlayfuse.daemon.cli import main; sys.exit(main())",
+                                 "--version"], no_pyc),
+        ("overlayctl --version", [str(VENV_BIN / "overlayctl"), "--version"], {}),
+    ]
+
+
+def median_run(cmd: Sequence[str], env: dict[str, str], runs: int, cwd: Path) -> float:
+    """The median wall time of RUNS runs of CMD in CWD (after one unmeasured run). CWD matters:
+    ``python -c`` puts it first on sys.path, and a checkout there would be what gets imported."""
+    environ = os.environ | env
+    samples = []
+    for n in range(runs + 1):
+        start = time.perf_counter()
+        done = subprocess.run(cmd, env=environ, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=RUN_TIMEOUT, check=False)
+        elapsed = time.perf_counter() - start
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.decode(errors='replace')[-300:]}")
+        if n:
+            samples.append(elapsed)
+    return statistics.median(samples)
+
+
+def main(runs: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="overlayfuse-startup-") as tmp:
+        copy, cwd = Path(tmp) / "plain", Path(tmp) / "cwd"  # cwd: empty, so it shadows nothing
+        cwd.mkdir()
+        shutil.copytree(REPO_ROOT / "overlayfuse", copy / "overlayfuse",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        print(f"median of {runs} runs, ms (load average {os.getloadavg()[0]:.2f} at start)")
+        for label, cmd, env in rows(copy):
+            print(f"{median_run(cmd, env, runs, cwd) * 1000:8.1f}  {label}", flush=True)
+    return 0

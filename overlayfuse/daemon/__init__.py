@@ -1,0 +1,13 @@
+"""The FUSE side of the ``overlayfuse`` command: the daemon that serves an `overlay` tree.
+
+- `cli`, `options`: the command line, parsed into a typed `MountOptions` and checked before anything
+  is mounted (no trio, no pyfuse3 on that path: see `cli`);
+- `fs`: the `pyfuse3.Operations` handlers, and the one place where errors become errno values;
+- `mount`: mount, detach, readiness, signals, unmount; `inuse`: one writable mount per upper dir;
+- `notify`, `control`: the service manager's readiness protocol; the control socket that freezes the
+  mount for a commit; `readahead`: the mount's readahead window.
+
+May import `overlayfuse.overlay` and `overlayfuse.linux` (and pyfuse3, trio); never `images`,
+`containers`, `service` or `ctl`. This ``__init__`` imports nothing, so that parsing options stays
+free of trio and pyfuse3.
+"""

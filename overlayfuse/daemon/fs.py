@@ -1,0 +1,699 @@
+"""The FUSE operations: thin async handlers over `merged.MergedTree`.
+
+This is the one place where errors become errno values: every handler runs inside `_boundary`, which
+turns an ``OSError`` from the layers into the same errno for the caller, and anything unexpected into
+EIO with the cause in the log (an exception escaping a pyfuse3 handler would end the mount).
+
+Handlers decode names, build attributes and keep open-file state; what the merged view means, and
+how it changes, is `merged`'s business.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from ..linux import nowait
+from ..overlay import whiteout
+from ..overlay.inodes import Node, UnknownInode
+from ..overlay.layers import Fd, Resolved
+from ..overlay.merged import Caller, MergedTree
+from .control import FreezeGate
+from .handles import HandleTable, UnknownHandle
+
+log = logging.getLogger(__name__)
+
+#: How long the kernel may trust an entry or attributes without asking again. Lower layers never
+#: change under a mount and the upper dir changes only through this daemon, which the kernel sees
+#: happen, so "a day" is safe.
+CACHE_TIMEOUT = 86400.0
+
+#: Flags that make no sense on the real file: the kernel already created it (O_CREAT/O_EXCL), and
+#: O_DIRECT would need aligned buffers that Python bytes are not.
+_STRIP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+
+#: The first readdir offset of a name: 1 and 2 are the offsets after "." and "..".
+FIRST_COOKIE = 3
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_FD = TypeVar("_FD", bound="int | None")  # os.open gives an fd; nowait.open_cached may give None
+
+
+def _boundary(handler: F) -> F:
+    """Log the request (at debug level) and map every error to the errno the caller will see."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self: OverlayOperations, *args: Any) -> Any:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%s", name, _brief(args))
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError as exc:
+            log.debug("%s -> %s", name, errno.errorcode.get(exc.errno, exc.errno))
+            raise
+        except OSError as exc:
+            if exc.errno is None:
+                log.error("%s%s failed without an errno: %r; answering EIO", name, _brief(args), exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            if exc.errno == errno.EIO:
+                log.error("%s%s: EIO from the layers: %s", name, _brief(args), exc)
+            else:
+                log.debug("%s -> %s (%s)", name, errno.errorcode.get(exc.errno, exc.errno), exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except (UnknownInode, UnknownHandle) as exc:  # a number the kernel should not have used
+            log.error("%s%s: unknown %s; answering ESTALE", name, _brief(args), exc)
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+        except Exception:
+            log.exception("%s%s failed unexpectedly; answering EIO", name, _brief(args))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _change(handler: F) -> F:
+    """A request that changes the upper dir: it passes the freeze gate (see `control`), so a frozen
+    mount holds it back until the thaw, and a freeze waits for it to finish."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: OverlayOperations, *args: Any) -> Any:
+        async with self.gate:
+            return await handler(self, *args)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _brief(args: Sequence[Any]) -> str:
+    shown = [
+        a if not isinstance(a, bytes) or len(a) <= 64 else f"<{len(a)} bytes>"
+        for a in args
+        if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken, pyfuse3.SetattrFields))
+    ]
+    return "(" + ", ".join(repr(a) for a in shown) + ")"
+
+
+def _fuse_error(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass(slots=True)
+class DirHandle:
+    """An open directory. Each readdir answers from the directory's listing as it is *then*, so a
+    name deleted before the reply is never sent, and never with another object's inode."""
+
+    node: Node
+
+
+@dataclass(slots=True)
+class Cookies:
+    """A directory's readdir offsets: each name gets one the first time it is listed and keeps it
+    while the directory is known to the kernel, so an offset means the same place across changes
+    (a deleted name's offset is simply skipped; a new name comes after every old one)."""
+
+    by_name: dict[str, int]
+    next: int = FIRST_COOKIE
+
+    def of(self, name: str) -> int:
+        cookie = self.by_name.get(name)
+        if cookie is None:
+            cookie = self.by_name[name] = self.next
+            self.next += 1
+        return cookie
+
+
+@dataclass(slots=True)
+class ListingReplies:
+    """The readdirplus answers for one merged listing, in offset order, built the first time each
+    entry is sent.
+
+    A lower entry's answer never changes while its listing stands (a copy-up, whiteout or rename
+    in the directory replaces the listing), so a warm walk replays it instead of rebuilding it.
+    Upper entries are answered afresh each time: their attributes change.
+    """
+
+    entries: list[tuple[str, Resolved]]
+    """The listing, sorted by cookie."""
+    cookies: list[int]
+    lower: list[tuple[bytes, pyfuse3.EntryAttributes] | None]
+    source: list[tuple[str, Resolved]]
+    """The listing object these replies were built from (replaced when the directory changes)."""
+
+
+@dataclass(slots=True)
+class FileHandle:
+    """An open file: the real fd, and which real file it is (a read-only fd follows a copy-up)."""
+
+    node: Node
+    fd: int
+    resolved: Resolved
+    writable: bool
+    dev: int  # the real file's st_dev, for `nowait.read_cached`
+
+
+class OverlayOperations(pyfuse3.Operations):
+    """The merged view of a `MergedTree` as FUSE operations."""
+
+    def __init__(self, tree: MergedTree, *, read_only: bool) -> None:
+        super().__init__()
+        self.tree = tree
+        self.gate = FreezeGate()  # the daemon's control socket freezes it
+        self.inodes = tree.inodes
+        self.read_only = read_only
+        self._dirs: HandleTable[DirHandle] = HandleTable("directory handle")
+        self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
+        self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
+        self._files: HandleTable[FileHandle] = HandleTable("file handle")
+        self._next_handle = 1
+
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise _fuse_error(errno.EROFS)
+
+    # -- attributes -------------------------------------------------------------------------------
+
+    def _attributes(
+        self, ino: int, resolved: Resolved, st: os.stat_result, held: Fd | None = None
+    ) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = ino
+        attrs.generation = 0
+        attrs.entry_timeout = CACHE_TIMEOUT
+        attrs.attr_timeout = CACHE_TIMEOUT
+        attrs.st_mode = st.st_mode
+        attrs.st_nlink = self.tree.link_count(resolved, st, held)
+        attrs.st_uid = st.st_uid
+        attrs.st_gid = st.st_gid
+        attrs.st_rdev = st.st_rdev
+        attrs.st_size = st.st_size
+        attrs.st_blksize = st.st_blksize
+        attrs.st_blocks = st.st_blocks
+        attrs.st_atime_ns = st.st_atime_ns
+        attrs.st_mtime_ns = st.st_mtime_ns
+        attrs.st_ctime_ns = st.st_ctime_ns
+        return attrs
+
+    async def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        st = await self._current_stat(node)
+        return self._attributes(node.ino, node.resolved, st, node.detached)
+
+    async def _current_stat(self, node: Node) -> os.stat_result:
+        """NODE's object's lstat; if a change is moving it right now, after that change."""
+        st = self.tree.current_stat(node)
+        if st is None:
+            await self.tree.settled()
+            st = self.tree.current_stat(node)
+            if st is None:
+                raise _fuse_error(errno.ENOENT)
+        return st
+
+    # -- lookup and attributes --------------------------------------------------------------------
+
+    @_boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            node = self.tree.lookup(parent_inode, os.fsdecode(name))
+        except FileNotFoundError:
+            return _missing_entry()
+        return self._attributes(node.ino, node.resolved, node.resolved.stat)
+
+    @_boundary
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+            if ino not in self.inodes:
+                self._replies.pop(ino, None)
+                self._cookies.pop(ino, None)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._node_attributes(self.inodes.get(inode))
+
+    @_boundary
+    @_change
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        self._check_writable()
+        node = self.inodes.get(inode)
+        if fields.update_size:
+            await self.tree.truncate(node, attr.st_size)
+        changes = _metadata_changes(attr, fields)
+        if changes is not None:
+            await self.tree.change_metadata(node, changes)
+        return await self._node_attributes(node)
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.inodes.get(inode)
+        held = self.tree.hold_object(node)
+        if held is None:  # a change is moving it: after that change
+            await self.tree.settled()
+            held = self.tree.hold_object(node)
+            if held is None:
+                raise _fuse_error(errno.ENOENT)
+        return os.fsencode(os.readlink("", dir_fd=held.fd))
+
+    @_boundary
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        st = await self._current_stat(self.inodes.get(inode))
+        if mode & os.W_OK and self.read_only:
+            raise _fuse_error(errno.EROFS)
+        return _permitted(st, mode, ctx)
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # Like the kernel: the space is the top layer's (where new data would go).
+        real = os.statvfs(self.tree.stack.layers[0].root)
+        data = pyfuse3.StatvfsData()
+        for field_name in (
+            "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+            "f_files", "f_ffree", "f_favail", "f_namemax",
+        ):  # fmt: skip
+            setattr(data, field_name, getattr(real, field_name))
+        return data
+
+    # -- xattrs -----------------------------------------------------------------------------------
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        attr = os.fsdecode(name)
+        if whiteout.is_private_xattr(attr):
+            raise _fuse_error(pyfuse3.ENOATTR)
+        path = self.tree.fresh(self.inodes.get(inode)).path
+        return os.getxattr(path, attr, follow_symlinks=False)
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = os.listxattr(self.tree.fresh(self.inodes.get(inode)).path, follow_symlinks=False)
+        return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
+
+    @_boundary
+    @_change
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        attr = os.fsdecode(name)
+        if whiteout.is_private_xattr(attr):
+            raise _fuse_error(errno.EPERM)
+        await self.tree.change_metadata(self.inodes.get(inode), lambda path: os.setxattr(path, attr, value))
+
+    @_boundary
+    @_change
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        attr = os.fsdecode(name)
+        if whiteout.is_private_xattr(attr):
+            raise _fuse_error(pyfuse3.ENOATTR)
+        node = self.inodes.get(inode)
+        # Removing what is not there fails without a copy-up, as in the kernel.
+        os.getxattr(self.tree.fresh(node).path, attr, follow_symlinks=False)
+        await self.tree.change_metadata(node, lambda path: os.removexattr(path, attr))
+
+    # -- file data --------------------------------------------------------------------------------
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.inodes.get(inode)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        # Counted as open from the start: a rename or unlink meanwhile must keep the object held.
+        node.opened += 1
+        try:
+            # Opening for writing copies up (and O_TRUNC truncates): a change, held back by a freeze.
+            async with self.gate if writing else contextlib.nullcontext():
+                if writing:
+                    self._check_writable()
+                    await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
+                resolved, fd = await self._open_node(node, flags)
+                if flags & os.O_TRUNC and ctx.uid != 0:
+                    await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
+                if not writing and not resolved.layer.writable:
+                    nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
+        except BaseException:
+            node.opened -= 1
+            raise
+        return self._file_info(FileHandle(node, fd, resolved, writing, resolved.stat.st_dev), counted=True)
+
+    def _file_info(self, handle: FileHandle, *, counted: bool = False) -> pyfuse3.FileInfo:
+        number = self._new_handle()
+        self._files[number] = handle
+        if not counted:
+            handle.node.opened += 1
+        # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
+        return pyfuse3.FileInfo(fh=number, keep_cache=True)
+
+    async def _open_node(self, node: Node, flags: int) -> tuple[Resolved, int]:
+        """Open NODE's real file: by its name in its held directory (inline when the caches can
+        answer), checked to be NODE's object; if a change is moving it, after that change; if its
+        last name is gone while it is open, through the object itself."""
+        for attempt in range(2):
+            resolved = node.resolved
+            if node.detached is not None and not node.names:
+                return resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+            if attempt == 1:  # after a race: only through a descriptor checked to be NODE's object
+                held = self.tree.hold_object(node)
+                if held is None:
+                    break
+                return node.resolved, await self.tree.in_thread(_reopen, held, flags)
+            try:
+                fd = _open_real(resolved, flags, nowait.open_cached)
+                if fd is None:
+                    fd = await self.tree.in_thread(_open_blocking, resolved, flags)
+            except OSError:
+                # Whatever is at the name now (a symlink: ELOOP, a whiteout: ENXIO, nothing: ENOENT)
+                # may be a change in flight: after it, the second try answers for real.
+                fd = None
+            if fd is not None:
+                if resolved.same_object(os.fstat(fd)) or resolved.branches:
+                    return resolved, fd
+                os.close(fd)
+            if attempt == 0:
+                await self.tree.settled()
+        if node.detached is not None:
+            return node.resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+        raise _fuse_error(errno.ENOENT)
+
+    @_boundary
+    @_change
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_writable()
+        node, fd = await self.tree.create(
+            parent_inode, os.fsdecode(name), stat.S_IFREG | stat.S_IMODE(mode), Caller(ctx.uid, ctx.gid),
+            open_flags=flags,
+        )  # fmt: skip
+        assert fd is not None
+        info = self._file_info(FileHandle(node, fd, node.resolved, True, node.resolved.stat.st_dev))
+        return info, await self._node_attributes(node)
+
+    def _readable_fd(self, handle: FileHandle) -> int:
+        """A read-only fd opened before a copy-up reads the upper copy afterwards, like the kernel's."""
+        current = handle.node.resolved
+        if not handle.writable and current is not handle.resolved and not current.same_object(handle.resolved.stat):
+            fd = _open_real(current, os.O_RDONLY, _open_plain)
+            os.close(handle.fd)
+            handle.fd, handle.resolved, handle.dev = fd, current, os.fstat(fd).st_dev
+        return handle.fd
+
+    @_boundary
+    # pyfuse3's stub says bytes; it sends any buffer, and a memoryview of the read saves a copy.
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        handle = self._files[fh]
+        fd = self._readable_fd(handle)
+        data = nowait.read_cached(fd, size, off, handle.dev)
+        if data is None:
+            data = await self.tree.in_thread(os.pread, fd, size, off)
+        return data
+
+    @_boundary
+    @_change
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.tree.in_thread(os.pwrite, self._files[fh].fd, buf, off)
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        # Every write has already reached the real file, so a close has nothing to flush. ENOSYS
+        # tells the kernel so once, and it stops sending FLUSH at all: one request less per close.
+        raise _fuse_error(errno.ENOSYS)
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._files[fh]
+        if handle.writable:
+            await self.tree.in_thread(os.fdatasync if datasync else os.fsync, handle.fd)
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh)
+        handle.node.opened -= 1
+        os.close(handle.fd)
+
+    # -- directories ------------------------------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node, _ = self.tree.directory(inode)
+        handle = self._new_handle()
+        self._dirs[handle] = DirHandle(node)
+        return handle
+
+    async def _replies_now(self, node: Node) -> ListingReplies:
+        """The directory's listing as it is now, with its replies in cookie order."""
+        _, entries = await self.tree.list_dir(node.ino)
+        replies = self._replies.get(node.ino)
+        if replies is None or replies.source is not entries:
+            cookies = self._cookies.get(node.ino)
+            if cookies is None:
+                cookies = self._cookies[node.ino] = Cookies({})
+            numbered = sorted((cookies.of(name), name, resolved) for name, resolved in entries)
+            replies = self._replies[node.ino] = ListingReplies(
+                [(name, resolved) for _, name, resolved in numbered], [c for c, _, _ in numbered],
+                [None] * len(numbered), entries,
+            )  # fmt: skip
+        return replies
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node = self._dirs[fh].node
+        # Offsets: 1 and 2 follow "." and "..", then each name's cookie (see `Cookies`). Each call
+        # answers from the listing as it is now: a name deleted since the last call is not sent.
+        # The kernel takes only the inode number and type from "." and "..": no stat for them.
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", _dot_attributes(node.ino), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            if not pyfuse3.readdir_reply(token, b"..", _dot_attributes(node.parent), 2):
+                return
+            start_id = 2
+        replies = await self._replies_now(node)
+        entries, lower, cookies = replies.entries, replies.lower, replies.cookies
+        for index in range(bisect.bisect_right(cookies, start_id), len(entries)):
+            name, resolved = entries[index]
+            reply = lower[index]
+            if reply is None:
+                st = resolved.stat
+                if resolved.layer.writable:
+                    now = _lstat_now(resolved)
+                    if now is None:
+                        continue  # gone since the listing was read: never send a stale pairing
+                    st = now
+                attrs = self._attributes(self.inodes.number_for(resolved), resolved, st)
+                reply = (os.fsencode(name), attrs)
+                if not resolved.layer.writable:
+                    lower[index] = reply
+            if not pyfuse3.readdir_reply(token, reply[0], reply[1], cookies[index]):
+                return
+            # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
+            self.inodes.remember(node.ino, name, resolved, reply[1].st_ino)
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        del self._dirs[fh]
+
+    @_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # -- namespace changes ------------------------------------------------------------------------
+
+    async def _create(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, *,
+        rdev: int = 0, symlink_target: str = "",
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        """mkdir, mknod and symlink: MODE carries the type; RDEV is a device's, SYMLINK_TARGET a link's."""
+        self._check_writable()
+        node, _ = await self.tree.create(parent_inode, os.fsdecode(name), mode, Caller(ctx.uid, ctx.gid),
+                                         rdev=rdev, symlink_target=symlink_target)
+        return await self._node_attributes(node)
+
+    @_boundary
+    @_change
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return await self._create(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
+
+    @_boundary
+    @_change
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return await self._create(parent_inode, name, mode, ctx, rdev=rdev)
+
+    @_boundary
+    @_change
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return await self._create(
+            parent_inode, name, stat.S_IFLNK | 0o777, ctx, symlink_target=os.fsdecode(target)
+        )
+
+    @_boundary
+    @_change
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        node = await self.tree.link(inode, new_parent_inode, os.fsdecode(new_name))
+        return await self._node_attributes(node)
+
+    @_boundary
+    @_change
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        await self.tree.remove(parent_inode, os.fsdecode(name), directory=False)
+
+    @_boundary
+    @_change
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        await self.tree.remove(parent_inode, os.fsdecode(name), directory=True)
+
+    @_boundary
+    @_change
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: pyfuse3.RequestContext,
+    ) -> None:  # fmt: skip
+        self._check_writable()
+        await self.tree.rename(
+            parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags
+        )
+
+
+def _missing_entry() -> pyfuse3.EntryAttributes:
+    """"No such name", which the kernel may remember (a negative dentry) as it does on its own overlay.
+
+    An ENOENT reply is never cached, so every `stat` of a missing path (a shell searching $PATH, an
+    interpreter probing import paths) would reach the daemon again. A name can only appear through
+    this mount (create, mkdir, mknod, symlink, link, rename), and the kernel replaces the negative
+    entry itself when one of those succeeds.
+    """
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = 0  # inode 0 in a lookup reply means "no such entry"
+    attrs.entry_timeout = CACHE_TIMEOUT
+    return attrs
+
+
+def _dot_attributes(ino: int) -> pyfuse3.EntryAttributes:
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = ino
+    attrs.st_mode = stat.S_IFDIR
+    return attrs
+
+
+def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> Callable[[str], None] | None:
+    """The chown/chmod/utimens part of a setattr, as one function of the real path (None if none)."""
+    chown = fields.update_uid or fields.update_gid
+    if not (chown or fields.update_mode or fields.update_atime or fields.update_mtime):
+        return None
+
+    def change(path: str) -> None:
+        # PATH is /proc/self/fd/N of the object itself: following it reaches the object (a symlink
+        # included), never what a symlink points to.
+        if chown:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            os.chown(path, uid, gid)
+        if fields.update_mode and not stat.S_ISLNK(os.stat(path).st_mode):
+            os.chmod(path, stat.S_IMODE(attr.st_mode))  # after chown, which clears setuid
+        if fields.update_atime or fields.update_mtime:
+            current = os.stat(path)
+            atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
+            os.utime(path, ns=(atime, mtime))
+
+    return change
+
+
+def _open_real(resolved: Resolved, flags: int, opener: Callable[[str, int, int], _FD]) -> _FD:
+    """Open the real file behind RESOLVED with OPENER (path, flags, dir_fd): ``os.open`` in a worker
+    thread, or first `nowait.open_cached` inline, which gives None where it would wait for the disk."""
+    # O_NONBLOCK: if a change just put a fifo at the name, the open must fail (it is checked against
+    # the object afterwards), not wait for a writer; on a regular file it changes nothing.
+    real_flags = (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd, rel = resolved.at()
+    if not resolved.layer.writable:
+        # Like the kernel: reading through the overlay does not touch lower atimes. O_NOATIME needs
+        # file ownership or CAP_FOWNER; without them, open normally.
+        try:
+            return opener(rel, real_flags | os.O_NOATIME, fd.fd)
+        except PermissionError:
+            pass
+    return opener(rel, real_flags, fd.fd)
+
+
+def _open_plain(path: str, flags: int, dir_fd: int) -> int:
+    return os.open(path, flags, dir_fd=dir_fd)
+
+
+def _open_blocking(resolved: Resolved, flags: int) -> int:
+    """`_open_real` with plain ``os.open``, which may wait for the disk: for a worker thread."""
+    return _open_real(resolved, flags, _open_plain)
+
+
+def _reopen(detached: Fd, flags: int) -> int:
+    """Open a file through a descriptor that holds it (its name is gone, or was just raced). The
+    /proc link must be followed (no O_NOFOLLOW): it leads to the object itself, checked already."""
+    return os.open(detached.proc, (flags & ~_STRIP_FLAGS & ~os.O_TRUNC & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
+
+
+def _lstat_now(resolved: Resolved) -> os.stat_result | None:
+    """RESOLVED's lstat now, if its name still leads to the same object."""
+    try:
+        st = os.fstat(resolved.branches[0].fd.fd) if resolved.branches and resolved.branches[0].fd \
+            else resolved.dir.lstat(resolved.name) if resolved.dir is not None else os.lstat(resolved.path)
+    except FileNotFoundError:
+        return None
+    return st if resolved.same_object(st) else None
+
+
+def _drop_set_id(fd: int) -> None:
+    """What the kernel does when an unprivileged caller truncates a file (open with O_TRUNC
+    included): set-user-ID goes, and set-group-ID where group execute is set (else it is a
+    mandatory-locking mark, not a privilege)."""
+    mode = os.fstat(fd).st_mode
+    drop = stat.S_ISUID if mode & stat.S_ISUID else 0
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+        drop |= stat.S_ISGID
+    if drop:
+        os.fchmod(fd, stat.S_IMODE(mode) & ~drop)
+
+
+def _permitted(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    """access(2) rules: root passes everything but X_OK on a file nobody may execute."""
+    if mode == os.F_OK:
+        return True
+    if ctx.uid == 0:
+        if mode & os.X_OK and not stat.S_ISDIR(st.st_mode):
+            return bool(st.st_mode & 0o111)
+        return True
+    if ctx.uid == st.st_uid:
+        granted = (st.st_mode >> 6) & 0o7
+    elif st.st_gid == ctx.gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+        granted = (st.st_mode >> 3) & 0o7
+    else:
+        granted = st.st_mode & 0o7
+    return mode & granted == mode
+
+
+__all__ = ["CACHE_TIMEOUT", "OverlayOperations"]

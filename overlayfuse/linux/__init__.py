@@ -1,0 +1,10 @@
+"""Linux itself: every raw syscall binding and Linux-specific helper, in one place.
+
+- `syscalls`: libc calls Python's os module lacks (renameat2, sync_file_range, syncfs, umount2);
+- `nowait`: openat2 with RESOLVE_CACHED and preadv2 with RWF_NOWAIT, for the event loop;
+- `sockets`: unix socket addresses, abstract (``@name``) or paths;
+- `mounttable`: /proc/self/mountinfo, /proc/PID parsing, detaching dead FUSE mounts;
+- `journal`: log lines journald files under the right priority.
+
+The bottom of the package: imports only the standard library (and `overlayfuse.errors`).
+"""

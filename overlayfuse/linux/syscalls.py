@@ -1,0 +1,103 @@
+"""libc calls Python's os module lacks, bound once with ctypes: renameat2, sync_file_range, syncfs,
+umount2.
+
+Each wrapper raises OSError (errno, strerror and the names involved) the way ``os`` functions do, so
+callers handle them like any other failed call. A function this libc lacks is bound as None and
+its wrapper fails with ENOSYS (renameat2 has a glibc wrapper since 2.28; Debian 12 ships 2.36).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: The one handle on libc; ``use_errno`` so that each wrapper reads errno with ctypes.get_errno.
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+#: "Relative to the working directory" for the ``*at`` calls.
+AT_FDCWD = -100
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+SYNC_FILE_RANGE_WRITE = 2
+MNT_DETACH = 2
+
+
+def _bind(name: str, *argtypes: Any) -> Callable[..., int] | None:
+    """libc's NAME (returning int, errno kept for ctypes.get_errno), or None if this libc lacks it."""
+    try:
+        func = getattr(LIBC, name)
+    except AttributeError:
+        return None
+    func.argtypes = argtypes
+    func.restype = ctypes.c_int
+    return func  # type: ignore[no-any-return]
+
+
+_renameat2 = _bind("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_sync_file_range = _bind("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_syncfs = _bind("syncfs", ctypes.c_int)
+_umount2 = _bind("umount2", ctypes.c_char_p, ctypes.c_int)
+
+
+def _error(*names: str | None) -> OSError:
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code), *names)
+
+
+def _missing(name: str, *names: str | None) -> OSError:
+    return OSError(errno.ENOSYS, f"{name} is not available in this libc", *names)
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    """renameat2(2) of two paths (relative to the working directory), with FLAGS (RENAME_*)."""
+    if _renameat2 is None:
+        raise _missing("renameat2", src, None, dst)
+    if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
+        raise _error(src, None, dst)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename SRC to DST, failing with EEXIST instead of replacing an existing DST."""
+    renameat2(src, dst, RENAME_NOREPLACE)
+
+
+def rename_exchange(a: str, b: str) -> None:
+    """Atomically swap the objects at A and B (both must exist; they may differ in type)."""
+    renameat2(a, b, RENAME_EXCHANGE)
+
+
+def rename_whiteout(src: str, dst: str) -> None:
+    """Rename SRC to DST and leave a 0:0 whiteout device at SRC, in one step (needs CAP_MKNOD)."""
+    renameat2(src, dst, RENAME_WHITEOUT)
+
+
+def start_writeback(fd: int, offset: int, count: int) -> None:
+    """Start writing COUNT bytes at OFFSET of FD to disk, without waiting (a later fsync waits).
+    Only a head start: where sync_file_range is missing or fails, the fsync does all the work."""
+    if _sync_file_range is not None and count > 0 and _sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE) != 0:
+        log.debug("sync_file_range: %s", os.strerror(ctypes.get_errno()))
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write out the whole filesystem FD is on."""
+    if _syncfs is None:
+        raise _missing("syncfs")
+    if _syncfs(fd) != 0:
+        raise _error()
+
+
+def umount2(path: str, flags: int) -> None:
+    """umount2(2) of PATH with FLAGS (MNT_DETACH...)."""
+    if _umount2 is None:
+        raise _missing("umount2", path)
+    if _umount2(os.fsencode(path), flags) != 0:
+        raise _error(path)

@@ -1,0 +1,640 @@
+"""The merged namespace: lookups, and every change, over the layer stack and the inode table.
+
+Async (trio) but free of pyfuse3: errors are OSError, which the FUSE boundary (`fs`) maps to errno.
+Blocking work (copy-up, directory listings, creating objects) runs in worker threads; cheap lstats
+run inline.
+
+Changes to the namespace (create, remove, rename, copy-up) are serialised by one lock: each is a
+few syscalls, a copy-up waits for its data, and holding the lock keeps "which layer has this name"
+true from the moment it is decided to the moment it is acted on. Reads, lookups and writes to open
+files never take it, so a long copy-up holds up other changes but not readers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from ..linux import syscalls
+from . import copyup, layers, upper
+from .copyup import Workspace
+from .inodes import InodeTable, Name, Node, identity
+from .layers import Branch, Fd, LayerStack, Resolved
+from .upper import NewObject, UpperDir
+from .whiteout import NO_MARKERS, MarkerStyle
+
+log = logging.getLogger(__name__)
+
+#: Worker threads for file data, copy-ups and directory listings: enough to keep a disk queue busy and
+#: let several readers progress at once, few enough to bound memory (each holds at most one read).
+IO_THREADS = 16
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks for a change: new objects are theirs, as with the kernel's overlay."""
+
+    uid: int
+    gid: int
+
+
+def _is_entry(resolved: Resolved, directory: Branch, name: str) -> bool:
+    """Whether RESOLVED is the entry NAME of the real DIRECTORY (not another name of its object)."""
+    held = resolved.dir
+    return held is not None and resolved.name == name and (held.dev, held.ino) == (directory.dev, directory.ino)
+
+
+def _error(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code), what) if what else OSError(code, os.strerror(code))
+
+
+class MergedTree:
+    """The merged view of one mount: its layer stack, inode table and (if writable) upper dir."""
+
+    def __init__(self, stack: LayerStack, upper_dir: UpperDir | None = None) -> None:
+        """UPPER_DIR: the writable side; without it the tree is read-only."""
+        self.stack = stack
+        self.upper_dir = upper_dir
+        self.workspace = upper_dir.workspace if upper_dir else None
+        self.style = upper_dir.style if upper_dir else None
+        self.links = upper_dir.links if upper_dir else None
+        self.inodes = InodeTable(
+            stack.resolve_root(), [os.lstat(layer.root).st_dev for layer in stack.layers]
+        )
+        self.io = trio.CapacityLimiter(IO_THREADS)
+        self._changes = trio.Lock()
+        self.listing_epoch = 0
+        """Bumped by changes whose effect reaches other directories' listings (a hardlinked file
+        copied up shows in every directory holding one of its lower names; a tree copied up)."""
+
+    @property
+    def writable(self) -> bool:
+        return self.workspace is not None
+
+    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(func, *args, limiter=self.io)
+
+    async def settled(self) -> None:
+        """Wait until the change in flight (if any) is done: its objects are where it put them."""
+        async with self._changes:
+            pass
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def fresh(self, node: Node) -> Resolved:
+        """NODE's resolution: its directories are held by descriptor, so it stays right when an
+        ancestor is renamed; every change that moves or replaces NODE's own object rebinds it."""
+        return node.resolved
+
+    def directory(self, ino: int) -> tuple[Node, Resolved]:
+        node = self.inodes.get(ino)
+        if not node.resolved.is_dir:
+            raise _error(errno.ENOTDIR)
+        return node, node.resolved
+
+    def current_stat(self, node: Node) -> os.stat_result | None:
+        """NODE's object's lstat now, or None when its name does not lead to it at this moment (a
+        change is moving it, or its last name is gone): the caller waits for `settled` and asks again."""
+        resolved = node.resolved
+        if resolved.branches:
+            top = resolved.branches[0]
+            if top.fd is not None:
+                return os.fstat(top.fd.fd)
+        if node.detached is not None and not node.names:
+            return os.fstat(node.detached.fd)
+        try:
+            if resolved.dir is None:
+                return os.lstat(resolved.path)
+            st = resolved.dir.lstat(resolved.name)
+        except FileNotFoundError:
+            st = None
+        if st is not None and resolved.same_object(st):
+            return st
+        if node.detached is not None:
+            return os.fstat(node.detached.fd)
+        return None
+
+    def find(self, parent: Resolved, name: str) -> Resolved | None:
+        return self._through_index(layers.lookup(parent.branches, name))
+
+    def _through_index(self, resolved: Resolved | None) -> Resolved | None:
+        """A lower name of a hardlinked file whose other name was copied up shows the upper copy."""
+        if resolved is None or self.links is None or resolved.layer.writable:
+            return resolved
+        return self.links.find(resolved.stat, self.stack.layers[0]) or resolved
+
+    def _indexed(self, resolved: Resolved) -> bool:
+        return self.links is not None and self.links.holds(resolved)
+
+    def link_count(self, resolved: Resolved, st: os.stat_result, held: Fd | None = None) -> int:
+        if resolved.is_merged:
+            return 1  # like the kernel: a merged directory's count cannot be known cheaply
+        if self.links is None or not resolved.layer.writable:
+            return st.st_nlink
+        return self.links.link_count(resolved, st, held)
+
+    def lookup(self, parent_ino: int, name: str) -> Node:
+        """Resolve NAME in a directory and count one kernel reference to it."""
+        parent, parent_res = self.directory(parent_ino)
+        if name == ".":
+            return self.inodes.remember(parent.parent, parent.name, parent_res)
+        if name == "..":
+            grandparent = self.inodes.get(parent.parent)
+            return self.inodes.remember(grandparent.parent, grandparent.name, grandparent.resolved)
+        found = self.find(parent_res, name)
+        if found is None:
+            raise _error(errno.ENOENT, name)
+        return self.inodes.remember(parent.ino, name, found)
+
+    async def list_dir(self, ino: int) -> tuple[Node, list[tuple[str, Resolved]]]:
+        """A directory's merged listing as it is now: read and merged once, then replayed until
+        something in it changes.
+
+        Entries of lower objects carry their stat, which never changes; callers must re-stat upper
+        ones. A listing read while a change in the directory was under way is read again (each change
+        bumps the directory's version when it starts and when it ends).
+        """
+        node, _resolved = self.directory(ino)
+        for _ in range(_LISTING_TRIES):
+            if node.listing is not None and node.listing_epoch == self.listing_epoch:
+                return node, node.listing
+            version, epoch = node.version, self.listing_epoch
+            entries = await self._read_listing(node.resolved)
+            if node.version == version and self.listing_epoch == epoch:
+                node.listing, node.listing_epoch = entries, epoch
+                return node, entries
+        async with self._changes:  # busy directory: read it with changes held back
+            entries = await self._read_listing(node.resolved)
+            node.listing, node.listing_epoch = entries, self.listing_epoch
+        return node, entries
+
+    async def _read_listing(self, resolved: Resolved) -> list[tuple[str, Resolved]]:
+        entries = await self.in_thread(layers.list_dir, resolved.branches)
+        if self.links is not None:
+            entries = [(name, self._through_index(r) or r) for name, r in entries]
+        return entries
+
+    def _changed(self, directory: Node) -> None:
+        """Something in DIRECTORY changes (called before and after): its cached listing is stale."""
+        directory.listing = None
+        directory.version += 1
+
+    # -- copy-up -----------------------------------------------------------------------------------
+
+    async def _ensure_upper(self, node: Node, *, size: int | None = None, for_open: bool = False) -> Resolved:
+        """Copy NODE (and its missing parents, top down) into the upper dir; caller holds the lock.
+
+        SIZE: the file is about to be truncated to SIZE, so only that much data is copied.
+        FOR_OPEN: an open for writing; see `_copy_up_one` for a file whose name went meanwhile.
+        """
+        resolved = node.resolved
+        if resolved.layer.writable and not self._indexed(resolved):
+            return resolved
+        missing = []  # ancestors not yet in upper, nearest first (the root always is)
+        ancestor = self.inodes.get(node.parent)
+        while not ancestor.resolved.layer.writable:
+            missing.append(ancestor)
+            ancestor = self.inodes.get(ancestor.parent)
+        for directory in reversed(missing):
+            await self._copy_up_one(directory, None, False)
+        return await self._copy_up_one(node, size, for_open)
+
+    async def _copy_up_one(self, node: Node, size: int | None, for_open: bool) -> Resolved:
+        """Copy NODE alone into its parent's upper dir, which exists.
+
+        A file whose name now shows another object, or nothing (it was unlinked or renamed over
+        after the caller found it): a change through a descriptor held since (fchmod, fsetxattr)
+        fails as the kernel's does, with EEXIST (a whiteout or another object has the name); an
+        open for writing that raced the change (a window the kernel's VFS all but closes, FUSE's
+        request queue does not) gets a copy with no name, held by descriptor, as if it had won."""
+        ws, _ = self._require_writable()
+        resolved = node.resolved
+        parent = self.inodes.get(node.parent)
+        into = parent.resolved.branches[0]
+        self._changed(parent)
+        try:
+            if self._indexed(resolved):
+                return await self._name_indexed_copy(node, resolved, into)
+            if not resolved.is_dir:
+                here = self.find(parent.resolved, node.name)
+                mine = self._through_index(resolved) or resolved
+                if here is not None and self._indexed(here) and here.same_object(mine.stat):
+                    # another name of this hardlinked file was copied up meanwhile: link that copy
+                    return await self._name_indexed_copy(node, here, into)
+                if here is None or not here.same_object(resolved.stat):
+                    if for_open:
+                        return await self._copy_up_orphan(node, size)
+                    # the kernel tries to copy up to the old name, which a whiteout or another
+                    # object holds now: EEXIST either way
+                    raise _error(errno.EEXIST, node.name)
+            target = into.child(node.name)
+            # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
+            if size is None:
+                st = await self.in_thread(upper.keeping_times, into.path, copyup.copy_up, ws, resolved.path, target)
+            else:
+                st = await self.in_thread(
+                    upper.keeping_times, into.path, copyup.copy_up_size, ws, resolved.path, target, size
+                )
+            if self.links is not None and await self.in_thread(self.links.record, resolved.stat, target) is not None:
+                self.listing_epoch += 1  # its other lower names, wherever they are, show the copy now
+            upper_layer = self.stack.layers[0]
+            branches: tuple[Branch, ...] = ()
+            if resolved.is_dir:
+                top = Branch(upper_layer, into, node.name, NO_MARKERS, st.st_dev, st.st_ino)
+                branches = (top, *resolved.branches)
+            copied = Resolved(upper_layer, into, node.name, st, branches)
+            self.inodes.rebind(node, copied)
+            log.debug("copied up %s", node.name)
+            return copied
+        finally:
+            self._changed(parent)
+
+    async def _copy_up_orphan(self, node: Node, size: int | None) -> Resolved:
+        """Copy up a file whose name now shows another object (it was unlinked or renamed over while
+        an open or a write to it was on its way): like the kernel, into a copy with no name, held by
+        descriptor, which the open file then uses."""
+        ws, _ = self._require_writable()
+        resolved = node.resolved
+        staged = copyup.staging_path(ws)
+
+        def copy_unnamed() -> tuple[os.stat_result, int]:
+            if size is None:
+                st = copyup.copy_up(ws, resolved.path, staged)
+            else:
+                st = copyup.copy_up_size(ws, resolved.path, staged, size)
+            fd = os.open(staged, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.unlink(staged)
+            return st, fd
+
+        st, fd = await self.in_thread(copy_unnamed)
+        node.detached = Fd(fd)
+        node.names.clear()
+        orphan = Resolved(self.stack.layers[0], resolved.dir, resolved.name, st, ())
+        self.inodes.rebind(node, orphan)
+        return orphan
+
+    async def _name_indexed_copy(self, node: Node, indexed: Resolved, into: Branch) -> Resolved:
+        """A lower name whose file was copied up through another name: link the copy to it in upper."""
+        assert self.links is not None
+        ws, style = self._require_writable()
+        link = NewObject(indexed.stat.st_mode, 0, 0, link_source=indexed.path)
+        st, _ = await self.in_thread(upper.keeping_times, into.path, upper.create, ws, style, into.path, node.name,
+                                     link)
+        await self.in_thread(self.links.covered, into.child(node.name))
+        linked = Resolved(self.stack.layers[0], into, node.name, st, ())
+        self.inodes.rebind(node, linked)
+        return linked
+
+    def _lower_has(self, parent: Resolved, name: str) -> bool:
+        """Whether lower layers show NAME in this directory: removing it then needs a whiteout."""
+        lower = self.stack.lower_part(parent.branches)
+        return bool(lower) and layers.lookup(lower, name) is not None
+
+    def _require_writable(self) -> tuple[Workspace, MarkerStyle]:
+        if self.workspace is None or self.style is None:
+            raise _error(errno.EROFS)
+        return self.workspace, self.style
+
+    # -- changes -----------------------------------------------------------------------------------
+
+    async def copy_up(self, node: Node, *, size: int | None = None, for_open: bool = False) -> Resolved:
+        """Make NODE's object an upper object (for an open for writing, a truncate, a chmod...)."""
+        self._require_writable()
+        async with self._changes:
+            return await self._ensure_upper(node, size=size, for_open=for_open)
+
+    async def create(
+        self, parent_ino: int, name: str, mode: int, caller: Caller, *,
+        rdev: int = 0, symlink_target: str = "", open_flags: int = 0,
+    ) -> tuple[Node, int | None]:  # fmt: skip
+        """Create a new object NAME; returns its node (one reference counted) and a regular file's fd."""
+        ws, style = self._require_writable()
+        async with self._changes:
+            parent, parent_res = self.directory(parent_ino)
+            if self.find(parent_res, name) is not None:
+                raise _error(errno.EEXIST, name)
+            parent_res = await self._ensure_upper(parent)
+            into = parent_res.branches[0]
+            gid = caller.gid
+            if parent_res.stat.st_mode & stat.S_ISGID:
+                gid = parent_res.stat.st_gid  # BSD group semantics of setgid directories
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            obj = NewObject(mode, caller.uid, gid, rdev, symlink_target, "", open_flags)
+            self._changed(parent)
+            try:
+                st, fd = await self.in_thread(upper.create, ws, style, into.path, name, obj)
+            finally:
+                self._changed(parent)
+            return self._remember_new(parent, parent_res, name, st), fd
+
+    async def link(self, ino: int, parent_ino: int, name: str) -> Node:
+        ws, style = self._require_writable()
+        async with self._changes:
+            parent, parent_res = self.directory(parent_ino)
+            if self.find(parent_res, name) is not None:
+                raise _error(errno.EEXIST, name)
+            node = self.inodes.get(ino)
+            if not node.names and node.detached is not None:
+                raise _error(errno.ENOENT, name)  # no name left to link to (the kernel refuses too)
+            source = await self._ensure_upper(node)
+            parent_res = await self._ensure_upper(parent)
+            into = parent_res.branches[0]
+            obj = NewObject(source.stat.st_mode, 0, 0, link_source=source.path)
+            self._changed(parent)
+            try:
+                st, _ = await self.in_thread(upper.create, ws, style, into.path, name, obj)
+            finally:
+                self._changed(parent)
+            return self._remember_new(parent, parent_res, name, st)
+
+    def _remember_new(self, parent: Node, parent_res: Resolved, name: str, st: os.stat_result) -> Node:
+        into = parent_res.branches[0]
+        resolved = layers.resolve_alone(self.stack.layers[0], into, name, st)
+        if resolved.is_dir and not resolved.branches[0].markers.opaque:
+            lower = layers.lookup(self.stack.lower_part(parent_res.branches), name)
+            if lower is not None and lower.is_dir:
+                resolved = Resolved(resolved.layer, into, name, st, resolved.branches + lower.branches)
+        return self.inodes.remember(parent.ino, name, resolved)
+
+    async def remove(self, parent_ino: int, name: str, *, directory: bool) -> None:
+        """unlink (DIRECTORY false) or rmdir (true), with the kernel's errors and a whiteout if needed."""
+        ws, style = self._require_writable()
+        async with self._changes:
+            parent, parent_res = self.directory(parent_ino)
+            victim = self.find(parent_res, name)
+            if victim is None:
+                raise _error(errno.ENOENT, name)
+            if directory and not victim.is_dir:
+                raise _error(errno.ENOTDIR, name)
+            if not directory and victim.is_dir:
+                raise _error(errno.EISDIR, name)
+            if directory and bool(await self.in_thread(layers.list_dir, victim.branches)):
+                raise _error(errno.ENOTEMPTY, name)
+            parent_res = await self._ensure_upper(parent)
+            victim_node = self.inodes.node_of(victim)
+            await self._index_lower_link(victim)
+            leave_whiteout = self._lower_has(parent_res, name)
+            into = parent_res.branches[0]
+            self._prepare_detach(victim_node, (parent.ino, name), victim)
+            self._changed(parent)
+            try:
+                await self.in_thread(
+                    lambda: upper.remove(ws, style, into.path, name, leave_whiteout=leave_whiteout)
+                )
+                if self.links is not None and self.links.holds(victim):
+                    await self.in_thread(self.links.covered, victim.path)
+            finally:
+                self._changed(parent)
+            self._forget_object(victim)
+            if victim_node is not None:
+                self._name_gone(victim_node, (parent.ino, name))
+
+    def _prepare_detach(self, node: Node | None, name: Name, victim: Resolved) -> None:
+        """NODE is about to lose NAME: the kernel still holds it (an open file, or an open or stat
+        that found it just before), so hold the object itself: fstat, open, read and write go on
+        working whatever happens to its names (st_nlink 0 if no name is left on disk either, as on
+        any filesystem). Released when the kernel forgets NODE."""
+        if node is None or node.is_dir or node.detached is not None:
+            return
+        # VICTIM was looked up just now; a node the index took over is held by its index copy.
+        target = node.resolved if self._indexed(node.resolved) else victim
+        fd, rel = target.at()
+        held = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
+        if target.same_object(os.fstat(held.fd)):
+            node.detached = held
+
+    def _name_gone(self, node: Node, name: Name) -> None:
+        """NAME of NODE was unlinked or overwritten: keep NODE found by another of its live names.
+
+        The kernel's names of a node may be stale (it forgets a dentry without saying which), so
+        each candidate is checked to lead to this very object, and dropped if it does not."""
+        was_current = (node.parent, node.name) == name
+        self.inodes.unlinked(node, name)
+        if not was_current or node.is_dir:
+            return
+        for parent_ino, candidate in list(node.names):
+            parent = self.inodes.find(parent_ino)
+            found = self.find(parent.resolved, candidate) if parent is not None and parent.is_dir else None
+            if found is not None and not found.is_dir and found.same_object(node.resolved.stat):
+                node.parent, node.name = parent_ino, candidate
+                node.resolved = found
+                return
+            node.names.discard((parent_ino, candidate))
+
+    async def rename(self, old_ino: int, old_name: str, new_ino: int, new_name: str, flags: int) -> None:
+        """rename(2) and renameat2's NOREPLACE and EXCHANGE, over the merged view.
+
+        A directory with lower content is first copied up whole (`upper.copy_up_tree`) so it can move:
+        the kernel says EXDEV there unless redirect_dir is on.
+        """
+        ws, style = self._require_writable()
+        async with self._changes:
+            old_parent, old_res = self.directory(old_ino)
+            new_parent, new_res = self.directory(new_ino)
+            source = self.find(old_res, old_name)
+            if source is None:
+                raise _error(errno.ENOENT, old_name)
+            target = self.find(new_res, new_name)
+            exchange = bool(flags & syscalls.RENAME_EXCHANGE)
+            if flags & syscalls.RENAME_NOREPLACE and target is not None:
+                raise _error(errno.EEXIST, new_name)
+            if exchange and target is None:
+                raise _error(errno.ENOENT, new_name)
+            if target is not None and not exchange:
+                if source.is_dir and not target.is_dir:
+                    raise _error(errno.ENOTDIR, new_name)
+                if target.is_dir and not source.is_dir:
+                    raise _error(errno.EISDIR, new_name)
+                if target.is_dir and bool(await self.in_thread(layers.list_dir, target.branches)):
+                    raise _error(errno.ENOTEMPTY, new_name)
+            source_node = self.inodes.remember(old_parent.ino, old_name, source)
+            target_node = self.inodes.remember(new_parent.ino, new_name, target) if target else None
+            try:
+                if source_node is target_node:
+                    return  # two names of one file: rename(2) does nothing
+                self._changed(old_parent)
+                self._changed(new_parent)
+                try:
+                        await self._rename_in_upper(
+                        ws, style, (old_parent, old_name, source_node), (new_parent, new_name, target_node),
+                        exchange, target,
+                    )  # fmt: skip
+                finally:
+                    self._changed(old_parent)
+                    self._changed(new_parent)
+            finally:
+                self.inodes.forget(source_node.ino, 1)
+                if target_node is not None:
+                    self.inodes.forget(target_node.ino, 1)
+
+    async def _rename_in_upper(
+        self, ws: Workspace, style: MarkerStyle,
+        old: tuple[Node, str, Node], new: tuple[Node, str, Node | None], exchange: bool,
+        target: Resolved | None,
+    ) -> None:  # fmt: skip
+        """TARGET: what NEW's name resolved to just now (its link count is current)."""
+        old_parent, old_name, source_node = old
+        new_parent, new_name, target_node = new
+        await self._ensure_upper(old_parent)
+        await self._ensure_upper(new_parent)
+        await self._make_movable(ws, style, source_node, old_parent, old_name)
+        if exchange:
+            assert target_node is not None
+            await self._make_movable(ws, style, target_node, new_parent, new_name)
+        old_res, new_res = old_parent.resolved, new_parent.resolved
+        overwritten = target if target_node is not None and not exchange else None
+        if overwritten is not None:
+            await self._index_lower_link(overwritten)
+            self._prepare_detach(target_node, (new_parent.ino, new_name), overwritten)
+        old_dir, new_dir = old_res.branches[0], new_res.branches[0]
+        source_path = old_dir.child(old_name)
+        target_path = new_dir.child(new_name)
+        if exchange:
+            await self.in_thread(
+                lambda: upper.exchange(
+                    style, source_path, target_path,
+                    opaque_at_a=self._lower_has(old_res, old_name),
+                    opaque_at_b=self._lower_has(new_res, new_name),
+                )
+            )  # fmt: skip
+        else:
+            leave_whiteout = self._lower_has(old_res, old_name)
+            make_opaque = self._lower_has(new_res, new_name)
+            await self.in_thread(
+                lambda: upper.rename(
+                    ws, style, source_path, target_path, leave_whiteout=leave_whiteout, make_opaque=make_opaque
+                )
+            )
+        old_key, new_key = (old_parent.ino, old_name), (new_parent.ino, new_name)
+        if target_node is not None:
+            if exchange:
+                self.inodes.renamed(target_node, new_key, old_key)
+            else:
+                self._name_gone(target_node, new_key)
+        self.inodes.renamed(source_node, old_key, new_key)
+        if overwritten is not None:
+            if self.links is not None and self.links.holds(overwritten):
+                await self.in_thread(self.links.covered, overwritten.path)
+            self._forget_object(overwritten)
+        # Only the moved objects get their new place: an overwritten target is gone, and its number
+        # must not follow whatever now sits at its old name.
+        for node in (source_node, target_node) if exchange else (source_node,):
+            assert node is not None
+            found = self.find(self.inodes.get(node.parent).resolved, node.name)
+            if found is not None:
+                self.inodes.rebind(node, found)
+
+    def _forget_object(self, gone: Resolved) -> None:
+        """An upper object lost a name; if that was its last, its real inode number may be reused."""
+        if gone.layer.writable and (gone.is_dir or gone.stat.st_nlink <= 1):
+            node = self.inodes.node_of(gone)
+            if node is not None and node.identity == identity(gone):
+                self.inodes.retire(node)
+            self.inodes.unpin(gone)
+
+    async def _index_lower_link(self, victim: Resolved) -> None:
+        """Before a name of a hardlinked lower file is deleted or overwritten, put the file in the link
+        index, so its other names count one link less (the kernel's index=on does the same). The
+        node the kernel knows the file by is the index copy from then on."""
+        if self.links is None or self.workspace is None or victim.layer.writable:
+            return
+        if victim.is_dir or victim.stat.st_nlink < 2:
+            return
+        entry = self.links.entry(victim.stat)
+        await self.in_thread(copyup.copy_up, self.workspace, victim.path, entry)
+        await self.in_thread(self.links.set_lower_names, entry, victim.stat.st_nlink - 1)
+        self.listing_epoch += 1
+        node = self.inodes.node_of(victim)
+        indexed = self.links.find(victim.stat, self.stack.layers[0])
+        if node is not None and indexed is not None:
+            self.inodes.rebind(node, indexed)
+
+    async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node, parent: Node, name: str) -> None:
+        """An object about to be renamed from NAME in PARENT must live wholly in upper, under that
+        name: copy it up, a directory with its lower content too. Nothing of a tree copy that fails
+        (ENOSPC, say) is left behind.
+
+        A hardlinked file may be in upper already under another name (its node then holds that
+        copy) while NAME is still a lower name showing it through the link index: NAME is linked
+        to the copy in upper first, or the rename would find nothing there to move."""
+        resolved = await self._ensure_upper(node)
+        if not resolved.is_dir:
+            into = parent.resolved.branches[0]
+            here = self.find(parent.resolved, name)
+            if here is not None and self._indexed(here) and not _is_entry(here, into, name):
+                await self._name_indexed_copy(node, here, into)
+            return
+        if resolved.is_dir and len(resolved.branches) > 1:
+            copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved)
+            self.listing_epoch += 1
+            for old, new in copied:
+                self.inodes.pin(old, new)
+            assert resolved.dir is not None
+            alone = await self.in_thread(layers.resolve_alone, resolved.layer, resolved.dir, resolved.name)
+            self.inodes.rebind(node, alone)
+            self._changed(node)
+
+    # -- attributes --------------------------------------------------------------------------------
+
+    async def truncate(self, node: Node, size: int) -> Resolved:
+        resolved = node.resolved
+        if not resolved.layer.writable:
+            resolved = await self.copy_up(node, size=size)
+        await self.on_object(node, lambda path: _truncate(path, size))
+        return node.resolved
+
+    async def change_metadata(self, node: Node, change: Callable[[str], None]) -> Resolved:
+        """chmod/chown/utimens/setxattr: copy up (metadata and data: no metacopy), then change.
+
+        CHANGE gets a path to the object itself (/proc/self/fd/N of a checked O_PATH descriptor):
+        calls on it follow that link to the object, never a symlink found at its name."""
+        await self.copy_up(node)
+        await self.on_object(node, change)
+        return node.resolved
+
+    async def on_object(self, node: Node, action: Callable[[str], T]) -> T:
+        """Run ACTION (in a worker thread) on a path that is NODE's object itself; if a change is
+        moving the object right now, after that change."""
+        for attempt in range(2):
+            held = self.hold_object(node)
+            if held is not None:
+                return await self.in_thread(action, held.proc)
+            if attempt == 0:
+                await self.settled()
+        raise _error(errno.ENOENT, node.name)
+
+    def hold_object(self, node: Node) -> Fd | None:
+        """An O_PATH descriptor of NODE's object, checked to be it; None if its name leads elsewhere."""
+        resolved = node.resolved
+        if node.detached is not None and not node.names:
+            return node.detached
+        fd, rel = resolved.at()
+        try:
+            held = Fd(os.open(rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd.fd))
+        except FileNotFoundError:
+            return node.detached
+        if resolved.same_object(os.fstat(held.fd)):
+            return held
+        return node.detached
+
+
+def _truncate(path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+#: Optimistic reads of a listing before taking the change lock (a directory under constant change).
+_LISTING_TRIES = 3

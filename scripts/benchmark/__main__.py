@@ -1,7 +1,0 @@
-"""`python -m benchmark`: what scripts/bench runs."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,103 @@
+"""The errno boundary (`daemon.fs`), driven without a mount: handlers on a real tree of plain dirs.
+
+ESTALE answers exactly a number the kernel should not have used (an unknown inode or handle); any
+other error that is not an OSError is a bug, and must show as EIO with a traceback in the log,
+never as a quiet ESTALE. The `overlay` packages must not need pyfuse3 at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from overlayfuse.daemon.fs import OverlayOperations, _boundary
+from overlayfuse.daemon.handles import HandleTable, UnknownHandle
+from overlayfuse.overlay.inodes import ROOT_INODE, UnknownInode
+from tests.support.overlaytree import open_tree
+from tests.support.trees import File, make_tree
+
+pytestmark = pytest.mark.timeout(60)
+
+CTX = pyfuse3.RequestContext()  # uid 0, gid 0
+
+
+class _Raiser:
+    """A stand-in handler owner: each handler raises what the test gives it."""
+
+    @_boundary
+    async def handler(self, exc: BaseException) -> None:
+        raise exc
+
+
+@pytest.mark.parametrize(("raised", "answered"), [
+    (UnknownInode("inode 99"), errno.ESTALE),
+    (UnknownHandle("file handle 7"), errno.ESTALE),
+    (FileNotFoundError(errno.ENOENT, "gone"), errno.ENOENT),
+    (KeyError("a bug of ours"), errno.EIO),
+    (IndexError("a bug of ours"), errno.EIO),
+])
+async def test_boundary_maps_errors(raised: BaseException, answered: int, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="overlayfuse.daemon.fs")
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await _Raiser().handler(raised)  # type: ignore[arg-type]
+    assert excinfo.value.errno == answered
+    traceback_logged = any(r.exc_info for r in caplog.records)
+    assert traceback_logged == (answered == errno.EIO), caplog.text
+
+
+def test_handle_table() -> None:
+    table: HandleTable[str] = HandleTable("file handle")
+    table[1] = "one"
+    assert table[1] == "one" and len(table) == 1
+    with pytest.raises(UnknownHandle, match="file handle 2"):
+        table[2]
+    assert table.pop(1) == "one" and len(table) == 0
+    with pytest.raises(UnknownHandle):
+        table.pop(1)
+    with pytest.raises(UnknownHandle):
+        del table[1]
+
+
+@pytest.fixture
+def operations(tmp_path: Path) -> OverlayOperations:
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    make_tree(lower, File("etc/hosts", b"127.0.0.1 localhost\n"))
+    upper.mkdir()
+    return OverlayOperations(open_tree([lower], upper, work), read_only=False)
+
+
+async def test_unknown_numbers_answer_estale(operations: OverlayOperations) -> None:
+    for call in (lambda: operations.getattr(424242, CTX), lambda: operations.read(17, 0, 10),
+                 lambda: operations.release(17), lambda: operations.readdir(17, 0, None)):  # type: ignore[arg-type]
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await call()
+        assert excinfo.value.errno == errno.ESTALE
+
+
+async def test_create_contract_mknod_and_symlink(operations: OverlayOperations, tmp_path: Path) -> None:
+    """`_create`'s keywords reach the tree: a fifo with its mode, a symlink with its target."""
+    etc = await operations.lookup(ROOT_INODE, b"etc", CTX)
+    fifo = await operations.mknod(etc.st_ino, b"pipe", stat.S_IFIFO | 0o640, 0, CTX)
+    link = await operations.symlink(etc.st_ino, b"link", b"hosts", CTX)
+    upper = tmp_path / "upper" / "etc"
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_ISFIFO(os.lstat(upper / "pipe").st_mode)
+    assert stat.S_IMODE(os.lstat(upper / "pipe").st_mode) == 0o640
+    assert stat.S_ISLNK(link.st_mode) and os.readlink(upper / "link") == "hosts"
+    assert (tmp_path / "lower" / "etc").exists() and not (tmp_path / "lower" / "etc" / "pipe").exists()
+
+
+def test_overlay_and_linux_need_no_pyfuse3() -> None:
+    """The union semantics load without pyfuse3 (the node table used it for one constant)."""
+    code = ("import sys, overlayfuse.overlay.merged, overlayfuse.overlay.upper, overlayfuse.linux.nowait; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyfuse3', '_pyfuse3')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+    assert ROOT_INODE == pyfuse3.ROOT_INODE

@@ -1,0 +1,142 @@
+"""The upper dir is kernel overlayfs's format, both ways.
+
+- An upper dir written by overlayfuse, mounted afterwards by ``mount -t overlay`` (same lowers,
+  upper and workdir), shows exactly what overlayfuse showed before it was unmounted.
+- An upper dir written through a kernel mount, mounted afterwards by overlayfuse (same lowers,
+  upper and workdir), shows exactly what the kernel showed.
+
+Both compare one upper dir read by two implementations, so nothing needs normalising: mtimes,
+modes, owners, xattrs, listings and hardlink groups must all be equal.  Each scenario is a list of
+steps (see `tests.support.writes.run_steps`) applied to `standard_layers`; scenarios are kept
+apart so a failure names the on-disk feature (whiteouts, opaque dirs, redirects, hardlinks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support.compare import Snapshot, assert_same_view, take_snapshot
+from tests.support.mounts import kernel_overlay, run_isolated
+from tests.support.rich_tree import LayerSet, build_layer_set
+from tests.support.writes import KERNEL_OPTS, F, MiB, Step, mount_ours, run_steps, standard_layers
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mount]
+
+SCENARIOS: dict[str, list[Step]] = {
+    # copy-up of data and metadata, new objects of each type, whiteouts of files
+    "copy-up-and-create": [
+        ("write", F, 3, b"XYZ"), ("chmod", "d/sub/g", 0o600), ("chown", "target", 7, 8),
+        ("setxattr", "merged/l2file", "user.added", b"1"), ("truncate", "full/f1", 0),
+        ("write", "big/sparse", 5 * MiB, b"sparse"),
+        ("create", "newfile", b"new\n", 0o640), ("mkdir", "newdir", 0o750),
+        ("create", "newdir/inner", b"inner\n"), ("symlink", "newlink", "newfile"),
+        ("mkfifo", "merged/fifo", 0o600),
+        ("unlink", "merged/l1file"), ("unlink", "upperfile"),
+    ],
+    # whiteouts of dirs, a dir emptied and removed, dirs made again over whiteouts (opaque)
+    "whiteouts-and-opaque": [
+        ("rmdir", "emptied"), ("rmdir", "emptydir"),
+        ("unlink", "rd/x"), ("unlink", "rd/y/z"), ("rmdir", "rd/y"), ("rmdir", "rd"),
+        ("mkdir", "rd"), ("create", "rd/again", b"again\n"),
+        ("mkdir", "wasdir"), ("create", "was", b"was\n"),
+        ("unlink", "full/f1"), ("unlink", "full/f2"), ("rmdir", "full"),
+    ],
+    # renamed lower dirs (redirects), renamed lower files, a dir renamed over an empty one
+    "renames": [
+        ("rename", "rd", "moved"), ("rename", "d/sub", "merged/sub2"), ("mkdir", "rd"),
+        ("rename", "target", "merged/target"), ("rename", "full", "emptydir"),
+        ("rename", "merged/l1file", "moved/y/l1file"),
+    ],
+    # copy-up of one name of a hardlinked lower file, and a new link to a lower file
+    "hardlinks": [
+        ("write", "hl/a", 0, b"ONE"), ("link", F, "merged/f-link"),
+        ("write", "merged/f-link", 0, b"TWO"),
+    ],
+}
+
+
+#: The lower name of a hardlinked file that the "hardlinks" scenario copies up through its other name
+#: (hl/a). Each implementation keeps its own index of such copies (the kernel's is keyed by file
+#: handles, ours by device and inode; README, "Where we differ"), so when one reads the other's upper
+#: dir, this name shows the *lower* file: the link is broken there, as with a kernel without index=on.
+UNINDEXED_TWIN = "hl/b"
+WRITTEN_TWIN = "hl/a"
+
+
+def _set_twin_aside(writer: Snapshot, reader: Snapshot) -> None:
+    """Assert the documented twin behaviour, then drop the twin from both views before comparing."""
+    assert writer.entries[UNINDEXED_TWIN].sha256 == writer.entries[WRITTEN_TWIN].sha256
+    assert reader.entries[UNINDEXED_TWIN].sha256 != writer.entries[UNINDEXED_TWIN].sha256
+    for snap in (writer, reader):
+        del snap.entries[UNINDEXED_TWIN]
+        del snap.inodes[UNINDEXED_TWIN]
+        snap.d_inos.pop(UNINDEXED_TWIN, None)
+        # its link count counts the twin on the writer's side only
+        snap.entries[WRITTEN_TWIN] = dataclasses.replace(snap.entries[WRITTEN_TWIN], nlink=0)
+
+
+def _build(root: Path) -> LayerSet:
+    return build_layer_set(root, standard_layers(), kernel=True)
+
+
+def _apply(mnt: Path, steps: list[Step]) -> None:
+    outcomes = run_isolated(run_steps, str(mnt), steps)
+    bad = [(s, o) for s, o in zip(steps, outcomes, strict=True) if o[0] != "ok"]
+    assert not bad, f"scenario steps failed on {mnt}: {bad}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_kernel_reads_our_upper(tmp_path: Path, overlayfuse_bin: Path, scenario: str) -> None:
+    ls = _build(tmp_path)
+    assert ls.upper is not None and ls.work is not None
+    with mount_ours(ls):
+        _apply(ls.mnt, SCENARIOS[scenario])
+        ours = take_snapshot(ls.mnt)
+    # The same workdir, as a remount would use: the kernel keeps its hardlink index there.
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS):
+        kernel = take_snapshot(ls.mnt)
+        if scenario == "hardlinks":
+            _set_twin_aside(ours, kernel)
+        assert_same_view(kernel, ours)
+        # mounted again, not just readable: a change through the kernel still works
+        _apply(ls.mnt, [("write", "merged/l2file", 0, b"k"), ("create", "kernel-was-here", b"")])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_we_read_kernel_upper(tmp_path: Path, overlayfuse_bin: Path, scenario: str) -> None:
+    ls = _build(tmp_path)
+    assert ls.upper is not None and ls.work is not None
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS):
+        _apply(ls.mnt, SCENARIOS[scenario])
+        kernel = take_snapshot(ls.mnt)
+    with mount_ours(ls):
+        ours = take_snapshot(ls.mnt)
+        if scenario == "hardlinks":
+            _set_twin_aside(kernel, ours)
+        assert_same_view(kernel, ours)
+        _apply(ls.mnt, [("write", "merged/l2file", 0, b"o"), ("create", "ours-was-here", b"")])
+
+
+def test_kernel_reads_upper_after_both(tmp_path: Path, overlayfuse_bin: Path) -> None:
+    """Kernel changes, then ours, then the kernel again: the upper stays readable by both."""
+    ls = _build(tmp_path)
+    assert ls.upper is not None and ls.work is not None
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS):
+        _apply(ls.mnt, SCENARIOS["renames"])
+    with mount_ours(ls):
+        _apply(ls.mnt, [("write", "hl/a", 0, b"X"), ("chmod", "merged/l2file", 0o600),
+                        ("write", "merged/target", 0, b"T"), ("write", "moved/x", 1, b"X"),
+                        ("create", "newfile", b"new\n", 0o640), ("mkdir", "newdir", 0o750),
+                        ("unlink", "moved/y/z"), ("unlink", "moved/y/l1file"),
+                        ("rmdir", "moved/y"),
+                        ("rename", "merged/sub2", "sub3")])
+        ours = take_snapshot(ls.mnt)
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS):
+        kernel = take_snapshot(ls.mnt)
+        _set_twin_aside(ours, kernel)  # hl/a was written through ours
+        assert_same_view(kernel, ours)
+    assert not os.listdir(ls.work / "work"), "staging left behind"

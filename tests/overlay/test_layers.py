@@ -1,0 +1,174 @@
+"""Unit tier: resolution through the layer stack on plain directories, no mount.
+
+These pin the kernel's lookup rules where they are cheapest to read; the mount tests compare the
+whole behaviour with kernel overlayfs itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from overlayfuse.overlay import layers
+from overlayfuse.overlay.layers import LayerStack, Resolved
+
+from ..support.trees import CharDev, Dir, File, OciWhiteout, Opaque, Symlink, Whiteout, make_tree
+
+
+def _stack(tmp_path: Path, *layer_entries: list) -> LayerStack:
+    """Build layers top first; the first is used as the upper dir."""
+    roots = []
+    for i, entries in enumerate(layer_entries):
+        roots.append(str(make_tree(tmp_path / f"layer{i}", *entries)))
+    return LayerStack.from_dirs(roots[1:], roots[0])
+
+
+def _resolve(stack: LayerStack, path: str) -> Resolved | None:
+    current = stack.resolve_root()
+    for name in path.split("/"):
+        found = layers.lookup(current.branches, name)
+        if found is None:
+            return None
+        current = found
+    return current
+
+
+def _names(stack: LayerStack, path: str = "") -> list[str]:
+    resolved = _resolve(stack, path) if path else stack.resolve_root()
+    assert resolved is not None
+    return sorted(name for name, _ in layers.list_dir(resolved.branches))
+
+
+def test_first_match_wins_top_down(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, [File("f", b"upper")], [File("f", b"middle")], [File("f", b"lower")])
+    found = _resolve(stack, "f")
+    assert found is not None and found.layer.index == 0
+    assert Path(found.path).read_bytes() == b"upper"
+
+
+def test_directories_merge_names_from_every_layer(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, [File("d/a")], [File("d/b")], [File("d/c"), File("d/a", b"hidden")])
+    assert _names(stack, "d") == ["a", "b", "c"]
+    d = _resolve(stack, "d")
+    assert d is not None and d.is_merged and len(d.branches) == 3
+
+
+def test_non_directory_hides_directory_below(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, [File("x", b"file")], [File("x/inside")])
+    found = _resolve(stack, "x")
+    assert found is not None and not found.is_dir and found.branches == ()
+    assert _resolve(stack, "x/inside") is None
+
+
+def test_file_below_directory_ends_the_merge(tmp_path: Path) -> None:
+    """A dir over a file over a dir: the bottom dir does not show through (kernel stops at the file)."""
+    stack = _stack(tmp_path, [File("d/top")], [File("d", b"file")], [File("d/bottom")])
+    assert _names(stack, "d") == ["top"]
+
+
+@pytest.mark.parametrize("whiteout", [Whiteout("gone"), OciWhiteout("gone")], ids=["chardev", "oci"])
+def test_whiteout_hides_lower_entry(tmp_path: Path, whiteout: Whiteout | OciWhiteout) -> None:
+    stack = _stack(tmp_path, [whiteout], [File("gone"), File("kept")])
+    assert _resolve(stack, "gone") is None
+    assert _names(stack) == ["kept"]
+
+
+@pytest.mark.parametrize("form", ["trusted", "user", "oci"])
+def test_opaque_directory_hides_lower_contents(tmp_path: Path, form: str) -> None:
+    stack = _stack(tmp_path, [File("d/new"), Opaque("d", form)], [File("d/old")])
+    assert _names(stack, "d") == ["new"]
+    d = _resolve(stack, "d")
+    assert d is not None and not d.is_merged
+
+
+def test_opaque_stops_only_below_itself(tmp_path: Path) -> None:
+    """An opaque dir in the middle layer still merges with the layer above it."""
+    stack = _stack(tmp_path, [File("d/a")], [File("d/b"), Opaque("d")], [File("d/c")])
+    assert _names(stack, "d") == ["a", "b"]
+
+
+def test_oci_whiteout_beside_directory_means_replaced(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, [File("d/new"), OciWhiteout("d")], [File("d/old")])
+    assert _names(stack, "d") == ["new"]
+
+
+def test_markers_never_visible(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, [OciWhiteout("w"), Whiteout("k"), Opaque("d", "oci"), File("d/f")], [])
+    assert _names(stack) == ["d"]
+    assert _names(stack, "d") == ["f"]
+    assert _resolve(stack, ".wh.w") is None
+    assert _resolve(stack, "d/.wh..wh..opq") is None
+
+
+def test_device_other_than_0_0_is_not_a_whiteout(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, [CharDev("null", 1, 3)], [File("null")])
+    found = _resolve(stack, "null")
+    assert found is not None and found.stat.st_rdev != 0
+
+
+def test_symlink_is_not_followed(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, [Symlink("link", "/etc")], [Dir("link")])
+    found = _resolve(stack, "link")
+    assert found is not None and not found.is_dir
+
+
+def test_listing_and_lookup_agree(tmp_path: Path) -> None:
+    """list_dir runs the same rules from listings that lookup runs with syscalls."""
+    stack = _stack(
+        tmp_path,
+        [File("a"), OciWhiteout("b"), Dir("c"), Whiteout("e")],
+        [File("b"), File("c", b"file under dir"), Dir("d"), File("d/x"), File("e")],
+        [Dir("c"), File("c/deep"), File("f")],
+    )
+    root = stack.resolve_root()
+    listed = {name: r for name, r in layers.list_dir(root.branches)}
+    assert sorted(listed) == ["a", "c", "d", "f"]
+    for name, resolved in listed.items():
+        looked_up = layers.lookup(root.branches, name)
+        assert looked_up is not None
+        assert _shape(looked_up) == _shape(resolved)
+
+
+def test_long_name_reports_enametoolong(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, [File("a")], [File("b")])
+    with pytest.raises(OSError) as excinfo:
+        layers.lookup(stack.resolve_root().branches, "n" * 300)
+    assert excinfo.value.errno == errno.ENAMETOOLONG
+
+
+def test_name_too_long_for_its_whiteout_is_still_found(tmp_path: Path) -> None:
+    """A 255-byte name cannot have a ".wh." twin; probing for one must not fail the lookup."""
+    name = "n" * 255
+    stack = _stack(tmp_path, [], [File(name, b"x")])
+    found = _resolve(stack, name)
+    assert found is not None and Path(found.path).read_bytes() == b"x"
+
+
+def _redirect(path: Path, value: str) -> None:
+    os.setxattr(path, "trusted.overlay.redirect", value.encode())
+
+
+def test_relative_redirect_finds_renamed_directory_contents(tmp_path: Path) -> None:
+    """What the kernel (redirect_dir=on) writes for `mv old new` in one directory."""
+    stack = _stack(tmp_path, [Dir("new"), Whiteout("old")], [File("old/inside")])
+    _redirect(tmp_path / "layer0" / "new", "old")
+    assert _names(stack) == ["new"]
+    assert _names(stack, "new") == ["inside"]
+
+
+def test_absolute_redirect_reaches_layers_without_the_new_parent(tmp_path: Path) -> None:
+    """`mv a/old b/new`: the lower layer has no b/, the redirect is an absolute path."""
+    stack = _stack(tmp_path, [Dir("b/new"), Whiteout("a/old")], [], [File("a/old/inside")])
+    _redirect(tmp_path / "layer0" / "b" / "new", "/a/old")
+    assert _names(stack, "b/new") == ["inside"]
+    new = _resolve(stack, "b/new")
+    assert new is not None and [b.layer.index for b in new.branches] == [0, 2]
+
+
+def _shape(resolved: Resolved) -> tuple[object, ...]:
+    """What a resolution says, without the descriptors that hold it (branches compare by identity)."""
+    return (resolved.layer, resolved.name, (resolved.stat.st_dev, resolved.stat.st_ino),
+            [(b.layer, b.dev, b.ino, b.markers) for b in resolved.branches])

@@ -1,0 +1,180 @@
+"""Unit tier: the merged tree (`overlay.merged`) driven call by call on plain directories, no mount.
+
+Each test builds lower layers with the declarative builders, opens the tree the daemon would serve
+(`tests.support.overlaytree`), makes a change through `MergedTree` and reads the result straight
+off the upper dir: which objects, whiteouts and opaque markers a change leaves there is the
+upper-dir format kernel overlayfs reads (the mount tests compare the kernel's view of the same).
+Runs as root, the kernel's own whiteout form (a 0:0 character device) being the expected one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from overlayfuse.linux.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+from overlayfuse.overlay.inodes import ROOT_INODE
+from overlayfuse.overlay.merged import MergedTree
+from overlayfuse.overlay.whiteout import TRUSTED_OPAQUE
+from tests.support.overlaytree import ROOT, open_tree
+from tests.support.trees import Dir, File, HardLink, Opaque, Symlink, Whiteout, make_tree
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """Two lower layers (l1 the top one), an empty upper dir and a work dir."""
+    l1, l2, upper, work = (tmp_path / n for n in ("l1", "l2", "upper", "work"))
+    make_tree(l2, File("etc/hosts", b"lower hosts\n"), File("etc/passwd", b"root\n"),
+              File("etc/old", b"old"), Dir("empty"), File("full/f1", b"1"), File("opq/under", b"hidden"),
+              File("hl/a", b"linked"), HardLink("hl/b", "hl/a"), File("gone", b"whited out"))
+    make_tree(l1, File("etc/hosts", b"top hosts\n"), Whiteout("etc/old"), Opaque("opq"),
+              File("opq/over", b"shown"), Symlink("etc/link", "hosts"), Whiteout("gone"))
+    upper.mkdir()
+    return l1, l2, upper, work
+
+
+@pytest.fixture
+def tree(dirs: tuple[Path, Path, Path, Path]) -> MergedTree:
+    l1, l2, upper, work = dirs
+    return open_tree([l1, l2], upper, work)
+
+
+def _upper(dirs: tuple[Path, Path, Path, Path]) -> Path:
+    return dirs[2]
+
+
+def _is_whiteout(path: Path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+async def _names(tree: MergedTree, ino: int) -> list[str]:
+    _, entries = await tree.list_dir(ino)
+    return sorted(name for name, _ in entries)
+
+
+def _ino(tree: MergedTree, path: str) -> int:
+    ino = ROOT_INODE
+    for part in path.split("/"):
+        ino = tree.lookup(ino, part).ino
+    return ino
+
+
+async def test_lookup_follows_the_layers(tree: MergedTree) -> None:
+    etc = _ino(tree, "etc")
+    hosts = tree.lookup(etc, "hosts")
+    assert hosts.resolved.layer.index == 1 and Path(hosts.resolved.path).read_bytes() == b"top hosts\n"
+    assert tree.lookup(etc, "passwd").resolved.layer.index == 2  # only in the bottom layer
+    with pytest.raises(FileNotFoundError):
+        tree.lookup(etc, "old")  # whited out in l1
+    with pytest.raises(FileNotFoundError):
+        tree.lookup(_ino(tree, "opq"), "under")  # below an opaque dir
+    assert await _names(tree, ROOT_INODE) == ["empty", "etc", "full", "hl", "opq"]
+    assert await _names(tree, etc) == ["hosts", "link", "passwd"]
+    assert await _names(tree, _ino(tree, "opq")) == ["over"]
+
+
+async def test_create_copies_up_the_parent_only(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    node, fd = await tree.create(_ino(tree, "etc"), "new", stat.S_IFREG | 0o600, ROOT, open_flags=os.O_WRONLY)
+    assert fd is not None
+    os.write(fd, b"written")
+    os.close(fd)
+    upper = _upper(dirs)
+    assert sorted(os.listdir(upper)) == ["etc"] and sorted(os.listdir(upper / "etc")) == ["new"]
+    assert (upper / "etc/new").read_bytes() == b"written" and node.resolved.layer.writable
+    assert stat.S_IMODE(os.lstat(upper / "etc/new").st_mode) == 0o600
+    assert os.lstat(upper / "etc").st_mode == os.lstat(dirs[0] / "etc").st_mode  # parent keeps its metadata
+    with pytest.raises(FileExistsError):
+        await tree.create(_ino(tree, "etc"), "hosts", stat.S_IFREG | 0o644, ROOT)
+
+
+async def test_unlink_of_a_lower_file_leaves_a_whiteout(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    etc = _ino(tree, "etc")
+    await tree.remove(etc, "passwd", directory=False)
+    assert _is_whiteout(_upper(dirs) / "etc/passwd")
+    assert (dirs[1] / "etc/passwd").read_bytes() == b"root\n"  # lower layers never change
+    with pytest.raises(FileNotFoundError):
+        tree.lookup(etc, "passwd")
+    assert await _names(tree, etc) == ["hosts", "link"]
+
+
+async def test_rmdir_needs_an_empty_merged_dir(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    full = _ino(tree, "full")
+    with pytest.raises(OSError) as excinfo:
+        await tree.remove(ROOT_INODE, "full", directory=True)
+    assert excinfo.value.errno == errno.ENOTEMPTY
+    await tree.remove(full, "f1", directory=False)
+    await tree.remove(ROOT_INODE, "full", directory=True)
+    assert _is_whiteout(_upper(dirs) / "full")
+    with pytest.raises(OSError) as excinfo:
+        await tree.remove(ROOT_INODE, "etc", directory=False)
+    assert excinfo.value.errno == errno.EISDIR
+
+
+async def test_mkdir_over_a_whiteout_is_opaque(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    await tree.remove(_ino(tree, "full"), "f1", directory=False)
+    await tree.remove(ROOT_INODE, "full", directory=True)
+    node, _ = await tree.create(ROOT_INODE, "full", stat.S_IFDIR | 0o755, ROOT)
+    made = _upper(dirs) / "full"
+    assert made.is_dir() and os.getxattr(made, TRUSTED_OPAQUE) == b"y"
+    assert await _names(tree, node.ino) == []  # the lower full/f1 stays hidden
+
+
+async def test_rename_of_a_lower_file(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    etc = _ino(tree, "etc")
+    await tree.rename(etc, "passwd", ROOT_INODE, "moved", 0)
+    upper = _upper(dirs)
+    assert (upper / "moved").read_bytes() == b"root\n" and _is_whiteout(upper / "etc/passwd")
+    with pytest.raises(OSError) as excinfo:
+        await tree.rename(etc, "hosts", ROOT_INODE, "moved", RENAME_NOREPLACE)
+    assert excinfo.value.errno == errno.EEXIST
+
+
+async def test_exchange_of_a_file_and_a_dir(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    await tree.rename(_ino(tree, "etc"), "hosts", ROOT_INODE, "empty", RENAME_EXCHANGE)
+    upper = _upper(dirs)
+    assert (upper / "etc/hosts").is_dir() and (upper / "empty").read_bytes() == b"top hosts\n"
+    assert await _names(tree, _ino(tree, "etc")) == ["hosts", "link", "passwd"]
+
+
+async def test_copy_up_keeps_hardlinks_together(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """Copying up one name of a lower hardlink records the copy in the index; the other name then
+    shows the copy (the kernel's index=on)."""
+    hl = _ino(tree, "hl")
+    a = tree.lookup(hl, "a")
+    await tree.change_metadata(a, lambda path: os.chmod(path, 0o600))
+    b = tree.lookup(hl, "b")
+    st = os.lstat(b.resolved.path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and a.ino == b.ino
+    assert tree.link_count(b.resolved, st) == 2
+    index = dirs[3] / "overlayfuse-index"
+    assert len(os.listdir(index)) == 1
+
+
+async def test_read_only_tree_refuses_changes(dirs: tuple[Path, Path, Path, Path]) -> None:
+    tree = open_tree([dirs[0], dirs[1]])
+    assert not tree.writable
+    assert tree.lookup(_ino(tree, "etc"), "hosts").resolved.layer.index == 0
+    for change in (lambda: tree.create(ROOT_INODE, "x", stat.S_IFREG | 0o644, ROOT),
+                   lambda: tree.remove(_ino(tree, "etc"), "hosts", directory=False)):
+        with pytest.raises(OSError) as excinfo:
+            await change()
+        assert excinfo.value.errno == errno.EROFS
+    assert os.listdir(dirs[2]) == []
+
+
+async def test_dir_rename_keeps_hardlinks(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """A directory with lower content is copied up whole to move (the kernel says EXDEV without
+    redirect_dir): the two names of a lower hardlink inside it stay one file, through the index."""
+    await tree.rename(ROOT_INODE, "hl", ROOT_INODE, "moved", 0)
+    moved = _upper(dirs) / "moved"
+    a, b = os.lstat(moved / "a"), os.lstat(moved / "b")
+    assert a.st_ino == b.st_ino and a.st_nlink >= 2 and (moved / "b").read_bytes() == b"linked"
+    assert os.getxattr(moved, TRUSTED_OPAQUE) == b"y" and _is_whiteout(_upper(dirs) / "hl")
+    assert await _names(tree, _ino(tree, "moved")) == ["a", "b"]
