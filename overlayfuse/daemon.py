@@ -13,6 +13,7 @@ for the daemon to end.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import pyfuse3
 import trio
 
-from . import control, inuse, readahead, whiteout
+from . import control, inuse, ownership, readahead, whiteout
 from .notify import notify
 from .copyup import Workspace
 from .fs import OverlayOperations
@@ -65,7 +66,10 @@ def _raise_descriptor_limit() -> None:
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, call ON_READY once the mount answers, and serve until unmounted or signalled."""
     _raise_descriptor_limit()
-    stack = LayerStack.from_dirs(options.lowerdirs, options.upperdir)
+    # Symlinks in the layer paths are followed once, here, as mount(8) resolves them (containers-storage
+    # passes lowerdir=.../l/SHORT, a symlink to the layer): layers are then held without following any.
+    stack = LayerStack.from_dirs([os.path.realpath(d) for d in options.lowerdirs],
+                                 options.upperdir and os.path.realpath(options.upperdir))
     workspace = style = links = None
     if options.upperdir and options.workdir and not options.read_only:
         try:  # before the workspace is prepared: that clears WORKDIR/work, which the holder uses
@@ -82,8 +86,9 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
             raise MountError(f"workdir {options.workdir}: {exc.strerror or exc}") from None
         if not style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
+    owners, workspace = _ownership(options, stack, workspace)
     tree = MergedTree(stack, workspace, style, links)
-    operations = OverlayOperations(tree, read_only=options.read_only)
+    operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=owners)
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
@@ -98,6 +103,31 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     finally:
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", options.mountpoint)
+
+
+def _ownership(
+    options: MountOptions, stack: LayerStack, workspace: Workspace | None
+) -> tuple[ownership.Ownership, Workspace | None]:
+    """fuse-overlayfs's ownership options at work: which override xattr each layer uses (the upper
+    root is marked for ``xattr_permissions``), and how copy-ups and new objects get their owner."""
+    view = options.view
+    upper_xattr = None
+    xattrs: dict[str, str | None] = {}
+    try:
+        for layer in stack.layers:
+            if layer.writable and workspace is not None and view.xattr_permissions:
+                upper_xattr = ownership.prepare_upper(layer.root, options.lowerdirs, view.xattr_permissions)
+                xattrs[layer.root] = upper_xattr
+            else:
+                xattrs[layer.root] = ownership.layer_override_xattr(layer.root)
+    except OSError as exc:
+        raise MountError(f"xattr_permissions={view.xattr_permissions}: cannot keep owners in xattrs on "
+                         f"{exc.filename or options.upperdir}: {exc.strerror or exc}") from None
+    if workspace is not None:
+        workspace = dataclasses.replace(workspace, owner=ownership.disk_owner(view, upper_xattr), durable=view.fsync)
+    if view.context:
+        log.info("context=%s: accepted; the mount takes its SELinux label from the policy", view.context)
+    return ownership.Ownership(view, xattrs), workspace
 
 
 def _mount_failure_hint() -> str | None:

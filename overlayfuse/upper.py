@@ -63,7 +63,7 @@ def create(
     staged = copyup.staging_path(ws)
     fd = None
     try:
-        fd = _build(staged, obj)
+        fd = _build(staged, obj, ws)
         if stat.S_ISDIR(obj.mode) and (existing is not None or oci_whited):
             whiteout.mark_opaque(staged, style)
         if existing is None:
@@ -296,7 +296,7 @@ def _publish_whiteout(ws: Workspace, style: MarkerStyle, parent_dir: str, name: 
         whiteout.write_oci_whiteout(parent_dir, name)
 
 
-def _build(staged: str, obj: NewObject) -> int | None:
+def _build(staged: str, obj: NewObject, ws: Workspace) -> int | None:
     """Create the object at STAGED with its final owner and mode; a regular file's fd is returned."""
     kind = stat.S_IFMT(obj.mode)
     perms = stat.S_IMODE(obj.mode)
@@ -307,6 +307,9 @@ def _build(staged: str, obj: NewObject) -> int | None:
     if kind == stat.S_IFREG:
         access = obj.open_flags & (os.O_ACCMODE | os.O_APPEND)
         fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | access, 0o600)
+        if ws.owner is not None:  # override xattrs or squashed ids (see `ownership`)
+            ws.owner.apply(fd, obj.uid, obj.gid, obj.mode)
+            return fd
         os.fchown(fd, obj.uid, obj.gid)
         os.fchmod(fd, perms)  # after chown, which would clear setuid/setgid
         return fd
@@ -316,6 +319,9 @@ def _build(staged: str, obj: NewObject) -> int | None:
         os.symlink(obj.symlink_target, staged)
     else:
         os.mknod(staged, kind | 0o600, obj.rdev)
+    if ws.owner is not None:
+        ws.owner.apply(staged, obj.uid, obj.gid, obj.mode)
+        return None
     os.chown(staged, obj.uid, obj.gid, follow_symlinks=False)
     if kind != stat.S_IFLNK:
         os.chmod(staged, perms)
