@@ -81,7 +81,10 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         try:
             workspace = Workspace.prepare(options.upperdir, options.workdir)
             style = whiteout.probe_marker_style(workspace.staging)
-            links = LinkIndex.prepare(options.workdir, style.opaque_xattr, stack.layers[0])
+            # The index counts lower names in an xattr: an upper without xattrs breaks hardlinks on
+            # copy-up instead, as the kernel does without index=on.
+            links = (LinkIndex.prepare(options.workdir, style.opaque_xattr, stack.layers[0])
+                     if style.opaque_xattr else None)
         except OSError as exc:
             raise MountError(f"workdir {options.workdir}: {exc.strerror or exc}") from None
         if not style.device_whiteouts:

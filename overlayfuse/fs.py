@@ -250,7 +250,9 @@ class OverlayOperations(pyfuse3.Operations):
         try:
             node = self.tree.lookup(parent_inode, os.fsdecode(name))
         except FileNotFoundError:
-            return _missing_entry()
+            missing = _missing_entry()
+            missing.entry_timeout = self._timeout
+            return missing
         return self._attributes(node.ino, node.resolved, node.resolved.stat)
 
     @_boundary

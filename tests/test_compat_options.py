@@ -364,12 +364,18 @@ def test_upper_without_xattrs_marks_opaque_dirs_with_a_file(fuse_mount: Mounter,
     upper, work = ramfs / "upper", ramfs / "work"
     upper.mkdir()
     work.mkdir()
+    os.link(lower / "owned", lower / "owned-too")
     fuse_mount(mnt, [lower], upper, work)
     shutil.rmtree(mnt / "d")
     (mnt / "d").mkdir()
     (mnt / "d" / "new").write_text("n\n")
     assert os.listdir(mnt / "d") == ["new"]
     assert sorted(os.listdir(upper / "d")) == [".wh..wh..opq", "new"]
+    # No xattr to count lower names in: a hardlinked file's copy-up breaks the link, as the kernel's
+    # does without index=on, instead of failing.
+    with open(mnt / "owned", "a") as f:
+        f.write("more\n")
+    assert ((mnt / "owned").read_text(), (mnt / "owned-too").read_text()) == ("x\nmore\n", "x\n")
 
 
 # -- layers inside the mountpoint -------------------------------------------------------------------
