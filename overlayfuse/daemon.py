@@ -124,8 +124,9 @@ def _ownership(
             else:
                 xattrs[layer.root] = ownership.layer_override_xattr(layer.root)
     except OSError as exc:
-        raise MountError(f"xattr_permissions={view.xattr_permissions}: cannot keep owners in xattrs on "
-                         f"{exc.filename or options.upperdir}: {exc.strerror or exc}") from None
+        what = f"xattr_permissions={view.xattr_permissions}: cannot keep" if view.xattr_permissions else "cannot read"
+        raise MountError(f"{what} the owner/mode xattrs (override_stat) of {exc.filename or options.upperdir}: "
+                         f"{exc.strerror or exc}") from None
     if workspace is not None:
         workspace = dataclasses.replace(workspace, owner=ownership.disk_owner(view, upper_xattr), durable=view.fsync)
     if view.context:

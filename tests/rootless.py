@@ -23,7 +23,9 @@ from pathlib import Path
 
 from tests.imagebuild import tool
 
-USER = "ofuse-rootless"
+#: Users are named USER_PREFIX + the test process's pid, so two test runs on one machine never share
+#: one; a user left by a run that was killed (its pid gone) is removed by the next.
+USER_PREFIX = "ofuse-rl-"
 SUBID_START = 400000
 SUBID_COUNT = 65536
 #: One podman command on a busybox image takes about a second; the first one also starts the pause
@@ -52,21 +54,25 @@ class RootlessUser:
     @classmethod
     def create(cls, needs: Sequence[Path]) -> RootlessUser:
         """Make the user; NEEDS are files it must be able to execute (the venv's commands)."""
-        _remove_user(USER)
+        for stale in pwd.getpwall():
+            if stale.pw_name.startswith(USER_PREFIX) and not _alive(stale.pw_name[len(USER_PREFIX):]):
+                _remove_user(stale.pw_name)
+        name = f"{USER_PREFIX}{os.getpid()}"
+        _remove_user(name)
         scratch = Path(tempfile.mkdtemp(prefix="overlayfuse-rootless-"))
         scratch.chmod(0o755)
         home = scratch / "home"
         try:
             tool("useradd", "--home-dir", home, "--create-home", "--user-group", "--shell", "/bin/sh",
-                 "--no-log-init", USER)  # fmt: skip
-            entry = pwd.getpwnam(USER)
-            user = cls(scratch, USER, entry.pw_uid, entry.pw_gid, home)
+                 "--no-log-init", name)  # fmt: skip
+            entry = pwd.getpwnam(name)
+            user = cls(scratch, name, entry.pw_uid, entry.pw_gid, home)
             for table in ("/etc/subuid", "/etc/subgid"):
-                _set_subids(Path(table), USER, SUBID_START, SUBID_COUNT)
+                _set_subids(Path(table), name, SUBID_START, SUBID_COUNT)
             for path in needs:
                 user._grant_search(path)
         except BaseException:
-            _remove_user(USER)
+            _remove_user(name)
             shutil.rmtree(scratch, ignore_errors=True)
             raise
         return user
@@ -249,6 +255,10 @@ def _pids_of(uid: int) -> list[int]:
                 if entry.stat().st_uid == uid:
                     pids.append(int(entry.name))
     return pids
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and Path("/proc", pid).exists()
 
 
 def _remove_user(name: str) -> None:
