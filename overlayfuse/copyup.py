@@ -24,12 +24,10 @@ import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import whiteout
-
-if TYPE_CHECKING:
-    from .ownership import DiskOwner
+from .ownership import DiskOwner, source_override
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +332,6 @@ def _copy_metadata(src: int | str, dst: int | str, st: os.stat_result, owner: Di
     """
     is_link = stat.S_ISLNK(st.st_mode)
     if owner is not None:  # override xattrs or squashed ids (see `ownership`)
-        from .ownership import source_override
-
         found = source_override(src, st)
         owner.apply(dst, found.uid, found.gid, stat.S_IFMT(st.st_mode) | found.mode)
     else:

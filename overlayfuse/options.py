@@ -98,7 +98,9 @@ def _argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS",
                         help="comma-separated options: lowerdir=A:B (leftmost is the top), upperdir=,"
-                             " workdir=, ro, allow_other, default_permissions, FUSE options")
+                             " workdir=, ro, allow_other, default_permissions, FUSE options, and"
+                             " fuse-overlayfs's (uidmapping=, gidmapping=, squash_to_*, xattr_permissions=,"
+                             " fsync=0, volatile, noacl, noxattrs=1, static_nlink, timeout=: see README)")
     parser.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-d", "--debug", action="store_true",
                         help="log every request (implies -f)")

@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .compat import ViewOptions
+from .compat import OVERFLOW_ID, ViewOptions
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +242,6 @@ class Ownership:
     def caller_on_disk(self, uid: int, gid: int) -> tuple[int, int]:
         """The ids a caller's new object gets on disk (an unmapped caller: the overflow id, as
         fuse-overlayfs stores it)."""
-        from .compat import OVERFLOW_ID
-
         disk_uid = self.view.uid_map.disk(uid)
         disk_gid = self.view.gid_map.disk(gid)
         return (OVERFLOW_ID if disk_uid is None else disk_uid, OVERFLOW_ID if disk_gid is None else disk_gid)

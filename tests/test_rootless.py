@@ -63,6 +63,8 @@ def _missing() -> str | None:
     for name in TOOLS:
         if shutil.which(name) is None:
             return f"{name} is not installed (scripts/setup installs it)"
+    if not os.path.exists("/dev/fuse") or os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
+        return "/dev/fuse is not open to every user (scripts/setup makes it mode 0666)"
     return missing_tools()
 
 
