@@ -111,27 +111,17 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
 def _ownership(
     options: MountOptions, stack: LayerStack, workspace: Workspace | None
 ) -> tuple[ownership.Ownership, Workspace | None]:
-    """fuse-overlayfs's ownership options at work: which override xattr each layer uses (the upper
-    root is marked for ``xattr_permissions``), and how copy-ups and new objects get their owner."""
+    """fuse-overlayfs's ownership options at work (see `ownership.for_mount`)."""
     view = options.view
-    upper_xattr = None
-    xattrs: dict[str, str | None] = {}
     try:
-        for layer in stack.layers:
-            if layer.writable and workspace is not None and view.xattr_permissions:
-                upper_xattr = ownership.prepare_upper(layer.root, options.lowerdirs, view.xattr_permissions)
-                xattrs[layer.root] = upper_xattr
-            else:
-                xattrs[layer.root] = ownership.layer_override_xattr(layer.root)
+        owners, upper_xattr = ownership.for_mount(view, stack.layers, options.lowerdirs, workspace is not None)
     except OSError as exc:
         what = f"xattr_permissions={view.xattr_permissions}: cannot keep" if view.xattr_permissions else "cannot read"
         raise MountError(f"{what} the owner/mode xattrs (override_stat) of {exc.filename or options.upperdir}: "
                          f"{exc.strerror or exc}") from None
     if workspace is not None:
         workspace = dataclasses.replace(workspace, owner=ownership.disk_owner(view, upper_xattr), durable=view.fsync)
-    if view.context:
-        log.info("context=%s: accepted; the mount takes its SELinux label from the policy", view.context)
-    return ownership.Ownership(view, xattrs), workspace
+    return owners, workspace
 
 
 def _mount_failure_hint() -> str | None:

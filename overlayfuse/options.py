@@ -295,9 +295,11 @@ def _typo_note(key: str, misspelt: dict[str, str]) -> str:
     return note + ")"
 
 
-def validate(options: MountOptions) -> None:
-    """Check the directories the way the kernel does at mount time; raises UsageError on the first problem."""
-    _require_dir(options.mountpoint, "mountpoint")
+def validate(options: MountOptions, *, dead_mountpoint: bool = False) -> None:
+    """Check the directories the way the kernel does at mount time; raises UsageError on the first problem.
+    DEAD_MOUNTPOINT: a dead FUSE mount is there, which the daemon detaches first (only names are checked)."""
+    if not dead_mountpoint:
+        _require_dir(options.mountpoint, "mountpoint")
     _check_apart(options)
     for lower in options.lowerdirs:
         _require_dir(lower, "lowerdir")

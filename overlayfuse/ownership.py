@@ -24,8 +24,9 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .compat import OVERFLOW_ID, ViewOptions
 
@@ -286,6 +287,29 @@ def _map_acl(value: bytes, map_uid: Any, map_gid: Any) -> bytes:
             ident = map_gid(ident)
         out += _ACL_ENTRY.pack(tag, perm, ident)
     return bytes(out)
+
+
+class _Layer(Protocol):
+    root: str
+    writable: bool
+
+
+def for_mount(
+    view: ViewOptions, layers: Sequence[_Layer], lowerdirs: Sequence[str], writable: bool
+) -> tuple[Ownership, str | None]:
+    """The mount's `Ownership`: which override xattr each layer uses, from its root's mark; for
+    ``xattr_permissions`` on a writable mount the upper root is marked first (see `prepare_upper`).
+    Also returns the xattr the upper layer writes (None: owners are kept by chown)."""
+    upper_xattr = None
+    xattrs: dict[str, str | None] = {}
+    for layer in layers:
+        if layer.writable and writable and view.xattr_permissions:
+            upper_xattr = xattrs[layer.root] = prepare_upper(layer.root, tuple(lowerdirs), view.xattr_permissions)
+        else:
+            xattrs[layer.root] = layer_override_xattr(layer.root)
+    if view.context:
+        log.info("context=%s: accepted; the mount takes its SELinux label from the policy", view.context)
+    return Ownership(view, xattrs), upper_xattr
 
 
 def disk_owner(view: ViewOptions, upper_xattr: str | None) -> DiskOwner | None:
