@@ -359,7 +359,8 @@ def ramfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.mount
-def test_upper_without_xattrs_marks_opaque_dirs_with_a_file(fuse_mount: Mounter, layers: tuple, ramfs: Path) -> None:
+def test_upper_without_xattrs_marks_opaque_dirs_with_a_file(ramfs: Path, fuse_mount: Mounter, layers: tuple) -> None:
+    """(ramfs first: it is torn down after the mount on it.)"""
     lower, _, _, mnt = layers
     upper, work = ramfs / "upper", ramfs / "work"
     upper.mkdir()
