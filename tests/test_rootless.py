@@ -210,3 +210,22 @@ def test_unprivileged_upper_reads_the_same_through_the_other_tool(rootless: Root
     finally:
         rootless.run("fusermount3", "-u", str(mnt), check=False)
     assert read == written
+
+
+def test_unprivileged_hardlink_index_lives_where_the_user_can_write(rootless: RootlessUser) -> None:
+    """The index entry and its lower-name counter (a ``user.`` xattr: ``trusted.`` is not the user's)
+    sit in the workdir; a copied-up hardlinked file keeps its names together."""
+    root = rootless.mkdir("index")
+    lower = _lower(root, rootless)
+    os.link(lower / "b", lower / "b-too")
+    upper, work, mnt = (rootless.mkdir("index", name) for name in ("upper", "work", "m"))
+    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
+    try:
+        rootless.run("sh", "-c", f"echo more >> {mnt}/b")
+        shown = rootless.run("sh", "-c", f"cat {mnt}/b-too; stat -c %h {mnt}/b {mnt}/b-too").stdout
+    finally:
+        rootless.run("fusermount3", "-u", str(mnt), check=False)
+    assert shown.splitlines() == ["b", "more", "2", "2"]
+    entries = list((work / "overlayfuse-index").iterdir())
+    assert len(entries) == 1 and entries[0].stat().st_uid == rootless.uid
+    assert [n for n in os.listxattr(entries[0]) if n.startswith("user.overlay.")]
