@@ -331,13 +331,15 @@ def _copy_metadata(src: int | str, dst: int | str, st: os.stat_result, owner: Di
     SRC/DST are both fds (regular files) or both paths (never followed).
     """
     is_link = stat.S_ISLNK(st.st_mode)
+    # A lower's override_stat xattr (fuse-overlayfs's, containers-storage's force_mask) is the owner
+    # and mode the mount showed: the copy keeps them, in its own override or for real (as the peer).
+    found = source_override(src, st)
     if owner is not None:  # override xattrs or squashed ids (see `ownership`)
-        found = source_override(src, st)
         owner.apply(dst, found.uid, found.gid, stat.S_IFMT(st.st_mode) | found.mode)
     else:
-        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=isinstance(dst, int))
+        os.chown(dst, found.uid, found.gid, follow_symlinks=isinstance(dst, int))
     if not is_link and owner is None:  # a symlink's mode is fixed at 0777 and Linux cannot change it
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.chmod(dst, found.mode)
     _copy_xattrs(src, dst, is_link)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=isinstance(dst, int))
 

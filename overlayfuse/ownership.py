@@ -194,13 +194,23 @@ def effective(path: str | int, st: os.stat_result, xattr: str | None, *, follow:
 
 def source_override(src: int | str, st: os.stat_result) -> Override:
     """What a copy-up must give the copy: the source's override (any of the three forms), else its
-    real owner and mode."""
+    real owner and mode. One listxattr answers for the common file that has none."""
+    real = Override(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return real
     follow = isinstance(src, int)
+    try:
+        present = set(os.listxattr(src, follow_symlinks=follow))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return real
+        raise
     for name in OVERRIDE_XATTRS:
-        found = effective(src, st, name, follow=follow)
-        if found != Override(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)):
-            return found
-    return Override(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+        if name in present:
+            found = effective(src, st, name, follow=follow)
+            if found != real:
+                return found
+    return real
 
 
 class Ownership:

@@ -232,6 +232,12 @@ def test_containers_override_on_a_lower_layer_is_read_and_hidden(fuse_mount: Mou
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (33, 44, 0o4750)
     assert name not in os.listxattr(mnt / "owned")
     assert _ids(mnt / "stranger") == (50, 60)  # no xattr: the real owner
+    with open(mnt / "owned", "a") as f:  # a copy-up keeps what the mount showed, for real (as the peer)
+        f.write("more\n")
+    real = os.lstat(layers[1] / "owned")
+    assert (real.st_uid, real.st_gid, real.st_mode & 0o7777) == (33, 44, 0o4750)
+    st = os.lstat(mnt / "owned")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (33, 44, 0o4750)
 
 
 @pytest.mark.mount
