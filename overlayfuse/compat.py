@@ -59,14 +59,14 @@ class IdMap:
 
     ranges: tuple[IdRange, ...] = ()
 
-    def shown(self, disk_id: int) -> int:
-        """The id a stat through the mount reports for DISK_ID (the overflow id if none maps it)."""
+    def shown(self, disk_id: int, overflow: int = OVERFLOW_ID) -> int:
+        """The id a stat through the mount reports for DISK_ID (OVERFLOW if none maps it)."""
         if not self.ranges:
             return disk_id
         for r in self.ranges:
             if r.disk <= disk_id < r.disk + r.count:
                 return r.shown + (disk_id - r.disk)
-        return OVERFLOW_ID
+        return overflow
 
     def disk(self, shown_id: int) -> int | None:
         """The id to store on disk for SHOWN_ID (a caller's, or a chown's), or None if none maps it."""
@@ -138,7 +138,7 @@ def parse_id_map(key: str, value: str) -> IdMap:
     return IdMap(ranges)
 
 
-def apply(view: ViewOptions, key: str, has_value: bool, value: str, warnings: list[str]) -> ViewOptions:
+def apply(view: ViewOptions, key: str, has_value: bool, value: str) -> ViewOptions:
     """VIEW with the option KEY[=VALUE] (a key of `KEYS`) applied; raises OptionError on a bad value."""
     if key in ("uidmapping", "gidmapping"):
         mapping = parse_id_map(key, value)

@@ -212,7 +212,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
                 debug = True
             elif key in compat.KEYS:
                 try:
-                    view = compat.apply(view, key, has_value, value, warnings)
+                    view = compat.apply(view, key, has_value, value)
                 except compat.OptionError as exc:
                     raise UsageError(str(exc)) from None
             elif key in _IGNORED or key.startswith("x-") or key in _KERNEL_TUNABLES:

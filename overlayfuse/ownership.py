@@ -222,6 +222,8 @@ class Ownership:
         """Layer root -> the override xattr its objects use (None: their real owner and mode)."""
         self.reads_overrides = any(layer_xattrs.values())
         self.active = view.maps_ids or self.reads_overrides or view.static_nlink
+        self.overflow_uid = _overflow_id("overflowuid") if view.maps_ids else OVERFLOW_ID
+        self.overflow_gid = _overflow_id("overflowgid") if view.maps_ids else OVERFLOW_ID
 
     # -- shown --------------------------------------------------------------------------------
 
@@ -241,12 +243,12 @@ class Ownership:
     def shown_uid(self, disk_uid: int) -> int:
         if self.view.squash_uid is not None:
             return self.view.squash_uid
-        return self.view.uid_map.shown(disk_uid)
+        return self.view.uid_map.shown(disk_uid, self.overflow_uid)
 
     def shown_gid(self, disk_gid: int) -> int:
         if self.view.squash_gid is not None:
             return self.view.squash_gid
-        return self.view.gid_map.shown(disk_gid)
+        return self.view.gid_map.shown(disk_gid, self.overflow_gid)
 
     # -- stored -------------------------------------------------------------------------------
 
@@ -255,7 +257,7 @@ class Ownership:
         fuse-overlayfs stores it)."""
         disk_uid = self.view.uid_map.disk(uid)
         disk_gid = self.view.gid_map.disk(gid)
-        return (OVERFLOW_ID if disk_uid is None else disk_uid, OVERFLOW_ID if disk_gid is None else disk_gid)
+        return (self.overflow_uid if disk_uid is None else disk_uid, self.overflow_gid if disk_gid is None else disk_gid)
 
     def chown_on_disk(self, uid: int, gid: int) -> tuple[int, int]:
         """A chown's ids (-1: unchanged) as stored; EINVAL for an id with no mapping."""
@@ -267,7 +269,8 @@ class Ownership:
 
     def acl_shown(self, value: bytes) -> bytes:
         """A POSIX ACL xattr value read from disk, with its ids as the mount shows them."""
-        return _map_acl(value, self.view.uid_map.shown, self.view.gid_map.shown)
+        uid_map, gid_map = self.view.uid_map, self.view.gid_map  # mapped, never squashed: named entries stay apart
+        return _map_acl(value, lambda i: uid_map.shown(i, self.overflow_uid), lambda i: gid_map.shown(i, self.overflow_gid))
 
     def acl_on_disk(self, value: bytes) -> bytes:
         """A POSIX ACL xattr value from a caller, with its ids as stored; EINVAL for an unmapped id."""
@@ -282,6 +285,15 @@ class Ownership:
             return map_id
 
         return _map_acl(value, strict(self.view.uid_map.disk), strict(self.view.gid_map.disk))
+
+
+def _overflow_id(name: str) -> int:
+    """The kernel's overflow id (/proc/sys/kernel/overflowuid or overflowgid), as fuse-overlayfs reads it."""
+    try:
+        with open(f"/proc/sys/kernel/{name}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return OVERFLOW_ID
 
 
 def _map_acl(value: bytes, map_uid: Any, map_gid: Any) -> bytes:
