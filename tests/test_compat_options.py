@@ -197,10 +197,13 @@ def test_squash_shows_one_owner_and_takes_any_chown(
 
 
 @pytest.mark.mount
-def test_xattr_permissions_keeps_owner_and_mode_in_a_hidden_xattr(fuse_mount: Mounter, layers: tuple) -> None:
-    mnt = _mount(fuse_mount, layers, "xattr_permissions=2", "force_mask=0700")
+@pytest.mark.parametrize(("level", "name"), [(1, "security.fuseoverlayfs.override_stat"),
+                                             (2, "user.fuseoverlayfs.override_stat")])  # fmt: skip
+def test_xattr_permissions_keeps_owner_and_mode_in_a_hidden_xattr(
+    fuse_mount: Mounter, layers: tuple, level: int, name: str
+) -> None:
+    mnt = _mount(fuse_mount, layers, f"xattr_permissions={level}", "force_mask=0700")
     upper = layers[1]
-    name = "user.fuseoverlayfs.override_stat"
     assert os.getxattr(upper, name) == b"0:0:555"  # the upper root is marked, as fuse-overlayfs does
     os.chown(mnt / "owned", 11, 12)
     os.chmod(mnt / "owned", 0o640)
