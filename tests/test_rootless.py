@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import skip_or_fail
 from tests.imagebuild import missing_tools
 from tests.mounts import overlayfuse_binary
-from tests.rootless import TAG, Podman, RootlessUser, busybox_layout, snapshot
+from tests.rootless import SUBID_START, TAG, Podman, RootlessUser, busybox_layout, snapshot
 
 TOOLS = ("podman", "runc", "newuidmap", "newgidmap", "busybox", "setfacl", "fuse-overlayfs", "setpriv", "umoci")
 
@@ -142,8 +142,6 @@ def test_podman_same_as_fuse_overlayfs(runs: dict, mapping: str) -> None:
 def test_podman_upper_ownership_on_disk(runs: dict, rootless: RootlessUser, mapping: str) -> None:
     """The container's uid 1 is the first subordinate id in both mappings: the new file, chowned to
     1:1 inside, belongs to it on disk; the deleted image file is a whiteout."""
-    from tests.rootless import SUBID_START
-
     _, upper = runs[("overlayfuse", mapping)]
     assert upper["tmp/new"] == ("f", SUBID_START, SUBID_START, 0o644)
     assert upper["etc/data.txt"] == ("whiteout", 0, 0, 0)
