@@ -1,7 +1,10 @@
 """The FUSE side of the ``overlayfuse`` command: the daemon that serves an `overlay` tree.
 
 - `cli`, `options`: the command line, parsed into a typed `MountOptions` and checked before anything
-  is mounted (no trio, no pyfuse3 on that path: see `cli`);
+  is mounted (no trio, no pyfuse3 on that path: see `cli`); `compat`: fuse-overlayfs's own options
+  (ID mapping, squash, xattr permissions, fsync...) parsed into a typed `ViewOptions`;
+- `owners`: owners as the mount shows them and as callers' ids reach the disk (`compat`'s policy at
+  run time; the on-disk override xattrs are `overlay.ownership`'s);
 - `fs`: the `pyfuse3.Operations` handlers, and the one place where errors become errno values;
 - `mount`: mount, detach, readiness, signals, unmount; `inuse`: one writable mount per upper dir;
 - `notify`, `control`: the service manager's readiness protocol; the control socket that freezes the

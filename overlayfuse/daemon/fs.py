@@ -28,8 +28,11 @@ from ..overlay import whiteout
 from ..overlay.inodes import Node, UnknownInode
 from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import Caller, MergedTree
+from ..overlay.ownership import DiskOwner
+from .compat import ViewOptions
 from .control import FreezeGate
 from .handles import HandleTable, UnknownHandle
+from .owners import ACL_XATTRS, Ownership
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +166,14 @@ class FileHandle:
 class OverlayOperations(pyfuse3.Operations):
     """The merged view of a `MergedTree` as FUSE operations."""
 
-    def __init__(self, tree: MergedTree, *, read_only: bool) -> None:
+    def __init__(
+        self, tree: MergedTree, *, read_only: bool, view: ViewOptions | None = None, owners: Ownership | None = None
+    ) -> None:
         super().__init__()
         self.tree = tree
+        self.view = view or ViewOptions()  # fuse-overlayfs's options (see `compat`)
+        self.owners = owners if owners is not None and owners.active else None
+        self._timeout = CACHE_TIMEOUT if self.view.timeout is None else self.view.timeout
         self.gate = FreezeGate()  # the daemon's control socket freezes it
         self.inodes = tree.inodes
         self.read_only = read_only
@@ -192,8 +200,8 @@ class OverlayOperations(pyfuse3.Operations):
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = ino
         attrs.generation = 0
-        attrs.entry_timeout = CACHE_TIMEOUT
-        attrs.attr_timeout = CACHE_TIMEOUT
+        attrs.entry_timeout = self._timeout
+        attrs.attr_timeout = self._timeout
         attrs.st_mode = st.st_mode
         attrs.st_nlink = self.tree.link_count(resolved, st, held)
         attrs.st_uid = st.st_uid
@@ -205,7 +213,22 @@ class OverlayOperations(pyfuse3.Operations):
         attrs.st_atime_ns = st.st_atime_ns
         attrs.st_mtime_ns = st.st_mtime_ns
         attrs.st_ctime_ns = st.st_ctime_ns
+        if self.owners is not None:  # ID mapping, squash, override xattrs, static nlink
+            self.owners.present(attrs, st, resolved.layer.root, resolved.path)
         return attrs
+
+    def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
+        """The owner a caller's new object gets on disk."""
+        if self.owners is None:
+            return Caller(ctx.uid, ctx.gid)
+        return Caller(*self.owners.caller_on_disk(ctx.uid, ctx.gid))
+
+    def _check_xattr(self, attr: str) -> None:
+        """``noxattrs``: no xattrs at all (ENOSYS: the kernel stops asking); ``noacl``: no ACLs."""
+        if not self.view.xattrs:
+            raise _fuse_error(errno.ENOSYS)
+        if not self.view.acl and attr in ACL_XATTRS:
+            raise _fuse_error(errno.EOPNOTSUPP)
 
     async def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         st = await self._current_stat(node)
@@ -230,7 +253,9 @@ class OverlayOperations(pyfuse3.Operations):
         try:
             node = self.tree.lookup(parent_inode, os.fsdecode(name))
         except FileNotFoundError:
-            return _missing_entry()
+            missing = _missing_entry()
+            missing.entry_timeout = self._timeout
+            return missing
         return self._attributes(node.ino, node.resolved, node.resolved.stat)
 
     @_boundary
@@ -255,7 +280,12 @@ class OverlayOperations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         if fields.update_size:
             await self.tree.truncate(node, attr.st_size)
-        changes = _metadata_changes(attr, fields)
+        if self.owners is not None and (fields.update_uid or fields.update_gid):
+            uid, gid = self.owners.chown_on_disk(attr.st_uid if fields.update_uid else -1,
+                                                 attr.st_gid if fields.update_gid else -1)  # fmt: skip
+            attr.st_uid, attr.st_gid = max(uid, 0), max(gid, 0)
+        ws = self.tree.workspace
+        changes = _metadata_changes(attr, fields, ws.owner if ws is not None else None)
         if changes is not None:
             await self.tree.change_metadata(node, changes)
         return await self._node_attributes(node)
@@ -273,9 +303,12 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        st = await self._current_stat(self.inodes.get(inode))
+        node = self.inodes.get(inode)
+        st = await self._current_stat(node)
         if mode & os.W_OK and self.read_only:
             raise _fuse_error(errno.EROFS)
+        if self.owners is not None:  # owner and mode as the mount shows them
+            return _permitted(self._attributes(node.ino, node.resolved, st), mode, ctx)  # type: ignore[arg-type]
         return _permitted(st, mode, ctx)
 
     @_boundary
@@ -295,14 +328,21 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         attr = os.fsdecode(name)
+        self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
         path = self.tree.fresh(self.inodes.get(inode)).path
-        return os.getxattr(path, attr, follow_symlinks=False)
+        value = os.getxattr(path, attr, follow_symlinks=False)
+        if self.owners is not None and attr in ACL_XATTRS:
+            return self.owners.acl_shown(value)
+        return value
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._check_xattr("")
         names = os.listxattr(self.tree.fresh(self.inodes.get(inode)).path, follow_symlinks=False)
+        if not self.view.acl:
+            names = [n for n in names if n not in ACL_XATTRS]
         return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
 
     @_boundary
@@ -310,8 +350,11 @@ class OverlayOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         attr = os.fsdecode(name)
+        self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(errno.EPERM)
+        if self.owners is not None and attr in ACL_XATTRS:
+            value = self.owners.acl_on_disk(value)  # EINVAL for an id with no mapping
         await self.tree.change_metadata(self.inodes.get(inode), lambda path: os.setxattr(path, attr, value))
 
     @_boundary
@@ -319,6 +362,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         attr = os.fsdecode(name)
+        self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
         node = self.inodes.get(inode)
@@ -396,7 +440,7 @@ class OverlayOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_writable()
         node, fd = await self.tree.create(
-            parent_inode, os.fsdecode(name), stat.S_IFREG | stat.S_IMODE(mode), Caller(ctx.uid, ctx.gid),
+            parent_inode, os.fsdecode(name), stat.S_IFREG | stat.S_IMODE(mode), self._caller(ctx),
             open_flags=flags,
         )  # fmt: skip
         assert fd is not None
@@ -435,6 +479,8 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if not self.view.fsync:  # fsync=0 / volatile: ENOSYS, and the kernel stops asking (as the peer)
+            raise _fuse_error(errno.ENOSYS)
         handle = self._files[fh]
         if handle.writable:
             await self.tree.in_thread(os.fdatasync if datasync else os.fsync, handle.fd)
@@ -520,7 +566,7 @@ class OverlayOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:  # fmt: skip
         """mkdir, mknod and symlink: MODE carries the type; RDEV is a device's, SYMLINK_TARGET a link's."""
         self._check_writable()
-        node, _ = await self.tree.create(parent_inode, os.fsdecode(name), mode, Caller(ctx.uid, ctx.gid),
+        node, _ = await self.tree.create(parent_inode, os.fsdecode(name), mode, self._caller(ctx),
                                          rdev=rdev, symlink_target=symlink_target)
         return await self._node_attributes(node)
 
@@ -601,8 +647,11 @@ def _dot_attributes(ino: int) -> pyfuse3.EntryAttributes:
     return attrs
 
 
-def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> Callable[[str], None] | None:
-    """The chown/chmod/utimens part of a setattr, as one function of the real path (None if none)."""
+def _metadata_changes(
+    attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, owner: DiskOwner | None = None
+) -> Callable[[str], None] | None:
+    """The chown/chmod/utimens part of a setattr, as one function of the real path (None if none).
+    OWNER: chown and chmod go through it (override xattrs, squashed ids: see `ownership`)."""
     chown = fields.update_uid or fields.update_gid
     if not (chown or fields.update_mode or fields.update_atime or fields.update_mtime):
         return None
@@ -610,11 +659,14 @@ def _metadata_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFiel
     def change(path: str) -> None:
         # PATH is /proc/self/fd/N of the object itself: following it reaches the object (a symlink
         # included), never what a symlink points to.
-        if chown:
+        if owner is not None and (chown or fields.update_mode):
+            owner.change(path, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1,
+                         attr.st_mode if fields.update_mode else None)  # fmt: skip
+        elif chown:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             os.chown(path, uid, gid)
-        if fields.update_mode and not stat.S_ISLNK(os.stat(path).st_mode):
+        if fields.update_mode and owner is None and not stat.S_ISLNK(os.stat(path).st_mode):
             os.chmod(path, stat.S_IMODE(attr.st_mode))  # after chown, which clears setuid
         if fields.update_atime or fields.update_mtime:
             current = os.stat(path)

@@ -13,6 +13,7 @@ for the daemon to end.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -27,7 +28,7 @@ import trio
 from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
-from . import control, inuse, readahead
+from . import control, inuse, owners, readahead
 from .fs import OverlayOperations
 from .notify import notify
 from .options import MountOptions
@@ -64,7 +65,10 @@ def _raise_descriptor_limit() -> None:
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, call ON_READY once the mount answers, and serve until unmounted or signalled."""
     _raise_descriptor_limit()
-    stack = LayerStack.from_dirs(options.lowerdirs, options.upperdir)
+    # Symlinks in the layer paths are followed once, here, as mount(8) resolves them (containers-storage
+    # passes lowerdir=.../l/SHORT, a symlink to the layer): layers are then held without following any.
+    stack = LayerStack.from_dirs([os.path.realpath(d) for d in options.lowerdirs],
+                                 options.upperdir and os.path.realpath(options.upperdir))
     upper_dir = None
     if options.upperdir and options.workdir and not options.read_only:
         try:  # before the workspace is prepared: that clears WORKDIR/work, which the holder uses
@@ -79,8 +83,9 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
             raise MountError(f"workdir {options.workdir}: {exc.strerror or exc}") from None
         if not upper_dir.style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
+    ownership, upper_dir = _ownership(options, stack, upper_dir)
     tree = MergedTree(stack, upper_dir)
-    operations = OverlayOperations(tree, read_only=options.read_only)
+    operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership)
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
@@ -95,6 +100,25 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     finally:
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", options.mountpoint)
+
+
+def _ownership(
+    options: MountOptions, stack: LayerStack, upper_dir: UpperDir | None
+) -> tuple[owners.Ownership, UpperDir | None]:
+    """fuse-overlayfs's ownership options at work (see `owners.for_mount`): the mount's policy, and
+    UPPER_DIR with the workspace that writes owners and modes the way those options say."""
+    view = options.view
+    try:
+        ownership, upper_xattr = owners.for_mount(view, stack.layers, options.lowerdirs, upper_dir is not None)
+    except OSError as exc:
+        what = f"xattr_permissions={view.xattr_permissions}: cannot keep" if view.xattr_permissions else "cannot read"
+        raise MountError(f"{what} the owner/mode xattrs (override_stat) of {exc.filename or options.upperdir}: "
+                         f"{exc.strerror or exc}") from None
+    if upper_dir is not None:
+        workspace = dataclasses.replace(upper_dir.workspace, owner=owners.disk_owner(view, upper_xattr),
+                                        durable=view.fsync)
+        upper_dir = dataclasses.replace(upper_dir, workspace=workspace)
+    return ownership, upper_dir
 
 
 def _mount_failure_hint() -> str | None:

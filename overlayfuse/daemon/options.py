@@ -16,11 +16,11 @@ import argparse
 import difflib
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import __version__
 from ..overlay.layers import check_layer_readable
-from . import inuse
+from . import compat, inuse
 
 
 class UsageError(Exception):
@@ -54,7 +54,8 @@ _FUSE_VALUED = frozenset({"fsname", "subtype", "blksize"})
 #: Our own keys and the flags we act on: what a misspelt key is compared with.
 _OWN = ("lowerdir", "upperdir", "workdir", "ro", "control", "allow_other", "noallow_other",
         "default_permissions", "nodefault_permissions")  # fmt: skip
-_KNOWN = frozenset(_OWN) | _IGNORED | _KERNEL_TUNABLES | _FUSE_FLAGS | _FUSE_VALUED | {"max_read"}
+_KNOWN = (frozenset(_OWN) | compat.KEYS | {"debug"} | _IGNORED | _KERNEL_TUNABLES | _FUSE_FLAGS | _FUSE_VALUED
+          | {"max_read"})
 #: Keys people write from habit elsewhere, and what they mean here.
 _HABITS = {"lowerdirs": "lowerdir"}  # the config file's key (a TOML list) is lowerdirs
 
@@ -79,6 +80,8 @@ class MountOptions:
     control: str | None = None
     """``control=ADDRESS``: where the daemon serves its control socket (freeze/thaw for a consistent
     ``overlayctl commit``); a leading ``@`` puts it in the abstract namespace (see `control`)."""
+    view: compat.ViewOptions = field(default_factory=compat.ViewOptions)
+    """fuse-overlayfs's options (ID mapping, squash, xattr permissions, fsync...), see `compat`."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,7 +100,9 @@ def _argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS",
                         help="comma-separated options: lowerdir=A:B (leftmost is the top), upperdir=,"
-                             " workdir=, ro, allow_other, default_permissions, FUSE options")
+                             " workdir=, ro, allow_other, default_permissions, FUSE options, and"
+                             " fuse-overlayfs's (uidmapping=, gidmapping=, squash_to_*, xattr_permissions=,"
+                             " fsync=0, volatile, noacl, noxattrs=1, static_nlink, timeout=: see README)")
     parser.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-d", "--debug", action="store_true",
                         help="log every request (implies -f)")
@@ -106,16 +111,21 @@ def _argument_parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
-def split_escaped(text: str, separator: str) -> list[str]:
-    """Split on SEPARATOR except where a backslash escapes it; backslash escapes are kept for later."""
-    parts, current, escaped = [], [], False
+def split_escaped(text: str, separator: str, quoted_keys: frozenset[str] = frozenset()) -> list[str]:
+    """Split on SEPARATOR except where a backslash escapes it; backslash escapes are kept for later.
+    A value of one of QUOTED_KEYS that starts with a double quote runs to the closing quote, commas
+    included (``context="...:c1,c2"``), as in the kernel's mount option parser."""
+    parts, current, escaped, quoted = [], [], False, False
     for char in text:
         if escaped:
             current.append("\\" + char)
             escaped = False
         elif char == "\\":
             escaped = True
-        elif char == separator:
+        elif char == '"' and (quoted or _opens_quote(current, quoted_keys)):
+            quoted = not quoted
+            current.append(char)
+        elif char == separator and not quoted:
             parts.append("".join(current))
             current = []
         else:
@@ -124,6 +134,11 @@ def split_escaped(text: str, separator: str) -> list[str]:
         current.append("\\")
     parts.append("".join(current))
     return parts
+
+
+def _opens_quote(current: list[str], quoted_keys: frozenset[str]) -> bool:
+    text = "".join(current)
+    return text.endswith("=") and text[:-1] in quoted_keys
 
 
 def unescape(text: str) -> str:
@@ -162,8 +177,10 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     is_root = (os.geteuid() if euid is None else euid) == 0
     default_permissions = True
     allow_other = is_root
+    view = compat.ViewOptions()
+    debug = args.debug
     for opts in args.opts:
-        for raw in split_escaped(opts, ","):
+        for raw in split_escaped(opts, ",", compat.QUOTED_KEYS):
             if not raw:
                 continue
             key, has_value, value = raw.partition("=")
@@ -193,6 +210,13 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
                 default_permissions = True
             elif key == "nodefault_permissions":
                 default_permissions = False
+            elif key == "debug":  # fuse-overlayfs's -o debug: as -d
+                debug = True
+            elif key in compat.KEYS:
+                try:
+                    view = compat.apply(view, key, bool(has_value), value)
+                except compat.OptionError as exc:
+                    raise UsageError(str(exc)) from None
             elif key in _IGNORED or key.startswith("x-") or key in _KERNEL_TUNABLES:
                 continue
             elif key in _FUSE_FLAGS and not has_value:
@@ -245,12 +269,13 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         upperdir=os.path.abspath(upperdir) if upperdir else None,
         workdir=os.path.abspath(workdir) if workdir else None,
         read_only=read_only,
-        foreground=args.foreground or args.debug,
-        debug=args.debug,
+        foreground=args.foreground or debug,
+        debug=debug,
         source=source,
         fuse_options=frozenset(fuse_options),
         warnings=tuple(warnings),
         control=control if control is None or control.startswith("@") else os.path.abspath(control),
+        view=view,
     )
 
 
@@ -272,9 +297,12 @@ def _typo_note(key: str, misspelt: dict[str, str]) -> str:
     return note + ")"
 
 
-def validate(options: MountOptions) -> None:
-    """Check the directories the way the kernel does at mount time; raises UsageError on the first problem."""
-    _require_dir(options.mountpoint, "mountpoint")
+def validate(options: MountOptions, *, dead_mountpoint: bool = False) -> None:
+    """Check the directories the way the kernel does at mount time; raises UsageError on the first problem.
+    DEAD_MOUNTPOINT: a dead FUSE mount is there, which the daemon detaches first (only names are checked)."""
+    if not dead_mountpoint:
+        _require_dir(options.mountpoint, "mountpoint")
+    _check_apart(options)
     for lower in options.lowerdirs:
         _require_dir(lower, "lowerdir")
         _require_readable(lower, "lowerdir")
@@ -301,6 +329,24 @@ def validate(options: MountOptions) -> None:
         if holder:
             raise UsageError(f"workdir {options.workdir} is in use by {holder}: unmount that first, "
                              "or give this mount an upperdir and workdir of its own")
+
+
+def _check_apart(options: MountOptions) -> None:
+    """No layer dir inside the mountpoint, and the mountpoint inside none: the daemon would reach
+    its own mount through it and wait on itself (fuse-overlayfs's users met that as a hang)."""
+    mountpoint = os.path.realpath(options.mountpoint)
+    dirs = [("lowerdir", d) for d in options.lowerdirs]
+    dirs += [(what, d) for what, d in (("upperdir", options.upperdir), ("workdir", options.workdir)) if d]
+    for what, path in dirs:
+        real = os.path.realpath(path)
+        if real == mountpoint:
+            raise UsageError(f"{what} {path} is the mountpoint itself: mount somewhere else")
+        if is_inside(real, mountpoint):
+            raise UsageError(f"{what} {path} is inside the mountpoint {options.mountpoint}: the mount would "
+                             "hide it from the daemon, which would wait on itself; keep it outside")
+        if is_inside(mountpoint, real):
+            raise UsageError(f"the mountpoint {options.mountpoint} is inside {what} {path}: the daemon would "
+                             "reach its own mount through it and wait on itself; mount outside it")
 
 
 def is_inside(path: str, directory: str) -> bool:

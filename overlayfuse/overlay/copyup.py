@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..linux.syscalls import rename_noreplace, start_writeback
 from . import whiteout
+from .ownership import DiskOwner, source_override
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class Workspace:
 
     upper: str
     staging: str
+    owner: DiskOwner | None = None
+    """How copies and new objects get owner and mode when not by plain chown/chmod (see `ownership`)."""
+    durable: bool = True
+    """False with ``fsync=0``/``volatile``: no fsync after a copy-up."""
 
     @classmethod
     def prepare(cls, upperdir: str, workdir: str) -> Workspace:
@@ -130,7 +135,7 @@ def _copy_up(ws: Workspace, source: str, target: str, size: int | None) -> os.st
         code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
         raise OSError(code, "only a regular file can be copied up to a size", source)
     try:
-        _build(source, staged, st, size, ws.staging)
+        _build(source, staged, st, size, ws)
         _publish(staged, target)
     except BaseException:
         _remove_staged(staged)
@@ -139,11 +144,11 @@ def _copy_up(ws: Workspace, source: str, target: str, size: int | None) -> os.st
     return os.lstat(target)
 
 
-def _build(source: str, staged: str, st: os.stat_result, size: int | None, staging: str) -> None:
+def _build(source: str, staged: str, st: os.stat_result, size: int | None, ws: Workspace) -> None:
     """Create STAGED as a complete, durable copy of SOURCE (already lstat'ed as ST)."""
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        _build_file(source, staged, size)
+        _build_file(source, staged, size, ws)
         return
     if stat.S_ISDIR(mode):
         os.mkdir(staged, 0o700)
@@ -155,13 +160,14 @@ def _build(source: str, staged: str, st: os.stat_result, size: int | None, stagi
         os.mknod(staged, stat.S_IFMT(mode) | 0o600, st.st_rdev)
     else:
         raise OSError(errno.EINVAL, f"cannot copy up file type {stat.S_IFMT(mode):#o}", source)
-    _copy_metadata(source, staged, st)
+    _copy_metadata(source, staged, st, ws.owner)
     # Never open a fifo or a device to fsync it (opening one has side effects): make the staging
     # dir durable instead, which on a journalling filesystem commits the new inode too.
-    _fsync_path(staged if stat.S_ISDIR(mode) else staging)
+    if ws.durable:
+        _fsync_path(staged if stat.S_ISDIR(mode) else ws.staging)
 
 
-def _build_file(source: str, staged: str, size: int | None) -> None:
+def _build_file(source: str, staged: str, size: int | None, ws: Workspace) -> None:
     src = _open_source(source)
     try:
         st = os.fstat(src)
@@ -171,8 +177,9 @@ def _build_file(source: str, staged: str, size: int | None) -> None:
                       0o600)
         try:
             _copy_data(src, dst, st.st_size if size is None else size, st.st_size)
-            _copy_metadata(src, dst, st)
-            os.fsync(dst)
+            _copy_metadata(src, dst, st, ws.owner)
+            if ws.durable:
+                os.fsync(dst)
         finally:
             os.close(dst)
     finally:
@@ -285,7 +292,7 @@ def _copy_chunk_fallback(src: int, dst: int, offset: int, count: int) -> int:
     return offset - start
 
 
-def _copy_metadata(src: int | str, dst: int | str, st: os.stat_result) -> None:
+def _copy_metadata(src: int | str, dst: int | str, st: os.stat_result, owner: DiskOwner | None = None) -> None:
     """Owner, then mode, then xattrs, then times: each step would undo parts of an earlier order.
 
     chown clears setuid/setgid and security.capability, so it goes first; times go last because
@@ -293,9 +300,15 @@ def _copy_metadata(src: int | str, dst: int | str, st: os.stat_result) -> None:
     SRC/DST are both fds (regular files) or both paths (never followed).
     """
     is_link = stat.S_ISLNK(st.st_mode)
-    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=isinstance(dst, int))
-    if not is_link:  # a symlink's mode is fixed at 0777 and Linux cannot change it
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    # A lower's override_stat xattr (fuse-overlayfs's, containers-storage's force_mask) is the owner
+    # and mode the mount showed: the copy keeps them, in its own override or for real (as the peer).
+    found = source_override(src, st)
+    if owner is not None:  # override xattrs or squashed ids (see `ownership`)
+        owner.apply(dst, found.uid, found.gid, stat.S_IFMT(st.st_mode) | found.mode)
+    else:
+        os.chown(dst, found.uid, found.gid, follow_symlinks=isinstance(dst, int))
+    if not is_link and owner is None:  # a symlink's mode is fixed at 0777 and Linux cannot change it
+        os.chmod(dst, found.mode)
     _copy_xattrs(src, dst, is_link)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=isinstance(dst, int))
 

@@ -48,7 +48,7 @@ class LinkIndex:
             os.mkdir(directory, 0o700)
         except FileExistsError:
             pass
-        namespace = opaque_xattr.split(".", 1)[0]
+        namespace = opaque_xattr.split(".", 1)[0] or "user"  # no overlay xattr writable: counts unkept
         index_layer = Layer(upper.index, directory, True)
         return cls(directory, f"{namespace}.{_COUNT_SUFFIX}", root_branch(index_layer, NO_MARKERS))
 

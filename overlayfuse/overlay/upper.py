@@ -39,14 +39,19 @@ class UpperDir:
 
     workspace: Workspace
     style: MarkerStyle
-    links: LinkIndex
+    links: LinkIndex | None
+    """None where the upper keeps no overlay xattr (see `prepare`)."""
 
     @classmethod
     def prepare(cls, upperdir: str, workdir: str, upper_layer: layers.Layer) -> UpperDir:
-        """Clear WORKDIR's staging of interrupted changes, probe the marker forms, open the index."""
+        """Clear WORKDIR's staging of interrupted changes, probe the marker forms, open the index.
+
+        The index counts lower names in an xattr: an upper without xattrs keeps none, and copy-up
+        breaks hardlinks instead, as the kernel does without index=on."""
         workspace = Workspace.prepare(upperdir, workdir)
         style = whiteout.probe_marker_style(workspace.staging)
-        return cls(workspace, style, LinkIndex.prepare(workdir, style.opaque_xattr, upper_layer))
+        links = LinkIndex.prepare(workdir, style.opaque_xattr, upper_layer) if style.opaque_xattr else None
+        return cls(workspace, style, links)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,7 @@ def create(
     staged = copyup.staging_path(ws)
     fd = None
     try:
-        fd = _build(staged, obj)
+        fd = _build(staged, obj, ws)
         if stat.S_ISDIR(obj.mode) and (existing is not None or oci_whited):
             whiteout.mark_opaque(staged, style)
         if existing is None:
@@ -314,7 +319,7 @@ def _publish_whiteout(ws: Workspace, style: MarkerStyle, parent_dir: str, name: 
         whiteout.write_oci_whiteout(parent_dir, name)
 
 
-def _build(staged: str, obj: NewObject) -> int | None:
+def _build(staged: str, obj: NewObject, ws: Workspace) -> int | None:
     """Create the object at STAGED with its final owner and mode; a regular file's fd is returned."""
     kind = stat.S_IFMT(obj.mode)
     perms = stat.S_IMODE(obj.mode)
@@ -325,6 +330,9 @@ def _build(staged: str, obj: NewObject) -> int | None:
     if kind == stat.S_IFREG:
         access = obj.open_flags & (os.O_ACCMODE | os.O_APPEND)
         fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | access, 0o600)
+        if ws.owner is not None:  # override xattrs or squashed ids (see `ownership`)
+            ws.owner.apply(fd, obj.uid, obj.gid, obj.mode)
+            return fd
         os.fchown(fd, obj.uid, obj.gid)
         os.fchmod(fd, perms)  # after chown, which would clear setuid/setgid
         return fd
@@ -334,6 +342,9 @@ def _build(staged: str, obj: NewObject) -> int | None:
         os.symlink(obj.symlink_target, staged)
     else:
         os.mknod(staged, kind | 0o600, obj.rdev)
+    if ws.owner is not None:
+        ws.owner.apply(staged, obj.uid, obj.gid, obj.mode)
+        return None
     os.chown(staged, obj.uid, obj.gid, follow_symlinks=False)
     if kind != stat.S_IFLNK:
         os.chmod(staged, perms)

@@ -10,8 +10,8 @@ Formats read (all of them, in every layer, as fuse-overlayfs does):
 - xattr whiteout (kernel >= 6.7, written by layer builders, never by the kernel): a zero-size regular
   file carrying ``trusted.overlay.whiteout``, inside a directory marked ``trusted.overlay.opaque=x``;
 - OCI/AUFS whiteout: a file ``.wh.NAME`` beside the hidden entry;
-- opaque directory: ``trusted.overlay.opaque=y``, ``user.overlay.opaque=y``, or a ``.wh..wh..opq`` file
-  inside it.
+- opaque directory: ``trusted.overlay.opaque=y``, ``user.overlay.opaque=y``, fuse-overlayfs's
+  ``user.fuseoverlayfs.opaque=y`` (its unprivileged form), or a ``.wh..wh..opq`` file inside it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ OCI_OPAQUE_MARKER = ".wh..wh..opq"
 
 #: Both namespaces: the kernel reads ``trusted.`` (``user.`` with ``userxattr``); rootless tools write
 #: ``user.``. We honour both, and hide both from the merged view.
-PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+#: fuse-overlayfs keeps its own (``user.fuseoverlayfs.*``: opaque, origin, override_stat) and
+#: containers-storage its ``force_mask`` owner/mode; hidden too (see `ownership`).
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "security.fuseoverlayfs.",
+                          "user.containers.override_stat")
+#: Written: the first this mount may write (see `probe_marker_style`). Read: all of them.
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 XATTR_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 #: A metacopy upper file (kernel ``metacopy=on``) holds metadata only; its data is in a lower layer.
@@ -200,6 +204,8 @@ class MarkerStyle:
 
     device_whiteouts: bool
     opaque_xattr: str
+    """The xattr that marks an opaque directory; "" where no overlay xattr can be written (a
+    ``.wh..wh..opq`` file marks it then)."""
 
 
 def probe_marker_style(scratch_dir: str) -> MarkerStyle:
@@ -209,17 +215,30 @@ def probe_marker_style(scratch_dir: str) -> MarkerStyle:
         write_device_whiteout(probe)
         devices = True
         os.unlink(probe)
-    except PermissionError:
+    except OSError as exc:
+        if exc.errno not in _NOT_AVAILABLE:
+            raise
         devices = False
     os.mkdir(probe, 0o700)
+    opaque = ""
     try:
-        os.setxattr(probe, OPAQUE_XATTRS[0], b"y")
-        opaque = OPAQUE_XATTRS[0]
-    except PermissionError:
-        opaque = OPAQUE_XATTRS[1]
+        for name in OPAQUE_XATTRS[:2]:
+            try:
+                os.setxattr(probe, name, b"y")
+            except OSError as exc:
+                if exc.errno not in _NOT_AVAILABLE:
+                    raise
+                continue
+            opaque = name
+            break
     finally:
         os.rmdir(probe)
     return MarkerStyle(device_whiteouts=devices, opaque_xattr=opaque)
+
+
+#: What a write of a marker form we may not use fails with: no such support in the filesystem
+#: (tmpfs without user xattrs, some FUSE uppers), no capability (mknod, ``trusted.*``), or an LSM's no.
+_NOT_AVAILABLE = frozenset({errno.ENOTSUP, errno.EPERM, errno.EACCES})
 
 
 def write_device_whiteout(path: str, *, dir_fd: int | None = None) -> None:
@@ -240,7 +259,11 @@ def write_oci_marker_at(dir_fd: int, marker: str) -> None:
 
 
 def mark_opaque_fd(dir_fd: int, xattr: str = TRUSTED_OPAQUE) -> None:
-    """Mark the open directory DIR_FD opaque with XATTR (an entry of `OPAQUE_XATTRS`)."""
+    """Mark the open directory DIR_FD opaque with XATTR (an entry of `OPAQUE_XATTRS`; "": with a
+    ``.wh..wh..opq`` file)."""
+    if not xattr:
+        write_oci_marker_at(dir_fd, OCI_OPAQUE_MARKER)
+        return
     os.setxattr(dir_fd, xattr, b"y")
 
 
@@ -254,6 +277,13 @@ def remove_oci_whiteout(layer_dir: str, name: str) -> None:
 
 
 def mark_opaque(dir_path: str, style: MarkerStyle) -> None:
+    if not style.opaque_xattr:
+        fd = os.open(dir_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            write_oci_marker_at(fd, OCI_OPAQUE_MARKER)
+        finally:
+            os.close(fd)
+        return
     os.setxattr(dir_path, style.opaque_xattr, b"y", follow_symlinks=False)
 
 

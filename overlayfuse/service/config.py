@@ -387,10 +387,8 @@ def _check_with_daemon_rules(plan: MountPlan) -> None:
         raise ConfigError(f"{where}: options: unknown mount option {option}")
     if plan.new_container:  # its upper and work dirs do not exist until it is created
         options = dataclasses.replace(options, upperdir=None, workdir=None)
-    if plan.dead_mount:  # the daemon detaches it first; the checks would stumble on ENOTCONN
-        options = dataclasses.replace(options, mountpoint=os.path.dirname(options.mountpoint) or "/")
-    try:
-        validate(options)
+    try:  # a dead mount: the daemon detaches it first, and the checks would stumble on ENOTCONN
+        validate(options, dead_mountpoint=plan.dead_mount)
     except UsageError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
