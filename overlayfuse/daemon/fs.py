@@ -448,12 +448,20 @@ class OverlayOperations(pyfuse3.Operations):
         return info, await self._node_attributes(node)
 
     def _readable_fd(self, handle: FileHandle) -> int:
-        """A read-only fd opened before a copy-up reads the upper copy afterwards, like the kernel's."""
-        current = handle.node.resolved
+        """A read-only fd opened before a copy-up reads the upper copy afterwards, like the kernel's.
+
+        The copy is reopened through a descriptor checked to be the node's object, never by its
+        name alone: a name being renamed over or unlinked right now may show a whiteout (ENXIO) or
+        nothing; then this read still reads the file it opened, and a later one switches."""
+        node = handle.node
+        current = node.resolved
         if not handle.writable and current is not handle.resolved and not current.same_object(handle.resolved.stat):
-            fd = _open_real(current, os.O_RDONLY, _open_plain)
+            held = self.tree.hold_object(node)
+            if held is None:
+                return handle.fd
+            fd = _reopen(held, os.O_RDONLY)
             os.close(handle.fd)
-            handle.fd, handle.resolved, handle.dev = fd, current, os.fstat(fd).st_dev
+            handle.fd, handle.resolved, handle.dev = fd, node.resolved, os.fstat(fd).st_dev
         return handle.fd
 
     @_boundary

@@ -222,17 +222,22 @@ class MergedTree:
         into = parent.resolved.branches[0]
         self._changed(parent)
         try:
-            if self._indexed(resolved):
-                return await self._name_indexed_copy(node, resolved, into)
             if not resolved.is_dir:
                 here = self.find(parent.resolved, node.name)
                 mine = self._through_index(resolved) or resolved
-                if here is not None and self._indexed(here) and here.same_object(mine.stat):
-                    # another name of this hardlinked file was copied up meanwhile: link that copy
-                    return await self._name_indexed_copy(node, here, into)
-                if here is None or not here.same_object(resolved.stat):
-                    if for_open:
-                        return await self._copy_up_orphan(node, size)
+                if here is not None and here.same_object(mine.stat):
+                    if self._indexed(here):
+                        # another name of this hardlinked file was copied up: link that copy here
+                        return await self._name_indexed_copy(node, here, into)
+                    if here.layer.writable:
+                        # the node held the index copy, and its name was linked to it meanwhile
+                        self.inodes.rebind(node, here)
+                        return here
+                elif self._indexed(resolved) and for_open:
+                    return resolved  # its name went; the index copy is the object, in upper already
+                elif for_open:
+                    return await self._copy_up_orphan(node, size)
+                else:
                     # the kernel tries to copy up to the old name, which a whiteout or another
                     # object holds now: EEXIST either way
                     raise _error(errno.EEXIST, node.name)
