@@ -7,6 +7,11 @@ blob), every layer against its diff_id. Then, under the lock, the staged blobs a
 into place and the image record is written last. Any failure before that leaves the store as it was
 (the staging dir goes with the process, or with the next locked command if the process was killed).
 
+A layer that comes as a plain tar (an OCI layout's ``tar`` layers, Docker 25+ archives, old-style
+``docker save``) is stored gzipped as it streams by (`recompress`), so the store holds its bytes once:
+unpacked for mounts, gzipped for export. The manifest stored with the image then names the gzip blobs
+(`restate_manifest`); its config, the image id and the diff_ids are the source's.
+
 Layers the store already has (same diff_id) are not unpacked again, but their blob is still read,
 verified (digest, size and diff_id) and kept if the store lacks it, so export can give the image back.
 The one exception is a registry pull (`registry.pull`), which does not download a blob whose layer
@@ -410,7 +415,7 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
                  progress: Progress, total: int, below: Sequence[Path]) -> tuple[str, Path, LayerPlan]:
     """Verify (and unpack, unless the store has it) one layer over BELOW (the content dirs of the
     layers under it, topmost first); returns its blob digest, its content dir, and the layer as the
-    stored blob is (gzipped, if it came as a plain tar in an archive without a manifest)."""
+    stored blob is (gzipped, if it came as a plain tar)."""
     if layer.digest is not None and not source.exists(layer.path):  # only for reuse_without_blob layers
         if not store.has_layer(layer.diff_id):
             raise ImageError(f"layer {layer.diff_id} was removed from the store during the pull: pull again")
@@ -420,8 +425,9 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
     keep_blob = layer.digest is None or not store.has_blob(layer.digest)
     blob_path = staging / "blobs" / f"layer-{layer.number}"
     media_type = _unpack_media_type(source, layer)
-    # No manifest names this blob (manifest.json archives): store it gzipped, one copy of the bytes.
-    gzip_it = layer.digest is None and not oci.LAYER_COMPRESSION.get(media_type, "?")
+    # A plain tar is stored gzipped (`recompress`): one copy of its bytes beside the unpacked files.
+    # Not when the store holds the plain blob already (from before): the manifest keeps naming it.
+    gzip_it = not oci.LAYER_COMPRESSION.get(media_type, "?")
     label = f"layer {layer.number}/{total} {(layer.digest or layer.diff_id)[7:19]}"
     advance = progress.start(label, layer.size)
     with source.open(layer.path) as raw, (open(blob_path, "wb") if keep_blob else contextlib.nullcontext()) as out:
@@ -448,7 +454,7 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
         stored = layer
         if gzip_copy is not None:
             digest = gzip_copy.finish()
-            stored = replace(layer, media_type=oci.MEDIA_LAYER_GZIP, size=gzip_copy.size)
+            stored = replace(layer, media_type=gzip_media_type(layer.media_type), size=gzip_copy.size, digest=digest)
         if out is not None:
             out.flush()
             os.fsync(out.fileno())
@@ -465,6 +471,32 @@ def _inherit(content: Path, implicit_dirs: Sequence[str], below: Sequence[Path])
         where = f"{exc.filename}: " if exc.filename else ""
         raise ImageError(f"giving the directories the layer implies the metadata of the layers "
                          f"below: {where}{exc.strerror or exc}") from None
+
+
+def gzip_media_type(declared: str) -> str:
+    """The gzip layer media type of DECLARED's family: a Docker schema 2 manifest keeps Docker's
+    types (mixing in OCI ones is something registries and docker refuse), anything else gets OCI's."""
+    return oci.DOCKER_LAYER_GZIP if declared.startswith("application/vnd.docker.") else oci.MEDIA_LAYER_GZIP
+
+
+def restate_manifest(manifest_bytes: bytes, stored: Sequence[LayerPlan], digests: Sequence[str]) -> bytes:
+    """MANIFEST_BYTES with each layer descriptor naming the blob as the store keeps it (a plain tar
+    gzipped on import); the bytes as they were when no layer changed, so their digest stays.
+
+    The config, and so the image id and the diff_ids, are untouched: they name the uncompressed tars.
+    Every other field of the manifest and of its descriptors (annotations, urls) is kept; a
+    descriptor's embedded ``data`` would no longer match, so it goes."""
+    value = json.loads(manifest_bytes)
+    layers = value.get("layers")
+    assert isinstance(layers, list) and len(layers) == len(stored) == len(digests)  # parse_manifest checked
+    changed = False
+    for entry, layer, digest in zip(layers, stored, digests, strict=True):
+        if (entry.get("mediaType"), entry.get("digest"), entry.get("size")) == (layer.media_type, digest, layer.size):
+            continue
+        entry.update(mediaType=layer.media_type, digest=digest, size=layer.size)
+        entry.pop("data", None)
+        changed = True
+    return json.dumps(value, separators=(",", ":")).encode() if changed else manifest_bytes
 
 
 def _docker_manifest(config_bytes: bytes, config_digest: str, layers: Sequence[tuple[LayerPlan, str]]) -> bytes:
@@ -510,7 +542,7 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
     (staging / "layers").mkdir()
     staged = _Staged()
     digests = []
-    stored_layers = []  # as the blobs are stored (a plain tar from a manifest.json archive is gzipped)
+    stored_layers = []  # as the blobs are stored (a plain tar layer is gzipped)
     below: list[Path] = []  # content dirs of the layers staged so far, topmost first
     for layer in plan.layers:
         try:
@@ -522,10 +554,14 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
         stored_layers.append(stored)
         below.insert(0, content)
     config_digest = oci.sha256_of(plan.config_bytes)
-    manifest_bytes = plan.manifest_bytes
-    if manifest_bytes is None:
+    if plan.manifest_bytes is None:
         layer_blobs = list(zip(stored_layers, digests, strict=True))
         manifest_bytes = _docker_manifest(plan.config_bytes, config_digest, layer_blobs)
+    else:
+        manifest_bytes = restate_manifest(plan.manifest_bytes, stored_layers, digests)
+        if manifest_bytes != plan.manifest_bytes:
+            log.info("%s: plain tar layers are stored gzipped: the stored manifest is %s, not %s", source.label,
+                     oci.sha256_of(manifest_bytes), oci.sha256_of(plan.manifest_bytes))
     manifest_digest = oci.sha256_of(manifest_bytes)
     staged.blobs.append((_stage_bytes(staging, "config", plan.config_bytes), config_digest))
     staged.blobs.append((_stage_bytes(staging, "manifest", manifest_bytes), manifest_digest))

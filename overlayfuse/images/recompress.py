@@ -1,10 +1,17 @@
 """Gzip a layer that arrived uncompressed while it is imported, so the store keeps one copy of it.
 
-A ``docker save`` archive (manifest.json, before Docker 25) carries its layers as plain tars. Kept
-as they came, each layer would take its full size twice: the tar as a blob (for export) and its
-unpacked files (for mounts). The import instead stores the tar gzipped, as it streams by; the image's
-config, diff_ids and id are the same (they name the uncompressed tar), and the manifest the import
-writes for the archive (which had none) names the gzip blob, as ``docker push`` would.
+``docker save`` archives (old style, and Docker 25+'s OCI layout inside) and OCI layouts written with
+uncompressed layers carry plain tars. Kept as they came, each layer would take its full size twice:
+the tar as a blob (for export) and its unpacked files (for mounts). The import instead stores the tar
+gzipped, as it streams by; the image's config, diff_ids and id are the same (they name the
+uncompressed tar), and the manifest stored with the image names the gzip blob, as ``docker push``
+would (for an archive without a manifest, the one the import writes; for a layout, its manifest with
+those layer descriptors replaced, so its digest differs from the source's).
+
+Why not keep the tar's headers only and rebuild the tar on export (containers/storage's tar-split)?
+That keeps the source's manifest digest, but makes every export, save and push a tar writer that must
+reproduce the source byte for byte from the unpacked files, and a layer whose files were damaged
+unexportable; the gzip blob is a plain file, hardlinked by export, and a small fraction of the tar.
 
 Deterministic: the gzip header carries no name and no time, so importing the same archive again
 gives the same blob digest and the same manifest (with the same zlib).
