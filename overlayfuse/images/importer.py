@@ -421,6 +421,11 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
             raise ImageError(f"layer {layer.diff_id} was removed from the store during the pull: pull again")
         log.info("layer %s is in the store already: its blob %s is not needed", layer.diff_id, layer.digest)
         staged.reused.append(layer.diff_id)
+        gzipped = _stored_gzip_blob(store, layer) if not oci.LAYER_COMPRESSION.get(layer.media_type, "?") else None
+        if gzipped is not None:  # the plain tar was stored gzipped: name that blob, as if it had come
+            stored = replace(layer, media_type=gzip_media_type(layer.media_type), size=gzipped.size,
+                             digest=gzipped.digest)
+            return gzipped.digest, store.layer_dir(layer.diff_id), stored
         return layer.digest, store.layer_dir(layer.diff_id), layer
     keep_blob = layer.digest is None or not store.has_blob(layer.digest)
     blob_path = staging / "blobs" / f"layer-{layer.number}"
@@ -462,6 +467,26 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
     if keep_blob:
         staged.blobs.append((blob_path, digest))
     return digest, content, stored
+
+
+def _stored_gzip_blob(store: Store, layer: LayerPlan) -> Descriptor | None:
+    """The gzip blob of LAYER's diff_id that an image in STORE names and the store holds, if any.
+
+    A pull does not fetch a blob whose layer the store has; when that blob is a plain tar, the store
+    never kept it (an import stores it gzipped), so the manifest must name the gzip blob it did keep,
+    or export, save and push of the pulled image would miss a blob."""
+    for image in store.images():
+        try:
+            diff_ids = store.image_diff_ids(image)
+            manifest = oci.parse_manifest(store.read_blob(image.manifest), f"manifest {image.manifest} in the store")
+        except (StoreError, ImageError) as exc:
+            log.warning("image %s: %s", image.id, exc)
+            continue
+        for diff_id, descriptor in zip(diff_ids, manifest.layers, strict=False):
+            if diff_id == layer.diff_id and oci.LAYER_COMPRESSION.get(descriptor.media_type) == "gzip" \
+                    and store.has_blob(descriptor.digest):
+                return descriptor
+    return None
 
 
 def _inherit(content: Path, implicit_dirs: Sequence[str], below: Sequence[Path]) -> None:

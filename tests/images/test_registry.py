@@ -38,7 +38,9 @@ from tests.support.imagebuild import (
     REF_NAME,
     Images,
     LayoutEditor,
+    blob_path,
     copy_layout,
+    to_uncompressed,
     to_zstd,
     tool,
     unpack_rootfs,
@@ -323,6 +325,49 @@ def test_the_platform_is_picked_from_an_index(registry: RegistryProcess, images:
     assert s390x_id == LayoutEditor(layout, images.other).manifest["config"]["digest"]
     line = ctl.fails(*pull_args(registry, ref, "-q", "--platform", "windows/amd64"))
     assert "no image for windows/amd64" in line and "linux/s390x" in line
+
+
+def _put_verbatim(registry: RegistryProcess, layout: Path, tag: str, repository: str) -> str:
+    """Put LAYOUT:TAG in REGISTRY as REPOSITORY:1 blob for blob, plain tar layers and all (skopeo
+    gzips what it sends to a registry, so our own session uploads, monolithic: POST then PUT)."""
+    editor = LayoutEditor(layout, tag)
+    options = Options(creds=Credentials(USER, PASSWORD), cert_dir=str(registry.pki.cert_dir))
+    scope = [f"repository:{repository}:pull,push"]
+    with Session(registry.host, options) as session:
+        for blob in (editor.manifest["config"], *editor.manifest["layers"]):
+            started = session.request("POST", f"/v2/{repository}/blobs/uploads/", scope, "seed")
+            assert started.status_code == 202, started.text
+            done = session.request("PUT", started.headers["location"], scope, "seed", params={"digest": blob["digest"]},
+                                   headers={"Content-Type": "application/octet-stream"},
+                                   content=blob_path(layout, blob["digest"]).read_bytes())
+            assert done.status_code == 201, done.text
+        manifest = blob_path(layout, editor.descriptor["digest"]).read_bytes()
+        put = session.request("PUT", f"/v2/{repository}/manifests/1", scope, "seed",
+                              headers={"Content-Type": oci.MEDIA_MANIFEST}, content=manifest)
+        assert put.status_code == 201, put.text
+    return f"{registry.host}/{repository}:1"
+
+
+def test_a_pulled_plain_tar_layer_is_stored_once_and_pulled_again_names_the_same_blob(
+        registry: RegistryProcess, images: Images, tmp_path: Path) -> None:
+    """An image whose layers the registry serves as plain tars: the pull stores them gzipped (one
+    copy) under a restated manifest; pulled again (its layers in the store, their plain blobs not),
+    the manifest still names the stored gzip blobs, so export gives an image skopeo copies."""
+    plain = to_uncompressed(images.layout, images.full, tmp_path, tmp_path / "plain")
+    remote = _put_verbatim(registry, plain, images.full, "test/plain")
+    root = tmp_path / "store"
+    with store_session(root, tmp_path) as ctl:
+        ctl.ok(*pull_args(registry, remote))
+        first = json.loads(ctl.ok("image", "inspect", remote))[0]
+        assert first["Id"] == LayoutEditor(plain, images.full).manifest["config"]["digest"]
+        for layer in first["Layers"]:
+            assert (root / "blobs" / "sha256" / layer["Digest"][7:]).read_bytes()[:2] == b"\x1f\x8b"
+        out = ctl.ok(*pull_args(registry, remote))
+        assert "0 layers downloaded, 3 already in the store" in out, out
+        again = json.loads(ctl.ok("image", "inspect", remote))[0]
+        assert again["ManifestDigest"] == first["ManifestDigest"]
+        ctl.ok("image", "export", remote, tmp_path / "out")
+        tool("skopeo", "copy", "--quiet", f"oci:{tmp_path / 'out'}:1", f"dir:{tmp_path / 'copied'}")
 
 
 # -- auth ----------------------------------------------------------------------------------------
