@@ -379,6 +379,7 @@ class _Staged:
     blobs: list[tuple[Path, str]] = field(default_factory=list)  # (staged file, digest)
     layers: list[tuple[Path, LayerRecord]] = field(default_factory=list)  # (dir holding diff/, record)
     reused: list[str] = field(default_factory=list)  # diff_ids already in the store
+    kept_blobs: list[str] = field(default_factory=list)  # stored blobs the manifest names instead of the source's
 
 
 def _stage_bytes(staging: Path, name: str, data: bytes) -> Path:
@@ -425,6 +426,7 @@ def _stage_layer(store: Store, source: Source, layer: LayerPlan, staging: Path, 
         if gzipped is not None:  # the plain tar was stored gzipped: name that blob, as if it had come
             stored = replace(layer, media_type=gzip_media_type(layer.media_type), size=gzipped.size,
                              digest=gzipped.digest)
+            staged.kept_blobs.append(gzipped.digest)
             return gzipped.digest, store.layer_dir(layer.diff_id), stored
         return layer.digest, store.layer_dir(layer.diff_id), layer
     keep_blob = layer.digest is None or not store.has_blob(layer.digest)
@@ -594,11 +596,14 @@ def _import(store: Store, source: Source, ref: str | None, path: Path, staging: 
         os.sync()  # the unpacked files must be on disk before their directory is renamed into place
     chosen = tuple(tags) if tags else plan.tags
     with store.locked():
+        for digest in staged.kept_blobs:  # checked before anything is installed: a refusal changes nothing
+            if not store.has_blob(digest):
+                raise StoreError(f"blob {digest} was removed from the store during the import: import again")
         for blob, blob_digest in staged.blobs:
             store.install_blob(blob, blob_digest)
         for layer_dir, layer_record in staged.layers:
             store.install_layer(layer_dir, layer_record)
-        for diff_id in staged.reused:
+        for diff_id in staged.reused:  # after: a layer may be reused from this very import
             if not store.has_layer(diff_id):
                 raise StoreError(f"layer {diff_id} was removed from the store during the import: import again")
         image = _image_record(store, config_digest, manifest_digest, chosen)
