@@ -233,7 +233,7 @@ class MergedTree:
                         # the node held the index copy, and its name was linked to it meanwhile
                         self.inodes.rebind(node, here)
                         return here
-                elif self._indexed(resolved) and for_open:
+                elif self._indexed(resolved):
                     return resolved  # its name went; the index copy is the object, in upper already
                 elif for_open:
                     return await self._copy_up_orphan(node, size)
@@ -540,7 +540,11 @@ class MergedTree:
                 self.inodes.rebind(node, found)
 
     def _forget_object(self, gone: Resolved) -> None:
-        """An upper object lost a name; if that was its last, its real inode number may be reused."""
+        """An upper object lost a name; if that was its last, its real inode number may be reused.
+
+        A lower name shown through its index copy is not the object's last: the index keeps it."""
+        if self._indexed(gone):
+            return
         if gone.layer.writable and (gone.is_dir or gone.stat.st_nlink <= 1):
             node = self.inodes.node_of(gone)
             if node is not None and node.identity == identity(gone):

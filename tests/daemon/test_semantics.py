@@ -242,6 +242,29 @@ def rename_a_lower_link_whose_sibling_moved_up(mnt: str, how: str) -> list[Any]:
     return out
 
 
+def change_a_hardlinked_file_after_its_names_went(mnt: str, names: list[str]) -> list[Any]:
+    """NAMES are one lower file. Writing through the first copies it up (into the link index);
+    then the names go one by one while descriptors stay open: the last name keeps its inode
+    number, and a change through a descriptor whose names all went still works (the copy is in
+    upper already)."""
+    os.chdir(os.path.join(mnt, "h"))
+    first, second, *rest = names
+    inos = [os.lstat(name).st_ino for name in rest]
+    writer = os.open(first, os.O_RDWR)
+    os.write(writer, b"new")
+    os.unlink(first)
+    reader = os.open(second, os.O_RDONLY)
+    os.unlink(second)
+    out: list[Any] = [[os.lstat(name).st_ino for name in rest] == inos]
+    out += [_try(os.fchmod, reader, 0o666), _try(lambda: _st(os.fstat(reader)))]
+    for name in rest:
+        os.unlink(name)
+    out += [_try(os.fchmod, writer, 0o600), _try(lambda: _st(os.fstat(writer))), os.pread(reader, 3, 0)]
+    os.close(writer)
+    os.close(reader)
+    return out
+
+
 def unprivileged_set_id(mnt: str, op: str) -> Any:
     """As nobody: change a 06777 file owned by root by OP; its mode afterwards."""
     where = os.open(os.path.join(mnt, "s"), os.O_RDONLY | os.O_DIRECTORY)  # the test's tmp dir is 0700
@@ -309,6 +332,14 @@ def test_rename_of_a_lower_link_whose_other_name_was_copied_up(tmp_path: Path, h
     layers = {"l1": [Dir("d"), File("d/q", b"upper layer of d")], "l2": links}
     out = _same(tmp_path, layers, rename_a_lower_link_whose_sibling_moved_up, how)
     assert None in out[1:3] and "ENOENT" not in out[1:3]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_a_hardlinked_file_changed_through_descriptors_after_its_names_went(tmp_path: Path, count: int) -> None:
+    names = [f"h{i}" for i in range(1, count + 1)]
+    entries = [Dir("h"), File("h/h1", b"old data")] + [HardLink(f"h/{n}", "h/h1") for n in names[1:]]
+    out = _same(tmp_path, {"l1": entries}, change_a_hardlinked_file_after_its_names_went, names)
+    assert out[:2] == [True, None]
 
 
 @pytest.mark.parametrize("name,create", [("tmpf", True), ("lowerfile", False)])
