@@ -25,7 +25,8 @@ import trio
 from ..linux import syscalls
 from . import copyup, layers, upper
 from .copyup import Workspace
-from .inodes import InodeTable, Name, Node, identity
+from .features import REDIRECT_MAX
+from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
 from .upper import NewObject, UpperDir
 from .whiteout import NO_MARKERS, MarkerStyle
@@ -439,8 +440,8 @@ class MergedTree:
     async def rename(self, old_ino: int, old_name: str, new_ino: int, new_name: str, flags: int) -> None:
         """rename(2) and renameat2's NOREPLACE and EXCHANGE, over the merged view.
 
-        A directory with lower content is first copied up whole (`upper.copy_up_tree`) so it can move:
-        the kernel says EXDEV there unless redirect_dir is on.
+        A directory with lower content moves by redirect (redirect_dir, see `_make_movable`), or, where
+        the mount writes none, is first copied up whole (`upper.copy_up_tree`) so it can move.
         """
         ws, style = self._require_writable()
         async with self._changes:
@@ -492,10 +493,14 @@ class MergedTree:
         new_parent, new_name, target_node = new
         await self._ensure_upper(old_parent)
         await self._ensure_upper(new_parent)
-        await self._make_movable(ws, style, source_node, old_parent, old_name)
+        samedir = old_parent.ino == new_parent.ino
+        source_redirected = await self._make_movable(ws, style, source_node, old_parent, old_name, samedir=samedir)
+        target_redirected = False
         if exchange:
             assert target_node is not None
-            await self._make_movable(ws, style, target_node, new_parent, new_name)
+            target_redirected = await self._make_movable(
+                ws, style, target_node, new_parent, new_name, samedir=samedir
+            )
         old_res, new_res = old_parent.resolved, new_parent.resolved
         overwritten = target if target_node is not None and not exchange else None
         if overwritten is not None:
@@ -508,13 +513,13 @@ class MergedTree:
             await self.in_thread(
                 lambda: upper.exchange(
                     style, source_path, target_path,
-                    opaque_at_a=self._lower_has(old_res, old_name),
-                    opaque_at_b=self._lower_has(new_res, new_name),
+                    opaque_at_a=not target_redirected and self._lower_has(old_res, old_name),
+                    opaque_at_b=not source_redirected and self._lower_has(new_res, new_name),
                 )
             )  # fmt: skip
         else:
             leave_whiteout = self._lower_has(old_res, old_name)
-            make_opaque = self._lower_has(new_res, new_name)
+            make_opaque = not source_redirected and self._lower_has(new_res, new_name)
             await self.in_thread(
                 lambda: upper.rename(
                     ws, style, source_path, target_path, leave_whiteout=leave_whiteout, make_opaque=make_opaque
@@ -564,10 +569,16 @@ class MergedTree:
         if node is not None and indexed is not None:
             self.inodes.rebind(node, indexed)
 
-    async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node, parent: Node, name: str) -> None:
-        """An object about to be renamed from NAME in PARENT must live wholly in upper, under that
-        name: copy it up, a directory with its lower content too. Nothing of a tree copy that fails
-        (ENOSPC, say) is left behind.
+    async def _make_movable(
+        self, ws: Workspace, style: MarkerStyle, node: Node, parent: Node, name: str, *, samedir: bool
+    ) -> bool:
+        """An object about to be renamed from NAME in PARENT must live in upper, under that name:
+        copy it up. A directory with lower content moves by redirect where the mount writes them
+        (the kernel's redirect_dir=on: the directory alone is copied up and records where its lower
+        content is, which stays below); otherwise its whole tree is copied up and made opaque, and
+        nothing of a tree copy that fails (ENOSPC, say) is left behind. SAMEDIR: the rename keeps
+        the parent (a redirect is then a bare name). Returns whether the directory moves by
+        redirect: it must not be made opaque where it lands, or its lower content would be hidden.
 
         A hardlinked file may be in upper already under another name (its node then holds that
         copy) while NAME is still a lower name showing it through the link index: NAME is linked
@@ -578,16 +589,56 @@ class MergedTree:
             here = self.find(parent.resolved, name)
             if here is not None and self._indexed(here) and not _is_entry(here, into, name):
                 await self._name_indexed_copy(node, here, into)
-            return
-        if resolved.is_dir and len(resolved.branches) > 1:
-            copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved)
-            self.listing_epoch += 1
-            for old, new in copied:
-                self.inodes.pin(old, new)
-            assert resolved.dir is not None
-            alone = await self.in_thread(layers.resolve_alone, resolved.layer, resolved.dir, resolved.name)
-            self.inodes.rebind(node, alone)
-            self._changed(node)
+            return False
+        if len(resolved.branches) <= 1:
+            return False
+        redirect = self._redirect_for(node, name, samedir)
+        if redirect is not None:
+            if redirect:
+                assert self.upper_dir is not None
+                xattr, top = self.upper_dir.features.redirect, resolved.branches[0]
+                await self.in_thread(upper.set_redirect, top.path, xattr, redirect)
+                log.debug("%s: redirect %s", name, redirect)
+            return True
+        copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved)
+        self.listing_epoch += 1
+        for old, new in copied:
+            self.inodes.pin(old, new)
+        assert resolved.dir is not None
+        alone = await self.in_thread(layers.resolve_alone, resolved.layer, resolved.dir, resolved.name)
+        self.inodes.rebind(node, alone)
+        self._changed(node)
+        return False
+
+    def _redirect_for(self, node: Node, name: str, samedir: bool) -> str | None:
+        """The redirect the directory NODE (in upper, with lower content, still at its old NAME)
+        needs before it moves, as the kernel's ovl_set_redirect computes it: "" if the one it has
+        will do, None if it cannot move by redirect (feature off or unavailable, or an absolute path
+        longer than the kernel's redirect_max, where the kernel says EXDEV and tools copy).
+
+        Same parent: its old name, unless it has a redirect already. Another parent: the absolute
+        path of its old place, each ancestor named by its own redirect where it has one (an
+        absolute one ends the walk), unless it has an absolute redirect already."""
+        if self.upper_dir is None or not self.upper_dir.features.redirect:
+            return None
+        current = node.resolved.branches[0].markers.redirect
+        if current and (samedir or current.startswith("/")):
+            return ""
+        if samedir:
+            return name
+        parts = [current or name]
+        walk = self.inodes.get(node.parent)
+        while not parts[-1].startswith("/") and walk.ino != ROOT_INODE:
+            own = walk.resolved.branches[0].markers.redirect if walk.resolved.branches else None
+            parts.append(own or walk.name)
+            walk = self.inodes.get(walk.parent)
+        redirect = "/".join(reversed(parts))
+        redirect = redirect if redirect.startswith("/") else "/" + redirect
+        if len(os.fsencode(redirect)) > REDIRECT_MAX:
+            log.info("%s: redirect longer than %d bytes: copying the directory's tree up instead",
+                     node.name, REDIRECT_MAX)
+            return None
+        return redirect
 
     # -- attributes --------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from overlayfuse.linux.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+from overlayfuse.overlay.features import CopyUpFeatures
 from overlayfuse.overlay.inodes import ROOT_INODE
 from overlayfuse.overlay.merged import MergedTree
 from overlayfuse.overlay.whiteout import TRUSTED_OPAQUE
@@ -169,12 +170,78 @@ async def test_read_only_tree_refuses_changes(dirs: tuple[Path, Path, Path, Path
     assert os.listdir(dirs[2]) == []
 
 
-async def test_dir_rename_keeps_hardlinks(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
-    """A directory with lower content is copied up whole to move (the kernel says EXDEV without
-    redirect_dir): the two names of a lower hardlink inside it stay one file, through the index."""
+async def test_dir_rename_keeps_hardlinks(dirs: tuple[Path, Path, Path, Path]) -> None:
+    """With redirect_dir=off a directory with lower content is copied up whole to move (the kernel
+    says EXDEV there): the two names of a lower hardlink inside it stay one file, through the index."""
+    tree = open_tree([dirs[0], dirs[1]], dirs[2], dirs[3], CopyUpFeatures(redirect_dir=False))
     await tree.rename(ROOT_INODE, "hl", ROOT_INODE, "moved", 0)
     moved = _upper(dirs) / "moved"
     a, b = os.lstat(moved / "a"), os.lstat(moved / "b")
     assert a.st_ino == b.st_ino and a.st_nlink >= 2 and (moved / "b").read_bytes() == b"linked"
     assert os.getxattr(moved, TRUSTED_OPAQUE) == b"y" and _is_whiteout(_upper(dirs) / "hl")
     assert await _names(tree, _ino(tree, "moved")) == ["a", "b"]
+
+
+# -- directory renames by redirect (redirect_dir=on, the default) -----------------------------------
+
+REDIRECT = "trusted.overlay.redirect"
+
+
+def _redirect(path: Path) -> bytes | None:
+    try:
+        return os.getxattr(path, REDIRECT, follow_symlinks=False)
+    except OSError as exc:
+        assert exc.errno == errno.ENODATA
+        return None
+
+
+async def test_dir_rename_in_place_writes_a_relative_redirect(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """Only the directory is copied up; its children stay below, and it keeps its inode number."""
+    before = _ino(tree, "etc")
+    await tree.rename(ROOT_INODE, "etc", ROOT_INODE, "etc2", 0)
+    upper = _upper(dirs)
+    assert _redirect(upper / "etc2") == b"etc" and _is_whiteout(upper / "etc")
+    assert os.listdir(upper / "etc2") == []  # nothing of the lower content copied
+    assert TRUSTED_OPAQUE not in os.listxattr(upper / "etc2")
+    assert await _names(tree, _ino(tree, "etc2")) == ["hosts", "link", "passwd"]
+    assert _ino(tree, "etc2") == before
+    hosts = tree.lookup(_ino(tree, "etc2"), "hosts")
+    assert Path(hosts.resolved.path).read_bytes() == b"top hosts\n"
+
+
+async def test_dir_moved_to_another_parent_gets_an_absolute_redirect(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """Moved twice (in place, then elsewhere): the second redirect is absolute from the root and
+    names the lower place, not the intermediate name."""
+    await tree.rename(ROOT_INODE, "etc", ROOT_INODE, "etc2", 0)
+    await tree.rename(ROOT_INODE, "etc2", _ino(tree, "empty"), "etc3", 0)
+    upper = _upper(dirs)
+    assert _redirect(upper / "empty" / "etc3") == b"/etc" and not (upper / "etc2").exists()
+    assert os.listdir(upper / "empty" / "etc3") == []
+    assert await _names(tree, _ino(tree, "empty/etc3")) == ["hosts", "link", "passwd"]
+    # a child moved out of the moved dir names its lower place through the parent's redirect
+    await tree.rename(ROOT_INODE, "full", _ino(tree, "empty/etc3"), "full", 0)
+    await tree.rename(_ino(tree, "empty/etc3"), "full", ROOT_INODE, "full-again", 0)
+    assert _redirect(upper / "full-again") == b"/full"
+    assert await _names(tree, _ino(tree, "full-again")) == ["f1"]
+
+
+async def test_dir_moved_back_and_removed(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """Renamed away and back, with a whiteout and a new file inside; then emptied and removed."""
+    hl = _ino(tree, "hl")
+    await tree.rename(ROOT_INODE, "hl", ROOT_INODE, "links", 0)
+    await tree.remove(_ino(tree, "links"), "a", directory=False)
+    await tree.create(_ino(tree, "links"), "new", stat.S_IFREG | 0o644, ROOT)
+    await tree.rename(ROOT_INODE, "links", ROOT_INODE, "hl", 0)
+    upper = _upper(dirs)
+    assert _redirect(upper / "hl") == b"hl" and not os.path.lexists(upper / "links")
+    assert sorted(os.listdir(upper / "hl")) == ["a", "new"] and _is_whiteout(upper / "hl" / "a")
+    assert await _names(tree, _ino(tree, "hl")) == ["b", "new"] and _ino(tree, "hl") == hl
+    for name in ("b", "new"):
+        await tree.remove(_ino(tree, "hl"), name, directory=False)
+    await tree.remove(ROOT_INODE, "hl", directory=True)
+    assert _is_whiteout(upper / "hl")
+    assert "hl" not in await _names(tree, ROOT_INODE)
