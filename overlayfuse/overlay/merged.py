@@ -191,14 +191,20 @@ class MergedTree:
 
     # -- copy-up -----------------------------------------------------------------------------------
 
-    async def _ensure_upper(self, node: Node, *, size: int | None = None, for_open: bool = False) -> Resolved:
+    async def _ensure_upper(
+        self, node: Node, *, size: int | None = None, for_open: bool = False, meta_only: bool = False
+    ) -> Resolved:
         """Copy NODE (and its missing parents, top down) into the upper dir; caller holds the lock.
 
         SIZE: the file is about to be truncated to SIZE, so only that much data is copied.
         FOR_OPEN: an open for writing; see `_copy_up_one` for a file whose name went meanwhile.
+        META_ONLY: only its metadata is about to change: a lower regular file may be copied up as a
+        metacopy file (metacopy=on); otherwise a metacopy file gets its data now.
         """
         resolved = node.resolved
         if resolved.layer.writable and not self._indexed(resolved):
+            if resolved.data is not None and not meta_only:
+                return await self._fill_metacopy(node, size)
             return resolved
         missing = []  # ancestors not yet in upper, nearest first (the root always is)
         ancestor = self.inodes.get(node.parent)
@@ -207,9 +213,39 @@ class MergedTree:
             ancestor = self.inodes.get(ancestor.parent)
         for directory in reversed(missing):
             await self._copy_up_one(directory, None, False)
-        return await self._copy_up_one(node, size, for_open)
+        return await self._copy_up_one(node, size, for_open, meta_only)
 
-    async def _copy_up_one(self, node: Node, size: int | None, for_open: bool) -> Resolved:
+    async def _fill_metacopy(self, node: Node, size: int | None) -> Resolved:
+        """Copy a metacopy file's data in from its lower file (first open for writing, truncate,
+        rename, link), in place: the node keeps its object and number."""
+        ws, _ = self._require_writable()
+        resolved = node.resolved
+        assert resolved.data is not None
+        held = self.hold_object(node)
+        if held is None:
+            raise _error(errno.ENOENT, node.name)
+        parent = self.inodes.find(node.parent)
+        if parent is not None:
+            self._changed(parent)
+        try:
+            st = await self.in_thread(copyup.fill_metacopy, ws, held.proc, resolved.data.path, size)
+        finally:
+            if parent is not None:
+                self._changed(parent)
+        filled = Resolved(resolved.layer, resolved.dir, resolved.name, st, ())
+        self.inodes.rebind(node, filled)
+        log.debug("copied the data of %s in", node.name)
+        return filled
+
+    def _metacopy_xattr(self, resolved: Resolved) -> str:
+        """The metacopy xattr to copy RESOLVED up with, or "" for a full copy: the feature is off,
+        or the file is not a non-empty regular file with one name (a hardlinked one goes through
+        the link index, whole)."""
+        xattr = self.upper_dir.features.metacopy if self.upper_dir else ""
+        st = resolved.stat
+        return xattr if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 else ""
+
+    async def _copy_up_one(self, node: Node, size: int | None, for_open: bool, meta_only: bool = False) -> Resolved:
         """Copy NODE alone into its parent's upper dir, which exists.
 
         A file whose name now shows another object, or nothing (it was unlinked or renamed over
@@ -243,7 +279,15 @@ class MergedTree:
                     # object holds now: EEXIST either way
                     raise _error(errno.EEXIST, node.name)
             target = into.child(node.name)
+            metacopy = self._metacopy_xattr(resolved) if meta_only and size is None else ""
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
+            if metacopy:
+                st = await self.in_thread(upper.keeping_times, into.path, copyup.copy_up_metadata, ws,
+                                          resolved.path, target, metacopy)
+                copied = Resolved(self.stack.layers[0], into, node.name, st, (), resolved)
+                self.inodes.rebind(node, copied)
+                log.debug("copied up the metadata of %s", node.name)
+                return copied
             if size is None:
                 st = await self.in_thread(upper.keeping_times, into.path, copyup.copy_up, ws, resolved.path, target)
             else:
@@ -312,11 +356,14 @@ class MergedTree:
 
     # -- changes -----------------------------------------------------------------------------------
 
-    async def copy_up(self, node: Node, *, size: int | None = None, for_open: bool = False) -> Resolved:
-        """Make NODE's object an upper object (for an open for writing, a truncate, a chmod...)."""
+    async def copy_up(
+        self, node: Node, *, size: int | None = None, for_open: bool = False, meta_only: bool = False
+    ) -> Resolved:
+        """Make NODE's object an upper object (for an open for writing, a truncate, a chmod...);
+        META_ONLY: for a change of metadata only (see `_ensure_upper`)."""
         self._require_writable()
         async with self._changes:
-            return await self._ensure_upper(node, size=size, for_open=for_open)
+            return await self._ensure_upper(node, size=size, for_open=for_open, meta_only=meta_only)
 
     async def create(
         self, parent_ino: int, name: str, mode: int, caller: Caller, *,
@@ -644,17 +691,18 @@ class MergedTree:
 
     async def truncate(self, node: Node, size: int) -> Resolved:
         resolved = node.resolved
-        if not resolved.layer.writable:
+        if not resolved.layer.writable or resolved.data is not None:
             resolved = await self.copy_up(node, size=size)
         await self.on_object(node, lambda path: _truncate(path, size))
         return node.resolved
 
     async def change_metadata(self, node: Node, change: Callable[[str], None]) -> Resolved:
-        """chmod/chown/utimens/setxattr: copy up (metadata and data: no metacopy), then change.
+        """chmod/chown/utimens/setxattr: copy up (a lower regular file as a metacopy file, where the
+        mount writes them: its data stays below), then change.
 
         CHANGE gets a path to the object itself (/proc/self/fd/N of a checked O_PATH descriptor):
         calls on it follow that link to the object, never a symlink found at its name."""
-        await self.copy_up(node)
+        await self.copy_up(node, meta_only=True)
         await self.on_object(node, change)
         return node.resolved
 

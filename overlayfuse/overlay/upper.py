@@ -256,6 +256,8 @@ def _copy_tree(
         for name, child in layers.list_dir(source.branches):
             path = target_dir.child(name)
             if child.layer.writable:
+                if child.data is not None:  # a metacopy file: below an opaque dir its data would hide
+                    copyup.fill_metacopy(ws, path, child.data.path, None)
                 if child.is_merged:  # stays, but loses its lower branches: keep its number
                     copied.append((child, layers.resolve_alone(layer, target_dir, name)))
                 elif links is not None and links.holds(child):

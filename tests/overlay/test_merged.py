@@ -245,3 +245,71 @@ async def test_dir_moved_back_and_removed(tree: MergedTree, dirs: tuple[Path, Pa
     await tree.remove(ROOT_INODE, "hl", directory=True)
     assert _is_whiteout(upper / "hl")
     assert "hl" not in await _names(tree, ROOT_INODE)
+
+
+# -- metadata-only copy-up (metacopy=on, the default) ----------------------------------------------
+
+METACOPY = "trusted.overlay.metacopy"
+
+
+async def test_chmod_copies_up_metadata_only(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """A chmod of a lower file leaves an upper file with no data, marked metacopy; reads get the
+    lower data; the first open for writing copies the data in, in place (same object, same number)."""
+    node = tree.lookup(_ino(tree, "etc"), "passwd")
+    before = node.ino
+    await tree.change_metadata(node, lambda path: os.chmod(path, 0o600))
+    copy = _upper(dirs) / "etc" / "passwd"
+    st = os.lstat(copy)
+    assert st.st_size == 5 and st.st_blocks == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert os.getxattr(copy, METACOPY) == b""
+    again = tree.lookup(_ino(tree, "etc"), "passwd")
+    assert again.ino == before and again.resolved.layer.writable
+    assert again.resolved.data is not None and Path(again.resolved.readable.path).read_bytes() == b"root\n"
+    await tree.change_metadata(again, lambda path: os.chown(path, 7, 8))  # still metadata only
+    assert os.lstat(copy).st_blocks == 0 and os.lstat(copy).st_ino == st.st_ino
+    await tree.copy_up(again, for_open=True)
+    assert copy.read_bytes() == b"root\n" and METACOPY not in os.listxattr(copy)
+    after = os.lstat(copy)
+    assert after.st_ino == st.st_ino and after.st_mtime_ns == st.st_mtime_ns
+    assert after.st_uid == 7 and stat.S_IMODE(after.st_mode) == 0o600
+    assert node.resolved.data is None and tree.lookup(_ino(tree, "etc"), "passwd").ino == before
+
+
+async def test_truncate_of_a_metacopy_file_copies_only_what_stays(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    node = tree.lookup(_ino(tree, "etc"), "passwd")
+    await tree.change_metadata(node, lambda path: os.utime(path, ns=(1, 2)))
+    await tree.truncate(node, 2)
+    copy = _upper(dirs) / "etc" / "passwd"
+    assert copy.read_bytes() == b"ro" and METACOPY not in os.listxattr(copy)
+
+
+async def test_hardlinked_and_empty_files_are_copied_whole(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """A hardlinked lower file goes through the link index whole (its names stay one file)."""
+    await tree.change_metadata(tree.lookup(_ino(tree, "hl"), "a"), lambda path: os.chmod(path, 0o600))
+    copy = _upper(dirs) / "hl" / "a"
+    assert copy.read_bytes() == b"linked" and METACOPY not in os.listxattr(copy)
+
+
+async def test_metacopy_off_copies_data(dirs: tuple[Path, Path, Path, Path]) -> None:
+    tree = open_tree([dirs[0], dirs[1]], dirs[2], dirs[3], CopyUpFeatures(metacopy=False))
+    await tree.change_metadata(tree.lookup(_ino(tree, "etc"), "passwd"), lambda path: os.chmod(path, 0o600))
+    copy = _upper(dirs) / "etc" / "passwd"
+    assert copy.read_bytes() == b"root\n" and METACOPY not in os.listxattr(copy)
+
+
+async def test_metacopy_file_inside_a_dir_moved_without_redirect_gets_its_data(
+    dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """redirect_dir=off copies the tree and makes it opaque: a metacopy file inside it must take its
+    data along, or the opaque dir would hide it."""
+    tree = open_tree([dirs[0], dirs[1]], dirs[2], dirs[3], CopyUpFeatures(redirect_dir=False))
+    await tree.change_metadata(tree.lookup(_ino(tree, "full"), "f1"), lambda path: os.chmod(path, 0o600))
+    await tree.rename(ROOT_INODE, "full", ROOT_INODE, "moved", 0)
+    copy = _upper(dirs) / "moved" / "f1"
+    assert copy.read_bytes() == b"1" and METACOPY not in os.listxattr(copy)
+    found = tree.lookup(_ino(tree, "moved"), "f1").resolved
+    assert Path(found.readable.path).read_bytes() == b"1"
