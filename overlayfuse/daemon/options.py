@@ -107,7 +107,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS",
                         help="comma-separated options: lowerdir=A:B (leftmost is the top), upperdir=,"
-                             " workdir=, ro, allow_other, default_permissions, FUSE options, and"
+                             " workdir=, ro, allow_other, default_permissions, redirect_dir=on|off,"
+                             " metacopy=on|off (both on by default), FUSE options, and"
                              " fuse-overlayfs's (uidmapping=, gidmapping=, squash_to_*, xattr_permissions=,"
                              " fsync=0, volatile, noacl, noxattrs=1, static_nlink, timeout=: see README)")
     parser.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
