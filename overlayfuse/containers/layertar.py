@@ -208,7 +208,7 @@ def _xattrs(path: str, tar_name: str) -> dict[str, str]:
         if name in whiteout.METACOPY_XATTRS:
             raise ImageError(
                 f"/{tar_name}: a kernel metacopy file (its data is in a lower layer), which a layer "
-                "cannot express; commit from an overlayfuse mount, or a kernel mount with metacopy=off")
+                "cannot express; commit from a mount with metacopy=off (overlayctl's containers have it)")
         if whiteout.is_private_xattr(name):
             continue
         try:
