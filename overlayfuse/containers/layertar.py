@@ -109,8 +109,8 @@ class _Writer:
                 if child.redirect:
                     raise ImageError(
                         f"/{tar_name}: this directory was renamed by kernel overlayfs with "
-                        "redirect_dir=on, which a layer cannot express; commit from an overlayfuse "
-                        "mount, or a kernel mount with redirect_dir=off")
+                        "redirect_dir=on, which a layer cannot express; commit from a mount with "
+                        "redirect_dir=off (overlayctl's containers have it)")
                 # Whited out and present means replaced: nothing below may show through.
                 opaque = child.opaque or name in listing.whiteouts
                 self.add_dir(tar_name, path, st, opaque=opaque)
