@@ -28,6 +28,8 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "copyup-many": ("s", False, "append one byte to many lower files"),
     "rm-tree": ("s", False, "rm -rf of a lower tree (whiteouts)"),
     "parallel": ("s", True, "dd of big.bin + dd of big2.bin + find, at once, caches dropped"),
+    "chown-big": ("s", False, "chown -R of the dir of big lower files (kernel: metacopy=on)"),
+    "mv-big-dir": ("s", False, "mv of the dir of big lower files (kernel: redirect_dir=on)"),
     "mount-to-first-read": ("s", False, "from starting the mount command to a 4 KiB read through the mount"),
     "ctl-image-ls": ("s", False, f"overlayctl image ls, store of {CTL_IMAGES} images (overlayfuse only)"),
     "ctl-ps": ("s", False, f"overlayctl ps -a, store of {CTL_IMAGES} images (overlayfuse only)"),

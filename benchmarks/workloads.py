@@ -14,6 +14,9 @@ from .processes import bash, kill_groups, run, sync, timed
 from .settings import BIG_DIR, Scale
 from .stack import Stack
 
+#: The kernel's options for constant-cost copy-up, as overlayfuse has them by default.
+METADATA_ONLY_OPTS = "redirect_dir=on,metacopy=on"
+
 
 @dataclass(slots=True)
 class Job:
@@ -24,6 +27,9 @@ class Job:
     run: Callable[[Mount, Stack, Scale], dict[str, float]]
     cold: bool
     first_read: bool = False  # time the mount itself: from its command's start to a first read
+    kernel_opts: str = ""
+    """Extra kernel mount options, so the kernel is compared with the same features overlayfuse has
+    on by default (redirect_dir, metacopy: its own defaults are off)."""
 
 
 def job_walk(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
@@ -98,6 +104,18 @@ def job_parallel(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     return {"parallel": elapsed}
 
 
+def job_chown_big(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    # Metadata only (metacopy): no file data should be copied; sync so written data is counted.
+    cmd = bash('chown -R 1000:1000 "$1" && sync -f "$1"', m.mnt / BIG_DIR)
+    return {"chown-big": timed(cmd, sc.cmd_timeout)}
+
+
+def job_mv_big_dir(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    # A directory rename by redirect: the directory alone moves up, its big files stay below.
+    cmd = bash('mv "$1" "$1.moved" && sync -f "$1.moved"', m.mnt / BIG_DIR)
+    return {"mv-big-dir": timed(cmd, sc.cmd_timeout)}
+
+
 def job_mount_to_first_read(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     """What a container start pays for the mount: the mount command run, until a read answers."""
     if m.first_read_s is None:
@@ -116,4 +134,6 @@ JOBS = [
     Job("rm-tree", ("rm-tree",), job_rm_tree, False),
     Job("parallel", ("parallel",), job_parallel, True),
     Job("mount-to-first-read", ("mount-to-first-read",), job_mount_to_first_read, False, first_read=True),
+    Job("chown-big", ("chown-big",), job_chown_big, False, kernel_opts=METADATA_ONLY_OPTS),
+    Job("mv-big-dir", ("mv-big-dir",), job_mv_big_dir, False, kernel_opts=METADATA_ONLY_OPTS),
 ]

@@ -109,8 +109,8 @@ class _Writer:
                 if child.redirect:
                     raise ImageError(
                         f"/{tar_name}: this directory was renamed by kernel overlayfs with "
-                        "redirect_dir=on, which a layer cannot express; commit from an overlayfuse "
-                        "mount, or a kernel mount with redirect_dir=off")
+                        "redirect_dir=on, which a layer cannot express; commit from a mount with "
+                        "redirect_dir=off (overlayctl's containers have it)")
                 # Whited out and present means replaced: nothing below may show through.
                 opaque = child.opaque or name in listing.whiteouts
                 self.add_dir(tar_name, path, st, opaque=opaque)
@@ -208,7 +208,7 @@ def _xattrs(path: str, tar_name: str) -> dict[str, str]:
         if name in whiteout.METACOPY_XATTRS:
             raise ImageError(
                 f"/{tar_name}: a kernel metacopy file (its data is in a lower layer), which a layer "
-                "cannot express; commit from an overlayfuse mount, or a kernel mount with metacopy=off")
+                "cannot express; commit from a mount with metacopy=off (overlayctl's containers have it)")
         if whiteout.is_private_xattr(name):
             continue
         try:

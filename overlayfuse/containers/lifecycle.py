@@ -272,6 +272,9 @@ def daemon_command(store: Store, record: ContainerRecord, mountpoint: str, read_
         options = [f"lowerdir={lowerdir}", "ro"]
     else:
         options = [f"lowerdir={lowerdir}", f"upperdir={escape(os.fspath(upper))}", f"workdir={escape(os.fspath(work))}"]
+        # A commit turns the upper dir into a layer tar, which cannot point into lower layers: no
+        # redirects, no metacopy files (docker's overlay2 keeps them off for the same reason).
+        options += ["redirect_dir=off", "metacopy=off"]
     options += [f"fsname=overlayctl\\:{record.name}", f"control={control_address(store, record.name)}"]
     return [sys.executable, "-m", "overlayfuse.daemon.cli", "-f", "-o", ",".join(options), mountpoint]
 

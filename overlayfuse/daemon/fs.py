@@ -209,7 +209,7 @@ class OverlayOperations(pyfuse3.Operations):
         attrs.st_rdev = st.st_rdev
         attrs.st_size = st.st_size
         attrs.st_blksize = st.st_blksize
-        attrs.st_blocks = st.st_blocks
+        attrs.st_blocks = st.st_blocks if resolved.data is None else resolved.data.stat.st_blocks  # metacopy
         attrs.st_atime_ns = st.st_atime_ns
         attrs.st_mtime_ns = st.st_mtime_ns
         attrs.st_ctime_ns = st.st_ctime_ns
@@ -405,7 +405,11 @@ class OverlayOperations(pyfuse3.Operations):
     async def _open_node(self, node: Node, flags: int) -> tuple[Resolved, int]:
         """Open NODE's real file: by its name in its held directory (inline when the caches can
         answer), checked to be NODE's object; if a change is moving it, after that change; if its
-        last name is gone while it is open, through the object itself."""
+        last name is gone while it is open, through the object itself. A metacopy file opened to
+        read opens its lower data file (immutable, so no race to check)."""
+        data = node.resolved.data
+        if data is not None and (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
+            return data, await self.tree.in_thread(_open_blocking, data, flags)
         for attempt in range(2):
             resolved = node.resolved
             if node.detached is not None and not node.names:
@@ -455,8 +459,9 @@ class OverlayOperations(pyfuse3.Operations):
         nothing; then this read still reads the file it opened, and a later one switches."""
         node = handle.node
         current = node.resolved
-        if not handle.writable and current is not handle.resolved and not current.same_object(handle.resolved.stat):
-            held = self.tree.hold_object(node)
+        if not handle.writable and current is not handle.resolved and \
+                not current.readable.same_object(handle.resolved.stat):
+            held = self.tree.hold_object(node) if current.data is None else None
             if held is None:
                 return handle.fd
             fd = _reopen(held, os.O_RDONLY)

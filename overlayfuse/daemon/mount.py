@@ -78,7 +78,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         except OSError as exc:
             raise MountError(f"workdir {options.workdir}: cannot lock it: {exc.strerror or exc}") from None
         try:
-            upper_dir = UpperDir.prepare(options.upperdir, options.workdir, stack.layers[0])
+            upper_dir = UpperDir.prepare(options.upperdir, options.workdir, stack.layers[0],
+                                         options.features)
         except OSError as exc:
             raise MountError(f"workdir {options.workdir}: {exc.strerror or exc}") from None
         if not upper_dir.style.device_whiteouts:

@@ -16,9 +16,10 @@ import argparse
 import difflib
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import __version__
+from ..overlay.features import CopyUpFeatures
 from ..overlay.layers import check_layer_readable
 from . import compat, inuse
 
@@ -36,9 +37,12 @@ _IGNORED = frozenset({"rw", "defaults", "auto", "noauto", "user", "nouser", "use
 
 #: Kernel overlayfs tunables. overlayfuse's behaviour is fixed (see README), so they are accepted and
 #: ignored: tools written for the kernel or fuse-overlayfs pass them routinely.
-_KERNEL_TUNABLES = frozenset(
-    {"redirect_dir", "index", "xino", "metacopy", "nfs_export", "uuid", "userxattr", "volatile"}
-)
+_KERNEL_TUNABLES = frozenset({"index", "xino", "nfs_export", "uuid", "userxattr", "volatile"})
+
+#: The kernel's copy-up features we implement (see `overlay.features`), with the values the kernel
+#: takes: anything but "on" writes no redirects (follow/nofollow are about reading them, which we
+#: always do, as a stock kernel does).
+_FEATURE_VALUES = {"redirect_dir": ("on", "follow", "nofollow", "off"), "metacopy": ("on", "off")}
 
 #: FUSE generic and mount(8) flag options handed to libfuse unchanged.
 _FUSE_FLAGS = frozenset(
@@ -54,7 +58,8 @@ _FUSE_VALUED = frozenset({"fsname", "subtype", "blksize"})
 #: Our own keys and the flags we act on: what a misspelt key is compared with.
 _OWN = ("lowerdir", "upperdir", "workdir", "ro", "control", "allow_other", "noallow_other",
         "default_permissions", "nodefault_permissions")  # fmt: skip
-_KNOWN = (frozenset(_OWN) | compat.KEYS | {"debug"} | _IGNORED | _KERNEL_TUNABLES | _FUSE_FLAGS | _FUSE_VALUED
+_KNOWN = (frozenset(_OWN) | compat.KEYS | {"debug"} | _IGNORED | _KERNEL_TUNABLES | set(_FEATURE_VALUES)
+          | _FUSE_FLAGS | _FUSE_VALUED
           | {"max_read"})
 #: Keys people write from habit elsewhere, and what they mean here.
 _HABITS = {"lowerdirs": "lowerdir"}  # the config file's key (a TOML list) is lowerdirs
@@ -82,6 +87,8 @@ class MountOptions:
     ``overlayctl commit``); a leading ``@`` puts it in the abstract namespace (see `control`)."""
     view: compat.ViewOptions = field(default_factory=compat.ViewOptions)
     """fuse-overlayfs's options (ID mapping, squash, xattr permissions, fsync...), see `compat`."""
+    features: CopyUpFeatures = field(default_factory=CopyUpFeatures)
+    """``redirect_dir=`` and ``metacopy=``: constant-cost copy-up in the kernel's format (on unless off)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +107,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS",
                         help="comma-separated options: lowerdir=A:B (leftmost is the top), upperdir=,"
-                             " workdir=, ro, allow_other, default_permissions, FUSE options, and"
+                             " workdir=, ro, allow_other, default_permissions, redirect_dir=on|off,"
+                             " metacopy=on|off (both on by default), FUSE options, and"
                              " fuse-overlayfs's (uidmapping=, gidmapping=, squash_to_*, xattr_permissions=,"
                              " fsync=0, volatile, noacl, noxattrs=1, static_nlink, timeout=: see README)")
     parser.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
@@ -178,6 +186,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     default_permissions = True
     allow_other = is_root
     view = compat.ViewOptions()
+    features = CopyUpFeatures()
     debug = args.debug
     for opts in args.opts:
         for raw in split_escaped(opts, ",", compat.QUOTED_KEYS):
@@ -217,6 +226,8 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
                     view = compat.apply(view, key, bool(has_value), value)
                 except compat.OptionError as exc:
                     raise UsageError(str(exc)) from None
+            elif key in _FEATURE_VALUES:
+                features = _feature(features, key, value)
             elif key in _IGNORED or key.startswith("x-") or key in _KERNEL_TUNABLES:
                 continue
             elif key in _FUSE_FLAGS and not has_value:
@@ -276,7 +287,17 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         warnings=tuple(warnings),
         control=control if control is None or control.startswith("@") else os.path.abspath(control),
         view=view,
+        features=features,
     )
+
+
+def _feature(features: CopyUpFeatures, key: str, value: str) -> CopyUpFeatures:
+    """FEATURES with ``KEY=VALUE`` (redirect_dir= or metacopy=) applied, or a UsageError."""
+    allowed = _FEATURE_VALUES[key]
+    if value not in allowed:
+        raise UsageError(f"{key}={value}: takes {', '.join(allowed)}")
+    on = value == "on"
+    return replace(features, redirect_dir=on) if key == "redirect_dir" else replace(features, metacopy=on)
 
 
 def suggest(key: str) -> str | None:

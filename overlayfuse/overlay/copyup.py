@@ -123,6 +123,66 @@ def copy_up_size(ws: Workspace, source: str, target: str, size: int) -> os.stat_
     return _copy_up(ws, source, target, size)
 
 
+def copy_up_metadata(ws: Workspace, source: str, target: str, metacopy_xattr: str) -> os.stat_result:
+    """Copy the lower regular file SOURCE to TARGET without its data (the kernel's ``metacopy=on``):
+    a sparse file of the same size (no blocks) with owner, mode, xattrs and times, marked with
+    METACOPY_XATTR; reads go on to SOURCE until `fill_metacopy`. Atomic like `copy_up`."""
+    staged = staging_path(ws)
+    src = _open_source(source)
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ESTALE, "source changed during copy-up", source)
+        dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(dst, st.st_size)
+            os.setxattr(dst, metacopy_xattr, b"")
+            _copy_metadata(src, dst, st, ws.owner)
+            if ws.durable:
+                os.fsync(dst)
+        finally:
+            os.close(dst)
+        _publish(staged, target)
+    except BaseException:
+        _remove_staged(staged)
+        raise
+    finally:
+        os.close(src)
+    log.debug("copied up the metadata of %s to %s", source, target)
+    return os.lstat(target)
+
+
+def fill_metacopy(ws: Workspace, path: str, data: str, size: int | None) -> os.stat_result:
+    """Copy the data of the metacopy file PATH in from DATA (its lower file), in place, as the
+    kernel does: the metacopy marker is removed only once the data is durable, so a crash or kill
+    -9 in between leaves a metacopy file that still reads DATA. SIZE: it is about to be truncated
+    to SIZE (only that much is copied). The file keeps its times: copying in is no visible change."""
+    dst = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        before = os.fstat(dst)
+        src = _open_source(data)
+        try:
+            src_size = os.fstat(src).st_size
+            end = src_size if size is None else size
+            if min(end, src_size) > 0 and not _reflink(src, dst):
+                _copy_segments(src, dst, min(end, src_size))
+            os.ftruncate(dst, end)
+        finally:
+            os.close(src)
+        if ws.durable:
+            os.fsync(dst)
+        for name in (*whiteout.METACOPY_XATTRS, *whiteout.REDIRECT_XATTRS):
+            try:
+                os.removexattr(dst, name)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    raise
+        os.utime(dst, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return os.fstat(dst)
+    finally:
+        os.close(dst)
+
+
 def staging_path(ws: Workspace) -> str:
     """A fresh, unused name in the staging dir."""
     return os.path.join(ws.staging, f"#{os.getpid()}-{next(_serial)}-{secrets.token_hex(4)}")

@@ -160,6 +160,14 @@ class Resolved:
     stat: os.stat_result
     branches: tuple[Branch, ...]
     """For a directory, every real directory merged into it, topmost first; empty otherwise."""
+    data: Resolved | None = None
+    """For a metacopy file (an upper file holding metadata only, kernel ``metacopy=on``): the lower
+    file holding its data, which reads, st_blocks and the copy-in at the first write use."""
+
+    @property
+    def readable(self) -> Resolved:
+        """The object whose data a read returns: the data file of a metacopy file, else this one."""
+        return self if self.data is None else self.data
 
     @property
     def is_dir(self) -> bool:
@@ -329,6 +337,8 @@ def _merge(parent: Sequence[Branch], name: str, probe: _LiveProbe | _ListedProbe
     """The overlay lookup rules, for one name, over the parent's branches topmost first."""
     top: tuple[Layer, Branch, str, os.stat_result] | None = None
     branches: list[Branch] = []
+    data: Resolved | None = None
+    metacopy = False  # the top is a metacopy file: the lookup goes on down for its data
     # Where to look next: (directory, name) pairs, one per layer; a redirect rewrites the rest.
     places: list[tuple[Branch, str]] = [(branch, name) for branch in parent]
     i = 0
@@ -342,10 +352,20 @@ def _merge(parent: Sequence[Branch], name: str, probe: _LiveProbe | _ListedProbe
             continue
         if whiteout.is_whiteout(branch.child(here), st, branch.markers):
             break
+        if metacopy:
+            if stat.S_ISREG(st.st_mode):
+                data = Resolved(branch.layer, branch, here, st, ())
+            break
         if top is None:
             top = (branch.layer, branch, here, st)
             if not stat.S_ISDIR(st.st_mode):
-                break
+                redirect = _metacopy_redirect(branch, here, st)
+                if redirect is None:
+                    break
+                metacopy = True
+                if redirect:  # a metacopy file the kernel renamed: its data is at that path
+                    places[i:] = _redirected(redirect, branch.layer, places[i:])
+                continue
         elif not stat.S_ISDIR(st.st_mode):
             break  # a non-directory below a directory ends the merge (the kernel stops there too)
         found = Branch(branch.layer, branch, here, whiteout.NO_MARKERS, st.st_dev, st.st_ino)
@@ -358,7 +378,19 @@ def _merge(parent: Sequence[Branch], name: str, probe: _LiveProbe | _ListedProbe
             places[i:] = _redirected(markers.redirect, branch.layer, places[i:])
     if top is None:
         return None
-    return Resolved(top[0], top[1], top[2], top[3], tuple(branches))
+    return Resolved(top[0], top[1], top[2], top[3], tuple(branches), data)
+
+
+def _metacopy_redirect(branch: Branch, name: str, st: os.stat_result) -> str | None:
+    """None unless NAME (lstat ST) is a metacopy file of the upper dir; then its redirect ("" for
+    none: the data is at the same name below). Only the upper dir's non-empty regular files are
+    asked (one getxattr): an empty file has no data to find, and lower layers hold none we wrote."""
+    if not (branch.layer.writable and stat.S_ISREG(st.st_mode) and st.st_size > 0):
+        return None
+    path = branch.child(name)
+    if not whiteout.is_metacopy(path):
+        return None
+    return whiteout.file_redirect(path) or ""
 
 
 def _redirected(

@@ -25,7 +25,8 @@ import trio
 from ..linux import syscalls
 from . import copyup, layers, upper
 from .copyup import Workspace
-from .inodes import InodeTable, Name, Node, identity
+from .features import REDIRECT_MAX
+from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
 from .upper import NewObject, UpperDir
 from .whiteout import NO_MARKERS, MarkerStyle
@@ -190,14 +191,20 @@ class MergedTree:
 
     # -- copy-up -----------------------------------------------------------------------------------
 
-    async def _ensure_upper(self, node: Node, *, size: int | None = None, for_open: bool = False) -> Resolved:
+    async def _ensure_upper(
+        self, node: Node, *, size: int | None = None, for_open: bool = False, meta_only: bool = False
+    ) -> Resolved:
         """Copy NODE (and its missing parents, top down) into the upper dir; caller holds the lock.
 
         SIZE: the file is about to be truncated to SIZE, so only that much data is copied.
         FOR_OPEN: an open for writing; see `_copy_up_one` for a file whose name went meanwhile.
+        META_ONLY: only its metadata is about to change: a lower regular file may be copied up as a
+        metacopy file (metacopy=on); otherwise a metacopy file gets its data now.
         """
         resolved = node.resolved
         if resolved.layer.writable and not self._indexed(resolved):
+            if resolved.data is not None and not meta_only:
+                return await self._fill_metacopy(node, size)
             return resolved
         missing = []  # ancestors not yet in upper, nearest first (the root always is)
         ancestor = self.inodes.get(node.parent)
@@ -206,9 +213,39 @@ class MergedTree:
             ancestor = self.inodes.get(ancestor.parent)
         for directory in reversed(missing):
             await self._copy_up_one(directory, None, False)
-        return await self._copy_up_one(node, size, for_open)
+        return await self._copy_up_one(node, size, for_open, meta_only)
 
-    async def _copy_up_one(self, node: Node, size: int | None, for_open: bool) -> Resolved:
+    async def _fill_metacopy(self, node: Node, size: int | None) -> Resolved:
+        """Copy a metacopy file's data in from its lower file (first open for writing, truncate,
+        rename, link), in place: the node keeps its object and number."""
+        ws, _ = self._require_writable()
+        resolved = node.resolved
+        assert resolved.data is not None
+        held = self.hold_object(node)
+        if held is None:
+            raise _error(errno.ENOENT, node.name)
+        parent = self.inodes.find(node.parent)
+        if parent is not None:
+            self._changed(parent)
+        try:
+            st = await self.in_thread(copyup.fill_metacopy, ws, held.proc, resolved.data.path, size)
+        finally:
+            if parent is not None:
+                self._changed(parent)
+        filled = Resolved(resolved.layer, resolved.dir, resolved.name, st, ())
+        self.inodes.rebind(node, filled)
+        log.debug("copied the data of %s in", node.name)
+        return filled
+
+    def _metacopy_xattr(self, resolved: Resolved) -> str:
+        """The metacopy xattr to copy RESOLVED up with, or "" for a full copy: the feature is off,
+        or the file is not a non-empty regular file with one name (a hardlinked one goes through
+        the link index, whole)."""
+        xattr = self.upper_dir.features.metacopy if self.upper_dir else ""
+        st = resolved.stat
+        return xattr if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 else ""
+
+    async def _copy_up_one(self, node: Node, size: int | None, for_open: bool, meta_only: bool = False) -> Resolved:
         """Copy NODE alone into its parent's upper dir, which exists.
 
         A file whose name now shows another object, or nothing (it was unlinked or renamed over
@@ -242,7 +279,15 @@ class MergedTree:
                     # object holds now: EEXIST either way
                     raise _error(errno.EEXIST, node.name)
             target = into.child(node.name)
+            metacopy = self._metacopy_xattr(resolved) if meta_only and size is None else ""
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
+            if metacopy:
+                st = await self.in_thread(upper.keeping_times, into.path, copyup.copy_up_metadata, ws,
+                                          resolved.path, target, metacopy)
+                copied = Resolved(self.stack.layers[0], into, node.name, st, (), resolved)
+                self.inodes.rebind(node, copied)
+                log.debug("copied up the metadata of %s", node.name)
+                return copied
             if size is None:
                 st = await self.in_thread(upper.keeping_times, into.path, copyup.copy_up, ws, resolved.path, target)
             else:
@@ -311,11 +356,14 @@ class MergedTree:
 
     # -- changes -----------------------------------------------------------------------------------
 
-    async def copy_up(self, node: Node, *, size: int | None = None, for_open: bool = False) -> Resolved:
-        """Make NODE's object an upper object (for an open for writing, a truncate, a chmod...)."""
+    async def copy_up(
+        self, node: Node, *, size: int | None = None, for_open: bool = False, meta_only: bool = False
+    ) -> Resolved:
+        """Make NODE's object an upper object (for an open for writing, a truncate, a chmod...);
+        META_ONLY: for a change of metadata only (see `_ensure_upper`)."""
         self._require_writable()
         async with self._changes:
-            return await self._ensure_upper(node, size=size, for_open=for_open)
+            return await self._ensure_upper(node, size=size, for_open=for_open, meta_only=meta_only)
 
     async def create(
         self, parent_ino: int, name: str, mode: int, caller: Caller, *,
@@ -439,8 +487,8 @@ class MergedTree:
     async def rename(self, old_ino: int, old_name: str, new_ino: int, new_name: str, flags: int) -> None:
         """rename(2) and renameat2's NOREPLACE and EXCHANGE, over the merged view.
 
-        A directory with lower content is first copied up whole (`upper.copy_up_tree`) so it can move:
-        the kernel says EXDEV there unless redirect_dir is on.
+        A directory with lower content moves by redirect (redirect_dir, see `_make_movable`), or, where
+        the mount writes none, is first copied up whole (`upper.copy_up_tree`) so it can move.
         """
         ws, style = self._require_writable()
         async with self._changes:
@@ -492,10 +540,14 @@ class MergedTree:
         new_parent, new_name, target_node = new
         await self._ensure_upper(old_parent)
         await self._ensure_upper(new_parent)
-        await self._make_movable(ws, style, source_node, old_parent, old_name)
+        samedir = old_parent.ino == new_parent.ino
+        source_redirected = await self._make_movable(ws, style, source_node, old_parent, old_name, samedir=samedir)
+        target_redirected = False
         if exchange:
             assert target_node is not None
-            await self._make_movable(ws, style, target_node, new_parent, new_name)
+            target_redirected = await self._make_movable(
+                ws, style, target_node, new_parent, new_name, samedir=samedir
+            )
         old_res, new_res = old_parent.resolved, new_parent.resolved
         overwritten = target if target_node is not None and not exchange else None
         if overwritten is not None:
@@ -508,13 +560,13 @@ class MergedTree:
             await self.in_thread(
                 lambda: upper.exchange(
                     style, source_path, target_path,
-                    opaque_at_a=self._lower_has(old_res, old_name),
-                    opaque_at_b=self._lower_has(new_res, new_name),
+                    opaque_at_a=not target_redirected and self._lower_has(old_res, old_name),
+                    opaque_at_b=not source_redirected and self._lower_has(new_res, new_name),
                 )
             )  # fmt: skip
         else:
             leave_whiteout = self._lower_has(old_res, old_name)
-            make_opaque = self._lower_has(new_res, new_name)
+            make_opaque = not source_redirected and self._lower_has(new_res, new_name)
             await self.in_thread(
                 lambda: upper.rename(
                     ws, style, source_path, target_path, leave_whiteout=leave_whiteout, make_opaque=make_opaque
@@ -568,10 +620,16 @@ class MergedTree:
         if node is not None and indexed is not None:
             self.inodes.rebind(node, indexed)
 
-    async def _make_movable(self, ws: Workspace, style: MarkerStyle, node: Node, parent: Node, name: str) -> None:
-        """An object about to be renamed from NAME in PARENT must live wholly in upper, under that
-        name: copy it up, a directory with its lower content too. Nothing of a tree copy that fails
-        (ENOSPC, say) is left behind.
+    async def _make_movable(
+        self, ws: Workspace, style: MarkerStyle, node: Node, parent: Node, name: str, *, samedir: bool
+    ) -> bool:
+        """An object about to be renamed from NAME in PARENT must live in upper, under that name:
+        copy it up. A directory with lower content moves by redirect where the mount writes them
+        (the kernel's redirect_dir=on: the directory alone is copied up and records where its lower
+        content is, which stays below); otherwise its whole tree is copied up and made opaque, and
+        nothing of a tree copy that fails (ENOSPC, say) is left behind. SAMEDIR: the rename keeps
+        the parent (a redirect is then a bare name). Returns whether the directory moves by
+        redirect: it must not be made opaque where it lands, or its lower content would be hidden.
 
         A hardlinked file may be in upper already under another name (its node then holds that
         copy) while NAME is still a lower name showing it through the link index: NAME is linked
@@ -582,32 +640,73 @@ class MergedTree:
             here = self.find(parent.resolved, name)
             if here is not None and self._indexed(here) and not _is_entry(here, into, name):
                 await self._name_indexed_copy(node, here, into)
-            return
-        if resolved.is_dir and len(resolved.branches) > 1:
-            copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved)
-            self.listing_epoch += 1
-            for old, new in copied:
-                self.inodes.pin(old, new)
-            assert resolved.dir is not None
-            alone = await self.in_thread(layers.resolve_alone, resolved.layer, resolved.dir, resolved.name)
-            self.inodes.rebind(node, alone)
-            self._changed(node)
+            return False
+        if len(resolved.branches) <= 1:
+            return False
+        redirect = self._redirect_for(node, name, samedir)
+        if redirect is not None:
+            if redirect:
+                assert self.upper_dir is not None
+                xattr, top = self.upper_dir.features.redirect, resolved.branches[0]
+                await self.in_thread(upper.set_redirect, top.path, xattr, redirect)
+                log.debug("%s: redirect %s", name, redirect)
+            return True
+        copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved)
+        self.listing_epoch += 1
+        for old, new in copied:
+            self.inodes.pin(old, new)
+        assert resolved.dir is not None
+        alone = await self.in_thread(layers.resolve_alone, resolved.layer, resolved.dir, resolved.name)
+        self.inodes.rebind(node, alone)
+        self._changed(node)
+        return False
+
+    def _redirect_for(self, node: Node, name: str, samedir: bool) -> str | None:
+        """The redirect the directory NODE (in upper, with lower content, still at its old NAME)
+        needs before it moves, as the kernel's ovl_set_redirect computes it: "" if the one it has
+        will do, None if it cannot move by redirect (feature off or unavailable, or an absolute path
+        longer than the kernel's redirect_max, where the kernel says EXDEV and tools copy).
+
+        Same parent: its old name, unless it has a redirect already. Another parent: the absolute
+        path of its old place, each ancestor named by its own redirect where it has one (an
+        absolute one ends the walk), unless it has an absolute redirect already."""
+        if self.upper_dir is None or not self.upper_dir.features.redirect:
+            return None
+        current = node.resolved.branches[0].markers.redirect
+        if current and (samedir or current.startswith("/")):
+            return ""
+        if samedir:
+            return name
+        parts = [current or name]
+        walk = self.inodes.get(node.parent)
+        while not parts[-1].startswith("/") and walk.ino != ROOT_INODE:
+            own = walk.resolved.branches[0].markers.redirect if walk.resolved.branches else None
+            parts.append(own or walk.name)
+            walk = self.inodes.get(walk.parent)
+        redirect = "/".join(reversed(parts))
+        redirect = redirect if redirect.startswith("/") else "/" + redirect
+        if len(os.fsencode(redirect)) > REDIRECT_MAX:
+            log.info("%s: redirect longer than %d bytes: copying the directory's tree up instead",
+                     node.name, REDIRECT_MAX)
+            return None
+        return redirect
 
     # -- attributes --------------------------------------------------------------------------------
 
     async def truncate(self, node: Node, size: int) -> Resolved:
         resolved = node.resolved
-        if not resolved.layer.writable:
+        if not resolved.layer.writable or resolved.data is not None:
             resolved = await self.copy_up(node, size=size)
         await self.on_object(node, lambda path: _truncate(path, size))
         return node.resolved
 
     async def change_metadata(self, node: Node, change: Callable[[str], None]) -> Resolved:
-        """chmod/chown/utimens/setxattr: copy up (metadata and data: no metacopy), then change.
+        """chmod/chown/utimens/setxattr: copy up (a lower regular file as a metacopy file, where the
+        mount writes them: its data stays below), then change.
 
         CHANGE gets a path to the object itself (/proc/self/fd/N of a checked O_PATH descriptor):
         calls on it follow that link to the object, never a symlink found at its name."""
-        await self.copy_up(node)
+        await self.copy_up(node, meta_only=True)
         await self.on_object(node, change)
         return node.resolved
 

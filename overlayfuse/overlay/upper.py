@@ -23,6 +23,10 @@ from typing import Any, TypeVar
 from ..linux import syscalls
 from . import copyup, layers, whiteout
 from .copyup import Workspace
+from .features import DEFAULT as features_default
+from .features import NONE as features_none
+from .features import CopyUpFeatures, FeatureXattrs
+from .features import xattrs_for as features_xattrs
 from .layers import Branch, Resolved
 from .links import LinkIndex
 from .whiteout import MarkerStyle
@@ -41,17 +45,22 @@ class UpperDir:
     style: MarkerStyle
     links: LinkIndex | None
     """None where the upper keeps no overlay xattr (see `prepare`)."""
+    features: FeatureXattrs = features_none
+    """The redirect and metacopy xattrs this mount writes ("" for a feature off or unavailable)."""
 
     @classmethod
-    def prepare(cls, upperdir: str, workdir: str, upper_layer: layers.Layer) -> UpperDir:
+    def prepare(
+        cls, upperdir: str, workdir: str, upper_layer: layers.Layer, wanted: CopyUpFeatures = features_default
+    ) -> UpperDir:
         """Clear WORKDIR's staging of interrupted changes, probe the marker forms, open the index.
 
         The index counts lower names in an xattr: an upper without xattrs keeps none, and copy-up
-        breaks hardlinks instead, as the kernel does without index=on."""
+        breaks hardlinks instead, as the kernel does without index=on. WANTED: the copy-up features
+        the options ask for; they are written in the marker forms' xattr namespace, if any."""
         workspace = Workspace.prepare(upperdir, workdir)
         style = whiteout.probe_marker_style(workspace.staging)
         links = LinkIndex.prepare(workdir, style.opaque_xattr, upper_layer) if style.opaque_xattr else None
-        return cls(workspace, style, links)
+        return cls(workspace, style, links, features_xattrs(wanted, style.opaque_xattr))
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +198,15 @@ def exchange(style: MarkerStyle, a: str, b: str, *, opaque_at_a: bool, opaque_at
     syscalls.rename_exchange(a, b)
 
 
+def set_redirect(dir_path: str, xattr: str, redirect: str) -> None:
+    """Record on the upper directory DIR_PATH where its lower content is (the kernel's format: a
+    bare name in the same parent, or an absolute path from the overlay root; no NUL).
+
+    Written before the rename that needs it, as the kernel does: a crash in between leaves a
+    redirect naming the place the directory still is, which reads the same."""
+    os.setxattr(dir_path, xattr, os.fsencode(redirect), follow_symlinks=False)
+
+
 def copy_up_tree(
     ws: Workspace, style: MarkerStyle, links: LinkIndex | None, merged: Resolved
 ) -> list[tuple[Resolved, Resolved]]:
@@ -238,6 +256,8 @@ def _copy_tree(
         for name, child in layers.list_dir(source.branches):
             path = target_dir.child(name)
             if child.layer.writable:
+                if child.data is not None:  # a metacopy file: below an opaque dir its data would hide
+                    copyup.fill_metacopy(ws, path, child.data.path, None)
                 if child.is_merged:  # stays, but loses its lower branches: keep its number
                     copied.append((child, layers.resolve_alone(layer, target_dir, name)))
                 elif links is not None and links.holds(child):

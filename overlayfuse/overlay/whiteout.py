@@ -160,6 +160,18 @@ def read_layer_dir(dir_path: str, markers: DirMarkers) -> LayerDirListing:
     return LayerDirListing(entries, whiteouts)
 
 
+def is_metacopy(path: str) -> bool:
+    """Whether the upper file PATH holds metadata only (kernel ``metacopy=on``; any value: the
+    kernel's may carry a digest)."""
+    return any(_has_xattr(path, name) for name in METACOPY_XATTRS)
+
+
+def file_redirect(path: str) -> str | None:
+    """A metacopy file's redirect (the kernel writes one when it renames such a file), if any."""
+    value = next((v for v in (_get_xattr(path, name) for name in REDIRECT_XATTRS) if v is not None), None)
+    return os.fsdecode(value) if value else None
+
+
 def is_private_xattr(name: str) -> bool:
     """Overlay bookkeeping xattrs: never listed, never readable through the merged view."""
     return name.startswith(PRIVATE_XATTR_PREFIXES)

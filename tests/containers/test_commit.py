@@ -106,6 +106,17 @@ def test_commit_round_trip(ctl: Ctl, images: Images, store_root: Path, tmp_path:
     assert_same_view(comparable(rootfs), comparable(mnt))
 
 
+def test_commit_after_a_directory_rename_and_a_chmod(ctl: Ctl, store_root: Path, tmp_path: Path) -> None:
+    """A container's mount writes no redirects and no metacopy files (a layer tar cannot point into
+    lower layers): a renamed lower directory and a chmod'ed lower file commit like any change."""
+    mnt, check = mountpoint(tmp_path), mountpoint(tmp_path, "mnt-check")
+    ctl.ok("mount", "test/full", mnt, "--name", "mover")
+    sh(f"cd {mnt} && mv usr/lib usr/lib.old && chmod 600 etc/hosts")
+    ctl.ok("commit", "mover", "test/moved")
+    ctl.ok("mount", "test/moved", check, "--ro", "--name", "mover-check")
+    assert_same_view(mnt, check)
+
+
 def test_commit_of_a_stopped_container_and_retag(ctl: Ctl, store_root: Path, tmp_path: Path) -> None:
     mnt = mountpoint(tmp_path)
     ctl.ok("mount", "test/full", mnt, "--name", "resting")

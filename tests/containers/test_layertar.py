@@ -233,7 +233,8 @@ def _container(tmp_path: Path, writer: str) -> tuple[list[Path], Path, Snapshot]
             run_isolated(apply_changes, str(mnt), False)
             shown = take_snapshot(mnt)
     else:
-        with overlayfuse(mnt, lowers, upper, work):
+        # As overlayctl mounts a container: no redirects, no metacopy files (a layer cannot say them).
+        with overlayfuse(mnt, lowers, upper, work, ["redirect_dir=off", "metacopy=off"]):
             run_isolated(apply_changes, str(mnt), True)
             shown = take_snapshot(mnt)
     return lowers, upper, shown

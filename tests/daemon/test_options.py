@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from overlayfuse.daemon.options import UsageError, parse_args, split_escaped, unescape
+from overlayfuse.overlay.features import CopyUpFeatures
 
 
 def test_full_command_line() -> None:
@@ -53,6 +54,20 @@ def test_unknown_option_is_a_warning() -> None:
 def test_kernel_tunables_are_accepted_quietly() -> None:
     opts = parse_args(["-o", "lowerdir=/l,redirect_dir=on,index=on,xino=auto,metacopy=on", "/mnt"], euid=0)
     assert opts.warnings == ()
+
+
+def test_copy_up_features_are_on_unless_turned_off() -> None:
+    assert parse_args(["-o", "lowerdir=/l", "/mnt"], euid=0).features == CopyUpFeatures(True, True)
+    opts = parse_args(["-o", "lowerdir=/l,redirect_dir=off,metacopy=off", "/mnt"], euid=0)
+    assert opts.features == CopyUpFeatures(redirect_dir=False, metacopy=False)
+    follow = parse_args(["-o", "lowerdir=/l,redirect_dir=follow", "/mnt"], euid=0)
+    assert follow.features == CopyUpFeatures(redirect_dir=False, metacopy=True)
+
+
+@pytest.mark.parametrize("option", ["redirect_dir=yes", "metacopy=follow", "metacopy"])
+def test_bad_copy_up_feature_value_is_refused(option: str) -> None:
+    with pytest.raises(UsageError, match=rf"^{option.partition('=')[0]}="):
+        parse_args(["-o", f"lowerdir=/l,{option}", "/mnt"], euid=0)
 
 
 def test_escaped_separators_in_paths() -> None:

@@ -416,8 +416,8 @@ def tree_of(mnt: str) -> list[tuple[str, int]]:
     return sorted(found)
 
 
-def test_directory_rename_out_of_space_leaves_nothing_behind(tmp_path: Path, small_upper: Path,
-                                                          overlayfuse_bin: Path) -> None:
+def _big_lower(tmp_path: Path, small_upper: Path) -> tuple[Path, Path, Path, Path]:
+    """A 4 MiB lower dir "big", twice the size of the small upper's filesystem."""
     from tests.support.trees import make_tree
 
     lower = make_tree(tmp_path / "lower", Dir("big"), Dir("big/sub"),
@@ -425,7 +425,14 @@ def test_directory_rename_out_of_space_leaves_nothing_behind(tmp_path: Path, sma
     upper, work, mnt = small_upper / "upper", small_upper / "work", tmp_path / "mnt"
     for d in (upper, work, mnt):
         d.mkdir()
-    with overlayfuse(mnt, [lower], upper, work):
+    return lower, upper, work, mnt
+
+
+def test_directory_rename_out_of_space_leaves_nothing_behind(tmp_path: Path, small_upper: Path,
+                                                          overlayfuse_bin: Path) -> None:
+    """redirect_dir=off: the tree is copied up to move, and a copy that runs out of space is undone."""
+    lower, upper, work, mnt = _big_lower(tmp_path, small_upper)
+    with overlayfuse(mnt, [lower], upper, work, ["redirect_dir=off"]):
         before = run_isolated(tree_of, str(mnt))
         result = run_isolated(rename_dir, str(mnt))
         after = run_isolated(tree_of, str(mnt))
@@ -433,3 +440,18 @@ def test_directory_rename_out_of_space_leaves_nothing_behind(tmp_path: Path, sma
     assert after == before
     left = [p for p in upper.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size]
     assert left == [], f"partial copy left in upper: {left[:5]}"
+
+
+def test_directory_rename_by_redirect_needs_no_space_for_data(tmp_path: Path, small_upper: Path,
+                                                             overlayfuse_bin: Path) -> None:
+    """redirect_dir=on (the default): the same rename copies up the directory alone, so it succeeds
+    on an upper too small for the tree, and the content shows at the new name."""
+    lower, upper, work, mnt = _big_lower(tmp_path, small_upper)
+    with overlayfuse(mnt, [lower], upper, work):
+        before = run_isolated(tree_of, str(mnt))
+        result = run_isolated(rename_dir, str(mnt))
+        after = run_isolated(tree_of, str(mnt))
+    assert result is None
+    assert after == [(p.replace("big", "moved", 1), size) for p, size in before]
+    assert sorted(p.name for p in upper.iterdir()) == ["big", "moved"]  # the whiteout and the dir
+    assert list((upper / "moved").iterdir()) == []

@@ -24,6 +24,10 @@ from tests.support.mounts import kernel_overlay, run_isolated
 from tests.support.rich_tree import LayerSet, build_layer_set
 from tests.support.writes import KERNEL_OPTS, F, MiB, Step, mount_ours, run_steps, standard_layers
 
+#: Both sides write and read with every on-disk feature on: redirects for directory renames and
+#: metacopy files for metadata changes (the kernel refuses metacopy files without metacopy=on).
+OPTS = KERNEL_OPTS + ",metacopy=on"
+
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 
 SCENARIOS: dict[str, list[Step]] = {
@@ -93,11 +97,11 @@ def _apply(mnt: Path, steps: list[Step]) -> None:
 def test_kernel_reads_our_upper(tmp_path: Path, overlayfuse_bin: Path, scenario: str) -> None:
     ls = _build(tmp_path)
     assert ls.upper is not None and ls.work is not None
-    with mount_ours(ls):
+    with mount_ours(ls, OPTS):
         _apply(ls.mnt, SCENARIOS[scenario])
         ours = take_snapshot(ls.mnt)
     # The same workdir, as a remount would use: the kernel keeps its hardlink index there.
-    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS):
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, OPTS):
         kernel = take_snapshot(ls.mnt)
         if scenario == "hardlinks":
             _set_twin_aside(ours, kernel)
@@ -110,10 +114,10 @@ def test_kernel_reads_our_upper(tmp_path: Path, overlayfuse_bin: Path, scenario:
 def test_we_read_kernel_upper(tmp_path: Path, overlayfuse_bin: Path, scenario: str) -> None:
     ls = _build(tmp_path)
     assert ls.upper is not None and ls.work is not None
-    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS):
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, OPTS):
         _apply(ls.mnt, SCENARIOS[scenario])
         kernel = take_snapshot(ls.mnt)
-    with mount_ours(ls):
+    with mount_ours(ls, OPTS):
         ours = take_snapshot(ls.mnt)
         if scenario == "hardlinks":
             _set_twin_aside(kernel, ours)
@@ -125,9 +129,9 @@ def test_kernel_reads_upper_after_both(tmp_path: Path, overlayfuse_bin: Path) ->
     """Kernel changes, then ours, then the kernel again: the upper stays readable by both."""
     ls = _build(tmp_path)
     assert ls.upper is not None and ls.work is not None
-    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS):
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, OPTS):
         _apply(ls.mnt, SCENARIOS["renames"])
-    with mount_ours(ls):
+    with mount_ours(ls, OPTS):
         _apply(ls.mnt, [("write", "hl/a", 0, b"X"), ("chmod", "merged/l2file", 0o600),
                         ("write", "merged/target", 0, b"T"), ("write", "moved/x", 1, b"X"),
                         ("create", "newfile", b"new\n", 0o640), ("mkdir", "newdir", 0o750),
@@ -135,7 +139,7 @@ def test_kernel_reads_upper_after_both(tmp_path: Path, overlayfuse_bin: Path) ->
                         ("rmdir", "moved/y"),
                         ("rename", "merged/sub2", "sub3")])
         ours = take_snapshot(ls.mnt)
-    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, KERNEL_OPTS):
+    with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, OPTS):
         kernel = take_snapshot(ls.mnt)
         _set_twin_aside(ours, kernel)  # hl/a was written through ours
         assert_same_view(kernel, ours)

@@ -55,6 +55,7 @@ from tests.support.writes import (
     fsync_dir,
     mount_ours,
     mounted_pair,
+    redirects,
     run_steps,
     standard_layers,
 )
@@ -288,18 +289,23 @@ def test_rename_lower_file_copies_up_and_whites_out(pair: Pair) -> None:
 
 
 def test_rename_dir_with_lower_content(pair: Pair) -> None:
-    """Kernel with redirect_dir=on (and we) succeed; content follows; survives a remount."""
+    """Kernel with redirect_dir=on (and we) succeed; content follows; survives a remount. Both move
+    the directories by redirect: the same upper layout (the children stay below, none copied up)
+    and the same redirects."""
     since = time.time_ns()
     steps: list[Step] = [("rename", "rd", "moved"), ("listdir", "moved"), ("read", "moved/y/z"),
                          ("stat", "rd"), ("rename", "d/sub", "merged/sub2"),
                          ("listdir", "merged/sub2"), ("read", "merged/sub2/f"),
                          ("mkdir", "rd"), ("listdir", "rd")]
     assert_same_steps(pair, steps)
-    moved = ("moved", "merged/sub2")
-    assert_same_changed(pair, since, moved_dirs=moved)
+    assert_same_changed(pair, since)
+    assert_same_upper(pair, since)
+    assert pair.kernel.upper is not None and pair.ours.upper is not None
+    assert redirects(pair.ours.upper) == redirects(pair.kernel.upper) == \
+        {"moved": b"rd", "merged/sub2": b"/d/sub"}
     _unmount_pair(pair)
     with remounted(pair):
-        assert_same_changed(pair, since, moved_dirs=moved)
+        assert_same_changed(pair, since)
         assert_same_steps(pair, [("listdir", "moved/y"), ("read", "merged/sub2/g"),
                                  ("listdir", "rd")])
 
@@ -345,7 +351,7 @@ RENAME_PROBES: list[Step] = [
 def test_rename_flags_and_errors(pair: Pair) -> None:
     since = time.time_ns()
     assert_same_steps(pair, RENAME_PROBES)
-    assert_same_changed(pair, since, moved_dirs=("emptydir", "emptydir/f1"))
+    assert_same_changed(pair, since)
 
 
 # --- inode numbers and hardlinks -------------------------------------------------------
@@ -657,3 +663,91 @@ def test_staging_leftovers_removed_at_mount(tmp_path: Path, overlayfuse_bin: Pat
         assert run_isolated(run_steps, str(ls.mnt), [("read", "f")]) == [("ok", b"f\n")]
     assert os.listdir(ls.upper) == []
     assert os.listdir(canary) == ["keep"] and (canary / "keep").read_bytes() == b"canary\n"
+
+
+# -- metadata-only copy-up (metacopy=on) ------------------------------------------------------------
+
+METACOPY_OPTS = KERNEL_OPTS + ",metacopy=on"
+METACOPY_XATTR = "trusted.overlay.metacopy"
+
+
+def _has_data(path: Path) -> bool:
+    """Whether PATH holds any data (st_blocks may count an xattr block: ask SEEK_DATA)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_metadata_changes_copy_up_no_data(tmp_path: Path) -> None:
+    """Kernel and we, both with metacopy=on: chown, chmod, utimes and setxattr of lower files copy
+    up metadata only: the same views, the same upper dirs, no data blocks in upper on either side;
+    reads get the lower data; a write copies the data in (the kernel keeps the result readable)."""
+    meta = [F, "big/sparse", "merged/l2file", "merged/l1file"]
+    with mounted_pair(tmp_path, standard_layers(), METACOPY_OPTS) as pair:
+        since = time.time_ns()
+        assert_same_steps(pair, [
+            ("chown", F, 7, 8), ("chmod", "big/sparse", 0o600),
+            ("setxattr", "merged/l2file", "user.x", b"1"), ("utime", "merged/l1file", 5, 6),
+            ("read", F), ("read", "big/sparse"), ("read", "merged/l2file"), ("stat", F),
+            ("getxattr", "merged/l2file", "user.x"), ("list_stat", "merged"),
+        ])  # fmt: skip
+        assert_same_changed(pair, since)
+        assert_same_upper(pair, since)
+        assert pair.kernel.upper is not None and pair.ours.upper is not None
+        for upper in (pair.kernel.upper, pair.ours.upper):
+            for path in meta:
+                assert not _has_data(upper / path), f"{upper / path}: data in upper"
+                assert METACOPY_XATTR in os.listxattr(upper / path, follow_symlinks=False)
+        assert_same_steps(pair, [("write", "merged/l2file", 1, b"W"), ("read", "merged/l2file"),
+                                 ("truncate", F, 7), ("read", F), ("stat", "merged/l2file")])
+        assert_same_changed(pair, since)
+        for path in ("merged/l2file", F):
+            assert METACOPY_XATTR not in os.listxattr(pair.ours.upper / path, follow_symlinks=False)
+    with remounted(pair, METACOPY_OPTS):
+        assert_same_changed(pair, since)
+
+
+@pytest.mark.skipif(OURS_IS_KERNEL, reason="overlayfuse's own copy-in")
+def test_kill_during_metacopy_data_copy_in_leaves_the_file_readable(tmp_path: Path, overlayfuse_bin: Path) -> None:
+    """chmod makes a metacopy file (no data read); the first write copies the data in, and kill -9
+    lands mid-copy (the lower is gatefs, whose reads wait for the test). The file is still a
+    metacopy file at the next mount, with the new mode and the lower's content."""
+    control, upper, work = tmp_path / "control", tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    with gate_fs(control, tmp_path / "gate") as gate:
+        with overlayfuse(tmp_path / "mnt", [gate], upper, work, METACOPY_OPTS.split(",")) as fuse:
+            try:  # metadata only: no read of the gated data (a full copy-up would wait at the gate)
+                chmod = run_isolated(run_steps, str(fuse.mnt), [("chmod", GATED, 0o600)], timeout=30)
+            except BaseException:
+                (control / "release").touch()  # let a stuck copy-up finish, so teardown can unmount
+                raise
+            assert chmod == [("ok", None)]
+            assert METACOPY_XATTR in os.listxattr(upper / GATED)
+            pids = daemon_pids(fuse.mnt)
+            writer = _start_writer(fuse.mnt, GATED)
+            try:
+                wait_held(control, 60)  # the copy-in is reading the lower file
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                assert wait_pids_gone(pids, 10) == []
+            finally:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    writer.wait(timeout=30)
+                if writer.poll() is None:
+                    writer.kill()
+                    writer.wait()
+        assert writer.returncode != 0, "the write succeeded although its copy-in was killed"
+        assert METACOPY_XATTR in os.listxattr(upper / GATED), "marker gone before the data was in"
+        (control / "release").touch()
+        with overlayfuse(tmp_path / "mnt", [gate], upper, work, METACOPY_OPTS.split(",")) as fuse:
+            out = run_isolated(run_steps, str(fuse.mnt), [("stat", GATED), ("read", GATED)])
+            assert out[0] == ("ok", {"kind": "file", "mode": "0o100600", "uid": 0, "gid": 0, "size": GATED_SIZE})
+            assert out[1] == ("ok", b"g" * GATED_SIZE)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from overlayfuse.linux.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+from overlayfuse.overlay.features import CopyUpFeatures
 from overlayfuse.overlay.inodes import ROOT_INODE
 from overlayfuse.overlay.merged import MergedTree
 from overlayfuse.overlay.whiteout import TRUSTED_OPAQUE
@@ -169,12 +170,146 @@ async def test_read_only_tree_refuses_changes(dirs: tuple[Path, Path, Path, Path
     assert os.listdir(dirs[2]) == []
 
 
-async def test_dir_rename_keeps_hardlinks(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
-    """A directory with lower content is copied up whole to move (the kernel says EXDEV without
-    redirect_dir): the two names of a lower hardlink inside it stay one file, through the index."""
+async def test_dir_rename_keeps_hardlinks(dirs: tuple[Path, Path, Path, Path]) -> None:
+    """With redirect_dir=off a directory with lower content is copied up whole to move (the kernel
+    says EXDEV there): the two names of a lower hardlink inside it stay one file, through the index."""
+    tree = open_tree([dirs[0], dirs[1]], dirs[2], dirs[3], CopyUpFeatures(redirect_dir=False))
     await tree.rename(ROOT_INODE, "hl", ROOT_INODE, "moved", 0)
     moved = _upper(dirs) / "moved"
     a, b = os.lstat(moved / "a"), os.lstat(moved / "b")
     assert a.st_ino == b.st_ino and a.st_nlink >= 2 and (moved / "b").read_bytes() == b"linked"
     assert os.getxattr(moved, TRUSTED_OPAQUE) == b"y" and _is_whiteout(_upper(dirs) / "hl")
     assert await _names(tree, _ino(tree, "moved")) == ["a", "b"]
+
+
+# -- directory renames by redirect (redirect_dir=on, the default) -----------------------------------
+
+REDIRECT = "trusted.overlay.redirect"
+
+
+def _redirect(path: Path) -> bytes | None:
+    try:
+        return os.getxattr(path, REDIRECT, follow_symlinks=False)
+    except OSError as exc:
+        assert exc.errno == errno.ENODATA
+        return None
+
+
+async def test_dir_rename_in_place_writes_a_relative_redirect(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """Only the directory is copied up; its children stay below, and it keeps its inode number."""
+    before = _ino(tree, "etc")
+    await tree.rename(ROOT_INODE, "etc", ROOT_INODE, "etc2", 0)
+    upper = _upper(dirs)
+    assert _redirect(upper / "etc2") == b"etc" and _is_whiteout(upper / "etc")
+    assert os.listdir(upper / "etc2") == []  # nothing of the lower content copied
+    assert TRUSTED_OPAQUE not in os.listxattr(upper / "etc2")
+    assert await _names(tree, _ino(tree, "etc2")) == ["hosts", "link", "passwd"]
+    assert _ino(tree, "etc2") == before
+    hosts = tree.lookup(_ino(tree, "etc2"), "hosts")
+    assert Path(hosts.resolved.path).read_bytes() == b"top hosts\n"
+
+
+async def test_dir_moved_to_another_parent_gets_an_absolute_redirect(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """Moved twice (in place, then elsewhere): the second redirect is absolute from the root and
+    names the lower place, not the intermediate name."""
+    await tree.rename(ROOT_INODE, "etc", ROOT_INODE, "etc2", 0)
+    await tree.rename(ROOT_INODE, "etc2", _ino(tree, "empty"), "etc3", 0)
+    upper = _upper(dirs)
+    assert _redirect(upper / "empty" / "etc3") == b"/etc" and not (upper / "etc2").exists()
+    assert os.listdir(upper / "empty" / "etc3") == []
+    assert await _names(tree, _ino(tree, "empty/etc3")) == ["hosts", "link", "passwd"]
+    # a child moved out of the moved dir names its lower place through the parent's redirect
+    await tree.rename(ROOT_INODE, "full", _ino(tree, "empty/etc3"), "full", 0)
+    await tree.rename(_ino(tree, "empty/etc3"), "full", ROOT_INODE, "full-again", 0)
+    assert _redirect(upper / "full-again") == b"/full"
+    assert await _names(tree, _ino(tree, "full-again")) == ["f1"]
+
+
+async def test_dir_moved_back_and_removed(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """Renamed away and back, with a whiteout and a new file inside; then emptied and removed."""
+    hl = _ino(tree, "hl")
+    await tree.rename(ROOT_INODE, "hl", ROOT_INODE, "links", 0)
+    await tree.remove(_ino(tree, "links"), "a", directory=False)
+    await tree.create(_ino(tree, "links"), "new", stat.S_IFREG | 0o644, ROOT)
+    await tree.rename(ROOT_INODE, "links", ROOT_INODE, "hl", 0)
+    upper = _upper(dirs)
+    assert _redirect(upper / "hl") == b"hl" and not os.path.lexists(upper / "links")
+    assert sorted(os.listdir(upper / "hl")) == ["a", "new"] and _is_whiteout(upper / "hl" / "a")
+    assert await _names(tree, _ino(tree, "hl")) == ["b", "new"] and _ino(tree, "hl") == hl
+    for name in ("b", "new"):
+        await tree.remove(_ino(tree, "hl"), name, directory=False)
+    await tree.remove(ROOT_INODE, "hl", directory=True)
+    assert _is_whiteout(upper / "hl")
+    assert "hl" not in await _names(tree, ROOT_INODE)
+
+
+# -- metadata-only copy-up (metacopy=on, the default) ----------------------------------------------
+
+METACOPY = "trusted.overlay.metacopy"
+
+
+async def test_chmod_copies_up_metadata_only(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """A chmod of a lower file leaves an upper file with no data, marked metacopy; reads get the
+    lower data; the first open for writing copies the data in, in place (same object, same number)."""
+    node = tree.lookup(_ino(tree, "etc"), "passwd")
+    before = node.ino
+    await tree.change_metadata(node, lambda path: os.chmod(path, 0o600))
+    copy = _upper(dirs) / "etc" / "passwd"
+    st = os.lstat(copy)
+    assert st.st_size == 5 and st.st_blocks == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert os.getxattr(copy, METACOPY) == b""
+    again = tree.lookup(_ino(tree, "etc"), "passwd")
+    assert again.ino == before and again.resolved.layer.writable
+    assert again.resolved.data is not None and Path(again.resolved.readable.path).read_bytes() == b"root\n"
+    await tree.change_metadata(again, lambda path: os.chown(path, 7, 8))  # still metadata only
+    assert os.lstat(copy).st_blocks == 0 and os.lstat(copy).st_ino == st.st_ino
+    await tree.copy_up(again, for_open=True)
+    assert copy.read_bytes() == b"root\n" and METACOPY not in os.listxattr(copy)
+    after = os.lstat(copy)
+    assert after.st_ino == st.st_ino and after.st_mtime_ns == st.st_mtime_ns
+    assert after.st_uid == 7 and stat.S_IMODE(after.st_mode) == 0o600
+    assert node.resolved.data is None and tree.lookup(_ino(tree, "etc"), "passwd").ino == before
+
+
+async def test_truncate_of_a_metacopy_file_copies_only_what_stays(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    node = tree.lookup(_ino(tree, "etc"), "passwd")
+    await tree.change_metadata(node, lambda path: os.utime(path, ns=(1, 2)))
+    await tree.truncate(node, 2)
+    copy = _upper(dirs) / "etc" / "passwd"
+    assert copy.read_bytes() == b"ro" and METACOPY not in os.listxattr(copy)
+
+
+async def test_hardlinked_and_empty_files_are_copied_whole(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """A hardlinked lower file goes through the link index whole (its names stay one file)."""
+    await tree.change_metadata(tree.lookup(_ino(tree, "hl"), "a"), lambda path: os.chmod(path, 0o600))
+    copy = _upper(dirs) / "hl" / "a"
+    assert copy.read_bytes() == b"linked" and METACOPY not in os.listxattr(copy)
+
+
+async def test_metacopy_off_copies_data(dirs: tuple[Path, Path, Path, Path]) -> None:
+    tree = open_tree([dirs[0], dirs[1]], dirs[2], dirs[3], CopyUpFeatures(metacopy=False))
+    await tree.change_metadata(tree.lookup(_ino(tree, "etc"), "passwd"), lambda path: os.chmod(path, 0o600))
+    copy = _upper(dirs) / "etc" / "passwd"
+    assert copy.read_bytes() == b"root\n" and METACOPY not in os.listxattr(copy)
+
+
+async def test_metacopy_file_inside_a_dir_moved_without_redirect_gets_its_data(
+    dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """redirect_dir=off copies the tree and makes it opaque: a metacopy file inside it must take its
+    data along, or the opaque dir would hide it."""
+    tree = open_tree([dirs[0], dirs[1]], dirs[2], dirs[3], CopyUpFeatures(redirect_dir=False))
+    await tree.change_metadata(tree.lookup(_ino(tree, "full"), "f1"), lambda path: os.chmod(path, 0o600))
+    await tree.rename(ROOT_INODE, "full", ROOT_INODE, "moved", 0)
+    copy = _upper(dirs) / "moved" / "f1"
+    assert copy.read_bytes() == b"1" and METACOPY not in os.listxattr(copy)
+    found = tree.lookup(_ino(tree, "moved"), "f1").resolved
+    assert Path(found.readable.path).read_bytes() == b"1"

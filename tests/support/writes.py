@@ -272,25 +272,13 @@ def vars_of(snap: Snapshot) -> dict[str, Any]:
     return {f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}
 
 
-def assert_same_changed(pair: Pair, since_ns: int, *, any_blocks: Sequence[str] = (),
-                        moved_dirs: Sequence[str] = ()) -> tuple[Snapshot, Snapshot]:
+def assert_same_changed(pair: Pair, since_ns: int, *, any_blocks: Sequence[str] = ()) -> tuple[Snapshot, Snapshot]:
     """The merged views are equal, but for times both sides set after `since_ns` (and st_blocks
-    of the paths in `any_blocks`, which the test checks itself).
-
-    `moved_dirs`: directories with lower content renamed by the test. The kernel (redirect_dir=on)
-    keeps them merged and reports st_nlink 1; overlayfuse copies them up whole, so they are plain
-    upper directories, and it must report their true count: 2 + subdirectories (README, "Where we
-    differ")."""
+    of the paths in `any_blocks`, which the test checks itself)."""
     k, o = blank_new_times(take_snapshot(pair.kernel.mnt), take_snapshot(pair.ours.mnt), since_ns)
     for snap in (k, o):
         for path in any_blocks:
             snap.entries[path] = dataclasses.replace(snap.entries[path], blocks=0)
-    if not OURS_IS_KERNEL:
-        for path in moved_dirs:
-            subdirs = sum(1 for entry in o.entries if entry.startswith(path + "/")
-                          and "/" not in entry[len(path) + 1:] and o.entries[entry].kind == "dir")
-            assert o.entries[path].nlink == 2 + subdirs, f"{path}: nlink {o.entries[path].nlink}"
-            o.entries[path] = dataclasses.replace(o.entries[path], nlink=k.entries[path].nlink)
     problems = diff_views(k, o, ours_is_kernel=OURS_IS_KERNEL)
     assert not problems, "views differ from the kernel after the same changes:\n  " + \
         "\n  ".join(problems[:60])
@@ -333,6 +321,18 @@ def upper_view(upper: Path, since_ns: int) -> dict[str, UpperEntry]:
                 kind_of(st.st_mode), st.st_mode, st.st_uid, st.st_gid,
                 None if stat.S_ISDIR(st.st_mode) else st.st_size,
                 st.st_rdev, 0 if st.st_mtime_ns >= since_ns else st.st_mtime_ns, public, opaque)
+    return out
+
+
+def redirects(upper: Path) -> dict[str, bytes]:
+    """Every directory's ``trusted.overlay.redirect`` in an upper dir (read directly), by path."""
+    out = {}
+    for dirpath, dirnames, _ in os.walk(upper):
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if "trusted.overlay.redirect" in os.listxattr(full, follow_symlinks=False):
+                out[os.path.relpath(full, upper)] = os.getxattr(full, "trusted.overlay.redirect",
+                                                                follow_symlinks=False)
     return out
 
 

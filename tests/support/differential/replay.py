@@ -25,6 +25,9 @@ from tests.support.mounts import MountError, kernel_overlay, overlayfuse
 from tests.support.rich_tree import LayerSet, build_layer_set
 
 KERNEL_OPTIONS = "redirect_dir=on,index=on"
+#: How each side's upper dir is read back (`compare_uppers`): with every on-disk feature overlayfuse
+#: writes by default (redirects, metacopy files; a kernel with metacopy=off refuses the latter).
+UPPER_CHECK_OPTIONS = KERNEL_OPTIONS + ",metacopy=on"
 
 # --- sides and replay -------------------------------------------------------------------
 
@@ -199,7 +202,8 @@ def _run_mounted(k_mnt: str, o_mnt: str, ops: Sequence[Op], side: Side, workers:
 
 def compare_uppers(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int,
                  lower_linked: set[str], *, dir_mtimes: bool = True) -> Mismatch | None:
-    """Mount the kernel on each side's upper dir, with a fresh workdir: the views must agree.
+    """Mount the kernel (`UPPER_CHECK_OPTIONS`) on each side's upper dir, with a fresh workdir: the
+    views must agree.
 
     A fresh workdir on both sides, because neither side's workdir is the other's format; see
     `_drop_lower_hardlinked` for what that costs. DIR_MTIMES: see `view_problems`.
@@ -210,7 +214,7 @@ def compare_uppers(k_set: LayerSet, o_set: LayerSet, workers: Workers, step: int
         mnt = layers.root / "mnt-check"
         work.mkdir()
         try:
-            with kernel_overlay(mnt, layers.lowers, layers.upper, work, KERNEL_OPTIONS):
+            with kernel_overlay(mnt, layers.lowers, layers.upper, work, UPPER_CHECK_OPTIONS):
                 views.append(worker.call(snapshot, str(mnt)))
         except MountError as exc:
             return Mismatch(step, "upper", [f"the kernel refuses {layers.upper}: {exc}"])
