@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import nowait, whiteout
+from . import binding, nowait, whiteout
 from .control import FreezeGate
 from .inodes import Node
 from .layers import Fd, Resolved
@@ -86,7 +86,12 @@ def _change(handler: F) -> F:
     @functools.wraps(handler)
     async def wrapper(self: OverlayOperations, *args: Any) -> Any:
         async with self.gate:
-            return await handler(self, *args)
+            epoch = self.tree.listing_epoch
+            try:
+                return await handler(self, *args)
+            finally:
+                if self.tree.listing_epoch != epoch:
+                    await self._invalidate_listings(list(self._cookies))
 
     return wrapper  # type: ignore[return-value]
 
@@ -172,6 +177,10 @@ class OverlayOperations(pyfuse3.Operations):
         self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
         self._files: dict[int, FileHandle] = {}
         self._next_handle = 1
+        self.binding = binding.detect()
+        # Symlinks never change (a new target is a new symlink, with an inode of its own), so the
+        # kernel may keep their targets; pyfuse3 reads this at init where the binding offers it.
+        self.enable_symlink_cache = self.binding.symlink_cache
 
     def _new_handle(self) -> int:
         handle = self._next_handle
@@ -337,7 +346,10 @@ class OverlayOperations(pyfuse3.Operations):
             async with self.gate if writing else contextlib.nullcontext():
                 if writing:
                     self._check_writable()
+                    epoch = self.tree.listing_epoch
                     await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
+                    if self.tree.listing_epoch != epoch:
+                        await self._invalidate_listings(list(self._cookies))
                 resolved, fd = await self._open_node(node, flags)
                 if flags & os.O_TRUNC and ctx.uid != 0:
                     await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
@@ -446,6 +458,10 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.binding.readdir_inode:
+            # No-opendir mode: the kernel stops sending opendir/releasedir and caches listings
+            # itself; readdir finds the directory by token.ino (see `_invalidate_listings`).
+            raise _fuse_error(errno.ENOSYS)
         node, _ = self.tree.directory(inode)
         handle = self._new_handle()
         self._dirs[handle] = DirHandle(node)
@@ -468,7 +484,8 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node = self._dirs[fh].node
+        # fh 0 is never a handle of ours: no-opendir mode, where the token says which directory.
+        node = self._dirs[fh].node if fh else self.tree.directory(token.ino)[0]  # type: ignore[attr-defined]
         # Offsets: 1 and 2 follow "." and "..", then each name's cookie (see `Cookies`). Each call
         # answers from the listing as it is now: a name deleted since the last call is not sent.
         # The kernel takes only the inode number and type from "." and "..": no stat for them.
@@ -503,6 +520,24 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def releasedir(self, fh: int) -> None:
         del self._dirs[fh]
+
+    async def _invalidate_listings(self, inodes: Sequence[int]) -> None:
+        """Make the kernel drop its cached listings of INODES (those it has listed, at least).
+
+        The kernel drops a cached listing itself when it changes the directory (create, unlink,
+        rename, ... through it: its i_version moves) or sees a new mtime in a GETATTR reply
+        (fs/fuse/readdir.c). A change it makes through *another* directory may still alter what
+        this one lists: a hardlinked lower file copied up or indexed shows its copy, with that
+        copy's inode number, under every name (`MergedTree.listing_epoch`); a directory moved to
+        another parent has a new "..". Those are told here, before the request is answered.
+        Only with kernel-cached listings (the binding's no-opendir mode); otherwise every
+        readdir reaches the daemon and answers from the directory as it is.
+        """
+        if not self.binding.readdir_inode:
+            return
+        listed = [ino for ino in inodes if ino in self._cookies]
+        if listed:
+            await self.tree.in_thread(_invalidate_inodes, listed)
 
     @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -571,6 +606,22 @@ class OverlayOperations(pyfuse3.Operations):
         await self.tree.rename(
             parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags
         )
+        if parent_inode_old != parent_inode_new:  # a directory moved has a new ".."
+            moved = {(parent_inode_new, name_new), (parent_inode_old, name_old)}
+            await self._invalidate_listings([
+                ino for ino in self._cookies
+                if (node := self.inodes.find(ino)) is not None and (node.parent, os.fsencode(node.name)) in moved
+            ])  # fmt: skip
+
+
+def _invalidate_inodes(inodes: Sequence[int]) -> None:
+    """`pyfuse3.invalidate_inode` each of INODES (in a worker thread: it writes to /dev/fuse)."""
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel has already let the inode go
+                log.warning("could not invalidate the kernel's cache of inode %d: %s", ino, exc)
 
 
 def _missing_entry() -> pyfuse3.EntryAttributes:
