@@ -83,7 +83,9 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         if not style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
     tree = MergedTree(stack, workspace, style, links)
-    operations = OverlayOperations(tree, read_only=options.read_only)
+    operations = OverlayOperations(
+        tree, read_only=options.read_only, acl="default_permissions" in options.fuse_options
+    )
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))

@@ -166,8 +166,12 @@ class FileHandle:
 class OverlayOperations(pyfuse3.Operations):
     """The merged view of a `MergedTree` as FUSE operations."""
 
-    def __init__(self, tree: MergedTree, *, read_only: bool) -> None:
+    def __init__(self, tree: MergedTree, *, read_only: bool, acl: bool = False) -> None:
         super().__init__()
+        # POSIX ACLs as the kernel's overlay has them: the kernel checks them (with
+        # default_permissions, which ACL support needs) and caches each inode's ACLs, negative
+        # answers included, so `ls -l` asks for system.posix_acl_access once per inode, not per run.
+        self.enable_acl = acl
         self.tree = tree
         self.gate = FreezeGate()  # the daemon's control socket freezes it
         self.inodes = tree.inodes

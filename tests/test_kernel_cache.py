@@ -150,3 +150,27 @@ def test_a_cached_listing_of_a_moved_directory_shows_its_new_parent(tmp_path: Pa
     assert after[".."] == new_parent != a_ino
     assert after["."] == moved and after["f"] == before["f"]
     assert again == after and relisted == 0  # and it caches the new listing again
+
+
+def _acl_probes(path: str, times: int) -> list[str]:
+    """What `ls -l` does per file for ACLs: ask for system.posix_acl_access (ENODATA: none)."""
+    answers = []
+    for _ in range(times):
+        try:
+            os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
+            answers.append("acl")
+        except OSError as exc:
+            answers.append(os.strerror(exc.errno))
+    return answers
+
+
+def test_the_kernel_remembers_that_a_file_has_no_acl(tmp_path: Path) -> None:
+    # With POSIX ACL support on (as the kernel's overlay has it), the kernel caches each inode's
+    # ACLs, a missing one included: a repeated `ls -l` no longer asks the daemon per file.
+    lower = make_tree(tmp_path / "lower", File("f", b"x"))
+    with daemon(tmp_path, lower, stock=True) as (mnt, log):
+        start = log.stat().st_size
+        answers = run_isolated(_acl_probes, str(mnt / "f"), 3)
+        asked = [args for op, args in requests(log, start) if op == "getxattr"]
+    assert answers == [os.strerror(61)] * 3  # ENODATA
+    assert len(asked) == 1, asked
