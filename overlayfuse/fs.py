@@ -520,6 +520,13 @@ class OverlayOperations(pyfuse3.Operations):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
             self.inodes.remember(node.ino, name, resolved, reply[1].st_ino)
+        if start_id >= cookies[-1] if cookies else start_id >= 2:
+            # The end of the listing, asked for after its last entry went out: with kernel-cached
+            # listings the kernel now holds it, so ours (a Resolved and a reply per entry, about a
+            # kilobyte) is freed; it is read again only when the kernel refills its cache.
+            if self.binding.readdir_inode:
+                self._replies.pop(node.ino, None)
+                self.tree.drop_listing(node)
 
     @_boundary
     async def releasedir(self, fh: int) -> None:
