@@ -182,6 +182,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._files: dict[int, FileHandle] = {}
         self._next_handle = 1
         self.binding = binding.detect()
+        log.debug("pyfuse3 extras in use: %s", self.binding.describe())
         # Symlinks never change (a new target is a new symlink, with an inode of its own), so the
         # kernel may keep their targets; pyfuse3 reads this at init where the binding offers it.
         self.enable_symlink_cache = self.binding.symlink_cache
