@@ -491,6 +491,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # fh 0 is never a handle of ours: no-opendir mode, where the token says which directory.
         node = self._dirs[fh].node if fh else self.tree.directory(token.ino)[0]  # type: ignore[attr-defined]
+        asked = start_id
         # Offsets: 1 and 2 follow "." and "..", then each name's cookie (see `Cookies`). Each call
         # answers from the listing as it is now: a name deleted since the last call is not sent.
         # The kernel takes only the inode number and type from "." and "..": no stat for them.
@@ -521,7 +522,7 @@ class OverlayOperations(pyfuse3.Operations):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
             self.inodes.remember(node.ino, name, resolved, reply[1].st_ino)
-        if start_id >= cookies[-1] if cookies else start_id >= 2:
+        if asked >= (cookies[-1] if cookies else 2):
             # The end of the listing, asked for after its last entry went out: with kernel-cached
             # listings the kernel now holds it, so ours (a Resolved and a reply per entry, about a
             # kilobyte) is freed; it is read again only when the kernel refills its cache.
