@@ -355,7 +355,15 @@ class OverlayOperations(pyfuse3.Operations):
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
         path = self.tree.fresh(self.inodes.get(inode)).path
-        value = os.getxattr(path, attr, follow_symlinks=False)
+        try:
+            value = os.getxattr(path, attr, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP and attr in ACL_XATTRS:
+                # A layer with no ACLs (ramfs, an upper without xattrs) holds none: no ACL, as the
+                # kernel's overlay answers. EOPNOTSUPP would fail the permission checks the kernel
+                # makes with the ACLs it asks for (`enable_acl`).
+                raise _fuse_error(pyfuse3.ENOATTR) from None
+            raise
         if self.owners is not None and attr in ACL_XATTRS:
             return self.owners.acl_shown(value)
         return value
