@@ -16,6 +16,9 @@ FSTYPES = {"kernel": "overlay", "fuse-overlayfs": "fuse.fuse-overlayfs",
 CTL_IMAGES = 20  # images in the store ctl-image-ls and ctl-ps list
 CTL_RUNS = 5  # runs of each overlayctl command per rep: one run takes a tenth of a second
 
+#: getxattr calls in the per-request row: enough that the interpreter's start (~30 ms) is noise.
+PER_REQUEST_CALLS = 20000
+
 # name, unit, cold (caches dropped after mounting), what it does
 WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "walk-cold": ("s", True, "find MNT -printf '%s %i %m\\n', caches dropped"),
@@ -30,6 +33,9 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "parallel": ("s", True, "dd of big.bin + dd of big2.bin + find, at once, caches dropped"),
     "chown-big": ("s", False, "chown -R of the dir of big lower files (kernel: metacopy=on)"),
     "mv-big-dir": ("s", False, "mv of the dir of big lower files (kernel: redirect_dir=on)"),
+    "per-request": ("us", False, f"one getxattr of a name no file has, which no cache answers: "
+                    f"{PER_REQUEST_CALLS} of them, microseconds each"),
+    "du-s": ("s", True, "du -s MNT, caches dropped"),
     "mount-to-first-read": ("s", False, "from starting the mount command to a 4 KiB read through the mount"),
     "ctl-image-ls": ("s", False, f"overlayctl image ls, store of {CTL_IMAGES} images (overlayfuse only)"),
     "ctl-ps": ("s", False, f"overlayctl ps -a, store of {CTL_IMAGES} images (overlayfuse only)"),

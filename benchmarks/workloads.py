@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from .errors import BenchError
 from .mounts import Mount
 from .processes import bash, kill_groups, run, sync, timed
-from .settings import BIG_DIR, Scale
+from .settings import BIG_DIR, PER_REQUEST_CALLS, Scale
 from .stack import Stack
 
 #: The kernel's options for constant-cost copy-up, as overlayfuse has them by default.
@@ -116,6 +117,30 @@ def job_mv_big_dir(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     return {"mv-big-dir": timed(cmd, sc.cmd_timeout)}
 
 
+_PER_REQUEST = """
+import os, sys, time
+path, calls = sys.argv[1], int(sys.argv[2])
+start = time.perf_counter()
+for _ in range(calls):
+    try:
+        os.getxattr(path, "user.overlayfuse-bench-none", follow_symlinks=False)
+    except OSError:
+        pass
+print((time.perf_counter() - start) / calls * 1e6)
+"""
+
+
+def job_per_request(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    """What one request costs end to end: no cache of the kernel's answers a missing xattr, so
+    each call is one GETXATTR the daemon answers ENODATA (kernel overlayfs: one real getxattr)."""
+    out = run([sys.executable, "-c", _PER_REQUEST, str(m.mnt), str(PER_REQUEST_CALLS)], sc.cmd_timeout)
+    return {"per-request": float(out.stdout.decode().strip())}
+
+
+def job_du(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    return {"du-s": timed(["du", "-s", str(m.mnt)], sc.cmd_timeout)}
+
+
 def job_mount_to_first_read(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     """What a container start pays for the mount: the mount command run, until a read answers."""
     if m.first_read_s is None:
@@ -133,6 +158,8 @@ JOBS = [
     Job("copyup-many", ("copyup-many",), job_copyup_many, False),
     Job("rm-tree", ("rm-tree",), job_rm_tree, False),
     Job("parallel", ("parallel",), job_parallel, True),
+    Job("per-request", ("per-request",), job_per_request, False),
+    Job("du-s", ("du-s",), job_du, True),
     Job("mount-to-first-read", ("mount-to-first-read",), job_mount_to_first_read, False, first_read=True),
     Job("chown-big", ("chown-big",), job_chown_big, False, kernel_opts=METADATA_ONLY_OPTS),
     Job("mv-big-dir", ("mv-big-dir",), job_mv_big_dir, False, kernel_opts=METADATA_ONLY_OPTS),

@@ -6,6 +6,8 @@
 - `owners`: owners as the mount shows them and as callers' ids reach the disk (`compat`'s policy at
   run time; the on-disk override xattrs are `overlay.ownership`'s);
 - `fs`: the `pyfuse3.Operations` handlers, and the one place where errors become errno values;
+  `handles`: its open file and directory handles; `binding`: what the running pyfuse3 offers
+  beyond its stock release (patches/pyfuse3: kernel-cached listings, symlink cache), found at run time;
 - `mount`: mount, detach, readiness, signals, unmount; `inuse`: one writable mount per upper dir;
 - `notify`, `control`: the service manager's readiness protocol; the control socket that freezes the
   mount for a commit; `readahead`: the mount's readahead window.

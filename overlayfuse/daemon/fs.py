@@ -29,6 +29,7 @@ from ..overlay.inodes import Node, UnknownInode
 from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import Caller, MergedTree
 from ..overlay.ownership import DiskOwner
+from . import binding
 from .compat import ViewOptions
 from .control import FreezeGate
 from .handles import HandleTable, UnknownHandle
@@ -91,7 +92,12 @@ def _change(handler: F) -> F:
     @functools.wraps(handler)
     async def wrapper(self: OverlayOperations, *args: Any) -> Any:
         async with self.gate:
-            return await handler(self, *args)
+            epoch = self.tree.listing_epoch
+            try:
+                return await handler(self, *args)
+            finally:
+                if self.tree.listing_epoch != epoch:
+                    await self._invalidate_listings(list(self._cookies))
 
     return wrapper  # type: ignore[return-value]
 
@@ -167,11 +173,23 @@ class OverlayOperations(pyfuse3.Operations):
     """The merged view of a `MergedTree` as FUSE operations."""
 
     def __init__(
-        self, tree: MergedTree, *, read_only: bool, view: ViewOptions | None = None, owners: Ownership | None = None
+        self,
+        tree: MergedTree,
+        *,
+        read_only: bool,
+        view: ViewOptions | None = None,
+        owners: Ownership | None = None,
+        acl: bool = False,
     ) -> None:
         super().__init__()
         self.tree = tree
         self.view = view or ViewOptions()  # fuse-overlayfs's options (see `compat`)
+        # POSIX ACLs as the kernel's overlay has them: the kernel checks them (with
+        # default_permissions, which ACL support needs) and caches each inode's ACLs, negative
+        # answers included, so `ls -l` asks for system.posix_acl_access once per inode, not per run.
+        # Not with ``noacl``/``noxattrs`` (as fuse-overlayfs): an ACL read the kernel makes for a
+        # permission check would get EOPNOTSUPP, and the check would fail with it.
+        self.enable_acl = acl and self.view.acl and self.view.xattrs
         self.owners = owners if owners is not None and owners.active else None
         self._timeout = CACHE_TIMEOUT if self.view.timeout is None else self.view.timeout
         self.gate = FreezeGate()  # the daemon's control socket freezes it
@@ -182,6 +200,11 @@ class OverlayOperations(pyfuse3.Operations):
         self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
         self._files: HandleTable[FileHandle] = HandleTable("file handle")
         self._next_handle = 1
+        self.binding = binding.detect()
+        log.debug("pyfuse3 extras in use: %s", self.binding.describe())
+        # Symlinks never change (a new target is a new symlink, with an inode of its own), so the
+        # kernel may keep their targets; pyfuse3 reads this at init where the binding offers it.
+        self.enable_symlink_cache = self.binding.symlink_cache
 
     def _new_handle(self) -> int:
         handle = self._next_handle
@@ -332,7 +355,15 @@ class OverlayOperations(pyfuse3.Operations):
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
         path = self.tree.fresh(self.inodes.get(inode)).path
-        value = os.getxattr(path, attr, follow_symlinks=False)
+        try:
+            value = os.getxattr(path, attr, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP and attr in ACL_XATTRS:
+                # A layer with no ACLs (ramfs, an upper without xattrs) holds none: no ACL, as the
+                # kernel's overlay answers. EOPNOTSUPP would fail the permission checks the kernel
+                # makes with the ACLs it asks for (`enable_acl`).
+                raise _fuse_error(pyfuse3.ENOATTR) from None
+            raise
         if self.owners is not None and attr in ACL_XATTRS:
             return self.owners.acl_shown(value)
         return value
@@ -383,7 +414,10 @@ class OverlayOperations(pyfuse3.Operations):
             async with self.gate if writing else contextlib.nullcontext():
                 if writing:
                     self._check_writable()
+                    epoch = self.tree.listing_epoch
                     await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
+                    if self.tree.listing_epoch != epoch:
+                        await self._invalidate_listings(list(self._cookies))
                 resolved, fd = await self._open_node(node, flags)
                 if flags & os.O_TRUNC and ctx.uid != 0:
                     await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
@@ -508,6 +542,10 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.binding.readdir_inode:
+            # No-opendir mode: the kernel stops sending opendir/releasedir and caches listings
+            # itself; readdir finds the directory by token.ino (see `_invalidate_listings`).
+            raise _fuse_error(errno.ENOSYS)
         node, _ = self.tree.directory(inode)
         handle = self._new_handle()
         self._dirs[handle] = DirHandle(node)
@@ -530,7 +568,9 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node = self._dirs[fh].node
+        # fh 0 is never a handle of ours: no-opendir mode, where the token says which directory.
+        node = self._dirs[fh].node if fh else self.tree.directory(binding.readdir_inode(token))[0]
+        asked = start_id
         # Offsets: 1 and 2 follow "." and "..", then each name's cookie (see `Cookies`). Each call
         # answers from the listing as it is now: a name deleted since the last call is not sent.
         # The kernel takes only the inode number and type from "." and "..": no stat for them.
@@ -562,10 +602,34 @@ class OverlayOperations(pyfuse3.Operations):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
             self.inodes.remember(node.ino, name, resolved, reply[1].st_ino)
+        if self.binding.readdir_inode and asked >= (cookies[-1] if cookies else 2):
+            # The end of the listing, asked for after its last entry went out: with kernel-cached
+            # listings the kernel now holds it, so ours (a Resolved and a reply per entry, about a
+            # kilobyte) is freed; it is read again only when the kernel refills its cache.
+            self._replies.pop(node.ino, None)
+            self.tree.drop_listing(node)
 
     @_boundary
     async def releasedir(self, fh: int) -> None:
         del self._dirs[fh]
+
+    async def _invalidate_listings(self, inodes: Sequence[int]) -> None:
+        """Make the kernel drop its cached listings of INODES (those it has listed, at least).
+
+        The kernel drops a cached listing itself when it changes the directory (create, unlink,
+        rename, ... through it: its i_version moves) or sees a new mtime in a GETATTR reply
+        (fs/fuse/readdir.c). A change it makes through *another* directory may still alter what
+        this one lists: a hardlinked lower file copied up or indexed shows its copy, with that
+        copy's inode number, under every name (`MergedTree.listing_epoch`); a directory moved to
+        another parent has a new "..". Those are told here, before the request is answered.
+        Only with kernel-cached listings (the binding's no-opendir mode); otherwise every
+        readdir reaches the daemon and answers from the directory as it is.
+        """
+        if not self.binding.readdir_inode:
+            return
+        listed = [ino for ino in inodes if ino in self._cookies]
+        if listed:
+            await self.tree.in_thread(_invalidate_inodes, listed)
 
     @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -637,6 +701,22 @@ class OverlayOperations(pyfuse3.Operations):
         await self.tree.rename(
             parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags
         )
+        if parent_inode_old != parent_inode_new:  # a directory moved has a new ".."
+            moved = {(parent_inode_new, name_new), (parent_inode_old, name_old)}
+            await self._invalidate_listings([
+                ino for ino in self._cookies
+                if (node := self.inodes.find(ino)) is not None and (node.parent, os.fsencode(node.name)) in moved
+            ])  # fmt: skip
+
+
+def _invalidate_inodes(inodes: Sequence[int]) -> None:
+    """`pyfuse3.invalidate_inode` each of INODES (in a worker thread: it writes to /dev/fuse)."""
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel has already let the inode go
+                log.warning("could not invalidate the kernel's cache of inode %d: %s", ino, exc)
 
 
 def _missing_entry() -> pyfuse3.EntryAttributes:

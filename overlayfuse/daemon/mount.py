@@ -86,7 +86,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
     ownership, upper_dir = _ownership(options, stack, upper_dir)
     tree = MergedTree(stack, upper_dir)
-    operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership)
+    operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
+                                   acl="default_permissions" in options.fuse_options)
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))

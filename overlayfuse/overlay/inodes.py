@@ -87,8 +87,8 @@ class Node:
     detached: Fd | None = None
     """The object itself (O_PATH), once it has no name left but is still open (unlinked, in use)."""
     listing: list[tuple[str, Resolved]] | None = None
-    """A directory's merged listing, kept for the next readdir while nothing in it changes (the
-    kernel cannot cache listings for us: pyfuse3 gives opendir no way to ask for it)."""
+    """A directory's merged listing, kept for the next readdir while nothing in it changes (on a
+    stock pyfuse3 the kernel cannot cache listings for us; on the patched one it does, see fs)."""
     listing_epoch: int = -1
     version: int = 0
     """Bumped before and after every change in this directory: a listing read meanwhile is redone."""

@@ -184,6 +184,10 @@ class MergedTree:
             entries = [(name, self._through_index(r) or r) for name, r in entries]
         return entries
 
+    def drop_listing(self, directory: Node) -> None:
+        """Free DIRECTORY's cached listing (the kernel keeps its own); the next `list_dir` reads it."""
+        directory.listing = None
+
     def _changed(self, directory: Node) -> None:
         """Something in DIRECTORY changes (called before and after): its cached listing is stale."""
         directory.listing = None

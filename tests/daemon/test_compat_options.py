@@ -18,7 +18,7 @@ import pytest
 
 from overlayfuse.daemon.compat import IdMap, IdRange
 from overlayfuse.daemon.options import UsageError, parse_args
-from tests.support.mounts import FuseMount, daemon_pids, is_mounted, overlayfuse_cmd
+from tests.support.mounts import FuseMount, daemon_pids, is_mounted, kernel_overlay, overlayfuse_cmd
 
 BASE = "lowerdir=/l,upperdir=/u,workdir=/w"
 TIMEOUT = 60.0
@@ -261,6 +261,51 @@ def test_noxattrs_and_noacl(fuse_mount: Mounter, tmp_path: Path, layers: tuple) 
     refused = subprocess.run(["setfacl", "-m", "u:7:r", mnt2 / "f"], capture_output=True, text=True,
                              timeout=TIMEOUT)  # fmt: skip
     assert refused.returncode != 0 and "Operation not supported" in refused.stderr
+
+
+def _read_as(uid: int, gid: int, directory: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """Read NAME in DIRECTORY as UID:GID, through a descriptor of DIRECTORY (see `_create_as`)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        code = f"import os; os.close(os.open({name!r}, os.O_RDONLY, dir_fd={fd}))"
+        return subprocess.run([sys.executable, "-c", code], pass_fds=[fd], user=uid, group=gid, extra_groups=[],
+                              cwd="/", capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.mount
+def test_noacl_leaves_permission_checks_to_the_mode(fuse_mount: Mounter, layers: tuple) -> None:
+    """With noacl the kernel is not told to check ACLs (as fuse-overlayfs): asked for one, the daemon
+    would answer EOPNOTSUPP and every group or other access would fail with it."""
+    mnt = _mount(fuse_mount, layers, "noacl")
+    (layers[0] / "private").write_text("p\n")
+    (layers[0] / "private").chmod(0o600)
+    readable = _read_as(1000, 1000, mnt, "stranger")  # 0644, owned by 50:60
+    assert readable.returncode == 0, readable.stderr
+    refused = _read_as(1000, 1000, mnt, "private")
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+
+@pytest.mark.mount
+def test_a_layer_without_acls_shows_no_acl(ramfs: Path, fuse_mount: Mounter, tmp_path: Path) -> None:
+    """A layer on a filesystem with no ACLs (ramfs) has none: ENODATA, as the kernel's overlay
+    answers, not the layer's EOPNOTSUPP, which the kernel's ACL checks would fail with.
+    (ramfs first: it is torn down after the mounts on it.)"""
+    lower, base = ramfs / "lower", ramfs / "base"  # two: the kernel's overlay needs two without an upper
+    lower.mkdir()
+    base.mkdir()
+    (lower / "f").write_text("f\n")
+    os.chown(lower / "f", 50, 60)  # not the reader's: the group and other classes are checked
+    errnos = {}
+    with kernel_overlay(tmp_path / "kernel", [lower, base]) as kernel:
+        for name, mnt in (("kernel", kernel), ("overlayfuse", fuse_mount(tmp_path / "fuse", [lower, base]).mnt)):
+            with pytest.raises(OSError) as failed:
+                os.getxattr(mnt / "f", "system.posix_acl_access", follow_symlinks=False)
+            errnos[name] = failed.value.errno
+            read = _read_as(1000, 1000, mnt, "f")
+            assert read.returncode == 0, (name, read.stderr)
+    assert errnos == {"kernel": errno.ENODATA, "overlayfuse": errno.ENODATA}
 
 
 @pytest.mark.mount

@@ -1,0 +1,79 @@
+"""What the pyfuse3 we run on offers beyond its stock release, found out at run time.
+
+scripts/setup builds pyfuse3 from its release sdist with the patches in ``patches/pyfuse3`` (see
+README, Performance). Each adds something that can be seen from Python, so the daemon asks rather
+than assumes, and runs correctly on a stock pyfuse3 too, only slower:
+
+- ``ReaddirToken.ino`` (patch 0001): readdir learns which directory it lists without a handle, so
+  ``opendir`` can answer ENOSYS. The kernel then sends no opendir/releasedir at all and caches
+  directory listings itself; keeping that cache true is `fs`'s business (``invalidate_inode``).
+- ``Operations.enable_symlink_cache`` (0002): the kernel keeps symlink targets in its page cache.
+- ``_pyfuse3.InlineFirst`` (0003): the request loop reads /dev/fuse non-blocking and runs handlers
+  inline until one has to wait. Nothing here depends on it; it is reported for the log.
+
+``OVERLAYFUSE_BINDING=stock`` makes the daemon use none of it, as on a stock pyfuse3 (for tests
+and for comparison with a patched build).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import pyfuse3
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """The extras of the running pyfuse3 that the daemon uses."""
+
+    readdir_inode: bool
+    """readdir can tell its directory by ``token.ino``: opendir may answer ENOSYS (kernel-cached
+    listings)."""
+    symlink_cache: bool
+    """``Operations.enable_symlink_cache`` is honoured at init."""
+    inline_loop: bool
+    """The request loop reads first and switches tasks only when a handler waits."""
+
+    def describe(self) -> str:
+        extras = [name for name, on in (
+            ("kernel-cached listings", self.readdir_inode),
+            ("symlink cache", self.symlink_cache),
+            ("inline request loop", self.inline_loop),
+        ) if on]  # fmt: skip
+        return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
+
+
+class _InodeToken(Protocol):
+    @property
+    def ino(self) -> int: ...
+
+
+def readdir_inode(token: pyfuse3.ReaddirToken) -> int:
+    """The directory a readdir lists, from its token (patch 0001; only where `Binding.readdir_inode`).
+
+    Typed through a protocol so that the same code checks against the patched stubs and the stock
+    ones, which have no ``ino``.
+    """
+    return cast(_InodeToken, token).ino
+
+
+STOCK = Binding(readdir_inode=False, symlink_cache=False, inline_loop=False)
+
+
+def detect() -> Binding:
+    """What the imported pyfuse3 offers (all False with ``OVERLAYFUSE_BINDING=stock``)."""
+    if os.environ.get("OVERLAYFUSE_BINDING") == "stock":
+        return STOCK
+    return Binding(
+        readdir_inode=hasattr(pyfuse3.ReaddirToken, "ino"),
+        symlink_cache=hasattr(pyfuse3.Operations, "enable_symlink_cache"),
+        inline_loop=hasattr(getattr(pyfuse3, "_pyfuse3", None), "InlineFirst"),
+    )
+
+
+__all__ = ["STOCK", "Binding", "detect", "readdir_inode"]
