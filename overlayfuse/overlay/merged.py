@@ -48,12 +48,6 @@ class Caller:
     gid: int
 
 
-def _is_entry(resolved: Resolved, directory: Branch, name: str) -> bool:
-    """Whether RESOLVED is the entry NAME of the real DIRECTORY (not another name of its object)."""
-    held = resolved.dir
-    return held is not None and resolved.name == name and (held.dev, held.ino) == (directory.dev, directory.ino)
-
-
 def _error(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code), what) if what else OSError(code, os.strerror(code))
 
@@ -642,7 +636,7 @@ class MergedTree:
         if not resolved.is_dir:
             into = parent.resolved.branches[0]
             here = self.find(parent.resolved, name)
-            if here is not None and self._indexed(here) and not _is_entry(here, into, name):
+            if here is not None and self._indexed(here):  # an index entry is never NAME itself
                 await self._name_indexed_copy(node, here, into)
             return False
         if len(resolved.branches) <= 1:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 # The tests' own /proc readers, not overlayfuse.linux.mounttable: see tests/support/procfs.py.
-from tests.support.procfs import MountEntry, command_line, mounts, process_alive
+from tests.support.procfs import MountEntry, command_line, mounts, other_pids, process_alive, thread_waits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,12 +95,10 @@ def daemon_pids(mnt: Path) -> list[int]:
     so a daemon for `/x/mnt` is not confused with one for `/x/mnt2`.
     """
     pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        argv = command_line(int(entry))
+    for pid in other_pids():
+        argv = command_line(pid)
         if argv is not None and str(mnt) in argv and any("overlayfuse" in a for a in argv[:3]):
-            pids.append(int(entry))
+            pids.append(pid)
     return pids
 
 
@@ -317,7 +315,7 @@ def teardown_overlayfuse(mnt: Path) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             run(cmd, timeout=UNMOUNT_TIMEOUT)
     leftover = wait_pids_gone(pids, DAEMON_EXIT_TIMEOUT)
-    waiting = {pid: daemon_threads(pid) for pid in leftover}
+    waiting = {pid: thread_waits(pid) for pid in leftover}
     for pid in leftover:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -337,33 +335,19 @@ def holders(mnt: Path) -> list[str]:
     clean unmount fails with EBUSY (a lazy one then leaves the daemon serving them)."""
     inside = str(mnt)
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        links = [f"/proc/{entry}/cwd", f"/proc/{entry}/root"]
+    for pid in other_pids():
+        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
         with contextlib.suppress(OSError):
-            links += [f"/proc/{entry}/fd/{fd}" for fd in os.listdir(f"/proc/{entry}/fd")]
+            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
         for link in links:
             try:
                 target = os.readlink(link)
             except OSError:
                 continue
             if target == inside or target.startswith(inside + "/"):
-                argv = command_line(int(entry)) or []
-                found.append(f"{entry} {' '.join(argv)[:80]!r} {link.rsplit('/', 1)[-1]}={target}")
+                argv = command_line(pid) or []
+                found.append(f"{pid} {' '.join(argv)[:80]!r} {link.rsplit('/', 1)[-1]}={target}")
     return found
-
-
-def daemon_threads(pid: int) -> list[str]:
-    """What each thread of `pid` waits in (name and kernel wait channel)."""
-    threads = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-                wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text().strip()
-                threads.append(f"{comm}:{wchan}")
-    return threads
 
 
 def wait_mounted(mnt: Path, proc: subprocess.Popen[bytes] | None = None,

@@ -7,8 +7,10 @@ mountinfo parser that dropped a line would otherwise make every leak check pass)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _OCTAL = re.compile(rb"\\([0-7]{3})")
@@ -50,6 +52,24 @@ def mounts() -> list[MountEntry]:
     """Every mount of this process's namespace, in mount order."""
     with open("/proc/self/mountinfo", "rb") as table:
         return parse_mountinfo(table.read())
+
+
+def other_pids() -> Iterator[int]:
+    """Every process but this one."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            yield int(entry)
+
+
+def thread_waits(pid: int) -> list[str]:
+    """What each thread of PID waits in (name and kernel wait channel); empty if it is gone."""
+    threads = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            task = f"/proc/{pid}/task/{tid}"
+            with contextlib.suppress(OSError), open(f"{task}/comm") as comm, open(f"{task}/wchan") as wchan:
+                threads.append(f"{comm.read().strip()}:{wchan.read().strip()}")
+    return threads
 
 
 def command_line(pid: int) -> list[str] | None:
