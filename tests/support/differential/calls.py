@@ -133,11 +133,15 @@ def _held(slot: int) -> int:
     return _HELD[slot]
 
 
-def _hold(slot: int, fd: int) -> None:
+def _hold(slot: int, path: str, flags: int) -> None:
+    """Open PATH into SLOT. The slot's old descriptor is closed first, so an open that fails leaves
+    the slot empty (EBADF from then on) on both sides, never the old directory or file still held:
+    the operations after it would otherwise go on with a descriptor the sequence no longer names,
+    whose position past its end the kernel and overlayfuse treat differently (see the README)."""
     old = _HELD.pop(slot, None)
     if old is not None:
         os.close(old)
-    _HELD[slot] = fd
+    _HELD[slot] = os.open(path, flags, 0o644)
 
 
 def close_held() -> list[tuple[int, str]]:
@@ -153,14 +157,19 @@ def close_held() -> list[tuple[int, str]]:
     return failed
 
 
-def _getdents(fd: int, bufsize: int) -> list[str]:
-    """One getdents64(2) call on `fd`: the names it returns (`.` and `..` left out)."""
+def _getdents(fd: int, bufsize: int) -> list[str] | None:
+    """One getdents64(2) call on `fd`: the names it returns (`.` and `..` left out), or None at the
+    end of the directory (0 bytes). A batch may hold only `.` and `..`, which is not the end: how a
+    listing is cut into batches is the filesystem's own (FUSE's kernel cache cuts it where its
+    pages or the daemon's replies end)."""
     buf = ctypes.create_string_buffer(bufsize)
     n = _libc.syscall(ctypes.c_long(_SYS_GETDENTS64[platform.machine()]), ctypes.c_int(fd),
                       buf, ctypes.c_size_t(bufsize))
     if n < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), "getdents64")
+    if n == 0:
+        return None
     names, pos, raw = [], 0, buf.raw[:n]
     while pos < len(raw):
         reclen = int.from_bytes(raw[pos + 16:pos + 18], "little")
@@ -297,7 +306,7 @@ def _apply(op: Op) -> Any:
             return _describe(os.lstat(path))
         # descriptors held across operations
         case "hold", [slot, path, how]:
-            _hold(slot, os.open(path, _HOLD_FLAGS[how] | os.O_NONBLOCK, 0o644))
+            _hold(slot, path, _HOLD_FLAGS[how] | os.O_NONBLOCK)
         case "fd_write", [slot, data]:
             return _write_all(_held(slot), _bytes(data))
         case "fd_pwrite", [slot, offset, data]:
@@ -315,7 +324,7 @@ def _apply(op: Op) -> Any:
             del _HELD[slot]
             os.close(fd)
         case "dir_hold", [slot, path]:
-            _hold(slot, os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+            _hold(slot, path, os.O_RDONLY | os.O_DIRECTORY)
         case "dir_read_some", [slot]:
             # Which entries come first is each filesystem's own order: only success is compared.
             _getdents(_held(slot), _SOME_DENTS)
@@ -323,7 +332,7 @@ def _apply(op: Op) -> Any:
             fd = _held(slot)
             os.lseek(fd, 0, os.SEEK_SET)
             names: list[str] = []
-            while batch := _getdents(fd, 1 << 16):
+            while (batch := _getdents(fd, 1 << 16)) is not None:
                 names += batch
             return _visible(names, fd)
         # long paths
