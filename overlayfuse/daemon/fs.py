@@ -406,23 +406,27 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.inodes.get(inode)
-        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        # Opening for writing copies up (and O_TRUNC truncates): a change, held back by a freeze.
+        async with self.gate if _opens_to_write(flags) else contextlib.nullcontext():
+            return await self._open(node, flags, ctx)
+
+    async def _open(self, node: Node, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        """Open NODE (inside the freeze gate when writing: the caller holds it)."""
+        writing = _opens_to_write(flags)
         # Counted as open from the start: a rename or unlink meanwhile must keep the object held.
         node.opened += 1
         try:
-            # Opening for writing copies up (and O_TRUNC truncates): a change, held back by a freeze.
-            async with self.gate if writing else contextlib.nullcontext():
-                if writing:
-                    self._check_writable()
-                    epoch = self.tree.listing_epoch
-                    await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
-                    if self.tree.listing_epoch != epoch:
-                        await self._invalidate_listings(list(self._cookies))
-                resolved, fd = await self._open_node(node, flags)
-                if flags & os.O_TRUNC and ctx.uid != 0:
-                    await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
-                if not writing and not resolved.layer.writable:
-                    nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
+            if writing:
+                self._check_writable()
+                epoch = self.tree.listing_epoch
+                await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
+                if self.tree.listing_epoch != epoch:
+                    await self._invalidate_listings(list(self._cookies))
+            resolved, fd = await self._open_node(node, flags)
+            if flags & os.O_TRUNC and ctx.uid != 0:
+                await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
+            if not writing and not resolved.layer.writable:
+                nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
         except BaseException:
             node.opened -= 1
             raise
@@ -477,13 +481,38 @@ class OverlayOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_writable()
-        node, fd = await self.tree.create(
-            parent_inode, os.fsdecode(name), stat.S_IFREG | stat.S_IMODE(mode), self._caller(ctx),
-            open_flags=flags,
-        )  # fmt: skip
+        try:
+            node, fd = await self.tree.create(
+                parent_inode, os.fsdecode(name), stat.S_IFREG | stat.S_IMODE(mode), self._caller(ctx),
+                open_flags=flags,
+            )  # fmt: skip
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            return await self._open_existing(parent_inode, name, flags, ctx)
         assert fd is not None
         info = self._file_info(FileHandle(node, fd, node.resolved, True, node.resolved.stat.st_dev))
         return info, await self._node_attributes(node)
+
+    async def _open_existing(
+        self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """O_CREAT without O_EXCL for a name another request made after the kernel's lookup found it
+        missing: open what is there now, as open(2) does (the kernel passes on EEXIST from CREATE)."""
+        node = self.tree.lookup(parent_inode, os.fsdecode(name))  # the reply hands the kernel one lookup
+        try:
+            if node.resolved.is_dir:
+                raise _fuse_error(errno.EISDIR)
+            info = await self._open(node, flags & ~os.O_CREAT, ctx)
+        except BaseException:
+            self.inodes.forget(node.ino, 1)
+            raise
+        try:
+            return info, await self._node_attributes(node)
+        except BaseException:
+            await self.release(info.fh)
+            self.inodes.forget(node.ino, 1)
+            raise
 
     def _readable_fd(self, handle: FileHandle) -> int:
         """A read-only fd opened before a copy-up reads the upper copy afterwards, like the kernel's.
@@ -707,6 +736,11 @@ class OverlayOperations(pyfuse3.Operations):
                 ino for ino in self._cookies
                 if (node := self.inodes.find(ino)) is not None and (node.parent, os.fsencode(node.name)) in moved
             ])  # fmt: skip
+
+
+def _opens_to_write(flags: int) -> bool:
+    """Whether an open with FLAGS changes the file (copy-up, truncation)."""
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
 
 def _invalidate_inodes(inodes: Sequence[int]) -> None:

@@ -94,6 +94,31 @@ async def test_create_contract_mknod_and_symlink(operations: OverlayOperations, 
     assert (tmp_path / "lower" / "etc").exists() and not (tmp_path / "lower" / "etc" / "pipe").exists()
 
 
+async def test_create_without_excl_opens_a_name_made_since_the_lookup(
+    operations: OverlayOperations, tmp_path: Path
+) -> None:
+    """CREATE reaches the daemon when the kernel's lookup found the name missing; another request
+    may have made it meanwhile (scripts/stress saw EEXIST for O_CREAT|O_TRUNC). Without O_EXCL that
+    is an open of what is there now, as open(2) does; with O_EXCL, and for a directory, it fails."""
+    etc = await operations.lookup(ROOT_INODE, b"etc", CTX)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    info, attrs = await operations.create(etc.st_ino, b"hosts", 0o600, flags, CTX)  # a lower file
+    assert attrs.st_size == 0 and stat.S_IMODE(attrs.st_mode) != 0o600  # truncated, mode kept
+    assert await operations.write(info.fh, 0, b"new\n") == 4
+    await operations.release(info.fh)
+    assert (tmp_path / "upper" / "etc" / "hosts").read_bytes() == b"new\n"
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await operations.create(etc.st_ino, b"hosts", 0o600, flags | os.O_EXCL, CTX)
+    assert excinfo.value.errno == errno.EEXIST
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await operations.create(ROOT_INODE, b"etc", 0o600, flags, CTX)
+    assert excinfo.value.errno == errno.EISDIR
+    # Each failed create handed the kernel nothing: only the lookups it was answered are counted.
+    await operations.forget([(etc.st_ino, 1)])
+    await operations.forget([(attrs.st_ino, 1)])
+    assert etc.st_ino not in operations.inodes and attrs.st_ino not in operations.inodes
+
+
 def test_overlay_and_linux_need_no_pyfuse3() -> None:
     """The union semantics load without pyfuse3 (the node table used it for one constant)."""
     code = ("import sys, overlayfuse.overlay.merged, overlayfuse.overlay.upper, overlayfuse.linux.nowait; "
