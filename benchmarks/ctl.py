@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from .errors import BenchError
-from .mounts import fstype_at
+from .mounting import fstype_at
 from .processes import run, timed
 from .settings import CTL_IMAGES, CTL_RUNS, TOOL_TIMEOUT, VENV_BIN
 

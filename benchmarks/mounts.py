@@ -15,6 +15,17 @@ from pathlib import Path
 from overlayfuse.linux.mounttable import command_line, process_alive, read_mounts
 
 from .errors import BenchError, say
+from .mounting import (
+    FUSE_UNMOUNTS,
+    KERNEL_UNMOUNTS,
+    fstype_at,
+    log_text,
+    overlay_options,
+    spawn,
+    status_kib,
+    unmount,
+    wait_mounted,
+)
 from .processes import run
 from .settings import (
     DAEMON_EXIT_TIMEOUT,
@@ -28,18 +39,9 @@ from .settings import (
 )
 
 
-def fstype_at(mnt: Path) -> str | None:
-    found = [m.fstype for m in read_mounts() if m.mountpoint == str(mnt)]
-    return found[-1] if found else None
-
-
 def mounts_under(root: Path) -> list[str]:
     prefix = str(root).rstrip("/") + "/"
     return [m.mountpoint for m in read_mounts() if m.mountpoint.startswith(prefix) or m.mountpoint == str(root)]
-
-
-def escape_opt(path: Path) -> str:
-    return str(path).replace(":", r"\:").replace(",", r"\,")
 
 
 def daemon_pid(target: str, mnt: Path) -> int | None:
@@ -51,19 +53,6 @@ def daemon_pid(target: str, mnt: Path) -> int | None:
         argv = command_line(int(entry))
         if argv is not None and str(mnt) in argv and any(os.path.basename(a) == name for a in argv[:3]):
             return int(entry)
-    return None
-
-
-def proc_status_kib(pid: int | None, key: str) -> int | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
     return None
 
 
@@ -79,15 +68,13 @@ class Mount:
     first_read_s: float | None = None  # from starting the mount command to a file read through it
 
     def log_text(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log.read_text(errors="replace")
-        return ""
+        return log_text(self.log)
 
     def rss_kib(self) -> int | None:
-        return proc_status_kib(self.pid, "VmRSS")
+        return status_kib(self.pid, "VmRSS")
 
     def hwm_kib(self) -> int | None:
-        return proc_status_kib(self.pid, "VmHWM")
+        return status_kib(self.pid, "VmHWM")
 
 
 class Mounter:
@@ -117,8 +104,7 @@ class Mounter:
         m = Mount(target, base / "mnt", base / "upper", base / "work", base / "daemon.log")
         for d in (m.mnt, m.upper, m.work):
             d.mkdir(parents=True)
-        opts = ("lowerdir=" + ":".join(escape_opt(p) for p in self.lowers)
-                + f",upperdir={escape_opt(m.upper)},workdir={escape_opt(m.work)}")
+        opts = overlay_options(self.lowers, m.upper, m.work)
         if target == "kernel" and kernel_opts:
             opts += "," + kernel_opts
         self.live.append(m)
@@ -138,42 +124,24 @@ class Mounter:
 
     def _mount(self, m: Mount, opts: str, first_read: bool = False) -> None:
         cmd = self.command(m.target, opts, m.mnt)
-        # The daemon's output goes to a file: a detached daemon may keep stderr open, and a
-        # pipe would then never reach EOF.
-        with open(m.log, "wb") as log:
-            start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
-            try:
-                if first_read:
-                    m.first_read_s = _wait_first_read(m.mnt / FIRST_READ, proc, start)
-                rc = proc.wait(timeout=MOUNT_TIMEOUT)
-            except (subprocess.TimeoutExpired, BenchError) as exc:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                rc = proc.wait()
-                if isinstance(exc, BenchError):
-                    raise
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while fstype_at(m.mnt) != FSTYPES[m.target]:
-            if time.monotonic() > deadline or rc != 0:
-                raise BenchError(f"mount failed: {shlex.join(cmd)} exited {rc}"
-                                 f" ({m.log_text()[-300:].strip()}); mount type"
-                                 f" {fstype_at(m.mnt)}")
-            time.sleep(0.02)
-        run(["stat", "-c", "%i", str(m.mnt)], MOUNT_TIMEOUT)  # it answers
+        start = time.perf_counter()
+        proc = spawn(cmd, m.log)
+        try:
+            if first_read:
+                m.first_read_s = _wait_first_read(m.mnt / FIRST_READ, proc, start)
+            proc.wait(timeout=MOUNT_TIMEOUT)
+        except (subprocess.TimeoutExpired, BenchError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(exc, BenchError):
+                raise
+        problem = wait_mounted(m.mnt, FSTYPES[m.target], proc, MOUNT_TIMEOUT, foreground=False, poll=0.02)
+        if problem is not None:
+            raise BenchError(f"mount failed: {shlex.join(cmd)}: {problem} ({m.log_text()[-300:].strip()})")
 
     def unmount(self, m: Mount) -> None:
-        if m.target == "kernel":
-            commands = [["umount", str(m.mnt)], ["umount", "-l", str(m.mnt)]]
-        else:
-            commands = [["fusermount3", "-u", str(m.mnt)], ["fusermount3", "-u", "-z", str(m.mnt)],
-                        ["umount", "-l", str(m.mnt)]]
-        for cmd in commands:
-            if fstype_at(m.mnt) is None:
-                break
-            with contextlib.suppress(BenchError):
-                run(cmd, UNMOUNT_TIMEOUT, check=False)
+        unmount(m.mnt, KERNEL_UNMOUNTS if m.target == "kernel" else FUSE_UNMOUNTS, UNMOUNT_TIMEOUT)
         if m.pid is not None:
             deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
             while process_alive(m.pid) and time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.mounting import run
 from overlayfuse.linux.mounttable import read_mounts
 
 from . import daemon as daemons
@@ -75,7 +76,7 @@ def preflight(target: str, binary: Path) -> None:
         with open("/proc/filesystems") as f:
             if "overlay" not in f.read():
                 with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-                    daemons.run(["modprobe", "overlay"], COMMAND_TIMEOUT)
+                    run(["modprobe", "overlay"], COMMAND_TIMEOUT)
         return
     if not Path("/dev/fuse").exists():
         raise StressError("/dev/fuse is missing")
@@ -100,7 +101,7 @@ def _remove(base: Path) -> None:
         say(f"warning: still mounted, so {base} is kept: {left}")
         return
     with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-        daemons.run(["rm", "-rf", "--one-file-system", str(base)], COMMAND_TIMEOUT)
+        run(["rm", "-rf", "--one-file-system", str(base)], COMMAND_TIMEOUT)
 
 
 def main(argv: Sequence[str]) -> int:

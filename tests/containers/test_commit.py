@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +25,13 @@ from overlayfuse.containers.lifecycle import control_address
 from overlayfuse.daemon import control
 from overlayfuse.images.store import Store
 from tests.support.compare import assert_same_view
-from tests.support.containerctl import (
-    Ctl,
-    build_images,
-    change_container,
-    comparable,
-    sh,
-    store_session,
-    store_with_images,
-)
+from tests.support.containerctl import Ctl, change_container, comparable, sh
 from tests.support.imagebuild import Images, skopeo_inspect, tool, unpack_rootfs
 from tests.support.mounts import REPO_ROOT, blocked_in_daemon
 
 pytestmark = pytest.mark.mount
 
 AUTHOR = "Tess Ter <tess@example.org>"
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
-    return build_images(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
-def store_root(tmp_path_factory: pytest.TempPathFactory, images: Images) -> Path:
-    root = tmp_path_factory.mktemp("store")
-    store_with_images(root, images, images.full)
-    return root
-
-
-@pytest.fixture
-def ctl(store_root: Path, tmp_path: Path) -> Iterator[Ctl]:
-    with store_session(store_root, tmp_path) as ctl:
-        yield ctl
 
 
 def mountpoint(tmp_path: Path, name: str = "mnt") -> Path:

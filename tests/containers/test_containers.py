@@ -10,43 +10,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.compare import assert_same_view
-from tests.support.containerctl import (
-    Ctl,
-    build_images,
-    change_container,
-    comparable,
-    sh,
-    store_session,
-    store_with_images,
-)
+from tests.support.containerctl import Ctl, change_container, comparable, sh
 from tests.support.imagebuild import Images, unpack_rootfs
 from tests.support.mounts import mount_at, mounts, overlayfuse_cmd, process_alive, run, wait_mounted, wait_pids_gone
 
 pytestmark = pytest.mark.mount
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
-    return build_images(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
-def store_root(tmp_path_factory: pytest.TempPathFactory, images: Images) -> Path:
-    root = tmp_path_factory.mktemp("store")
-    store_with_images(root, images, images.full, images.other)
-    return root
-
-
-@pytest.fixture
-def ctl(store_root: Path, tmp_path: Path) -> Iterator[Ctl]:
-    with store_session(store_root, tmp_path) as ctl:
-        yield ctl
 
 
 @pytest.fixture

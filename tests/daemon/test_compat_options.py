@@ -129,12 +129,12 @@ def _ids(path: Path) -> tuple[int, int]:
     return st.st_uid, st.st_gid
 
 
-def _create_as(uid: int, gid: int, directory: Path, name: str) -> subprocess.CompletedProcess[str]:
-    """Create NAME in DIRECTORY as UID:GID, through a descriptor of DIRECTORY (the test's tmp dir is
-    closed to other users)."""
+def _open_as(uid: int, gid: int, directory: Path, name: str, flags: int) -> subprocess.CompletedProcess[str]:
+    """Open NAME in DIRECTORY with FLAGS (a new file gets 0644) as UID:GID, in a child, through a
+    descriptor of DIRECTORY (the test's tmp dir is closed to other users)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        code = f"import os; os.close(os.open({name!r}, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd={fd}))"
+        code = f"import os; os.close(os.open({name!r}, {flags}, 0o644, dir_fd={fd}))"
         return subprocess.run([sys.executable, "-c", code], pass_fds=[fd], user=uid, group=gid, extra_groups=[],
                               cwd="/", capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
     finally:
@@ -155,7 +155,7 @@ def test_id_mapping_shows_mapped_ids_and_stores_them_back(fuse_mount: Mounter, l
         os.chown(mnt / "owned", 5000, -1)
     assert failed.value.errno == errno.EINVAL
     assert _ids(upper / "owned") == (3, 4)
-    made = _create_as(1001, 2002, mnt / "open", "by-1001")
+    made = _open_as(1001, 2002, mnt / "open", "by-1001", os.O_CREAT | os.O_WRONLY)
     assert made.returncode == 0, made.stderr
     assert _ids(upper / "open" / "by-1001") == (1, 2)
     assert _ids(mnt / "open" / "by-1001") == (1001, 2002)
@@ -263,17 +263,6 @@ def test_noxattrs_and_noacl(fuse_mount: Mounter, tmp_path: Path, layers: tuple) 
     assert refused.returncode != 0 and "Operation not supported" in refused.stderr
 
 
-def _read_as(uid: int, gid: int, directory: Path, name: str) -> subprocess.CompletedProcess[str]:
-    """Read NAME in DIRECTORY as UID:GID, through a descriptor of DIRECTORY (see `_create_as`)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        code = f"import os; os.close(os.open({name!r}, os.O_RDONLY, dir_fd={fd}))"
-        return subprocess.run([sys.executable, "-c", code], pass_fds=[fd], user=uid, group=gid, extra_groups=[],
-                              cwd="/", capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.mount
 def test_noacl_leaves_permission_checks_to_the_mode(fuse_mount: Mounter, layers: tuple) -> None:
     """With noacl the kernel is not told to check ACLs (as fuse-overlayfs): asked for one, the daemon
@@ -281,9 +270,9 @@ def test_noacl_leaves_permission_checks_to_the_mode(fuse_mount: Mounter, layers:
     mnt = _mount(fuse_mount, layers, "noacl")
     (layers[0] / "private").write_text("p\n")
     (layers[0] / "private").chmod(0o600)
-    readable = _read_as(1000, 1000, mnt, "stranger")  # 0644, owned by 50:60
+    readable = _open_as(1000, 1000, mnt, "stranger", os.O_RDONLY)  # 0644, owned by 50:60
     assert readable.returncode == 0, readable.stderr
-    refused = _read_as(1000, 1000, mnt, "private")
+    refused = _open_as(1000, 1000, mnt, "private", os.O_RDONLY)
     assert refused.returncode != 0 and "Permission denied" in refused.stderr
 
 
@@ -303,7 +292,7 @@ def test_a_layer_without_acls_shows_no_acl(ramfs: Path, fuse_mount: Mounter, tmp
             with pytest.raises(OSError) as failed:
                 os.getxattr(mnt / "f", "system.posix_acl_access", follow_symlinks=False)
             errnos[name] = failed.value.errno
-            read = _read_as(1000, 1000, mnt, "f")
+            read = _open_as(1000, 1000, mnt, "f", os.O_RDONLY)
             assert read.returncode == 0, (name, read.stderr)
     assert errnos == {"kernel": errno.ENODATA, "overlayfuse": errno.ENODATA}
 

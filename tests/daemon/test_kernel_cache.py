@@ -10,27 +10,17 @@ stock pyfuse3, where every listing must still be right.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from overlayfuse.daemon import binding
 from tests.conftest import skip_or_fail
-from tests.daemon.test_requests import requests
 from tests.support.compare import getdents
-from tests.support.mounts import (
-    DAEMON_EXIT_TIMEOUT,
-    overlay_options,
-    overlayfuse_cmd,
-    run_isolated,
-    teardown_overlayfuse,
-    wait_mounted,
-)
+from tests.support.mounts import run_isolated
+from tests.support.requestlog import debug_daemon, requests
 from tests.support.trees import Dir, File, Symlink, make_tree
 
 pytestmark = pytest.mark.mount
@@ -42,30 +32,6 @@ def _patched() -> None:
         if os.environ.get("OVERLAYFUSE_STOCK_PYFUSE3") == "1":  # test_stock_binding's run
             pytest.skip("stock pyfuse3, on purpose")
         skip_or_fail(f"pyfuse3 is not the patched build scripts/setup makes: {binding.detect().describe()}")
-
-
-@contextlib.contextmanager
-def daemon(tmp_path: Path, lower: Path, *, stock: bool = False) -> Iterator[tuple[Path, Path]]:
-    """A `-d` overlayfuse over LOWER with an upper dir; yields the mountpoint and its log."""
-    mnt, upper, work = tmp_path / "mnt", tmp_path / "upper", tmp_path / "work"
-    for path in (mnt, upper, work):
-        path.mkdir()
-    log = tmp_path / "daemon.log"
-    cmd = overlayfuse_cmd(mnt, overlay_options([lower], upper, work))
-    cmd.insert(1, "-d")
-    env = dict(os.environ)
-    if stock:
-        env["OVERLAYFUSE_BINDING"] = "stock"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
-    try:
-        wait_mounted(mnt, proc)
-        yield mnt, log
-    finally:
-        teardown_overlayfuse(mnt)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=DAEMON_EXIT_TIMEOUT)
 
 
 def _walk(root: str) -> list[str]:
@@ -94,7 +60,7 @@ def _tree(root: Path) -> Path:
 
 def test_a_warm_walk_and_a_readlink_reach_the_daemon_once(tmp_path: Path) -> None:
     _patched()
-    with daemon(tmp_path, _tree(tmp_path / "lower")) as (mnt, log):
+    with debug_daemon(tmp_path, _tree(tmp_path / "lower")) as (mnt, log):
         first = run_isolated(_walk, str(mnt))
         start = log.stat().st_size
         assert run_isolated(_walk, str(mnt)) == first
@@ -110,7 +76,7 @@ def test_a_warm_walk_and_a_readlink_reach_the_daemon_once(tmp_path: Path) -> Non
 
 
 def test_stock_binding_lists_through_the_daemon_every_time(tmp_path: Path) -> None:
-    with daemon(tmp_path, _tree(tmp_path / "lower"), stock=True) as (mnt, log):
+    with debug_daemon(tmp_path, _tree(tmp_path / "lower"), stock=True) as (mnt, log):
         first = run_isolated(_walk, str(mnt))
         start = log.stat().st_size
         assert run_isolated(_walk, str(mnt)) == first
@@ -136,7 +102,7 @@ def _move_and_list(src: str, dst: str) -> tuple[dict[str, int], dict[str, int], 
 def test_a_cached_listing_of_a_moved_directory_shows_its_new_parent(tmp_path: Path, made_in_mount: bool) -> None:
     _patched()
     lower = make_tree(tmp_path / "lower", Dir("a"), Dir("b"), *([] if made_in_mount else [File("a/sub/f", b"x")]))
-    with daemon(tmp_path, lower) as (mnt, log):
+    with debug_daemon(tmp_path, lower) as (mnt, log):
         if made_in_mount:  # no lower content: the rename moves it without copying anything up
             (mnt / "a" / "sub").mkdir()
             (mnt / "a" / "sub" / "f").write_bytes(b"x")
@@ -170,7 +136,7 @@ def test_the_kernel_remembers_that_a_file_has_no_acl(tmp_path: Path) -> None:
     # With POSIX ACL support on (as the kernel's overlay has it), the kernel caches each inode's
     # ACLs, a missing one included: a repeated `ls -l` no longer asks the daemon per file.
     lower = make_tree(tmp_path / "lower", File("f", b"x"))
-    with daemon(tmp_path, lower, stock=True) as (mnt, log):
+    with debug_daemon(tmp_path, lower, stock=True) as (mnt, log):
         start = log.stat().st_size
         answers = run_isolated(_acl_probes, str(mnt / "f"), 3)
         asked = [args for op, args in requests(log, start) if op == "getxattr"]

@@ -7,63 +7,20 @@ reading which requests reached it. Timing is the benchmark's business (scripts/b
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from overlayfuse.daemon import readahead
-from tests.support.mounts import (
-    DAEMON_EXIT_TIMEOUT,
-    drop_caches,
-    overlay_options,
-    overlayfuse_cmd,
-    run_isolated,
-    teardown_overlayfuse,
-    wait_mounted,
-)
+from tests.support.mounts import drop_caches, run_isolated
+from tests.support.requestlog import debug_daemon, requests
 from tests.support.trees import File, make_tree
 
 pytestmark = pytest.mark.mount
 
 MIB = 1 << 20
-
-#: One request in the daemon's debug log: "DEBUG read(5, 1048576, 1048576)".
-_REQUEST = re.compile(r"DEBUG (\w+)\((.*)\)$")
-
-
-@contextlib.contextmanager
-def debug_daemon(tmp_path: Path, lower: Path) -> Iterator[tuple[Path, Path]]:
-    """A `-d` overlayfuse over LOWER (with an upper dir); yields the mountpoint and its log."""
-    mnt, upper, work = tmp_path / "mnt", tmp_path / "upper", tmp_path / "work"
-    for path in (mnt, upper, work):
-        path.mkdir()
-    log = tmp_path / "daemon.log"
-    cmd = overlayfuse_cmd(mnt, overlay_options([lower], upper, work))
-    cmd.insert(1, "-d")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    try:
-        wait_mounted(mnt, proc)
-        yield mnt, log
-    finally:
-        teardown_overlayfuse(mnt)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=DAEMON_EXIT_TIMEOUT)
-
-
-def requests(log: Path, since: int = 0) -> list[tuple[str, str]]:
-    """The (operation, arguments) of every request logged after byte SINCE of LOG."""
-    with open(log, "rb") as text:
-        text.seek(since)
-        lines = text.read().decode(errors="replace").splitlines()
-    return [m.groups() for m in map(_REQUEST.search, lines) if m and " -> " not in m.group(2)]
 
 
 def _read_all(path: str) -> int:

@@ -604,6 +604,31 @@ def _start_writer(mnt: Path, rel: str) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+@contextlib.contextmanager
+def _writer_held_mid_copy(control: Path, mnt: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A one-byte write into GATED through MNT, inside the block held mid-copy: its copy of the file
+    is reading the gatefs lower, whose reads wait for the test (CONTROL). Reaped when the block ends,
+    SIGKILLed if it has not ended by then."""
+    writer = _start_writer(mnt, GATED)
+    try:
+        wait_held(control, 60)
+        yield writer
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            writer.wait(timeout=30)
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+
+def _kill_daemon(pids: list[int]) -> None:
+    """kill -9 the daemon processes PIDS, and wait until they are gone."""
+    assert pids, "no daemon process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_pids_gone(pids, 10) == []
+
+
 @pytest.mark.skipif(OURS_IS_KERNEL, reason="kills the overlayfuse daemon")
 def test_kill_during_copy_up_leaves_no_partial_file(tmp_path: Path, overlayfuse_bin: Path) -> None:
     """kill -9 while a file is being copied up: the kill lands mid-copy every time, because
@@ -617,20 +642,9 @@ def test_kill_during_copy_up_leaves_no_partial_file(tmp_path: Path, overlayfuse_
     with gate_fs(control, tmp_path / "gate") as gate:
         with overlayfuse(tmp_path / "mnt", [gate], upper, work, KERNEL_OPTS.split(",")) as fuse:
             pids = daemon_pids(fuse.mnt)
-            assert pids, "no daemon process found"
-            writer = _start_writer(fuse.mnt, GATED)
-            try:
-                wait_held(control, 60)  # the copy-up is reading the lower file: mid-copy
+            with _writer_held_mid_copy(control, fuse.mnt) as writer:  # the copy-up is reading the lower file
                 assert os.listdir(staging), "a copy-up under way has nothing in WORKDIR/work"
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                assert wait_pids_gone(pids, 10) == []
-            finally:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    writer.wait(timeout=30)
-                if writer.poll() is None:
-                    writer.kill()
-                    writer.wait()
+                _kill_daemon(pids)
         assert writer.returncode != 0, "the write succeeded although its copy-up was killed"
         assert not os.path.lexists(upper / GATED), "a partial copy-up at the file's name"
         assert os.listdir(staging), "the kill landed after the copy-up had finished"
@@ -732,18 +746,8 @@ def test_kill_during_metacopy_data_copy_in_leaves_the_file_readable(tmp_path: Pa
             assert chmod == [("ok", None)]
             assert METACOPY_XATTR in os.listxattr(upper / GATED)
             pids = daemon_pids(fuse.mnt)
-            writer = _start_writer(fuse.mnt, GATED)
-            try:
-                wait_held(control, 60)  # the copy-in is reading the lower file
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                assert wait_pids_gone(pids, 10) == []
-            finally:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    writer.wait(timeout=30)
-                if writer.poll() is None:
-                    writer.kill()
-                    writer.wait()
+            with _writer_held_mid_copy(control, fuse.mnt) as writer:  # the copy-in is reading the lower file
+                _kill_daemon(pids)
         assert writer.returncode != 0, "the write succeeded although its copy-in was killed"
         assert METACOPY_XATTR in os.listxattr(upper / GATED), "marker gone before the data was in"
         (control / "release").touch()

@@ -142,6 +142,16 @@ def sequence_seeds(base_seed: str, only: str | None) -> Iterator[str]:
     yield from (f"{base_seed}-{i}" for i in itertools.count())
 
 
+def _seeds_in_budget(result: Exploration, budget: Budget, base_seed: str, only: str | None,
+                     start: float) -> Iterator[str]:
+    """`sequence_seeds` while the budget lasts: each is handed out only while RESULT has run fewer
+    than `budget.max_sequences` sequences and fewer than `budget.seconds` have passed since START."""
+    for seed in sequence_seeds(base_seed, only):
+        if result.sequences >= budget.max_sequences or time.monotonic() - start >= budget.seconds:
+            return
+        yield seed
+
+
 def explore(root: Path, side: Side, budget: Budget, base_seed: str,
             log: Callable[[str], None] = print, *, only: str | None = None,
             replay_command: str = "") -> Exploration:
@@ -154,10 +164,7 @@ def explore(root: Path, side: Side, budget: Budget, base_seed: str,
     workers = Workers()
     start = time.monotonic()
     try:
-        for seed in sequence_seeds(base_seed, only):
-            if (result.sequences >= budget.max_sequences
-                    or time.monotonic() - start >= budget.seconds):
-                break
+        for seed in _seeds_in_budget(result, budget, base_seed, only, start):
             ops = generate(random.Random(seed), budget.length)
             run = replay(root / "seq", ops, side, workers)
             result.sequences += 1
@@ -194,10 +201,7 @@ def explore_concurrently(root: Path, side: Side, budget: Budget, base_seed: str,
     pool = Pool()
     start = time.monotonic()
     try:
-        for seed in sequence_seeds(base_seed, only):
-            if (result.sequences >= budget.max_sequences
-                    or time.monotonic() - start >= budget.seconds):
-                break
+        for seed in _seeds_in_budget(result, budget, base_seed, only, start):
             rounds = generate_rounds(random.Random(seed), budget.length)
             run = replay_concurrently(root / "conc", rounds, side, pool)
             result.sequences += 1
