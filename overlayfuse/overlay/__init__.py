@@ -5,6 +5,7 @@
 - `links`: the hardlink index that keeps a copied-up lower file's names together;
 - `inodes`: the node table: inode numbers (the xino scheme), lookup counts, each node's names;
 - `copyup`: one object copied from a lower layer into the upper dir, staged and published atomically;
+- `origin`: the kernel's ``overlay.origin`` xattr (an encoded file handle of the lower object);
 - `ownership`: owners and modes as the layers store them, real or in fuse-overlayfs's override_stat
   xattrs (`DiskOwner`: how copy-up and create give an object its owner and mode);
 - `upper`: the writable side as one object (`UpperDir`: workspace, marker style, hardlink index,

@@ -13,6 +13,7 @@ Synchronous, run in worker threads; errors are OSError.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -69,17 +70,23 @@ class UpperDir:
 
     @classmethod
     def prepare(
-        cls, upperdir: str, workdir: str, upper_layer: layers.Layer, wanted: CopyUpFeatures = features_default
+        cls, upperdir: str, workdir: str, upper_layer: layers.Layer, wanted: CopyUpFeatures = features_default,
+        style: MarkerStyle | None = None,
     ) -> UpperDir:
         """Clear WORKDIR's staging of interrupted changes, probe the marker forms, open the index.
 
         The index counts lower names in an xattr: an upper without xattrs keeps none, and copy-up
         breaks hardlinks instead, as the kernel does without index=on. WANTED: the copy-up features
-        the options ask for; they are written in the marker forms' xattr namespace, if any."""
+        the options ask for; they are written in the marker forms' xattr namespace, if any (the
+        origin xattr too, whatever the options: the kernel always writes it). STYLE: the marker
+        forms to write instead of the probed ones (a root test playing an unprivileged daemon,
+        whose ``trusted.*`` writes would fail)."""
         workspace = Workspace.prepare(upperdir, workdir)
-        style = whiteout.probe_marker_style(workspace.staging)
+        style = style or whiteout.probe_marker_style(workspace.staging)
         links = LinkIndex.prepare(workdir, style.opaque_xattr, upper_layer) if style.opaque_xattr else None
-        return cls(workspace, style, links, features_xattrs(wanted, style.opaque_xattr))
+        features = features_xattrs(wanted, style.opaque_xattr)
+        workspace = dataclasses.replace(workspace, origin_xattr=features.origin)
+        return cls(workspace, style, links, features)
 
     @property
     def path(self) -> str:
