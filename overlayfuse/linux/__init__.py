@@ -1,6 +1,7 @@
 """Linux itself: every raw syscall binding and Linux-specific helper, in one place.
 
-- `syscalls`: libc calls Python's os module lacks (renameat2, sync_file_range, syncfs, umount2);
+- `syscalls`: libc calls Python's os module lacks (renameat2, sync_file_range, syncfs, umount2,
+  name_to_handle_at) and the filesystem-uuid ioctl;
 - `nowait`: openat2 with RESOLVE_CACHED and preadv2 with RWF_NOWAIT, for the event loop;
 - `sockets`: unix socket addresses, abstract (``@name``) or paths;
 - `mounttable`: /proc/self/mountinfo, /proc/PID parsing, detaching dead FUSE mounts;

@@ -1,5 +1,5 @@
 """libc calls Python's os module lacks, bound once with ctypes: renameat2, sync_file_range, syncfs,
-umount2.
+umount2, name_to_handle_at; and the FS_IOC_GETFSUUID ioctl.
 
 Each wrapper raises OSError (errno, strerror and the names involved) the way ``os`` functions do, so
 callers handle them like any other failed call. A function this libc lacks is bound as None and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 from collections.abc import Callable
@@ -30,6 +31,12 @@ RENAME_WHITEOUT = 4
 SYNC_FILE_RANGE_WRITE = 2
 MNT_DETACH = 2
 
+AT_EMPTY_PATH = 0x1000
+#: include/linux/exportfs.h: the largest file handle any filesystem encodes (NFSv4's limit).
+MAX_HANDLE_SZ = 128
+#: _IOR(0x15, 0, struct fsuuid2 { __u8 len; __u8 uuid[16]; }) (include/uapi/linux/fs.h, Linux 6.5+).
+FS_IOC_GETFSUUID = 0x80111500
+
 
 def _bind(name: str, *argtypes: Any) -> Callable[..., int] | None:
     """libc's NAME (returning int, errno kept for ctypes.get_errno), or None if this libc lacks it."""
@@ -46,6 +53,15 @@ _renameat2 = _bind("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, cty
 _sync_file_range = _bind("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _syncfs = _bind("syncfs", ctypes.c_int)
 _umount2 = _bind("umount2", ctypes.c_char_p, ctypes.c_int)
+_name_to_handle_at = _bind("name_to_handle_at", ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                           ctypes.POINTER(ctypes.c_int), ctypes.c_int)
+
+
+class _FileHandle(ctypes.Structure):
+    """struct file_handle with room for the largest handle."""
+
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
 
 
 def _error(*names: str | None) -> OSError:
@@ -101,3 +117,31 @@ def umount2(path: str, flags: int) -> None:
         raise _missing("umount2", path)
     if _umount2(os.fsencode(path), flags) != 0:
         raise _error(path)
+
+
+def name_to_handle_at(dir_fd: int, path: str, flags: int) -> tuple[int, bytes]:
+    """name_to_handle_at(2): the (handle_type, f_handle) the filesystem encodes for PATH (relative
+    to DIR_FD; "" with AT_EMPTY_PATH for DIR_FD itself). Without AT_HANDLE_FID the handle is one
+    the filesystem can decode again, and PATH's last component is never followed unless
+    AT_SYMLINK_FOLLOW is in FLAGS. EOPNOTSUPP where the filesystem cannot export handles."""
+    if _name_to_handle_at is None:
+        raise _missing("name_to_handle_at", path)
+    handle = _FileHandle(handle_bytes=MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _name_to_handle_at(dir_fd, os.fsencode(path), ctypes.byref(handle), ctypes.byref(mount_id), flags) != 0:
+        raise _error(path)
+    return handle.handle_type, bytes(handle.f_handle[: handle.handle_bytes])
+
+
+def fs_uuid(fd: int) -> bytes | None:
+    """The uuid of the filesystem FD is on, as the kernel holds it (``sb->s_uuid``, what overlayfs
+    records in its file handles); None where the filesystem has none to give (ENOTTY, EINVAL...)."""
+    buf = bytearray(17)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFSUUID, buf)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
+            return None
+        raise
+    length = buf[0]
+    return bytes(buf[1 : 1 + length]) if length == 16 else None

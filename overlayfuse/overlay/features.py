@@ -10,7 +10,8 @@ written with them on reads the same under ``mount -t overlay -o redirect_dir=on,
 
 The xattrs go in the namespace the mount writes its opaque markers in (``trusted.overlay.*``, or
 ``user.overlay.*`` as the kernel's ``userxattr`` reads them); where neither can be written, both
-features fall back to full copies.
+features fall back to full copies. Copy-ups also record their lower object (``overlay.origin``,
+see `origin`) in that namespace, as the kernel does.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class FeatureXattrs:
 
     redirect: str = ""
     metacopy: str = ""
+    origin: str = ""
+    """Written on every copy-up, as the kernel does whatever its options (see `origin`)."""
 
 
 #: The options' defaults (both on), and a mount writing neither.
@@ -60,4 +63,5 @@ def xattrs_for(features: CopyUpFeatures, opaque_xattr: str) -> FeatureXattrs:
     return FeatureXattrs(
         redirect=prefix + "redirect" if features.redirect_dir else "",
         metacopy=prefix + "metacopy" if features.metacopy else "",
+        origin=prefix + "origin",
     )

@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 import trio
 
 from ..linux import syscalls
-from . import copyup, layers, upper
+from . import layers, treecopy, upper
 from .copyup import Workspace
 from .features import REDIRECT_MAX
 from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
 from .upper import NewObject, UpperDir
-from .whiteout import NO_MARKERS, MarkerStyle
+from .whiteout import NO_MARKERS
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ class MergedTree:
         """UPPER_DIR: the writable side; without it the tree is read-only."""
         self.stack = stack
         self.upper_dir = upper_dir
-        self.workspace = upper_dir.workspace if upper_dir else None
-        self.style = upper_dir.style if upper_dir else None
-        self.links = upper_dir.links if upper_dir else None
         self.inodes = InodeTable(
             stack.resolve_root(), [os.lstat(layer.root).st_dev for layer in stack.layers]
         )
@@ -73,7 +70,12 @@ class MergedTree:
 
     @property
     def writable(self) -> bool:
-        return self.workspace is not None
+        return self.upper_dir is not None
+
+    @property
+    def workspace(self) -> Workspace | None:
+        """Where copy-ups are built (its owner policy is the FUSE side's business too)."""
+        return self.upper_dir.workspace if self.upper_dir is not None else None
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(func, *args, limiter=self.io)
@@ -123,19 +125,19 @@ class MergedTree:
 
     def _through_index(self, resolved: Resolved | None) -> Resolved | None:
         """A lower name of a hardlinked file whose other name was copied up shows the upper copy."""
-        if resolved is None or self.links is None or resolved.layer.writable:
+        if resolved is None or self.upper_dir is None or resolved.layer.writable:
             return resolved
-        return self.links.find(resolved.stat, self.stack.layers[0]) or resolved
+        return self.upper_dir.find_indexed(resolved.stat, self.stack.layers[0]) or resolved
 
     def _indexed(self, resolved: Resolved) -> bool:
-        return self.links is not None and self.links.holds(resolved)
+        return self.upper_dir is not None and self.upper_dir.indexed(resolved)
 
     def link_count(self, resolved: Resolved, st: os.stat_result, held: Fd | None = None) -> int:
         if resolved.is_merged:
             return 1  # like the kernel: a merged directory's count cannot be known cheaply
-        if self.links is None or not resolved.layer.writable:
+        if self.upper_dir is None or not resolved.layer.writable:
             return st.st_nlink
-        return self.links.link_count(resolved, st, held)
+        return self.upper_dir.link_count(resolved, st, held)
 
     def lookup(self, parent_ino: int, name: str) -> Node:
         """Resolve NAME in a directory and count one kernel reference to it."""
@@ -174,7 +176,7 @@ class MergedTree:
 
     async def _read_listing(self, resolved: Resolved) -> list[tuple[str, Resolved]]:
         entries = await self.in_thread(layers.list_dir, resolved.branches)
-        if self.links is not None:
+        if self.upper_dir is not None:
             entries = [(name, self._through_index(r) or r) for name, r in entries]
         return entries
 
@@ -216,7 +218,7 @@ class MergedTree:
     async def _fill_metacopy(self, node: Node, size: int | None) -> Resolved:
         """Copy a metacopy file's data in from its lower file (first open for writing, truncate,
         rename, link), in place: the node keeps its object and number."""
-        ws, _ = self._require_writable()
+        up = self._require_writable()
         resolved = node.resolved
         assert resolved.data is not None
         held = self.hold_object(node)
@@ -226,7 +228,7 @@ class MergedTree:
         if parent is not None:
             self._changed(parent)
         try:
-            st = await self.in_thread(copyup.fill_metacopy, ws, held.proc, resolved.data.path, size)
+            st = await self.in_thread(up.fill_metacopy, held.proc, resolved.data.path, size)
         finally:
             if parent is not None:
                 self._changed(parent)
@@ -251,7 +253,7 @@ class MergedTree:
         fails as the kernel's does, with EEXIST (a whiteout or another object has the name); an
         open for writing that raced the change (a window the kernel's VFS all but closes, FUSE's
         request queue does not) gets a copy with no name, held by descriptor, as if it had won."""
-        ws, _ = self._require_writable()
+        up = self._require_writable()
         resolved = node.resolved
         parent = self.inodes.get(node.parent)
         into = parent.resolved.branches[0]
@@ -280,19 +282,15 @@ class MergedTree:
             metacopy = self._metacopy_xattr(resolved) if meta_only and size is None else ""
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
             if metacopy:
-                st = await self.in_thread(upper.keeping_times, into.path, copyup.copy_up_metadata, ws,
-                                          resolved.path, target, metacopy)
+                st = await self.in_thread(upper.keeping_times, into.path, up.copy_up_metadata, resolved.path, target)
                 copied = Resolved(self.stack.layers[0], into, node.name, st, (), resolved)
                 self.inodes.rebind(node, copied)
                 log.debug("copied up the metadata of %s", node.name)
                 return copied
-            if size is None:
-                st = await self.in_thread(upper.keeping_times, into.path, copyup.copy_up, ws, resolved.path, target)
-            else:
-                st = await self.in_thread(
-                    upper.keeping_times, into.path, copyup.copy_up_size, ws, resolved.path, target, size
-                )
-            if self.links is not None and await self.in_thread(self.links.record, resolved.stat, target) is not None:
+            st, entry = await self.in_thread(
+                upper.keeping_times, into.path, up.copy_up, resolved.path, resolved.stat, target, size
+            )
+            if entry is not None:
                 self.listing_epoch += 1  # its other lower names, wherever they are, show the copy now
             upper_layer = self.stack.layers[0]
             branches: tuple[Branch, ...] = ()
@@ -310,20 +308,9 @@ class MergedTree:
         """Copy up a file whose name now shows another object (it was unlinked or renamed over while
         an open or a write to it was on its way): like the kernel, into a copy with no name, held by
         descriptor, which the open file then uses."""
-        ws, _ = self._require_writable()
+        up = self._require_writable()
         resolved = node.resolved
-        staged = copyup.staging_path(ws)
-
-        def copy_unnamed() -> tuple[os.stat_result, int]:
-            if size is None:
-                st = copyup.copy_up(ws, resolved.path, staged)
-            else:
-                st = copyup.copy_up_size(ws, resolved.path, staged, size)
-            fd = os.open(staged, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-            os.unlink(staged)
-            return st, fd
-
-        st, fd = await self.in_thread(copy_unnamed)
+        st, fd = await self.in_thread(up.copy_up_unnamed, resolved.path, size)
         node.detached = Fd(fd)
         node.names.clear()
         orphan = Resolved(self.stack.layers[0], resolved.dir, resolved.name, st, ())
@@ -332,12 +319,8 @@ class MergedTree:
 
     async def _name_indexed_copy(self, node: Node, indexed: Resolved, into: Branch) -> Resolved:
         """A lower name whose file was copied up through another name: link the copy to it in upper."""
-        assert self.links is not None
-        ws, style = self._require_writable()
-        link = NewObject(indexed.stat.st_mode, 0, 0, link_source=indexed.path)
-        st, _ = await self.in_thread(upper.keeping_times, into.path, upper.create, ws, style, into.path, node.name,
-                                     link)
-        await self.in_thread(self.links.covered, into.child(node.name))
+        up = self._require_writable()
+        st = await self.in_thread(up.link_indexed, indexed.path, into.path, node.name)
         linked = Resolved(self.stack.layers[0], into, node.name, st, ())
         self.inodes.rebind(node, linked)
         return linked
@@ -347,10 +330,10 @@ class MergedTree:
         lower = self.stack.lower_part(parent.branches)
         return bool(lower) and layers.lookup(lower, name) is not None
 
-    def _require_writable(self) -> tuple[Workspace, MarkerStyle]:
-        if self.workspace is None or self.style is None:
+    def _require_writable(self) -> UpperDir:
+        if self.upper_dir is None:
             raise _error(errno.EROFS)
-        return self.workspace, self.style
+        return self.upper_dir
 
     # -- changes -----------------------------------------------------------------------------------
 
@@ -368,7 +351,7 @@ class MergedTree:
         rdev: int = 0, symlink_target: str = "", open_flags: int = 0,
     ) -> tuple[Node, int | None]:  # fmt: skip
         """Create a new object NAME; returns its node (one reference counted) and a regular file's fd."""
-        ws, style = self._require_writable()
+        up = self._require_writable()
         async with self._changes:
             parent, parent_res = self.directory(parent_ino)
             if self.find(parent_res, name) is not None:
@@ -383,13 +366,13 @@ class MergedTree:
             obj = NewObject(mode, caller.uid, gid, rdev, symlink_target, "", open_flags)
             self._changed(parent)
             try:
-                st, fd = await self.in_thread(upper.create, ws, style, into.path, name, obj)
+                st, fd = await self.in_thread(up.create, into.path, name, obj)
             finally:
                 self._changed(parent)
             return self._remember_new(parent, parent_res, name, st), fd
 
     async def link(self, ino: int, parent_ino: int, name: str) -> Node:
-        ws, style = self._require_writable()
+        up = self._require_writable()
         async with self._changes:
             parent, parent_res = self.directory(parent_ino)
             if self.find(parent_res, name) is not None:
@@ -403,7 +386,7 @@ class MergedTree:
             obj = NewObject(source.stat.st_mode, 0, 0, link_source=source.path)
             self._changed(parent)
             try:
-                st, _ = await self.in_thread(upper.create, ws, style, into.path, name, obj)
+                st, _ = await self.in_thread(up.create, into.path, name, obj)
             finally:
                 self._changed(parent)
             return self._remember_new(parent, parent_res, name, st)
@@ -419,7 +402,7 @@ class MergedTree:
 
     async def remove(self, parent_ino: int, name: str, *, directory: bool) -> None:
         """unlink (DIRECTORY false) or rmdir (true), with the kernel's errors and a whiteout if needed."""
-        ws, style = self._require_writable()
+        up = self._require_writable()
         async with self._changes:
             parent, parent_res = self.directory(parent_ino)
             victim = self.find(parent_res, name)
@@ -439,11 +422,9 @@ class MergedTree:
             self._prepare_detach(victim_node, (parent.ino, name), victim)
             self._changed(parent)
             try:
-                await self.in_thread(
-                    lambda: upper.remove(ws, style, into.path, name, leave_whiteout=leave_whiteout)
-                )
-                if self.links is not None and self.links.holds(victim):
-                    await self.in_thread(self.links.covered, victim.path)
+                await self.in_thread(lambda: up.remove(into.path, name, leave_whiteout=leave_whiteout))
+                if up.indexed(victim):
+                    await self.in_thread(up.covered, victim.path)
             finally:
                 self._changed(parent)
             self._forget_object(victim)
@@ -486,9 +467,9 @@ class MergedTree:
         """rename(2) and renameat2's NOREPLACE and EXCHANGE, over the merged view.
 
         A directory with lower content moves by redirect (redirect_dir, see `_make_movable`), or, where
-        the mount writes none, is first copied up whole (`upper.copy_up_tree`) so it can move.
+        the mount writes none, is first copied up whole (`treecopy.copy_up_tree`) so it can move.
         """
-        ws, style = self._require_writable()
+        up = self._require_writable()
         async with self._changes:
             old_parent, old_res = self.directory(old_ino)
             new_parent, new_res = self.directory(new_ino)
@@ -516,8 +497,8 @@ class MergedTree:
                 self._changed(old_parent)
                 self._changed(new_parent)
                 try:
-                        await self._rename_in_upper(
-                        ws, style, (old_parent, old_name, source_node), (new_parent, new_name, target_node),
+                    await self._rename_in_upper(
+                        up, (old_parent, old_name, source_node), (new_parent, new_name, target_node),
                         exchange, target,
                     )  # fmt: skip
                 finally:
@@ -529,7 +510,7 @@ class MergedTree:
                     self.inodes.forget(target_node.ino, 1)
 
     async def _rename_in_upper(
-        self, ws: Workspace, style: MarkerStyle,
+        self, up: UpperDir,
         old: tuple[Node, str, Node], new: tuple[Node, str, Node | None], exchange: bool,
         target: Resolved | None,
     ) -> None:  # fmt: skip
@@ -539,13 +520,11 @@ class MergedTree:
         await self._ensure_upper(old_parent)
         await self._ensure_upper(new_parent)
         samedir = old_parent.ino == new_parent.ino
-        source_redirected = await self._make_movable(ws, style, source_node, old_parent, old_name, samedir=samedir)
+        source_redirected = await self._make_movable(up, source_node, old_parent, old_name, samedir=samedir)
         target_redirected = False
         if exchange:
             assert target_node is not None
-            target_redirected = await self._make_movable(
-                ws, style, target_node, new_parent, new_name, samedir=samedir
-            )
+            target_redirected = await self._make_movable(up, target_node, new_parent, new_name, samedir=samedir)
         old_res, new_res = old_parent.resolved, new_parent.resolved
         overwritten = target if target_node is not None and not exchange else None
         if overwritten is not None:
@@ -556,8 +535,8 @@ class MergedTree:
         target_path = new_dir.child(new_name)
         if exchange:
             await self.in_thread(
-                lambda: upper.exchange(
-                    style, source_path, target_path,
+                lambda: up.exchange(
+                    source_path, target_path,
                     opaque_at_a=not target_redirected and self._lower_has(old_res, old_name),
                     opaque_at_b=not source_redirected and self._lower_has(new_res, new_name),
                 )
@@ -566,9 +545,7 @@ class MergedTree:
             leave_whiteout = self._lower_has(old_res, old_name)
             make_opaque = not source_redirected and self._lower_has(new_res, new_name)
             await self.in_thread(
-                lambda: upper.rename(
-                    ws, style, source_path, target_path, leave_whiteout=leave_whiteout, make_opaque=make_opaque
-                )
+                lambda: up.rename(source_path, target_path, leave_whiteout=leave_whiteout, make_opaque=make_opaque)
             )
         old_key, new_key = (old_parent.ino, old_name), (new_parent.ino, new_name)
         if target_node is not None:
@@ -578,8 +555,8 @@ class MergedTree:
                 self._name_gone(target_node, new_key)
         self.inodes.renamed(source_node, old_key, new_key)
         if overwritten is not None:
-            if self.links is not None and self.links.holds(overwritten):
-                await self.in_thread(self.links.covered, overwritten.path)
+            if up.indexed(overwritten):
+                await self.in_thread(up.covered, overwritten.path)
             self._forget_object(overwritten)
         # Only the moved objects get their new place: an overwritten target is gone, and its number
         # must not follow whatever now sits at its old name.
@@ -605,22 +582,16 @@ class MergedTree:
         """Before a name of a hardlinked lower file is deleted or overwritten, put the file in the link
         index, so its other names count one link less (the kernel's index=on does the same). The
         node the kernel knows the file by is the index copy from then on."""
-        if self.links is None or self.workspace is None or victim.layer.writable:
+        if self.upper_dir is None or victim.layer.writable or not self.upper_dir.indexes(victim.stat):
             return
-        if victim.is_dir or victim.stat.st_nlink < 2:
-            return
-        entry = self.links.entry(victim.stat)
-        await self.in_thread(copyup.copy_up, self.workspace, victim.path, entry)
-        await self.in_thread(self.links.set_lower_names, entry, victim.stat.st_nlink - 1)
+        await self.in_thread(self.upper_dir.index_lower, victim)
         self.listing_epoch += 1
         node = self.inodes.node_of(victim)
-        indexed = self.links.find(victim.stat, self.stack.layers[0])
+        indexed = self.upper_dir.find_indexed(victim.stat, self.stack.layers[0])
         if node is not None and indexed is not None:
             self.inodes.rebind(node, indexed)
 
-    async def _make_movable(
-        self, ws: Workspace, style: MarkerStyle, node: Node, parent: Node, name: str, *, samedir: bool
-    ) -> bool:
+    async def _make_movable(self, up: UpperDir, node: Node, parent: Node, name: str, *, samedir: bool) -> bool:
         """An object about to be renamed from NAME in PARENT must live in upper, under that name:
         copy it up. A directory with lower content moves by redirect where the mount writes them
         (the kernel's redirect_dir=on: the directory alone is copied up and records where its lower
@@ -644,12 +615,10 @@ class MergedTree:
         redirect = self._redirect_for(node, name, samedir)
         if redirect is not None:
             if redirect:
-                assert self.upper_dir is not None
-                xattr, top = self.upper_dir.features.redirect, resolved.branches[0]
-                await self.in_thread(upper.set_redirect, top.path, xattr, redirect)
+                await self.in_thread(up.set_redirect, resolved.branches[0].path, redirect)
                 log.debug("%s: redirect %s", name, redirect)
             return True
-        copied = await self.in_thread(upper.copy_up_tree, ws, style, self.links, resolved)
+        copied = await self.in_thread(treecopy.copy_up_tree, up, resolved)
         self.listing_epoch += 1
         for old, new in copied:
             self.inodes.pin(old, new)

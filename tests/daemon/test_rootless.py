@@ -22,6 +22,7 @@ from tests.conftest import skip_or_fail
 from tests.support.imagebuild import missing_tools
 from tests.support.mounts import overlayfuse_binary
 from tests.support.rootless import SUBID_START, TAG, Podman, RootlessUser, busybox_layout, snapshot
+from tests.support.trees import has_data
 
 TOOLS = ("podman", "runc", "newuidmap", "newgidmap", "busybox", "setfacl", "fuse-overlayfs", "setpriv", "umoci")
 
@@ -246,3 +247,36 @@ def test_podman_with_force_mask_keeps_owners_in_xattrs(rootless: RootlessUser, l
         assert (os.lstat(new).st_uid, os.lstat(new).st_gid) == (rootless.uid, rootless.gid)
     finally:
         podman.reset()
+
+
+def test_unprivileged_redirect_and_metacopy_use_user_xattrs(rootless: RootlessUser) -> None:
+    """An unprivileged daemon cannot write ``trusted.*``: a chmod of a lower file leaves a metacopy
+    file marked ``user.overlay.metacopy`` (no data in upper), a moved lower dir a
+    ``user.overlay.redirect`` (its children stay below), both with ``user.overlay.origin``; mounted
+    again, the upper reads the same. (No kernel oracle: the kernel refuses ``userxattr`` with
+    ``redirect_dir=on`` or ``metacopy=on``, "conflicting options", 6.18.)"""
+    root = rootless.mkdir("userxattr")
+    lower = _lower(root, rootless)
+    upper, work, mnt = (rootless.mkdir("userxattr", name) for name in ("upper", "work", "m"))
+    changes = f"chmod 600 {mnt}/a; mv {mnt}/e {mnt}/d/moved"
+    shown = f"stat -c '%n %a' {mnt}/a; cat {mnt}/a; ls {mnt} {mnt}/d/moved; cat {mnt}/d/moved/kept"
+    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
+    try:
+        rootless.run("sh", "-c", changes)
+        written = rootless.run("sh", "-c", shown).stdout
+    finally:
+        rootless.run("fusermount3", "-u", str(mnt), check=False)
+    assert written.splitlines() == [f"{mnt}/a 600", "a", f"{mnt}:", "a", "b", "d", "", f"{mnt}/d/moved:",
+                                    "kept", "y", "kept"]
+    a, moved = upper / "a", upper / "d" / "moved"
+    assert os.getxattr(a, "user.overlay.metacopy") == b"" and not has_data(a)
+    assert os.getxattr(moved, "user.overlay.redirect") == b"/e" and os.listdir(moved) == []
+    for path in (a, moved, upper / "d"):
+        names = os.listxattr(path)
+        assert "user.overlay.origin" in names and not [n for n in names if n.startswith("trusted.")], path
+    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
+    try:
+        read = rootless.run("sh", "-c", shown).stdout
+    finally:
+        rootless.run("fusermount3", "-u", str(mnt), check=False)
+    assert read == written

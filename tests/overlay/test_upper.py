@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from overlayfuse.overlay import upper
 from overlayfuse.overlay.copyup import Workspace
 from overlayfuse.overlay.layers import LayerStack
 from overlayfuse.overlay.upper import NewObject, UpperDir
@@ -38,6 +37,12 @@ def ws(tmp_path: Path) -> Workspace:
     return Workspace.prepare(str(tmp_path / "upper"), str(tmp_path / "work"))
 
 
+@pytest.fixture
+def upper_dir(ws: Workspace, style: MarkerStyle) -> UpperDir:
+    """The upper dir in STYLE's marker forms, without an index."""
+    return UpperDir(ws, style, None)
+
+
 def _whited_out(parent: Path, name: str, style: MarkerStyle) -> bool:
     if style.device_whiteouts:
         st = os.lstat(parent / name)
@@ -49,8 +54,8 @@ def _staging_empty(ws: Workspace) -> bool:
     return os.listdir(ws.staging) == []
 
 
-def test_create_file_returns_an_open_descriptor(ws: Workspace, style: MarkerStyle) -> None:
-    st, fd = upper.create(ws, style, ws.upper, "f", NewObject(stat.S_IFREG | 0o640, 0, 0, open_flags=os.O_WRONLY))
+def test_create_file_returns_an_open_descriptor(ws: Workspace, style: MarkerStyle, upper_dir: UpperDir) -> None:
+    st, fd = upper_dir.create(ws.upper, "f", NewObject(stat.S_IFREG | 0o640, 0, 0, open_flags=os.O_WRONLY))
     assert fd is not None
     try:
         os.write(fd, b"data")
@@ -60,28 +65,28 @@ def test_create_file_returns_an_open_descriptor(ws: Workspace, style: MarkerStyl
     assert _staging_empty(ws)
 
 
-def test_create_dir_over_a_whiteout_is_opaque(ws: Workspace, style: MarkerStyle) -> None:
+def test_create_dir_over_a_whiteout_is_opaque(ws: Workspace, style: MarkerStyle, upper_dir: UpperDir) -> None:
     up = Path(ws.upper)
-    upper.remove(ws, style, ws.upper, "d", leave_whiteout=True)  # lower layers have a d
+    upper_dir.remove(ws.upper, "d", leave_whiteout=True)  # lower layers have a d
     assert _whited_out(up, "d", style)
-    upper.create(ws, style, ws.upper, "d", NewObject(stat.S_IFDIR | 0o755, 0, 0))
+    upper_dir.create(ws.upper, "d", NewObject(stat.S_IFDIR | 0o755, 0, 0))
     assert (up / "d").is_dir() and os.getxattr(up / "d", style.opaque_xattr) == b"y"
     assert not (up / ".wh.d").exists() and _staging_empty(ws)
 
 
-def test_create_refuses_an_existing_object(ws: Workspace, style: MarkerStyle) -> None:
+def test_create_refuses_an_existing_object(ws: Workspace, style: MarkerStyle, upper_dir: UpperDir) -> None:
     make_tree(Path(ws.upper), File("f", b"mine"))
     with pytest.raises(FileExistsError):
-        upper.create(ws, style, ws.upper, "f", NewObject(stat.S_IFREG | 0o644, 0, 0))
+        upper_dir.create(ws.upper, "f", NewObject(stat.S_IFREG | 0o644, 0, 0))
     assert Path(ws.upper, "f").read_bytes() == b"mine" and _staging_empty(ws)
 
 
 @pytest.mark.parametrize("leave_whiteout", [True, False])
-def test_remove(ws: Workspace, style: MarkerStyle, leave_whiteout: bool) -> None:
+def test_remove(ws: Workspace, style: MarkerStyle, upper_dir: UpperDir, leave_whiteout: bool) -> None:
     up = Path(ws.upper)
     make_tree(up, File("f", b"x"), Dir("d"))
-    upper.remove(ws, style, ws.upper, "f", leave_whiteout=leave_whiteout)
-    upper.remove(ws, style, ws.upper, "d", leave_whiteout=leave_whiteout)
+    upper_dir.remove(ws.upper, "f", leave_whiteout=leave_whiteout)
+    upper_dir.remove(ws.upper, "d", leave_whiteout=leave_whiteout)
     for name in ("f", "d"):
         if leave_whiteout:
             assert _whited_out(up, name, style)
@@ -90,31 +95,31 @@ def test_remove(ws: Workspace, style: MarkerStyle, leave_whiteout: bool) -> None
     assert _staging_empty(ws)
 
 
-def test_rename_leaves_a_whiteout_and_makes_opaque(ws: Workspace, style: MarkerStyle) -> None:
+def test_rename_leaves_a_whiteout_and_makes_opaque(ws: Workspace, style: MarkerStyle, upper_dir: UpperDir) -> None:
     up = Path(ws.upper)
     make_tree(up, File("d/inside", b"in"), File("f", b"file"))
-    upper.rename(ws, style, str(up / "d"), str(up / "moved"), leave_whiteout=True, make_opaque=True)
+    upper_dir.rename(str(up / "d"), str(up / "moved"), leave_whiteout=True, make_opaque=True)
     assert (up / "moved/inside").read_bytes() == b"in"
     assert os.getxattr(up / "moved", style.opaque_xattr) == b"y" and _whited_out(up, "d", style)
-    upper.rename(ws, style, str(up / "f"), str(up / "g"), leave_whiteout=False, make_opaque=False)
+    upper_dir.rename(str(up / "f"), str(up / "g"), leave_whiteout=False, make_opaque=False)
     assert not os.path.lexists(up / "f") and (up / "g").read_bytes() == b"file"
     assert _staging_empty(ws)
 
 
-def test_rename_replaces_a_dir_holding_only_markers(ws: Workspace, style: MarkerStyle) -> None:
+def test_rename_replaces_a_dir_holding_only_markers(ws: Workspace, style: MarkerStyle, upper_dir: UpperDir) -> None:
     """An upper dir that holds only whiteouts is empty in the merged view: a dir may replace it."""
     up = Path(ws.upper)
     make_tree(up, Dir("target"), File("src/new", b"new"))
-    upper.remove(ws, style, str(up / "target"), "old", leave_whiteout=True)
-    upper.rename(ws, style, str(up / "src"), str(up / "target"), leave_whiteout=False, make_opaque=False)
+    upper_dir.remove(str(up / "target"), "old", leave_whiteout=True)
+    upper_dir.rename(str(up / "src"), str(up / "target"), leave_whiteout=False, make_opaque=False)
     assert sorted(os.listdir(up / "target")) == ["new"] and not os.path.lexists(up / "src")
     assert _staging_empty(ws)
 
 
-def test_exchange_marks_an_arriving_dir_opaque(ws: Workspace, style: MarkerStyle) -> None:
+def test_exchange_marks_an_arriving_dir_opaque(ws: Workspace, style: MarkerStyle, upper_dir: UpperDir) -> None:
     up = Path(ws.upper)
     make_tree(up, Dir("a"), File("b", b"file"))
-    upper.exchange(style, str(up / "a"), str(up / "b"), opaque_at_a=False, opaque_at_b=True)
+    upper_dir.exchange(str(up / "a"), str(up / "b"), opaque_at_a=False, opaque_at_b=True)
     assert (up / "a").read_bytes() == b"file" and (up / "b").is_dir()
     assert os.getxattr(up / "b", style.opaque_xattr) == b"y"
 
@@ -125,7 +130,7 @@ def test_whiteout_builder_matches_upper(tmp_path: Path) -> None:
     (tmp_path / "upper").mkdir()
     (tmp_path / "work").mkdir()
     ws = Workspace.prepare(str(tmp_path / "upper"), str(tmp_path / "work"))
-    upper.remove(ws, DEVICE, ws.upper, "w", leave_whiteout=True)
+    UpperDir(ws, DEVICE, None).remove(ws.upper, "w", leave_whiteout=True)
     built, ours = os.lstat(tmp_path / "built/w"), os.lstat(tmp_path / "upper/w")
     assert (stat.S_IFMT(built.st_mode), built.st_rdev) == (stat.S_IFMT(ours.st_mode), ours.st_rdev)
 

@@ -14,16 +14,18 @@ from overlayfuse.overlay.features import DEFAULT, CopyUpFeatures
 from overlayfuse.overlay.layers import LayerStack
 from overlayfuse.overlay.merged import Caller, MergedTree
 from overlayfuse.overlay.upper import UpperDir
+from overlayfuse.overlay.whiteout import MarkerStyle
 
 ROOT = Caller(0, 0)
 
 
 def open_tree(lowers: list[Path], upper: Path | None = None, work: Path | None = None,
-              features: CopyUpFeatures = DEFAULT) -> MergedTree:
+              features: CopyUpFeatures = DEFAULT, style: MarkerStyle | None = None) -> MergedTree:
     """LOWERS (top first) under UPPER, with WORK as the workdir; read-only without UPPER. FEATURES:
-    the copy-up features the mount options ask for (redirect_dir, metacopy; on by default)."""
+    the copy-up features the mount options ask for (redirect_dir, metacopy; on by default). STYLE:
+    the marker forms to write instead of the probed ones (root's are the kernel's)."""
     stack = LayerStack.from_dirs([str(p) for p in lowers], str(upper) if upper else None)
     if upper is None or work is None:
         return MergedTree(stack)
     os.makedirs(work, exist_ok=True)
-    return MergedTree(stack, UpperDir.prepare(str(upper), str(work), stack.layers[0], features))
+    return MergedTree(stack, UpperDir.prepare(str(upper), str(work), stack.layers[0], features, style))

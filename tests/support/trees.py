@@ -9,6 +9,7 @@ overlayfs understands, so that the two mounts can be compared name for name.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -337,3 +338,18 @@ def _set_times(root: Path, mtime_ns: int) -> None:
             if os.path.islink(path) or not os.path.isdir(path):
                 os.utime(path, ns=times, follow_symlinks=False)
         os.utime(dirpath, ns=times, follow_symlinks=False)
+
+
+def has_data(path: Path) -> bool:
+    """Whether the regular file PATH holds any data (st_blocks may count an ext4 xattr block, as a
+    metacopy file's origin and metacopy xattrs can need: ask SEEK_DATA)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
