@@ -29,6 +29,7 @@ from ..overlay.inodes import Node, UnknownInode
 from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import Caller, MergedTree
 from ..overlay.ownership import DiskOwner
+from ..overlay.workers import Workers
 from . import binding
 from .compat import ViewOptions
 from .control import FreezeGate
@@ -180,9 +181,12 @@ class OverlayOperations(pyfuse3.Operations):
         view: ViewOptions | None = None,
         owners: Ownership | None = None,
         acl: bool = False,
+        workers: Workers | None = None,
     ) -> None:
+        """WORKERS: the mount's worker threads (shared with TREE, so one limit bounds both)."""
         super().__init__()
         self.tree = tree
+        self.workers = workers or Workers()
         self.view = view or ViewOptions()  # fuse-overlayfs's options (see `compat`)
         # POSIX ACLs as the kernel's overlay has them: the kernel checks them (with
         # default_permissions, which ACL support needs) and caches each inode's ACLs, negative
@@ -193,7 +197,6 @@ class OverlayOperations(pyfuse3.Operations):
         self.owners = owners if owners is not None and owners.active else None
         self._timeout = CACHE_TIMEOUT if self.view.timeout is None else self.view.timeout
         self.gate = FreezeGate()  # the daemon's control socket freezes it
-        self.inodes = tree.inodes
         self.read_only = read_only
         self._dirs: HandleTable[DirHandle] = HandleTable("directory handle")
         self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
@@ -284,14 +287,13 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.inodes.forget(ino, count)
-            if ino not in self.inodes:
+            if self.tree.forget(ino, count):
                 self._replies.pop(ino, None)
                 self._cookies.pop(ino, None)
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._node_attributes(self.inodes.get(inode))
+        return await self._node_attributes(self.tree.node(inode))
 
     @_boundary
     @_change
@@ -300,7 +302,7 @@ class OverlayOperations(pyfuse3.Operations):
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:  # fmt: skip
         self._check_writable()
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         if fields.update_size:
             await self.tree.truncate(node, attr.st_size)
         if self.owners is not None and (fields.update_uid or fields.update_gid):
@@ -315,7 +317,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         held = self.tree.hold_object(node)
         if held is None:  # a change is moving it: after that change
             await self.tree.settled()
@@ -326,7 +328,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         st = await self._current_stat(node)
         if mode & os.W_OK and self.read_only:
             raise _fuse_error(errno.EROFS)
@@ -354,7 +356,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
-        path = self.tree.fresh(self.inodes.get(inode)).path
+        path = self.tree.fresh(self.tree.node(inode)).path
         try:
             value = os.getxattr(path, attr, follow_symlinks=False)
         except OSError as exc:
@@ -371,7 +373,7 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._check_xattr("")
-        names = os.listxattr(self.tree.fresh(self.inodes.get(inode)).path, follow_symlinks=False)
+        names = os.listxattr(self.tree.fresh(self.tree.node(inode)).path, follow_symlinks=False)
         if not self.view.acl:
             names = [n for n in names if n not in ACL_XATTRS]
         return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
@@ -386,7 +388,7 @@ class OverlayOperations(pyfuse3.Operations):
             raise _fuse_error(errno.EPERM)
         if self.owners is not None and attr in ACL_XATTRS:
             value = self.owners.acl_on_disk(value)  # EINVAL for an id with no mapping
-        await self.tree.change_metadata(self.inodes.get(inode), lambda path: os.setxattr(path, attr, value))
+        await self.tree.change_metadata(self.tree.node(inode), lambda path: os.setxattr(path, attr, value))
 
     @_boundary
     @_change
@@ -396,7 +398,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         # Removing what is not there fails without a copy-up, as in the kernel.
         os.getxattr(self.tree.fresh(node).path, attr, follow_symlinks=False)
         await self.tree.change_metadata(node, lambda path: os.removexattr(path, attr))
@@ -405,7 +407,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         # Counted as open from the start: a rename or unlink meanwhile must keep the object held.
         node.opened += 1
@@ -420,7 +422,7 @@ class OverlayOperations(pyfuse3.Operations):
                         await self._invalidate_listings(list(self._cookies))
                 resolved, fd = await self._open_node(node, flags)
                 if flags & os.O_TRUNC and ctx.uid != 0:
-                    await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
+                    await self.workers.run(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
                 if not writing and not resolved.layer.writable:
                     nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
         except BaseException:
@@ -443,20 +445,20 @@ class OverlayOperations(pyfuse3.Operations):
         read opens its lower data file (immutable, so no race to check)."""
         data = node.resolved.data
         if data is not None and (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
-            return data, await self.tree.in_thread(_open_blocking, data, flags)
+            return data, await self.workers.run(_open_blocking, data, flags)
         for attempt in range(2):
             resolved = node.resolved
             if node.detached is not None and not node.names:
-                return resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+                return resolved, await self.workers.run(_reopen, node.detached, flags)
             if attempt == 1:  # after a race: only through a descriptor checked to be NODE's object
                 held = self.tree.hold_object(node)
                 if held is None:
                     break
-                return node.resolved, await self.tree.in_thread(_reopen, held, flags)
+                return node.resolved, await self.workers.run(_reopen, held, flags)
             try:
                 fd = _open_real(resolved, flags, nowait.open_cached)
                 if fd is None:
-                    fd = await self.tree.in_thread(_open_blocking, resolved, flags)
+                    fd = await self.workers.run(_open_blocking, resolved, flags)
             except OSError:
                 # Whatever is at the name now (a symlink: ELOOP, a whiteout: ENXIO, nothing: ENOENT)
                 # may be a change in flight: after it, the second try answers for real.
@@ -468,7 +470,7 @@ class OverlayOperations(pyfuse3.Operations):
             if attempt == 0:
                 await self.tree.settled()
         if node.detached is not None:
-            return node.resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+            return node.resolved, await self.workers.run(_reopen, node.detached, flags)
         raise _fuse_error(errno.ENOENT)
 
     @_boundary
@@ -510,13 +512,13 @@ class OverlayOperations(pyfuse3.Operations):
         fd = self._readable_fd(handle)
         data = nowait.read_cached(fd, size, off, handle.dev)
         if data is None:
-            data = await self.tree.in_thread(os.pread, fd, size, off)
+            data = await self.workers.run(os.pread, fd, size, off)
         return data
 
     @_boundary
     @_change
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.tree.in_thread(os.pwrite, self._files[fh].fd, buf, off)
+        return await self.workers.run(os.pwrite, self._files[fh].fd, buf, off)
 
     @_boundary
     async def flush(self, fh: int) -> None:
@@ -530,7 +532,7 @@ class OverlayOperations(pyfuse3.Operations):
             raise _fuse_error(errno.ENOSYS)
         handle = self._files[fh]
         if handle.writable:
-            await self.tree.in_thread(os.fdatasync if datasync else os.fsync, handle.fd)
+            await self.workers.run(os.fdatasync if datasync else os.fsync, handle.fd)
 
     @_boundary
     async def release(self, fh: int) -> None:
@@ -594,14 +596,14 @@ class OverlayOperations(pyfuse3.Operations):
                     if now is None:
                         continue  # gone since the listing was read: never send a stale pairing
                     st = now
-                attrs = self._attributes(self.inodes.number_for(resolved), resolved, st)
+                attrs = self._attributes(self.tree.number_for(resolved), resolved, st)
                 reply = (os.fsencode(name), attrs)
                 if not resolved.layer.writable:
                     lower[index] = reply
             if not pyfuse3.readdir_reply(token, reply[0], reply[1], cookies[index]):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
-            self.inodes.remember(node.ino, name, resolved, reply[1].st_ino)
+            self.tree.remember_listed(node, name, resolved, reply[1].st_ino)
         if self.binding.readdir_inode and asked >= (cookies[-1] if cookies else 2):
             # The end of the listing, asked for after its last entry went out: with kernel-cached
             # listings the kernel now holds it, so ours (a Resolved and a reply per entry, about a
@@ -629,7 +631,7 @@ class OverlayOperations(pyfuse3.Operations):
             return
         listed = [ino for ino in inodes if ino in self._cookies]
         if listed:
-            await self.tree.in_thread(_invalidate_inodes, listed)
+            await self.workers.run(_invalidate_inodes, listed)
 
     @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -705,7 +707,7 @@ class OverlayOperations(pyfuse3.Operations):
             moved = {(parent_inode_new, name_new), (parent_inode_old, name_old)}
             await self._invalidate_listings([
                 ino for ino in self._cookies
-                if (node := self.inodes.find(ino)) is not None and (node.parent, os.fsencode(node.name)) in moved
+                if (node := self.tree.find_node(ino)) is not None and (node.parent, os.fsencode(node.name)) in moved
             ])  # fmt: skip
 
 

@@ -9,7 +9,9 @@
   xattrs (`DiskOwner`: how copy-up and create give an object its owner and mode);
 - `upper`: the writable side as one object (`UpperDir`: workspace, marker style, hardlink index),
   and crash-safe changes to the upper dir (create, remove, rename, whiteouts);
-- `merged`: the merged namespace and every change to it (async; blocking work in worker threads).
+- `merged`: the merged namespace and every change to it (async; blocking work in worker threads),
+  and the only writer of the node table;
+- `workers`: the mount's worker threads, one limit for the tree's blocking calls and the handlers'.
 
 May import `overlayfuse.linux` and `overlayfuse.errors`, and trio; never pyfuse3 nor anything above
 (`daemon`, `images`, `containers`, `service`, `ctl`). The node table lives here, not in `daemon`,

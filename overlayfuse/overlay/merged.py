@@ -30,12 +30,9 @@ from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
 from .upper import NewObject, UpperDir
 from .whiteout import NO_MARKERS, MarkerStyle
+from .workers import Workers
 
 log = logging.getLogger(__name__)
-
-#: Worker threads for file data, copy-ups and directory listings: enough to keep a disk queue busy and
-#: let several readers progress at once, few enough to bound memory (each holds at most one read).
-IO_THREADS = 16
 
 T = TypeVar("T")
 
@@ -55,8 +52,11 @@ def _error(code: int, what: str = "") -> OSError:
 class MergedTree:
     """The merged view of one mount: its layer stack, inode table and (if writable) upper dir."""
 
-    def __init__(self, stack: LayerStack, upper_dir: UpperDir | None = None) -> None:
-        """UPPER_DIR: the writable side; without it the tree is read-only."""
+    def __init__(
+        self, stack: LayerStack, upper_dir: UpperDir | None = None, workers: Workers | None = None
+    ) -> None:
+        """UPPER_DIR: the writable side; without it the tree is read-only. WORKERS: the mount's
+        worker threads, shared with whoever else blocks on its behalf (the FUSE handlers)."""
         self.stack = stack
         self.upper_dir = upper_dir
         self.workspace = upper_dir.workspace if upper_dir else None
@@ -65,7 +65,7 @@ class MergedTree:
         self.inodes = InodeTable(
             stack.resolve_root(), [os.lstat(layer.root).st_dev for layer in stack.layers]
         )
-        self.io = trio.CapacityLimiter(IO_THREADS)
+        self.workers = workers or Workers()
         self._changes = trio.Lock()
         self.listing_epoch = 0
         """Bumped by changes whose effect reaches other directories' listings (a hardlinked file
@@ -76,12 +76,36 @@ class MergedTree:
         return self.workspace is not None
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(func, *args, limiter=self.io)
+        return await self.workers.run(func, *args)
 
     async def settled(self) -> None:
         """Wait until the change in flight (if any) is done: its objects are where it put them."""
         async with self._changes:
             pass
+
+    # -- the kernel's references (the FUSE layer's view of the node table) --------------------------
+
+    def node(self, ino: int) -> Node:
+        """The node the kernel knows by INO; `UnknownInode` if it was never given or is forgotten."""
+        return self.inodes.get(ino)
+
+    def find_node(self, ino: int) -> Node | None:
+        return self.inodes.find(ino)
+
+    def number_for(self, resolved: Resolved) -> int:
+        """The inode number RESOLVED's object has (or will have) in the mount."""
+        return self.inodes.number_for(resolved)
+
+    def remember_listed(self, directory: Node, name: str, resolved: Resolved, number: int) -> None:
+        """The kernel accepted NAME of DIRECTORY in a readdirplus reply (NUMBER: what `number_for`
+        said): that counts as a lookup, which `forget` pays back."""
+        self.inodes.remember(directory.ino, name, resolved, number)
+
+    def forget(self, ino: int, count: int) -> bool:
+        """The kernel dropped COUNT references to INO; True if it holds none now (the node is gone,
+        with whatever was kept for it)."""
+        self.inodes.forget(ino, count)
+        return ino not in self.inodes
 
     # -- reading -----------------------------------------------------------------------------------
 
