@@ -27,7 +27,7 @@ from ..linux import nowait
 from ..overlay import whiteout
 from ..overlay.inodes import Node, UnknownInode
 from ..overlay.layers import Fd, Resolved
-from ..overlay.merged import Caller, MergedTree
+from ..overlay.merged import KEPT_LISTINGS, Caller, MergedTree
 from ..overlay.ownership import DiskOwner
 from ..overlay.workers import Workers
 from . import binding
@@ -556,16 +556,19 @@ class OverlayOperations(pyfuse3.Operations):
     async def _replies_now(self, node: Node) -> ListingReplies:
         """The directory's listing as it is now, with its replies in cookie order."""
         _, entries = await self.tree.list_dir(node.ino)
-        replies = self._replies.get(node.ino)
+        replies = self._replies.pop(node.ino, None)  # put back last: the most recently used
         if replies is None or replies.source is not entries:
             cookies = self._cookies.get(node.ino)
             if cookies is None:
                 cookies = self._cookies[node.ino] = Cookies({})
             numbered = sorted((cookies.of(name), name, resolved) for name, resolved in entries)
-            replies = self._replies[node.ino] = ListingReplies(
+            replies = ListingReplies(
                 [(name, resolved) for _, name, resolved in numbered], [c for c, _, _ in numbered],
                 [None] * len(numbered), entries,
             )  # fmt: skip
+        self._replies[node.ino] = replies
+        while len(self._replies) > KEPT_LISTINGS:  # as the tree bounds the listings themselves
+            del self._replies[next(iter(self._replies))]
         return replies
 
     @_boundary

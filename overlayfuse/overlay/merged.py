@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -67,6 +68,8 @@ class MergedTree:
         )
         self.workers = workers or Workers()
         self._changes = trio.Lock()
+        self._kept: OrderedDict[int, Node] = OrderedDict()
+        """Directories whose listing is kept (`list_dir`), least recently used first."""
         self.listing_epoch = 0
         """Bumped by changes whose effect reaches other directories' listings (a hardlinked file
         copied up shows in every directory holding one of its lower names; a tree copied up)."""
@@ -105,7 +108,10 @@ class MergedTree:
         """The kernel dropped COUNT references to INO; True if it holds none now (the node is gone,
         with whatever was kept for it)."""
         self.inodes.forget(ino, count)
-        return ino not in self.inodes
+        if ino in self.inodes:
+            return False
+        self._kept.pop(ino, None)
+        return True
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -185,15 +191,18 @@ class MergedTree:
         node, _resolved = self.directory(ino)
         for _ in range(_LISTING_TRIES):
             if node.listing is not None and node.listing_epoch == self.listing_epoch:
+                self._keep(node)
                 return node, node.listing
             version, epoch = node.version, self.listing_epoch
             entries = await self._read_listing(node.resolved)
             if node.version == version and self.listing_epoch == epoch:
                 node.listing, node.listing_epoch = entries, epoch
+                self._keep(node)
                 return node, entries
         async with self._changes:  # busy directory: read it with changes held back
             entries = await self._read_listing(node.resolved)
             node.listing, node.listing_epoch = entries, self.listing_epoch
+            self._keep(node)
         return node, entries
 
     async def _read_listing(self, resolved: Resolved) -> list[tuple[str, Resolved]]:
@@ -205,6 +214,15 @@ class MergedTree:
     def drop_listing(self, directory: Node) -> None:
         """Free DIRECTORY's cached listing (the kernel keeps its own); the next `list_dir` reads it."""
         directory.listing = None
+        self._kept.pop(directory.ino, None)
+
+    def _keep(self, directory: Node) -> None:
+        """DIRECTORY's listing was just used: the last to go when more than KEPT_LISTINGS are kept."""
+        self._kept[directory.ino] = directory
+        self._kept.move_to_end(directory.ino)
+        while len(self._kept) > KEPT_LISTINGS:
+            _, oldest = self._kept.popitem(last=False)
+            oldest.listing = None
 
     def _changed(self, directory: Node) -> None:
         """Something in DIRECTORY changes (called before and after): its cached listing is stale."""
@@ -768,3 +786,9 @@ def _truncate(path: str, size: int) -> None:
 
 #: Optimistic reads of a listing before taking the change lock (a directory under constant change).
 _LISTING_TRIES = 3
+
+#: Directories whose merged listing is kept for the next readdir (least recently used go first).
+#: With kernel-cached listings one is freed once the kernel has read it to the end, so this bounds
+#: only what a stock pyfuse3 needs (every readdir reaches the daemon): a walk's working set is its
+#: path from the root, and each listing costs about 400 bytes an entry.
+KEPT_LISTINGS = 64
