@@ -136,9 +136,26 @@ class Cookies:
     def of(self, name: str) -> int:
         cookie = self.by_name.get(name)
         if cookie is None:
-            cookie = self.by_name[name] = self.next
+            cookie = self.by_name[name] = _shared_cookie(self.next)
             self.next += 1
         return cookie
+
+
+def _shared_cookie(value: int) -> int:
+    """VALUE as one int object for every directory: each directory numbers its names 3, 4, 5...
+    and an int above 256 is otherwise an object of its own (28 bytes, one per name listed)."""
+    values = _COOKIE_VALUES
+    if value < len(values):
+        return values[value]
+    while len(values) <= value and len(values) < SHARED_COOKIES:
+        values.append(len(values))
+    return values[value] if value < len(values) else value
+
+
+#: Cookie values shared across directories (`_shared_cookie`), made as the largest listing needs
+#: them: at most SHARED_COOKIES of them (about 2 MiB), past which a huge directory's are its own.
+SHARED_COOKIES = 1 << 16
+_COOKIE_VALUES: list[int] = []
 
 
 @dataclass(slots=True)

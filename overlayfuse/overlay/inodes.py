@@ -83,6 +83,19 @@ class Names(list[Name]):
 
 
 @dataclass(slots=True)
+class DirState:
+    """What a directory's node keeps about its listing: apart from `Node`, so that the many
+    non-directories (most nodes) carry one empty slot for it, not three."""
+
+    listing: list[tuple[str, Resolved]] | None = None
+    """The merged listing, kept for the next readdir while nothing in it changes (on a stock
+    pyfuse3 the kernel cannot cache listings for us; on the patched one it does, see fs)."""
+    listing_epoch: int = -1
+    version: int = 0
+    """Bumped before and after every change in this directory: a listing read meanwhile is redone."""
+
+
+@dataclass(slots=True)
 class Node:
     """One merged object the kernel knows about."""
 
@@ -102,16 +115,43 @@ class Node:
     """Open file handles on this object: if its last name goes meanwhile, it is `detached`."""
     detached: Fd | None = None
     """The object itself (O_PATH), once it has no name left but is still open (unlinked, in use)."""
-    listing: list[tuple[str, Resolved]] | None = None
-    """A directory's merged listing, kept for the next readdir while nothing in it changes (on a
-    stock pyfuse3 the kernel cannot cache listings for us; on the patched one it does, see fs)."""
-    listing_epoch: int = -1
-    version: int = 0
-    """Bumped before and after every change in this directory: a listing read meanwhile is redone."""
+    dir_state: DirState | None = None
+    """A directory's listing state, made the first time it is listed or changed (see `DirState`)."""
 
     @property
     def is_dir(self) -> bool:
         return self.resolved.is_dir
+
+    @property
+    def listing(self) -> list[tuple[str, Resolved]] | None:
+        return None if self.dir_state is None else self.dir_state.listing
+
+    @listing.setter
+    def listing(self, value: list[tuple[str, Resolved]] | None) -> None:
+        if self.dir_state is not None:
+            self.dir_state.listing = value
+        elif value is not None:
+            self.dir_state = DirState(listing=value)
+
+    @property
+    def listing_epoch(self) -> int:
+        return -1 if self.dir_state is None else self.dir_state.listing_epoch
+
+    @listing_epoch.setter
+    def listing_epoch(self, value: int) -> None:
+        if self.dir_state is None:
+            self.dir_state = DirState()
+        self.dir_state.listing_epoch = value
+
+    @property
+    def version(self) -> int:
+        return 0 if self.dir_state is None else self.dir_state.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        if self.dir_state is None:
+            self.dir_state = DirState()
+        self.dir_state.version = value
 
     @property
     def identity(self) -> Identity:
