@@ -50,6 +50,10 @@ _STRIP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 #: The first readdir offset of a name: 1 and 2 are the offsets after "." and "..".
 FIRST_COOKIE = 3
 
+#: getxattr answers "no such attribute" remembered (see `OverlayOperations._remember_absent`);
+#: all are dropped when there are more, so memory stays bounded (about 200 bytes each).
+ABSENT_XATTRS = 4096
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _FD = TypeVar("_FD", bound="int | None")  # os.open gives an fd; nowait.open_cached may give None
 
@@ -60,12 +64,16 @@ def _boundary(handler: F) -> F:
 
     @functools.wraps(handler)
     async def wrapper(self: OverlayOperations, *args: Any) -> Any:
-        if log.isEnabledFor(logging.DEBUG):
+        # Asked once per request, and nothing formatted unless it is shown: an answered error
+        # (ENOENT, ENODATA) is the common case on hot paths, not an exceptional one.
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
             log.debug("%s%s", name, _brief(args))
         try:
             return await handler(self, *args)
         except pyfuse3.FUSEError as exc:
-            log.debug("%s -> %s", name, errno.errorcode.get(exc.errno, exc.errno))
+            if debug:
+                log.debug("%s -> %s", name, errno.errorcode.get(exc.errno, exc.errno))
             raise
         except OSError as exc:
             if exc.errno is None:
@@ -73,7 +81,7 @@ def _boundary(handler: F) -> F:
                 raise pyfuse3.FUSEError(errno.EIO) from None
             if exc.errno == errno.EIO:
                 log.error("%s%s: EIO from the layers: %s", name, _brief(args), exc)
-            else:
+            elif debug:
                 log.debug("%s -> %s (%s)", name, errno.errorcode.get(exc.errno, exc.errno), exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except (UnknownInode, UnknownHandle) as exc:  # a number the kernel should not have used
@@ -219,6 +227,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
         self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
         self._files: HandleTable[FileHandle] = HandleTable("file handle")
+        self._absent: dict[tuple[int, str], Resolved] = {}  # see `_remember_absent`
         self._next_handle = 1
         self.binding = binding.detect()
         log.debug("pyfuse3 extras in use: %s", self.binding.describe())
@@ -373,10 +382,15 @@ class OverlayOperations(pyfuse3.Operations):
         self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
-        path = self.tree.fresh(self.tree.node(inode)).path
+        resolved = self.tree.fresh(self.tree.node(inode))
+        if self._absent.get((inode, attr)) is resolved:
+            raise _fuse_error(pyfuse3.ENOATTR)  # asked before, and nothing has set it since
         try:
-            value = os.getxattr(path, attr, follow_symlinks=False)
+            value = os.getxattr(resolved.path, attr, follow_symlinks=False)
         except OSError as exc:
+            if exc.errno == pyfuse3.ENOATTR:
+                self._remember_absent(inode, attr, resolved)
+                raise _fuse_error(pyfuse3.ENOATTR) from None
             if exc.errno == errno.EOPNOTSUPP and attr in ACL_XATTRS:
                 # A layer with no ACLs (ramfs, an upper without xattrs) holds none: no ACL, as the
                 # kernel's overlay answers. EOPNOTSUPP would fail the permission checks the kernel
@@ -386,6 +400,23 @@ class OverlayOperations(pyfuse3.Operations):
         if self.owners is not None and attr in ACL_XATTRS:
             return self.owners.acl_shown(value)
         return value
+
+    def _remember_absent(self, inode: int, attr: str, resolved: Resolved) -> None:
+        """INODE's object (RESOLVED) has no ATTR: answer the next getxattr of it without asking the
+        disk, while the node still leads to that object (a copy-up or rename rebinds it) and until
+        a setxattr through the mount (`_xattrs_may_change`).
+
+        Nothing else adds one: lower layers never change under a mount, and the upper dir changes
+        only through this daemon: chmod and chown write only private xattrs (override_stat), and
+        the kernel's removal of security.capability on a write only makes an absent name more
+        absent. The kernel itself caches no getxattr answer, and asks for
+        security.capability before every write and security.selinux on every ``ls -l``."""
+        if len(self._absent) >= ABSENT_XATTRS:
+            self._absent.clear()
+        self._absent[(inode, attr)] = resolved
+
+    def _xattrs_may_change(self) -> None:
+        self._absent.clear()
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -405,7 +436,11 @@ class OverlayOperations(pyfuse3.Operations):
             raise _fuse_error(errno.EPERM)
         if self.owners is not None and attr in ACL_XATTRS:
             value = self.owners.acl_on_disk(value)  # EINVAL for an id with no mapping
-        await self.tree.change_metadata(self.tree.node(inode), lambda path: os.setxattr(path, attr, value))
+        self._xattrs_may_change()  # before (a getxattr meanwhile must not remember "absent") and after
+        try:
+            await self.tree.change_metadata(self.tree.node(inode), lambda path: os.setxattr(path, attr, value))
+        finally:
+            self._xattrs_may_change()
 
     @_boundary
     @_change
