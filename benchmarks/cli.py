@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import startup
+from . import rsswalk, startup
 from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
@@ -40,6 +40,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--startup", action="store_true",
                    help="only time start-ups (bare interpreter, imports, --version; no root, no "
                         "mounts): medians of --reps runs (default 21)")
+    p.add_argument("--rss-walk", type=int, metavar="FILES",
+                   help="only measure the FUSE daemons' memory around a find over a layer of FILES "
+                        "empty files (200000 for issue 14's target) and after the kernel forgets them")
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON on stdout (the table goes to stderr)")
     p.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON here")
@@ -125,6 +128,13 @@ def main(argv: Sequence[str]) -> int:
         host = host_info()
         say(f"load average {host['loadavg_start']}, nproc {host['nproc']}, kernel "
             f"{host['kernel']}, {host['fuse_overlayfs']}, overlayfuse {host['overlayfuse']}")
+        if args.rss_walk:
+            walked = rsswalk.measure(work, args.rss_walk, [t for t in args.targets if t != "kernel"])
+            walked["host"] = host | {"loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+            print(rsswalk.render(walked), file=sys.stderr if args.json else sys.stdout)
+            if args.json:
+                print(json.dumps(walked, indent=2))
+            return 0
         use_deb = scale.name == "full" and not args.no_debootstrap
         stack = prepare_stack(work, scale, use_deb, args.cache_dir, args.release, args.mirror)
         mounter = Mounter(work / "mnt", [stack.l2, stack.l1])
@@ -145,7 +155,9 @@ def main(argv: Sequence[str]) -> int:
                       "big_fill": "written in full, pseudo-random",
                       "tar_files": stack.tar_files, "tar_bytes": stack.tar_bytes,
                       "copyup_files": stack.copyup_files, "rm_dir": stack.rm_dir,
-                      "rm_entries": stack.rm_entries},
+                      "rm_entries": stack.rm_entries, "git_files": stack.git_files,
+                      "build_files": stack.src_files, "build_bytes": stack.src_bytes,
+                      "random_read_files": stack.random_files},
             "view_check": bench.view_check,
             "daemon_tracebacks": mounter.tracebacks,
             "results": summarize(bench),

@@ -95,16 +95,18 @@ class Mounter:
         return [str(VENV_BIN / "overlayfuse"), "-o", opts, str(mnt)]
 
     @contextlib.contextmanager
-    def mounted(self, target: str, first_read: bool = False, kernel_opts: str = "") -> Iterator[Mount]:
+    def mounted(self, target: str, first_read: bool = False, kernel_opts: str = "",
+                lowers: Sequence[Path] | None = None) -> Iterator[Mount]:
         """TARGET mounted on fresh upper and work dirs; with FIRST_READ, time how long it takes from
         starting the mount command until a file reads through the mount (``m.first_read_s``).
-        KERNEL_OPTS: more options for the kernel's mount (the others take no such options)."""
+        KERNEL_OPTS: more options for the kernel's mount (the others take no such options).
+        LOWERS: other lower layers than the bench stack's (top first)."""
         self.serial += 1
         base = self.root / f"{self.serial:04d}-{target}"
         m = Mount(target, base / "mnt", base / "upper", base / "work", base / "daemon.log")
         for d in (m.mnt, m.upper, m.work):
             d.mkdir(parents=True)
-        opts = overlay_options(self.lowers, m.upper, m.work)
+        opts = overlay_options(self.lowers if lowers is None else lowers, m.upper, m.work)
         if target == "kernel" and kernel_opts:
             opts += "," + kernel_opts
         self.live.append(m)

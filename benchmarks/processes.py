@@ -8,7 +8,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from .settings import SYNC_TIMEOUT
 
 
 def run(cmd: Sequence[str | os.PathLike[str]], timeout: float, *, capture: bool = True,
-        check: bool = True, stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[bytes]:
+        check: bool = True, stdin: Any = subprocess.DEVNULL,
+        env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run in its own session; on timeout or interruption kill the whole process group.
 
     A pipeline (`bash -c 'tar ... | wc'`) is killed as a whole, so no orphan keeps a
@@ -25,7 +26,7 @@ def run(cmd: Sequence[str | os.PathLike[str]], timeout: float, *, capture: bool 
     """
     args = [os.fspath(c) for c in cmd]
     proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE if capture else
-                            subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as exc:

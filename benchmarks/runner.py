@@ -75,7 +75,9 @@ class Bench:
     def _one(self, mounter: Mounter, stack: Stack, job: Job, target: str, rep: int) -> None:
         wanted = [w for w in job.produces if w in self.workloads]
         try:
-            with mounter.mounted(target, first_read=job.first_read, kernel_opts=job.kernel_opts) as m:
+            lowers = job.lowers(stack) if job.lowers is not None else None
+            with mounter.mounted(target, first_read=job.first_read, kernel_opts=job.kernel_opts,
+                                 lowers=lowers) as m:
                 self.mount_s[target].append(m.mount_s)
                 if job.cold:
                     drop_caches()

@@ -37,6 +37,12 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
                     f"{PER_REQUEST_CALLS} of them, microseconds each"),
     "du-s": ("s", True, "du -s MNT, caches dropped"),
     "mount-to-first-read": ("s", False, "from starting the mount command to a 4 KiB read through the mount"),
+    "git-status": ("s", False, "git status in a checkout of many files (a layer of its own), warm: "
+                   "after one untimed git status"),
+    "random-read-4t": ("s", True, "4 threads reading many small files of the view in a random order, "
+                       "caches dropped"),
+    "build-like": ("s", False, "untar a C-shaped source tree into MNT/bench-build, write a 3x-sized "
+                   ".o for each .c (staged, renamed), link them into one file, rm -rf the tree"),
     "ctl-image-ls": ("s", False, f"overlayctl image ls, store of {CTL_IMAGES} images (overlayfuse only)"),
     "ctl-ps": ("s", False, f"overlayctl ps -a, store of {CTL_IMAGES} images (overlayfuse only)"),
 }
@@ -58,6 +64,10 @@ FIRST_READ = f"{BIG_DIR}/big.bin"  # in l1 in every scale; the mountpoint is emp
 FIRST_READ_POLL = 0.0005  # seconds between tries to read FIRST_READ while the mount comes up
 TOOL_TIMEOUT = 120.0  # one umoci or overlayctl call building the ctl store
 MARKER = ".overlayfuse-bench"  # marks --workdir as ours, so a rerun may empty it
+BUILD_DIR = "bench-build"  # top dir of the build-like tarball
+GIT_TIMEOUT = 300.0  # one git command building the checkout (git add of 10k files: seconds)
+RANDOM_READ_MAX = 64 << 10  # the random-read files: no bigger than this
+RANDOM_READ_THREADS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +84,13 @@ class Scale:
     rm_entries: int  # wanted size of the rm-tree subtree
     reps: int
     cmd_timeout: float  # per timed command
+    repo_files: int  # files committed in the git-status checkout
+    build_files: int  # sources in the build-like tarball
+    random_files: int  # files random-read-4t reads
 
 
 SCALES = {
-    "full": Scale("full", 7000, 1500, 1 << 30, 4000, 45 << 20, 2000, 4000, 3, 1800.0),
-    "quick": Scale("quick", 2500, 500, 256 << 20, 1500, 16 << 20, 700, 1200, 2, 600.0),
-    "tiny": Scale("tiny", 300, 60, 16 << 20, 120, 1 << 20, 50, 80, 1, 120.0),
+    "full": Scale("full", 7000, 1500, 1 << 30, 4000, 45 << 20, 2000, 4000, 3, 1800.0, 10000, 2000, 3000),
+    "quick": Scale("quick", 2500, 500, 256 << 20, 1500, 16 << 20, 700, 1200, 2, 600.0, 10000, 800, 1500),
+    "tiny": Scale("tiny", 300, 60, 16 << 20, 120, 1 << 20, 50, 80, 1, 120.0, 200, 60, 100),
 }

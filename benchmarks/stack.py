@@ -10,6 +10,7 @@ from typing import Any
 from .errors import say
 from .layers import build_create_tar, build_l2, generate_rootfs, subtree_counts, under, write_big
 from .processes import run, sync
+from .projects import build_git_checkout, build_source_tar, write_random_list
 from .rootfs import debootstrap_rootfs
 from .settings import BIG_DIR, SYNC_TIMEOUT, Scale
 from .views import Entry
@@ -33,6 +34,14 @@ class Stack:
     source: str
     l2_summary: dict[str, Any] = field(default_factory=dict)
     view_entries: int = 0
+    git_layer: Path | None = None
+    """A git checkout (the layer's root is the work tree): git-status mounts it alone."""
+    git_files: int = 0
+    src_tar: Path | None = None  # build-like's source tarball
+    src_files: int = 0
+    src_bytes: int = 0
+    random_list: Path | None = None  # random-read-4t's files, NUL-separated, in reading order
+    random_files: int = 0
 
 
 def prepare_stack(work: Path, scale: Scale, use_debootstrap: bool, cache: Path, release: str,
@@ -58,9 +67,15 @@ def prepare_stack(work: Path, scale: Scale, use_debootstrap: bool, cache: Path, 
     summary = build_l2(l1, l2, scale.l2_changes)
     tarball = work / "create-small.tar"
     tar_bytes = build_create_tar(tarball, scale.create_files, scale.create_bytes)
+    git_layer = layers / "git"
+    build_git_checkout(git_layer, scale.repo_files)
+    src_tar = work / "build-like.tar"
+    src_bytes = build_source_tar(src_tar, scale.build_files)
     sync()
     return Stack(l1, l2, scale.big, scale.big // 2, tarball, scale.create_files, tar_bytes,
-                 work / "copyup-list", 0, "", 0, source, summary)
+                 work / "copyup-list", 0, "", 0, source, summary, git_layer=git_layer,
+                 git_files=scale.repo_files, src_tar=src_tar, src_files=scale.build_files,
+                 src_bytes=src_bytes, random_list=work / "random-list")
 
 
 def choose_targets_of_work(stack: Stack, view: dict[str, Entry], scale: Scale) -> None:
@@ -71,6 +86,8 @@ def choose_targets_of_work(stack: Stack, view: dict[str, Entry], scale: Scale) -
     chosen = files[::step][:scale.copyup_files]
     stack.copyup_list.write_bytes(b"".join(os.fsencode(p) + b"\0" for p in chosen))
     stack.copyup_files = len(chosen)
+    if stack.random_list is not None:
+        stack.random_files = write_random_list(stack.random_list, view, scale.random_files)
     counts = subtree_counts(view)
     candidates = [p for p in counts if not under(BIG_DIR, [p])]
     stack.rm_dir = min(candidates, key=lambda p: (abs(counts[p] - scale.rm_entries), p))

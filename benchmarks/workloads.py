@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import BenchError
 from .mounts import Mount
 from .processes import bash, kill_groups, run, sync, timed
-from .settings import BIG_DIR, PER_REQUEST_CALLS, Scale
+from .projects import GIT_ENV, git
+from .settings import BIG_DIR, BUILD_DIR, PER_REQUEST_CALLS, RANDOM_READ_THREADS, Scale
 from .stack import Stack
 
 #: The kernel's options for constant-cost copy-up, as overlayfuse has them by default.
@@ -31,6 +34,8 @@ class Job:
     kernel_opts: str = ""
     """Extra kernel mount options, so the kernel is compared with the same features overlayfuse has
     on by default (redirect_dir, metacopy: its own defaults are off)."""
+    lowers: Callable[[Stack], list[Path]] | None = None
+    """The lower layers this job mounts instead of the bench stack's (top first)."""
 
 
 def job_walk(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
@@ -148,6 +153,94 @@ def job_mount_to_first_read(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     return {"mount-to-first-read": m.first_read_s}
 
 
+def job_git_status(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    """git status on a checkout that is the mount's only lower layer; the first run (untimed) warms
+    the caches and refreshes the index (a copy-up of .git/index where stat data differ)."""
+    cmd = git(m.mnt, "status", "--porcelain")
+    env = os.environ | GIT_ENV
+    run(cmd, sc.cmd_timeout, env=env)
+    start = time.perf_counter()
+    out = run(cmd, sc.cmd_timeout, env=env)
+    elapsed = time.perf_counter() - start
+    if out.stdout.strip():
+        raise BenchError(f"git status in the mount is not clean: {out.stdout.decode(errors='replace')[:300]}")
+    return {"git-status": elapsed}
+
+
+_RANDOM_READ = """
+import os, sys, time
+from concurrent.futures import ThreadPoolExecutor
+root, listing, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(listing, "rb") as f:
+    paths = [os.path.join(root, os.fsdecode(p)) for p in f.read().split(b"\\0") if p]
+def read(path):
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        n = 0
+        while chunk := os.read(fd, 1 << 16):
+            n += len(chunk)
+        return n
+    finally:
+        os.close(fd)
+start = time.perf_counter()
+with ThreadPoolExecutor(threads) as pool:
+    total = sum(pool.map(read, paths, chunksize=8))
+print(time.perf_counter() - start, total)
+"""
+
+
+def job_random_read(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    """Small files read by 4 threads in a random order (like a language server or a test runner
+    importing modules): lookups and opens of cold files, concurrently. Timed inside the reader,
+    so the interpreter's start is not counted."""
+    assert s.random_list is not None
+    out = run([sys.executable, "-c", _RANDOM_READ, str(m.mnt), str(s.random_list), str(RANDOM_READ_THREADS)],
+              sc.cmd_timeout)
+    elapsed, _total = out.stdout.decode().split()
+    return {"random-read-4t": float(elapsed)}
+
+
+_BUILD = """
+import os, subprocess, sys, time
+mnt, tarball, top, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+root = os.path.join(mnt, top)
+start = time.perf_counter()
+subprocess.run(["tar", "xf", tarball, "-C", mnt], check=True, timeout=timeout)
+objects = []
+for dirpath, _dirs, files in os.walk(root):
+    for name in sorted(files):
+        if not name.endswith(".c"):
+            continue
+        with open(os.path.join(dirpath, name), "rb") as f:
+            source = f.read()
+        obj = os.path.join(dirpath, name[:-2] + ".o")
+        with open(obj + ".tmp", "wb") as f:  # as a compiler's driver: write, then rename into place
+            f.write(source * 3)
+        os.rename(obj + ".tmp", obj)
+        objects.append(obj)
+with open(os.path.join(root, "a.out"), "wb") as out:
+    for obj in objects:
+        with open(obj, "rb") as f:
+            out.write(f.read())
+subprocess.run(["rm", "-rf", root], check=True, timeout=timeout)
+print(time.perf_counter() - start)
+"""
+
+
+def job_build_like(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    """A build in the mount: unpack sources, write an object per source and one linked output,
+    clean it all away (creates, small writes, renames, reads back, a recursive rm)."""
+    assert s.src_tar is not None
+    out = run([sys.executable, "-c", _BUILD, str(m.mnt), str(s.src_tar), BUILD_DIR, str(sc.cmd_timeout)],
+              sc.cmd_timeout)
+    return {"build-like": float(out.stdout.decode().strip())}
+
+
+def _git_layer(s: Stack) -> list[Path]:
+    assert s.git_layer is not None
+    return [s.git_layer]
+
+
 JOBS = [
     Job("walk", ("walk-cold", "walk-warm"), job_walk, True),
     Job("stat-ls", ("stat-ls",), job_stat_ls, False),
@@ -163,4 +256,7 @@ JOBS = [
     Job("mount-to-first-read", ("mount-to-first-read",), job_mount_to_first_read, False, first_read=True),
     Job("chown-big", ("chown-big",), job_chown_big, False, kernel_opts=METADATA_ONLY_OPTS),
     Job("mv-big-dir", ("mv-big-dir",), job_mv_big_dir, False, kernel_opts=METADATA_ONLY_OPTS),
+    Job("git-status", ("git-status",), job_git_status, False, lowers=_git_layer),
+    Job("random-read-4t", ("random-read-4t",), job_random_read, True),
+    Job("build-like", ("build-like",), job_build_like, False),
 ]

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 BENCH = REPO_ROOT / "scripts" / "bench"
 TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
 WORKLOADS = ("walk-cold", "walk-warm", "stat-ls", "read-all", "seqread-1G", "copyup-big",
-             "create-small", "copyup-many", "rm-tree", "parallel", "mount-to-first-read")
+             "create-small", "copyup-many", "rm-tree", "parallel", "mount-to-first-read",
+             "git-status", "random-read-4t", "build-like")
 #: overlayctl's listings: one column, overlayfuse's.
 CTL_WORKLOADS = ("ctl-image-ls", "ctl-ps")
 # --tiny finishes in well under a minute on two idle cores; this only bounds a hang.

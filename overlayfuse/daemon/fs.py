@@ -27,8 +27,9 @@ from ..linux import nowait
 from ..overlay import whiteout
 from ..overlay.inodes import Node, UnknownInode
 from ..overlay.layers import Fd, Resolved
-from ..overlay.merged import Caller, MergedTree
+from ..overlay.merged import KEPT_LISTINGS, Caller, MergedTree
 from ..overlay.ownership import DiskOwner
+from ..overlay.workers import Workers
 from . import binding
 from .compat import ViewOptions
 from .control import FreezeGate
@@ -49,6 +50,10 @@ _STRIP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 #: The first readdir offset of a name: 1 and 2 are the offsets after "." and "..".
 FIRST_COOKIE = 3
 
+#: getxattr answers "no such attribute" remembered (see `OverlayOperations._remember_absent`);
+#: all are dropped when there are more, so memory stays bounded (about 200 bytes each).
+ABSENT_XATTRS = 4096
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _FD = TypeVar("_FD", bound="int | None")  # os.open gives an fd; nowait.open_cached may give None
 
@@ -59,12 +64,16 @@ def _boundary(handler: F) -> F:
 
     @functools.wraps(handler)
     async def wrapper(self: OverlayOperations, *args: Any) -> Any:
-        if log.isEnabledFor(logging.DEBUG):
+        # Asked once per request, and nothing formatted unless it is shown: an answered error
+        # (ENOENT, ENODATA) is the common case on hot paths, not an exceptional one.
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
             log.debug("%s%s", name, _brief(args))
         try:
             return await handler(self, *args)
         except pyfuse3.FUSEError as exc:
-            log.debug("%s -> %s", name, errno.errorcode.get(exc.errno, exc.errno))
+            if debug:
+                log.debug("%s -> %s", name, errno.errorcode.get(exc.errno, exc.errno))
             raise
         except OSError as exc:
             if exc.errno is None:
@@ -72,7 +81,7 @@ def _boundary(handler: F) -> F:
                 raise pyfuse3.FUSEError(errno.EIO) from None
             if exc.errno == errno.EIO:
                 log.error("%s%s: EIO from the layers: %s", name, _brief(args), exc)
-            else:
+            elif debug:
                 log.debug("%s -> %s (%s)", name, errno.errorcode.get(exc.errno, exc.errno), exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except (UnknownInode, UnknownHandle) as exc:  # a number the kernel should not have used
@@ -135,9 +144,26 @@ class Cookies:
     def of(self, name: str) -> int:
         cookie = self.by_name.get(name)
         if cookie is None:
-            cookie = self.by_name[name] = self.next
+            cookie = self.by_name[name] = _shared_cookie(self.next)
             self.next += 1
         return cookie
+
+
+def _shared_cookie(value: int) -> int:
+    """VALUE as one int object for every directory: each directory numbers its names 3, 4, 5...
+    and an int above 256 is otherwise an object of its own (28 bytes, one per name listed)."""
+    values = _COOKIE_VALUES
+    if value < len(values):
+        return values[value]
+    while len(values) <= value and len(values) < SHARED_COOKIES:
+        values.append(len(values))
+    return values[value] if value < len(values) else value
+
+
+#: Cookie values shared across directories (`_shared_cookie`), made as the largest listing needs
+#: them: at most SHARED_COOKIES of them (about 2 MiB), past which a huge directory's are its own.
+SHARED_COOKIES = 1 << 16
+_COOKIE_VALUES: list[int] = []
 
 
 @dataclass(slots=True)
@@ -180,9 +206,12 @@ class OverlayOperations(pyfuse3.Operations):
         view: ViewOptions | None = None,
         owners: Ownership | None = None,
         acl: bool = False,
+        workers: Workers | None = None,
     ) -> None:
+        """WORKERS: the mount's worker threads (shared with TREE, so one limit bounds both)."""
         super().__init__()
         self.tree = tree
+        self.workers = workers or Workers()
         self.view = view or ViewOptions()  # fuse-overlayfs's options (see `compat`)
         # POSIX ACLs as the kernel's overlay has them: the kernel checks them (with
         # default_permissions, which ACL support needs) and caches each inode's ACLs, negative
@@ -193,12 +222,12 @@ class OverlayOperations(pyfuse3.Operations):
         self.owners = owners if owners is not None and owners.active else None
         self._timeout = CACHE_TIMEOUT if self.view.timeout is None else self.view.timeout
         self.gate = FreezeGate()  # the daemon's control socket freezes it
-        self.inodes = tree.inodes
         self.read_only = read_only
         self._dirs: HandleTable[DirHandle] = HandleTable("directory handle")
         self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
         self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
         self._files: HandleTable[FileHandle] = HandleTable("file handle")
+        self._absent: dict[tuple[int, str], Resolved] = {}  # see `_remember_absent`
         self._next_handle = 1
         self.binding = binding.detect()
         log.debug("pyfuse3 extras in use: %s", self.binding.describe())
@@ -284,14 +313,13 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.inodes.forget(ino, count)
-            if ino not in self.inodes:
+            if self.tree.forget(ino, count):
                 self._replies.pop(ino, None)
                 self._cookies.pop(ino, None)
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._node_attributes(self.inodes.get(inode))
+        return await self._node_attributes(self.tree.node(inode))
 
     @_boundary
     @_change
@@ -300,7 +328,7 @@ class OverlayOperations(pyfuse3.Operations):
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:  # fmt: skip
         self._check_writable()
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         if fields.update_size:
             await self.tree.truncate(node, attr.st_size)
         if self.owners is not None and (fields.update_uid or fields.update_gid):
@@ -315,7 +343,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         held = self.tree.hold_object(node)
         if held is None:  # a change is moving it: after that change
             await self.tree.settled()
@@ -326,7 +354,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         st = await self._current_stat(node)
         if mode & os.W_OK and self.read_only:
             raise _fuse_error(errno.EROFS)
@@ -354,10 +382,15 @@ class OverlayOperations(pyfuse3.Operations):
         self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
-        path = self.tree.fresh(self.inodes.get(inode)).path
+        resolved = self.tree.fresh(self.tree.node(inode))
+        if self._absent.get((inode, attr)) is resolved:
+            raise _fuse_error(pyfuse3.ENOATTR)  # asked before, and nothing has set it since
         try:
-            value = os.getxattr(path, attr, follow_symlinks=False)
+            value = os.getxattr(resolved.path, attr, follow_symlinks=False)
         except OSError as exc:
+            if exc.errno == pyfuse3.ENOATTR:
+                self._remember_absent(inode, attr, resolved)
+                raise _fuse_error(pyfuse3.ENOATTR) from None
             if exc.errno == errno.EOPNOTSUPP and attr in ACL_XATTRS:
                 # A layer with no ACLs (ramfs, an upper without xattrs) holds none: no ACL, as the
                 # kernel's overlay answers. EOPNOTSUPP would fail the permission checks the kernel
@@ -368,10 +401,27 @@ class OverlayOperations(pyfuse3.Operations):
             return self.owners.acl_shown(value)
         return value
 
+    def _remember_absent(self, inode: int, attr: str, resolved: Resolved) -> None:
+        """INODE's object (RESOLVED) has no ATTR: answer the next getxattr of it without asking the
+        disk, while the node still leads to that object (a copy-up or rename rebinds it) and until
+        a setxattr through the mount (`_xattrs_may_change`).
+
+        Nothing else adds one: lower layers never change under a mount, and the upper dir changes
+        only through this daemon: chmod and chown write only private xattrs (override_stat), and
+        the kernel's removal of security.capability on a write only makes an absent name more
+        absent. The kernel itself caches no getxattr answer, and asks for
+        security.capability before every write and security.selinux on every ``ls -l``."""
+        if len(self._absent) >= ABSENT_XATTRS:
+            self._absent.clear()
+        self._absent[(inode, attr)] = resolved
+
+    def _xattrs_may_change(self) -> None:
+        self._absent.clear()
+
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._check_xattr("")
-        names = os.listxattr(self.tree.fresh(self.inodes.get(inode)).path, follow_symlinks=False)
+        names = os.listxattr(self.tree.fresh(self.tree.node(inode)).path, follow_symlinks=False)
         if not self.view.acl:
             names = [n for n in names if n not in ACL_XATTRS]
         return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
@@ -386,7 +436,11 @@ class OverlayOperations(pyfuse3.Operations):
             raise _fuse_error(errno.EPERM)
         if self.owners is not None and attr in ACL_XATTRS:
             value = self.owners.acl_on_disk(value)  # EINVAL for an id with no mapping
-        await self.tree.change_metadata(self.inodes.get(inode), lambda path: os.setxattr(path, attr, value))
+        self._xattrs_may_change()  # before (a getxattr meanwhile must not remember "absent") and after
+        try:
+            await self.tree.change_metadata(self.tree.node(inode), lambda path: os.setxattr(path, attr, value))
+        finally:
+            self._xattrs_may_change()
 
     @_boundary
     @_change
@@ -396,7 +450,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         # Removing what is not there fails without a copy-up, as in the kernel.
         os.getxattr(self.tree.fresh(node).path, attr, follow_symlinks=False)
         await self.tree.change_metadata(node, lambda path: os.removexattr(path, attr))
@@ -405,7 +459,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self.inodes.get(inode)
+        node = self.tree.node(inode)
         # Opening for writing copies up (and O_TRUNC truncates): a change, held back by a freeze.
         async with self.gate if _opens_to_write(flags) else contextlib.nullcontext():
             return await self._open(node, flags, ctx)
@@ -424,7 +478,7 @@ class OverlayOperations(pyfuse3.Operations):
                     await self._invalidate_listings(list(self._cookies))
             resolved, fd = await self._open_node(node, flags)
             if flags & os.O_TRUNC and ctx.uid != 0:
-                await self.tree.in_thread(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
+                await self.workers.run(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
             if not writing and not resolved.layer.writable:
                 nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
         except BaseException:
@@ -447,20 +501,20 @@ class OverlayOperations(pyfuse3.Operations):
         read opens its lower data file (immutable, so no race to check)."""
         data = node.resolved.data
         if data is not None and (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
-            return data, await self.tree.in_thread(_open_blocking, data, flags)
+            return data, await self.workers.run(_open_blocking, data, flags)
         for attempt in range(2):
             resolved = node.resolved
             if node.detached is not None and not node.names:
-                return resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+                return resolved, await self.workers.run(_reopen, node.detached, flags)
             if attempt == 1:  # after a race: only through a descriptor checked to be NODE's object
                 held = self.tree.hold_object(node)
                 if held is None:
                     break
-                return node.resolved, await self.tree.in_thread(_reopen, held, flags)
+                return node.resolved, await self.workers.run(_reopen, held, flags)
             try:
                 fd = _open_real(resolved, flags, nowait.open_cached)
                 if fd is None:
-                    fd = await self.tree.in_thread(_open_blocking, resolved, flags)
+                    fd = await self.workers.run(_open_blocking, resolved, flags)
             except OSError:
                 # Whatever is at the name now (a symlink: ELOOP, a whiteout: ENXIO, nothing: ENOENT)
                 # may be a change in flight: after it, the second try answers for real.
@@ -472,7 +526,7 @@ class OverlayOperations(pyfuse3.Operations):
             if attempt == 0:
                 await self.tree.settled()
         if node.detached is not None:
-            return node.resolved, await self.tree.in_thread(_reopen, node.detached, flags)
+            return node.resolved, await self.workers.run(_reopen, node.detached, flags)
         raise _fuse_error(errno.ENOENT)
 
     @_boundary
@@ -505,13 +559,13 @@ class OverlayOperations(pyfuse3.Operations):
                 raise _fuse_error(errno.EISDIR)
             info = await self._open(node, flags & ~os.O_CREAT, ctx)
         except BaseException:
-            self.inodes.forget(node.ino, 1)
+            self.tree.forget(node.ino, 1)
             raise
         try:
             return info, await self._node_attributes(node)
         except BaseException:
             await self.release(info.fh)
-            self.inodes.forget(node.ino, 1)
+            self.tree.forget(node.ino, 1)
             raise
 
     def _readable_fd(self, handle: FileHandle) -> int:
@@ -539,13 +593,13 @@ class OverlayOperations(pyfuse3.Operations):
         fd = self._readable_fd(handle)
         data = nowait.read_cached(fd, size, off, handle.dev)
         if data is None:
-            data = await self.tree.in_thread(os.pread, fd, size, off)
+            data = await self.workers.run(os.pread, fd, size, off)
         return data
 
     @_boundary
     @_change
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.tree.in_thread(os.pwrite, self._files[fh].fd, buf, off)
+        return await self.workers.run(os.pwrite, self._files[fh].fd, buf, off)
 
     @_boundary
     async def flush(self, fh: int) -> None:
@@ -559,7 +613,7 @@ class OverlayOperations(pyfuse3.Operations):
             raise _fuse_error(errno.ENOSYS)
         handle = self._files[fh]
         if handle.writable:
-            await self.tree.in_thread(os.fdatasync if datasync else os.fsync, handle.fd)
+            await self.workers.run(os.fdatasync if datasync else os.fsync, handle.fd)
 
     @_boundary
     async def release(self, fh: int) -> None:
@@ -583,16 +637,19 @@ class OverlayOperations(pyfuse3.Operations):
     async def _replies_now(self, node: Node) -> ListingReplies:
         """The directory's listing as it is now, with its replies in cookie order."""
         _, entries = await self.tree.list_dir(node.ino)
-        replies = self._replies.get(node.ino)
+        replies = self._replies.pop(node.ino, None)  # put back last: the most recently used
         if replies is None or replies.source is not entries:
             cookies = self._cookies.get(node.ino)
             if cookies is None:
                 cookies = self._cookies[node.ino] = Cookies({})
             numbered = sorted((cookies.of(name), name, resolved) for name, resolved in entries)
-            replies = self._replies[node.ino] = ListingReplies(
+            replies = ListingReplies(
                 [(name, resolved) for _, name, resolved in numbered], [c for c, _, _ in numbered],
                 [None] * len(numbered), entries,
             )  # fmt: skip
+        self._replies[node.ino] = replies
+        while len(self._replies) > KEPT_LISTINGS:  # as the tree bounds the listings themselves
+            del self._replies[next(iter(self._replies))]
         return replies
 
     @_boundary
@@ -623,14 +680,14 @@ class OverlayOperations(pyfuse3.Operations):
                     if now is None:
                         continue  # gone since the listing was read: never send a stale pairing
                     st = now
-                attrs = self._attributes(self.inodes.number_for(resolved), resolved, st)
+                attrs = self._attributes(self.tree.number_for(resolved), resolved, st)
                 reply = (os.fsencode(name), attrs)
                 if not resolved.layer.writable:
                     lower[index] = reply
             if not pyfuse3.readdir_reply(token, reply[0], reply[1], cookies[index]):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
-            self.inodes.remember(node.ino, name, resolved, reply[1].st_ino)
+            self.tree.remember_listed(node, name, resolved, reply[1].st_ino)
         if self.binding.readdir_inode and asked >= (cookies[-1] if cookies else 2):
             # The end of the listing, asked for after its last entry went out: with kernel-cached
             # listings the kernel now holds it, so ours (a Resolved and a reply per entry, about a
@@ -658,7 +715,7 @@ class OverlayOperations(pyfuse3.Operations):
             return
         listed = [ino for ino in inodes if ino in self._cookies]
         if listed:
-            await self.tree.in_thread(_invalidate_inodes, listed)
+            await self.workers.run(_invalidate_inodes, listed)
 
     @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -734,7 +791,7 @@ class OverlayOperations(pyfuse3.Operations):
             moved = {(parent_inode_new, name_new), (parent_inode_old, name_old)}
             await self._invalidate_listings([
                 ino for ino in self._cookies
-                if (node := self.inodes.find(ino)) is not None and (node.parent, os.fsencode(node.name)) in moved
+                if (node := self.tree.find_node(ino)) is not None and (node.parent, os.fsencode(node.name)) in moved
             ])  # fmt: skip
 
 

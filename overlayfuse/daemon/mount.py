@@ -28,6 +28,7 @@ import trio
 from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
+from ..overlay.workers import Workers
 from . import control, inuse, owners, readahead
 from .fs import OverlayOperations
 from .notify import notify
@@ -85,9 +86,10 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         if not upper_dir.style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
     ownership, upper_dir = _ownership(options, stack, upper_dir)
-    tree = MergedTree(stack, upper_dir)
+    workers = Workers()  # one pool for the tree's blocking work and the handlers' (reads, writes)
+    tree = MergedTree(stack, upper_dir, workers)
     operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
-                                   acl="default_permissions" in options.fuse_options)
+                                   acl="default_permissions" in options.fuse_options, workers=workers)
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))

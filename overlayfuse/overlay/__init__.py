@@ -12,7 +12,9 @@
   feature xattrs), whose methods are every crash-safe change to the upper dir (create, remove,
   rename, whiteouts, copy-up, redirects, naming an index copy);
 - `treecopy`: a directory's whole merged tree copied up, all or nothing (renames without redirects);
-- `merged`: the merged namespace and every change to it (async; blocking work in worker threads).
+- `merged`: the merged namespace and every change to it (async; blocking work in worker threads),
+  and the only writer of the node table;
+- `workers`: the mount's worker threads, one limit for the tree's blocking calls and the handlers'.
 
 May import `overlayfuse.linux` and `overlayfuse.errors`, and trio; never pyfuse3 nor anything above
 (`daemon`, `images`, `containers`, `service`, `ctl`). The node table lives here, not in `daemon`,

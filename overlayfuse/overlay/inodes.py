@@ -34,7 +34,7 @@ filesystem, and two merged objects on one origin (overlapping layers).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .layers import Fd, Resolved
 
@@ -67,6 +67,34 @@ def identity(resolved: Resolved) -> Identity:
     return (False, resolved.stat.st_dev, resolved.stat.st_ino)
 
 
+class Names(list[Name]):
+    """The names the kernel knows one object by, as a set would keep them: nearly every object has
+    one, and a one-name list costs a third of a set's memory (80 bytes against 216)."""
+
+    __slots__ = ()
+
+    def add(self, name: Name) -> None:
+        if name not in self:
+            self.append(name)
+
+    def discard(self, name: Name) -> None:
+        if name in self:
+            self.remove(name)
+
+
+@dataclass(slots=True)
+class DirState:
+    """What a directory's node keeps about its listing: apart from `Node`, so that the many
+    non-directories (most nodes) carry one empty slot for it, not three."""
+
+    listing: list[tuple[str, Resolved]] | None = None
+    """The merged listing, kept for the next readdir while nothing in it changes (on a stock
+    pyfuse3 the kernel cannot cache listings for us; on the patched one it does, see fs)."""
+    listing_epoch: int = -1
+    version: int = 0
+    """Bumped before and after every change in this directory: a listing read meanwhile is redone."""
+
+
 @dataclass(slots=True)
 class Node:
     """One merged object the kernel knows about."""
@@ -78,24 +106,72 @@ class Node:
     parent: int
     name: str
     """One live name of the object (parent inode, name): where a copy-up puts it."""
-    identity: Identity
     lookups: int = 0
-    names: set[Name] = field(default_factory=set)
-    """Every name the kernel knows this object by (hardlinks have several)."""
+    own_identity: Identity | None = None
+    """`identity` once it is not `identity(resolved)`; None while it is (nearly every node: no tuple)."""
+    own_names: Names | None = None
+    """`names` once it is not just (parent, name); None while it is (nearly every object: no list)."""
     opened: int = 0
     """Open file handles on this object: if its last name goes meanwhile, it is `detached`."""
     detached: Fd | None = None
     """The object itself (O_PATH), once it has no name left but is still open (unlinked, in use)."""
-    listing: list[tuple[str, Resolved]] | None = None
-    """A directory's merged listing, kept for the next readdir while nothing in it changes (on a
-    stock pyfuse3 the kernel cannot cache listings for us; on the patched one it does, see fs)."""
-    listing_epoch: int = -1
-    version: int = 0
-    """Bumped before and after every change in this directory: a listing read meanwhile is redone."""
+    dir_state: DirState | None = None
+    """A directory's listing state, made the first time it is listed or changed (see `DirState`)."""
 
     @property
     def is_dir(self) -> bool:
         return self.resolved.is_dir
+
+    @property
+    def listing(self) -> list[tuple[str, Resolved]] | None:
+        return None if self.dir_state is None else self.dir_state.listing
+
+    @listing.setter
+    def listing(self, value: list[tuple[str, Resolved]] | None) -> None:
+        if self.dir_state is not None:
+            self.dir_state.listing = value
+        elif value is not None:
+            self.dir_state = DirState(listing=value)
+
+    @property
+    def listing_epoch(self) -> int:
+        return -1 if self.dir_state is None else self.dir_state.listing_epoch
+
+    @listing_epoch.setter
+    def listing_epoch(self, value: int) -> None:
+        if self.dir_state is None:
+            self.dir_state = DirState()
+        self.dir_state.listing_epoch = value
+
+    @property
+    def version(self) -> int:
+        return 0 if self.dir_state is None else self.dir_state.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        if self.dir_state is None:
+            self.dir_state = DirState()
+        self.dir_state.version = value
+
+    @property
+    def identity(self) -> Identity:
+        """The object whose number this node has (see the module docstring): its resolution's,
+        unless set (`InodeTable.rebind`, `retire`, or a resolution replaced by another object's)."""
+        return identity(self.resolved) if self.own_identity is None else self.own_identity
+
+    @identity.setter
+    def identity(self, value: Identity) -> None:
+        self.own_identity = None if value == identity(self.resolved) else value
+
+    @property
+    def names(self) -> Names:
+        """Every name the kernel knows this object by (hardlinks have several; a detached object
+        none). Made on first use from (parent, name): whoever changes ``parent`` or ``name`` asks
+        for it first (`InodeTable` does), so the name they replace stays in it."""
+        names = self.own_names
+        if names is None:
+            names = self.own_names = Names(((self.parent, self.name),))
+        return names
 
 
 class InodeTable:
@@ -109,7 +185,7 @@ class InodeTable:
         self._next_allocated = 1
         root_identity = identity(root)
         self._pinned[root_identity] = ROOT_INODE
-        self.root = Node(ROOT_INODE, root, ROOT_INODE, "", root_identity, lookups=1)
+        self.root = Node(ROOT_INODE, root, ROOT_INODE, "", lookups=1, own_names=Names())
         self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
 
     def __len__(self) -> int:
@@ -153,28 +229,34 @@ class InodeTable:
         node = self._nodes.get(ino)
         if node is None:
             _hold(resolved)
-            node = Node(ino, resolved, parent, name, ident)
+            node = Node(ino, resolved, parent, name)  # names: just (parent, name); identity: IDENT
             self._nodes[ino] = node
-        elif node.is_dir or not node.resolved.layer.writable or resolved.layer.writable:
+            node.lookups += 1
+            return node
+        if node.own_names is not None or (parent, name) != (node.parent, node.name):
+            node.names.add((parent, name))  # (made from the name it had first, if need be)
+        if node.is_dir or not node.resolved.layer.writable or resolved.layer.writable:
             # A hardlinked file copied up through another name keeps its upper copy: the kernel
             # already treats both names as this one inode.
             _hold(resolved)
+            if node.own_identity is None and ident != node.identity:
+                node.own_identity = node.identity  # the number stays the object's it was given for
             node.resolved = resolved
             node.parent, node.name = parent, name
             node.detached = None
-        node.names.add((parent, name))
         node.lookups += 1
         return node
 
     def rebind(self, node: Node, resolved: Resolved) -> None:
         """NODE's object now lives elsewhere (copied up, moved): keep its number for the new one."""
         _hold(resolved)
+        old_identity = node.identity
         node.resolved = resolved
         new_identity = identity(resolved)
-        if new_identity != node.identity:
+        if new_identity != old_identity:
             self._pinned[new_identity] = node.ino
             # the object it was (a lower file, say) still leads to this node, not to a new number
-            self._pinned.setdefault(node.identity, node.ino)
+            self._pinned.setdefault(old_identity, node.ino)
             node.identity = new_identity
 
     def retire(self, node: Node) -> None:
@@ -236,8 +318,11 @@ class InodeTable:
             log.info("objects from a new filesystem (st_dev %#x) get fsid %d", dev, fsid)
         if real_ino >= 1 << FSID_SHIFT:
             return None
-        ino = (fsid << FSID_SHIFT) | real_ino
-        return None if ino == ROOT_INODE else ino
+        if real_ino == ROOT_INODE and fsid == 0:
+            return None
+        # fsid 0 (the top layer's filesystem): the number is the real one, and the same object (one
+        # int less per node: the node table holds one for each object the kernel knows)
+        return real_ino if fsid == 0 else (fsid << FSID_SHIFT) | real_ino
 
     def _allocate(self, ident: Identity) -> int:
         ino = (ALLOCATED_FSID << FSID_SHIFT) | self._next_allocated

@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,12 +31,9 @@ from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
 from .upper import NewObject, UpperDir
 from .whiteout import NO_MARKERS
+from .workers import Workers
 
 log = logging.getLogger(__name__)
-
-#: Worker threads for file data, copy-ups and directory listings: enough to keep a disk queue busy and
-#: let several readers progress at once, few enough to bound memory (each holds at most one read).
-IO_THREADS = 16
 
 T = TypeVar("T")
 
@@ -55,15 +53,20 @@ def _error(code: int, what: str = "") -> OSError:
 class MergedTree:
     """The merged view of one mount: its layer stack, inode table and (if writable) upper dir."""
 
-    def __init__(self, stack: LayerStack, upper_dir: UpperDir | None = None) -> None:
-        """UPPER_DIR: the writable side; without it the tree is read-only."""
+    def __init__(
+        self, stack: LayerStack, upper_dir: UpperDir | None = None, workers: Workers | None = None
+    ) -> None:
+        """UPPER_DIR: the writable side; without it the tree is read-only. WORKERS: the mount's
+        worker threads, shared with whoever else blocks on its behalf (the FUSE handlers)."""
         self.stack = stack
         self.upper_dir = upper_dir
         self.inodes = InodeTable(
             stack.resolve_root(), [os.lstat(layer.root).st_dev for layer in stack.layers]
         )
-        self.io = trio.CapacityLimiter(IO_THREADS)
+        self.workers = workers or Workers()
         self._changes = trio.Lock()
+        self._kept: OrderedDict[int, Node] = OrderedDict()
+        """Directories whose listing is kept (`list_dir`), least recently used first."""
         self.listing_epoch = 0
         """Bumped by changes whose effect reaches other directories' listings (a hardlinked file
         copied up shows in every directory holding one of its lower names; a tree copied up)."""
@@ -78,12 +81,39 @@ class MergedTree:
         return self.upper_dir.workspace if self.upper_dir is not None else None
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(func, *args, limiter=self.io)
+        return await self.workers.run(func, *args)
 
     async def settled(self) -> None:
         """Wait until the change in flight (if any) is done: its objects are where it put them."""
         async with self._changes:
             pass
+
+    # -- the kernel's references (the FUSE layer's view of the node table) --------------------------
+
+    def node(self, ino: int) -> Node:
+        """The node the kernel knows by INO; `UnknownInode` if it was never given or is forgotten."""
+        return self.inodes.get(ino)
+
+    def find_node(self, ino: int) -> Node | None:
+        return self.inodes.find(ino)
+
+    def number_for(self, resolved: Resolved) -> int:
+        """The inode number RESOLVED's object has (or will have) in the mount."""
+        return self.inodes.number_for(resolved)
+
+    def remember_listed(self, directory: Node, name: str, resolved: Resolved, number: int) -> None:
+        """The kernel accepted NAME of DIRECTORY in a readdirplus reply (NUMBER: what `number_for`
+        said): that counts as a lookup, which `forget` pays back."""
+        self.inodes.remember(directory.ino, name, resolved, number)
+
+    def forget(self, ino: int, count: int) -> bool:
+        """The kernel dropped COUNT references to INO; True if it holds none now (the node is gone,
+        with whatever was kept for it)."""
+        self.inodes.forget(ino, count)
+        if ino in self.inodes:
+            return False
+        self._kept.pop(ino, None)
+        return True
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -163,15 +193,18 @@ class MergedTree:
         node, _resolved = self.directory(ino)
         for _ in range(_LISTING_TRIES):
             if node.listing is not None and node.listing_epoch == self.listing_epoch:
+                self._keep(node)
                 return node, node.listing
             version, epoch = node.version, self.listing_epoch
             entries = await self._read_listing(node.resolved)
             if node.version == version and self.listing_epoch == epoch:
                 node.listing, node.listing_epoch = entries, epoch
+                self._keep(node)
                 return node, entries
         async with self._changes:  # busy directory: read it with changes held back
             entries = await self._read_listing(node.resolved)
             node.listing, node.listing_epoch = entries, self.listing_epoch
+            self._keep(node)
         return node, entries
 
     async def _read_listing(self, resolved: Resolved) -> list[tuple[str, Resolved]]:
@@ -183,6 +216,15 @@ class MergedTree:
     def drop_listing(self, directory: Node) -> None:
         """Free DIRECTORY's cached listing (the kernel keeps its own); the next `list_dir` reads it."""
         directory.listing = None
+        self._kept.pop(directory.ino, None)
+
+    def _keep(self, directory: Node) -> None:
+        """DIRECTORY's listing was just used: the last to go when more than KEPT_LISTINGS are kept."""
+        self._kept[directory.ino] = directory
+        self._kept.move_to_end(directory.ino)
+        while len(self._kept) > KEPT_LISTINGS:
+            _, oldest = self._kept.popitem(last=False)
+            oldest.listing = None
 
     def _changed(self, directory: Node) -> None:
         """Something in DIRECTORY changes (called before and after): its cached listing is stale."""
@@ -713,3 +755,9 @@ def _truncate(path: str, size: int) -> None:
 
 #: Optimistic reads of a listing before taking the change lock (a directory under constant change).
 _LISTING_TRIES = 3
+
+#: Directories whose merged listing is kept for the next readdir (least recently used go first).
+#: With kernel-cached listings one is freed once the kernel has read it to the end, so this bounds
+#: only what a stock pyfuse3 needs (every readdir reaches the daemon): a walk's working set is its
+#: path from the root, and each listing costs about 400 bytes an entry.
+KEPT_LISTINGS = 64

@@ -116,7 +116,7 @@ async def test_create_without_excl_opens_a_name_made_since_the_lookup(
     # Each failed create handed the kernel nothing: only the lookups it was answered are counted.
     await operations.forget([(etc.st_ino, 1)])
     await operations.forget([(attrs.st_ino, 1)])
-    assert etc.st_ino not in operations.inodes and attrs.st_ino not in operations.inodes
+    assert operations.tree.find_node(etc.st_ino) is None and operations.tree.find_node(attrs.st_ino) is None
 
 
 def test_overlay_and_linux_need_no_pyfuse3() -> None:
@@ -126,3 +126,26 @@ def test_overlay_and_linux_need_no_pyfuse3() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
     assert ROOT_INODE == pyfuse3.ROOT_INODE
+
+
+async def test_a_missing_xattr_is_remembered_until_one_is_set(operations: OverlayOperations, tmp_path: Path) -> None:
+    """getxattr answers a name it found missing without the disk (the per-request path), and
+    never after a setxattr of it, through a copy-up or on an upper object."""
+    etc = await operations.lookup(ROOT_INODE, b"etc", CTX)
+    hosts = await operations.lookup(etc.st_ino, b"hosts", CTX)
+    for ino in (hosts.st_ino, hosts.st_ino, ROOT_INODE, ROOT_INODE):
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await operations.getxattr(ino, b"user.probe", CTX)
+        assert excinfo.value.errno == pyfuse3.ENOATTR
+    assert len(operations._absent) == 2
+    await operations.setxattr(hosts.st_ino, b"user.probe", b"lower, copied up", CTX)
+    assert await operations.getxattr(hosts.st_ino, b"user.probe", CTX) == b"lower, copied up"
+    await operations.setxattr(ROOT_INODE, b"user.probe", b"upper", CTX)
+    assert await operations.getxattr(ROOT_INODE, b"user.probe", CTX) == b"upper"
+    await operations.removexattr(ROOT_INODE, b"user.probe", CTX)
+    with pytest.raises(pyfuse3.FUSEError):
+        await operations.getxattr(ROOT_INODE, b"user.probe", CTX)
+    # set behind the daemon's back, on the upper dir (unsupported): the remembered answer stands
+    os.setxattr(tmp_path / "upper", "user.probe", b"behind")
+    with pytest.raises(pyfuse3.FUSEError):
+        await operations.getxattr(ROOT_INODE, b"user.probe", CTX)

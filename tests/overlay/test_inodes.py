@@ -45,7 +45,7 @@ def test_merged_directory_is_numbered_by_its_lowest_layer(tmp_path: Path) -> Non
 def test_hardlinks_share_one_node(tmp_path: Path) -> None:
     stack, table = _table(tmp_path)
     a, b = _remember(stack, table, "a"), _remember(stack, table, "b")
-    assert a is b and a.names == {(ROOT_INODE, "a"), (ROOT_INODE, "b")} and a.lookups == 2
+    assert a is b and set(a.names) == {(ROOT_INODE, "a"), (ROOT_INODE, "b")} and a.lookups == 2
 
 
 def test_numbers_are_stable_across_forget(tmp_path: Path) -> None:
@@ -106,3 +106,30 @@ def test_number_held_by_another_object_is_not_reused(tmp_path: Path) -> None:
     number = table.number_for(clash)
     assert number != held.ino and number >> FSID_SHIFT == ALLOCATED_FSID
     assert table.number_for(clash) == number  # remembered for the life of the mount
+
+
+def test_a_node_with_one_name_keeps_no_list_and_no_identity(tmp_path: Path) -> None:
+    """The common node is slim (a walk of 200k files holds 200k of them): its names and identity
+    are derived from (parent, name) and its resolution until something makes them differ."""
+    stack, table = _table(tmp_path)
+    u = _remember(stack, table, "u")
+    assert u.own_names is None and u.own_identity is None
+    assert list(u.names) == [(ROOT_INODE, "u")]
+    table.renamed(u, (ROOT_INODE, "u"), (ROOT_INODE, "v"))
+    assert list(u.names) == [(ROOT_INODE, "v")] and (u.parent, u.name) == (ROOT_INODE, "v")
+    a = _remember(stack, table, "a")
+    table.retire(a)
+    assert a.identity == (False, -1, a.ino)  # set apart from its resolution's
+
+
+def test_compact_stat_keeps_every_field_the_overlay_reads(tmp_path: Path) -> None:
+    path = make_tree(tmp_path / "t", File("f", b"abc")) / "f"
+    os.utime(path, ns=(1_000_000_007, 2_000_000_003))
+    st = os.lstat(path)
+    slim = layers.compact_stat(st)
+    for name in ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime_ns",
+                 "st_mtime_ns", "st_ctime_ns", "st_blksize", "st_blocks", "st_rdev"):
+        assert getattr(slim, name) == getattr(st, name), name
+    assert layers.compact_stat(slim) is slim
+    resolved = _resolve(LayerStack.from_dirs([str(tmp_path / "t")], None), "f")
+    assert resolved.stat.st_mtime_ns == 2_000_000_003 and resolved.stat.st_mtime is None  # kept compact

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from overlayfuse.linux.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+from overlayfuse.overlay import merged
 from overlayfuse.overlay.features import CopyUpFeatures
-from overlayfuse.overlay.inodes import ROOT_INODE
+from overlayfuse.overlay.inodes import ROOT_INODE, UnknownInode
 from overlayfuse.overlay.merged import MergedTree
 from overlayfuse.overlay.whiteout import TRUSTED_OPAQUE
 from tests.support.overlaytree import ROOT, open_tree
@@ -79,6 +80,41 @@ async def test_lookup_follows_the_layers(tree: MergedTree) -> None:
     assert await _names(tree, ROOT_INODE) == ["empty", "etc", "full", "hl", "opq"]
     assert await _names(tree, etc) == ["hosts", "link", "passwd"]
     assert await _names(tree, _ino(tree, "opq")) == ["over"]
+
+
+async def test_a_listed_entry_is_known_until_the_kernel_forgets_it(tree: MergedTree) -> None:
+    """The FUSE layer's only ways into the node table: an accepted readdirplus entry counts as a
+    lookup (`remember_listed`), and `forget` pays references back and says when the node is gone."""
+    etc = _ino(tree, "etc")
+    _, entries = await tree.list_dir(etc)
+    passwd = dict(entries)["passwd"]
+    number = tree.number_for(passwd)
+    assert tree.find_node(number) is None
+    tree.remember_listed(tree.node(etc), "passwd", passwd, number)
+    tree.remember_listed(tree.node(etc), "passwd", passwd, number)  # listed twice: two references
+    assert tree.node(number).name == "passwd" and tree.node(number).parent == etc
+    assert tree.lookup(etc, "passwd").ino == number  # a lookup meets the same node: a third
+    assert not tree.forget(number, 2)
+    assert tree.forget(number, 1)
+    assert tree.find_node(number) is None
+    with pytest.raises(UnknownInode):
+        tree.node(number)
+    assert not tree.forget(ROOT_INODE, 1)  # the root is never let go
+
+
+async def test_kept_listings_are_bounded(dirs: tuple[Path, Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a stock pyfuse3 every readdir reaches the daemon and listings are kept for the next one:
+    no more than KEPT_LISTINGS of them, the least recently used going first."""
+    monkeypatch.setattr(merged, "KEPT_LISTINGS", 2)
+    l1, l2, upper, work = dirs
+    tree = open_tree([l1, l2], upper, work)
+    etc, full, hl = (_ino(tree, name) for name in ("etc", "full", "hl"))
+    for ino in (etc, full, etc, hl):
+        await tree.list_dir(ino)
+    assert tree.node(full).listing is None  # least recently used: dropped
+    assert tree.node(etc).listing is not None and tree.node(hl).listing is not None
+    assert await _names(tree, full) == ["f1"]  # read again when asked
+    assert tree.node(etc).listing is None
 
 
 async def test_create_copies_up_the_parent_only(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
