@@ -33,6 +33,9 @@ def rows(plain_copy: Path) -> list[tuple[str, list[str], dict[str, str]]]:
     no_pyc = {"PYTHONPATH": str(plain_copy), "PYTHONDONTWRITEBYTECODE": "1"}
     return [
         ("python -S -c pass (no site)", [PY, "-S", "-c", "pass"], {}),
+        ("python -X frozen_modules=off -S -c pass (no frozen stdlib)",
+         [PY, "-X", "frozen_modules=off", "-S", "-c", "pass"], {}),
+        ("python -I -c pass (isolated: venv site, no env, no user site)", [PY, "-I", "-c", "pass"], {}),
         ("python -c pass (venv site)", [PY, "-c", "pass"], {}),
         ("python -c 'import trio'", [PY, "-c", "import trio"], {}),
         ("python -c 'import pyfuse3' (imports trio)", [PY, "-c", "import pyfuse3"], {}),
