@@ -110,9 +110,9 @@ def test_startup_table_has_every_row() -> None:
                           timeout=STARTUP_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     lines = proc.stdout.decode().splitlines()
-    rows = [line.split(None, 1) for line in lines[1:]]
+    rows = [line.split(None, 2) for line in lines[1:]]
     assert len(rows) == 11, lines
-    assert all(float(ms) > 0 for ms, _ in rows), lines
-    labels = [label for _, label in rows]
+    assert all(float(wall) > 0 and float(cpu) > 0 for wall, cpu, _ in rows), lines
+    labels = [label for _, _, label in rows]
     assert "python -S -c pass (no site)" in labels and "overlayfuse --version" in labels
     assert labels.count("same, no bytecode") == 2, labels
