@@ -19,7 +19,17 @@ from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
 from .report import host_info, render, summarize
 from .runner import Bench
-from .settings import CTL_WORKLOADS, DEFAULT_CACHE, DEFAULT_WORKDIR, MARKER, SCALES, TARGETS, VENV_BIN, WORKLOADS
+from .settings import (
+    CTL_WORKLOADS,
+    DEFAULT_CACHE,
+    DEFAULT_WORKDIR,
+    MARKER,
+    PODMAN_WORKLOAD,
+    SCALES,
+    TARGETS,
+    VENV_BIN,
+    WORKLOADS,
+)
 from .stack import choose_targets_of_work, prepare_stack
 from .views import walk_view
 
@@ -89,6 +99,10 @@ def preflight(targets: Sequence[str], workloads: Sequence[str]) -> None:
     if "overlayfuse" in targets and set(workloads) & set(CTL_WORKLOADS) and shutil.which("umoci") is None:
         raise BenchError("umoci is not installed (it builds the images for ctl-image-ls and ctl-ps): "
                          "run scripts/setup")
+    if PODMAN_WORKLOAD in workloads:
+        missing = [tool for tool in ("podman", "runc", "conmon", "umoci", "busybox") if shutil.which(tool) is None]
+        if missing:
+            raise BenchError(f"{PODMAN_WORKLOAD} needs {', '.join(missing)}: run scripts/setup")
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -20,13 +20,15 @@ def run(cmd: Sequence[str | os.PathLike[str]], timeout: float, *, capture: bool 
         check: bool = True, stdin: Any = subprocess.DEVNULL,
         env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run in its own session; on timeout or interruption kill the whole process group.
+    ENV: variables added to ours for this command.
 
     A pipeline (`bash -c 'tar ... | wc'`) is killed as a whole, so no orphan keeps a
     mount busy.  A process stuck in a FUSE request dies on SIGKILL.
     """
     args = [os.fspath(c) for c in cmd]
     proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE if capture else
-                            subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
+                            subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env=None if env is None else os.environ | env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as exc:
@@ -50,10 +52,10 @@ def kill_groups(procs: Sequence[subprocess.Popen[bytes]]) -> None:
         proc.wait()
 
 
-def timed(cmd: Sequence[str | os.PathLike[str]], timeout: float) -> float:
+def timed(cmd: Sequence[str | os.PathLike[str]], timeout: float, env: dict[str, str] | None = None) -> float:
     """Wall time of one command, which must succeed."""
     start = time.perf_counter()
-    run(cmd, timeout, capture=False)
+    run(cmd, timeout, capture=False, env=env)
     return time.perf_counter() - start
 
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import ctl
+from . import ctl, podman
 from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter
 from .processes import bash, drop_caches, sync, timed
-from .settings import CTL_WORKLOADS, RSS_WALKS, WORKLOADS, Scale
+from .settings import CTL_WORKLOADS, PODMAN_WORKLOAD, RSS_WALKS, WORKLOADS, Scale
 from .stack import Stack
 from .views import Entry, compare_views, walk_view_isolated
 from .workloads import JOBS, Job
@@ -67,6 +67,8 @@ class Bench:
                     self._one(mounter, stack, job, target, rep)
         if any(w in self.workloads for w in CTL_WORKLOADS) and "overlayfuse" in self.targets:
             self._ctl(mounter.root.parent)
+        if PODMAN_WORKLOAD in self.workloads:
+            self._podman(mounter.root.parent)
         if "walk-warm" in self.workloads:
             for target in self.targets:
                 if target != "kernel":
@@ -115,6 +117,22 @@ class Bench:
             for w in CTL_WORKLOADS:
                 if w in self.workloads:
                     self.cells[w]["overlayfuse"].errors.append(str(exc))
+
+    def _podman(self, work: Path) -> None:
+        """``podman run --rm IMAGE true`` on each target's own storage, rotating the order per rep."""
+        cells = self.cells[PODMAN_WORKLOAD]
+        try:
+            with podman.storages(work, self.targets) as ready:
+                for rep in range(self.args.reps):
+                    k = rep % len(self.targets)
+                    for target, samples in podman.measure(ready, self.targets[k:] + self.targets[:k]).items():
+                        cells[target].samples.extend(samples)
+                        say(f"rep {rep + 1}/{self.args.reps} {target:<14} {PODMAN_WORKLOAD} "
+                            + " ".join(f"{v:.3f}" for v in samples) + " s")
+        except BenchError as exc:
+            say(f"{PODMAN_WORKLOAD}: FAILED: {exc}")
+            for cell in cells.values():
+                cell.errors.append(str(exc))
 
     def _rss_walks(self, mounter: Mounter, target: str) -> None:
         """VmRSS after a cold walk and after each of RSS_WALKS warm walks on one mount."""

@@ -16,6 +16,10 @@ FSTYPES = {"kernel": "overlay", "fuse-overlayfs": "fuse.fuse-overlayfs",
 CTL_IMAGES = 20  # images in the store ctl-image-ls and ctl-ps list
 CTL_RUNS = 5  # runs of each overlayctl command per rep: one run takes a tenth of a second
 
+PODMAN_RUNS = 3  # timed `podman run` per target per rep, in rotating order: one run takes ~0.3 s
+#: One `podman run --rm` of busybox takes under a second; pulling from a local layout a few. A guard only.
+PODMAN_TIMEOUT = 120.0
+
 #: getxattr calls in the per-request row: enough that the interpreter's start (~30 ms) is noise.
 PER_REQUEST_CALLS = 20000
 
@@ -43,11 +47,15 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
                        "caches dropped"),
     "build-like": ("s", False, "untar a C-shaped source tree into MNT/bench-build, write a 3x-sized "
                    ".o for each .c (staged, renamed), link them into one file, rm -rf the tree"),
+    "podman-run": ("s", False, "podman run --rm IMAGE true (busybox, runc, root, no network), target as "
+                   "containers-storage's overlay backend"),
     "ctl-image-ls": ("s", False, f"overlayctl image ls, store of {CTL_IMAGES} images (overlayfuse only)"),
     "ctl-ps": ("s", False, f"overlayctl ps -a, store of {CTL_IMAGES} images (overlayfuse only)"),
 }
 #: Workloads of overlayctl, not of a mount: measured once, in the overlayfuse column.
 CTL_WORKLOADS = ("ctl-image-ls", "ctl-ps")
+#: Run by podman on a storage of its own per target, not on the bench's mounts.
+PODMAN_WORKLOAD = "podman-run"
 
 MOUNT_TIMEOUT = 60.0  # a mount must answer a stat by then; only bounds a hang
 UNMOUNT_TIMEOUT = 15.0  # per unmount command, before the lazy fallback

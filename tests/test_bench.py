@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import podman
+from benchmarks.errors import BenchError
 from tests.conftest import skip_or_fail
 from tests.support.mounts import REPO_ROOT, mounts
 
@@ -24,16 +26,24 @@ WORKLOADS = ("walk-cold", "walk-warm", "stat-ls", "read-all", "seqread-1G", "cop
              "git-status", "random-read-4t", "build-like")
 #: overlayctl's listings: one column, overlayfuse's.
 CTL_WORKLOADS = ("ctl-image-ls", "ctl-ps")
-# --tiny finishes in well under a minute on two idle cores; this only bounds a hang.
-BENCH_TIMEOUT = 240
-# --startup --reps 1: 18 starts of a second at most each, plus scripts/setup's check.
+#: podman on a storage of its own per target: every target, no daemon RSS.
+PODMAN_WORKLOAD = "podman-run"
+# --tiny finishes in about a minute on two idle cores (podman-run: three storages, 12 podman runs);
+# at load 4 to 6 on this VM it took 240 to 300 s. This only bounds a hang.
+BENCH_TIMEOUT = 600
+#: What the podman-run row needs besides the bench's own tools.
+PODMAN_TOOLS = ("podman", "runc", "conmon", "umoci", "busybox")
+# A pull from a local layout and one failing run: seconds; this only bounds a hang.
+PODMAN_FAILURE_TIMEOUT = 300
+# --startup --reps 1: 22 starts of a second at most each, plus scripts/setup's check.
 STARTUP_TIMEOUT = 120
 
 
 @pytest.mark.timeout(BENCH_TIMEOUT + 30)
 def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
-    if shutil.which("fuse-overlayfs") is None:
-        skip_or_fail("needs fuse-overlayfs")
+    for tool in ("fuse-overlayfs", *PODMAN_TOOLS):
+        if shutil.which(tool) is None:
+            skip_or_fail(f"needs {tool} (scripts/setup installs it)")
     workdir = tmp_path / "bench"
     proc = subprocess.run(
         [str(BENCH), "--quick", "--tiny", "--reps", "1", "--json", "--workdir", str(workdir)],
@@ -63,6 +73,12 @@ def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
         cells = report["results"][workload]["targets"]
         assert list(cells) == ["overlayfuse"], (workload, cells)
         assert not cells["overlayfuse"]["errors"] and cells["overlayfuse"]["median"] > 0, (workload, cells)
+    podman_cells = report["results"][PODMAN_WORKLOAD]["targets"]
+    for target in TARGETS:
+        cell = podman_cells[target]
+        assert not cell["errors"], (target, cell["errors"])
+        assert len(cell["samples"]) >= 3 and all(v > 0 for v in cell["samples"]), (target, cell)
+    assert set(report["results"][PODMAN_WORKLOAD]["ratios"]) == {"overlayfuse/fuse-overlayfs", "overlayfuse/kernel"}
     for target in ("fuse-overlayfs", "overlayfuse"):
         walks = report["rss_walks"][target]
         assert "error" not in walks and all(k and k > 0 for k in walks["rss_kib"]), walks
@@ -74,6 +90,21 @@ def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
     assert not [m for m in mounts() if m.mountpoint.startswith(str(workdir))]
 
 
+@pytest.mark.timeout(PODMAN_FAILURE_TIMEOUT)
+def test_podman_storage_is_gone_after_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount program that fails every mount: the row fails with a BenchError, and the target's
+    containers-storage (image, container, mounts, directories) is removed all the same."""
+    for tool in PODMAN_TOOLS:
+        if shutil.which(tool) is None:
+            skip_or_fail(f"needs {tool} (scripts/setup installs it)")
+    monkeypatch.setattr(podman, "mount_program", lambda target: "/bin/false")
+    with pytest.raises(BenchError, match="podman"), podman.storages(tmp_path, ["overlayfuse"]):
+        pytest.fail("the storage came up although every mount fails")
+    assert (tmp_path / "podman-layout").is_dir()  # it got as far as building the image
+    assert not (tmp_path / "podman" / "overlayfuse").exists()
+    assert not [m for m in mounts() if m.mountpoint.startswith(str(tmp_path))]
+
+
 @pytest.mark.timeout(STARTUP_TIMEOUT + 30)
 def test_startup_table_has_every_row() -> None:
     """``--startup``: no mounts; each row a median in ms, with and without bytecode."""
@@ -81,9 +112,9 @@ def test_startup_table_has_every_row() -> None:
                           timeout=STARTUP_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     lines = proc.stdout.decode().splitlines()
-    rows = [line.split(None, 1) for line in lines[1:]]
-    assert len(rows) == 9, lines
-    assert all(float(ms) > 0 for ms, _ in rows), lines
-    labels = [label for _, label in rows]
+    rows = [line.split(None, 2) for line in lines[1:]]
+    assert len(rows) == 11, lines
+    assert all(float(wall) > 0 and float(cpu) > 0 for wall, cpu, _ in rows), lines
+    labels = [label for _, _, label in rows]
     assert "python -S -c pass (no site)" in labels and "overlayfuse --version" in labels
     assert labels.count("same, no bytecode") == 2, labels

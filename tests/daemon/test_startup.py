@@ -7,6 +7,7 @@ assertions are on module names, never on time: speed is scripts/bench's business
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -21,6 +22,9 @@ SUBPROCESS_TIMEOUT = 60
 EVENT_LOOP = ("trio", "pyfuse3")
 #: Never in the daemon: image store, registry client (httpx), systemd glue.
 NOT_IN_DAEMON = ("overlayfuse.images", "overlayfuse.containers", "overlayfuse.service", "overlayfuse.ctl", "httpx")
+#: What pyfuse3 imported only to read its own version (patches/pyfuse3 0004 reads it when asked for).
+VERSION_LOOKUP = ("importlib.metadata", "email", "zipfile", "pickle")
+
 
 _PROBE = """
 import contextlib, io, json, sys
@@ -50,36 +54,37 @@ def imported(modules: set[str], packages: tuple[str, ...]) -> list[str]:
     return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in packages))
 
 
-@pytest.mark.parametrize("flag", ["--version", "--help"])
-def test_overlayfuse_version_and_help_load_no_event_loop(flag: str) -> None:
-    status, modules = loaded_by("overlayfuse.daemon.cli", [flag])
-    assert status == 0
-    assert "overlayfuse.daemon.options" in modules  # the probe did take the option-parsing path
-    assert imported(modules, EVENT_LOOP + NOT_IN_DAEMON) == []
-
-
-def test_overlayfuse_bad_input_fails_before_loading_the_event_loop(tmp_path: Path) -> None:
-    (tmp_path / "mnt").mkdir()
-    missing_lower = tmp_path / "no-such-lower"
-    for argv in (
-        ["-o", "upperdir=/x", str(tmp_path / "mnt")],  # malformed: no lowerdir
-        ["-o", f"lowerdir={missing_lower}", str(tmp_path / "mnt")],  # parsed, then refused by validate
-    ):
-        status, modules = loaded_by("overlayfuse.daemon.cli", argv)
-        assert status in (1, 2), argv
-        assert imported(modules, EVENT_LOOP + NOT_IN_DAEMON) == [], argv
-    assert not missing_lower.exists()
+_DAEMON_PROBE = """
+import json, sys
+import overlayfuse.daemon.cli, overlayfuse.daemon.mount
+version_read = "__version__" in vars(sys.modules["pyfuse3._pyfuse3"])
+print(json.dumps({"modules": sorted(sys.modules), "pyfuse3_version_read": version_read}))
+"""
 
 
 def test_the_daemon_loads_no_image_or_service_code() -> None:
-    """Everything the mounting path imports (the CLI, then `daemon` and all it pulls in)."""
-    code = "import json, sys, overlayfuse.daemon.cli, overlayfuse.daemon.mount; print(json.dumps(sorted(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
+    """Everything the mounting path imports (the CLI, then `daemon` and all it pulls in); with
+    patches/pyfuse3, not the metadata machinery pyfuse3 used to read its version at import."""
+    done = subprocess.run([sys.executable, "-c", _DAEMON_PROBE], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    modules = set(json.loads(done.stdout))
+    result = json.loads(done.stdout.splitlines()[-1])
+    modules = set(result["modules"])
     assert {"trio", "pyfuse3", "overlayfuse.daemon.fs", "overlayfuse.linux.journal"} <= modules
     assert imported(modules, NOT_IN_DAEMON) == []
+    if "+overlayfuse." in importlib.metadata.version("pyfuse3"):  # built by scripts/setup with patches/pyfuse3
+        assert not result["pyfuse3_version_read"]  # 0004: read when asked for, not at import
+        assert imported(modules, VERSION_LOOKUP) == []
+
+
+def test_pyfuse3_version_still_reads() -> None:
+    """The version, read on demand (patch 0004), is the installed distribution's."""
+    code = ("import importlib.metadata, pyfuse3, pyfuse3._pyfuse3\n"
+            "assert pyfuse3.__version__ == pyfuse3._pyfuse3.__version__ == importlib.metadata.version('pyfuse3')\n"
+            "print(pyfuse3.__version__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("3.5.0"), done.stderr
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["image", "--help"], ["service", "install", "--help"]])
