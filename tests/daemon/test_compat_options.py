@@ -358,6 +358,19 @@ def test_fsync_off_makes_no_fsync(
 
 
 @pytest.mark.mount
+def test_metadata_only_copy_ups_make_no_fsync(fuse_mount: Mounter, layers: tuple, tmp_path: Path) -> None:
+    """chown of a lower file in a lower dir copies up the dir and a metacopy file: no data, so no
+    fsync (the kernel's default: its fsync=strict is what syncs metadata copy-ups); still there."""
+    _, upper, _, _ = layers
+    mnt = _mount(fuse_mount, layers)
+    pids = daemon_pids(mnt)
+    assert len(pids) == 1
+    count = _fsyncs_during(pids[0], lambda: os.chown(mnt / "d" / "f", 7, 8), tmp_path / "strace.out")
+    assert count == 0, f"{count} fsyncs"
+    assert os.lstat(upper / "d" / "f").st_uid == 7 and (mnt / "d" / "f").read_text() == "f\n"
+
+
+@pytest.mark.mount
 def test_quoted_context_mounts_without_warnings(fuse_mount: Mounter, layers: tuple) -> None:
     lower, upper, work, mnt = layers
     mounted = fuse_mount(mnt, [lower], upper, work, ('context="system_u:object_r:container_file_t:s0:c1,c2"',))
