@@ -39,7 +39,7 @@ from tests.support.mounts import (
     wait_pids_gone,
 )
 from tests.support.rich_tree import LayerSet, build_layer_set
-from tests.support.trees import Dir, Entry, File
+from tests.support.trees import Dir, Entry, File, has_data
 from tests.support.writes import (
     KERNEL_OPTS,
     OURS_IS_KERNEL,
@@ -685,20 +685,6 @@ METACOPY_OPTS = KERNEL_OPTS + ",metacopy=on"
 METACOPY_XATTR = "trusted.overlay.metacopy"
 
 
-def _has_data(path: Path) -> bool:
-    """Whether PATH holds any data (st_blocks may count an xattr block: ask SEEK_DATA)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.lseek(fd, 0, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return False
-        raise
-    finally:
-        os.close(fd)
-    return True
-
-
 def test_metadata_changes_copy_up_no_data(tmp_path: Path) -> None:
     """Kernel and we, both with metacopy=on: chown, chmod, utimes and setxattr of lower files copy
     up metadata only: the same views, the same upper dirs, no data blocks in upper on either side;
@@ -717,7 +703,7 @@ def test_metadata_changes_copy_up_no_data(tmp_path: Path) -> None:
         assert pair.kernel.upper is not None and pair.ours.upper is not None
         for upper in (pair.kernel.upper, pair.ours.upper):
             for path in meta:
-                assert not _has_data(upper / path), f"{upper / path}: data in upper"
+                assert not has_data(upper / path), f"{upper / path}: data in upper"
                 assert METACOPY_XATTR in os.listxattr(upper / path, follow_symlinks=False)
         assert_same_steps(pair, [("write", "merged/l2file", 1, b"W"), ("read", "merged/l2file"),
                                  ("truncate", F, 7), ("read", F), ("stat", "merged/l2file")])
