@@ -227,7 +227,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
         self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
         self._files: HandleTable[FileHandle] = HandleTable("file handle")
-        self._absent: dict[tuple[int, str], Resolved] = {}  # see `_remember_absent`
+        self._absent: dict[tuple[int, str], os.stat_result] = {}  # see `_remember_absent`
         self._next_handle = 1
         self.binding = binding.detect()
         log.debug("pyfuse3 extras in use: %s", self.binding.describe())
@@ -383,13 +383,13 @@ class OverlayOperations(pyfuse3.Operations):
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(pyfuse3.ENOATTR)
         resolved = self.tree.fresh(self.tree.node(inode))
-        if self._absent.get((inode, attr)) is resolved:
+        if self._absent.get((inode, attr)) is resolved.stat:
             raise _fuse_error(pyfuse3.ENOATTR)  # asked before, and nothing has set it since
         try:
             value = os.getxattr(resolved.path, attr, follow_symlinks=False)
         except OSError as exc:
             if exc.errno == pyfuse3.ENOATTR:
-                self._remember_absent(inode, attr, resolved)
+                self._remember_absent(inode, attr, resolved.stat)
                 raise _fuse_error(pyfuse3.ENOATTR) from None
             if exc.errno == errno.EOPNOTSUPP and attr in ACL_XATTRS:
                 # A layer with no ACLs (ramfs, an upper without xattrs) holds none: no ACL, as the
@@ -401,10 +401,15 @@ class OverlayOperations(pyfuse3.Operations):
             return self.owners.acl_shown(value)
         return value
 
-    def _remember_absent(self, inode: int, attr: str, resolved: Resolved) -> None:
-        """INODE's object (RESOLVED) has no ATTR: answer the next getxattr of it without asking the
-        disk, while the node still leads to that object (a copy-up or rename rebinds it) and until
-        a setxattr through the mount (`_xattrs_may_change`).
+    def _remember_absent(self, inode: int, attr: str, found: os.stat_result) -> None:
+        """INODE's object has no ATTR: answer the next getxattr of it without asking the disk, while
+        the node still leads to that object and until a setxattr through the mount
+        (`_xattrs_may_change`).
+
+        FOUND is the stat result of the `Resolved` it was found missing on: a node that leads
+        elsewhere (a copy-up, a rename over it, a new object) has a new one, so ``is`` tells. Not
+        the `Resolved` itself: that holds its directories' descriptors, which must close when the
+        kernel forgets them (the stress run counts the daemon's fds).
 
         Nothing else adds one: lower layers never change under a mount, and the upper dir changes
         only through this daemon: chmod and chown write only private xattrs (override_stat), and
@@ -413,7 +418,7 @@ class OverlayOperations(pyfuse3.Operations):
         security.capability before every write and security.selinux on every ``ls -l``."""
         if len(self._absent) >= ABSENT_XATTRS:
             self._absent.clear()
-        self._absent[(inode, attr)] = resolved
+        self._absent[(inode, attr)] = found
 
     def _xattrs_may_change(self) -> None:
         self._absent.clear()
