@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import stat
 import subprocess
@@ -59,7 +60,7 @@ class RootlessUser:
                 _remove_user(stale.pw_name)
         name = f"{USER_PREFIX}{os.getpid()}"
         _remove_user(name)
-        scratch = Path(tempfile.mkdtemp(prefix="overlayfuse-rootless-"))
+        scratch = _scratch_dir()
         scratch.chmod(0o755)
         home = scratch / "home"
         try:
@@ -168,6 +169,19 @@ class Podman:
             self("rm", "--all", "--force", check=False)
         with contextlib.suppress(Exception):
             self("system", "reset", "--force", check=False)
+
+
+def _scratch_dir() -> Path:
+    """A new dir under the system temp dir, named so that podman takes paths in it inside an `oci:`
+    reference: `mkdtemp` may end a name with `_`, which the reference grammar refuses ("invalid
+    reference format", about one run in five), so the name is hex digits only."""
+    while True:
+        path = Path(tempfile.gettempdir()) / f"overlayfuse-rootless-{secrets.token_hex(6)}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return path
 
 
 def busybox_layout(directory: Path) -> Path:
