@@ -2,9 +2,9 @@
 overlay backend, as root with runc.
 
 podman starts one mount per container, so a container's start pays for the mount program's
-start-up. Each target gets a throwaway containers-storage of its own under the bench's scratch dir
-(graphroot, runroot, podman's tmp dir and file locks, through ``CONTAINERS_STORAGE_CONF`` and
-``CONTAINERS_CONF``): the kernel's overlay driver, and the overlay driver with fuse-overlayfs or
+start-up. Each target gets a throwaway containers-storage of its own: its graphroot under the bench's
+scratch dir, its runroot and podman's tmp dir (file locks, conmon's sockets) on a short path under
+/run, through ``CONTAINERS_STORAGE_CONF`` and ``CONTAINERS_CONF``: the kernel's overlay driver, and the overlay driver with fuse-overlayfs or
 overlayfuse as ``mount_program``. The image is a static busybox in one layer, built with umoci into
 a local OCI layout and loaded from there (``podman load``): no network. The container gets no network
 either (``--network none``), so the row is storage and runtime, not CNI or netavark.
@@ -20,6 +20,7 @@ import contextlib
 import io
 import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ from .settings import PODMAN_RUNS, PODMAN_TIMEOUT, TOOL_TIMEOUT, VENV_BIN
 TAG = "bench"
 #: The busybox applets the image has; `true` is the one the row runs.
 APPLETS = ("sh", "true")
+#: Where each storage's runroot and tmp dir go: a short path (conmon's socket paths must fit).
+_SHORT_BASE = "/run" if Path("/run").is_dir() else None
+
 #: The container's nofile and nproc limits (see `run_true`): what a shell gets by default.
 CONTAINER_LIMIT = 1024
 
@@ -43,6 +47,8 @@ class Storage:
     target: str
     root: Path
     env: dict[str, str]
+    run_root: Path
+    """podman's runroot and tmp dir, on a short path of their own (see `configure`)."""
 
 
 def mount_program(target: str) -> str | None:
@@ -94,21 +100,25 @@ def build_layout(work: Path) -> Path:
 def configure(work: Path, target: str) -> Storage:
     """TARGET's storage under WORK/podman/TARGET, with its storage.conf and containers.conf."""
     root = work / "podman" / target
-    for sub in ("graph", "run", "tmp"):
-        (root / sub).mkdir(parents=True)
+    (root / "graph").mkdir(parents=True)
+    # The runroot and tmp dir hold conmon's sockets, whose paths must fit sockaddr_un (108 bytes):
+    # under a long scratch dir (pytest's tmp_path) every `podman run` waited 20 s for conmon.
+    run_root = Path(tempfile.mkdtemp(prefix="ofb-", dir=_SHORT_BASE))
+    for sub in ("run", "tmp"):
+        (run_root / sub).mkdir()
     program = mount_program(target)
-    storage = (f'[storage]\ndriver = "overlay"\ngraphroot = "{root / "graph"}"\nrunroot = "{root / "run"}"\n'
+    storage = (f'[storage]\ndriver = "overlay"\ngraphroot = "{root / "graph"}"\nrunroot = "{run_root / "run"}"\n'
                "[storage.options.overlay]\n" + (f'mount_program = "{program}"\n' if program else ""))
     # runc and cgroupfs: crun refuses this machine's hybrid cgroup layout, and no systemd may run.
     # File locks in the tmp dir: podman's default shared-memory locks are one segment per machine.
     engine = ('[containers]\nnetns = "none"\n'
               '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
-              f'lock_type = "file"\ntmp_dir = "{root / "tmp"}"\nvolume_path = "{root / "volumes"}"\n'
+              f'lock_type = "file"\ntmp_dir = "{run_root / "tmp"}"\nvolume_path = "{root / "volumes"}"\n'
               f'[network]\nnetwork_config_dir = "{root / "networks"}"\n')
     (root / "storage.conf").write_text(storage)
     (root / "containers.conf").write_text(engine)
     env = {"CONTAINERS_STORAGE_CONF": str(root / "storage.conf"), "CONTAINERS_CONF": str(root / "containers.conf")}
-    return Storage(target, root, env)
+    return Storage(target, root, env, run_root)
 
 
 def podman(storage: Storage, *args: str, timeout: float = PODMAN_TIMEOUT, check: bool = True) -> str:
@@ -147,12 +157,13 @@ def remove(storage: Storage) -> None:
         podman(storage, "rm", "--all", "--force", check=False)
     with contextlib.suppress(BenchError):
         podman(storage, "system", "reset", "--force", check=False)
-    for point in sorted(mounts_under(storage.root), key=len, reverse=True):
-        with contextlib.suppress(BenchError):
-            run(["umount", "-l", point], TOOL_TIMEOUT, check=False)
-    if not mounts_under(storage.root):
-        with contextlib.suppress(BenchError):
-            run(["rm", "-rf", "--one-file-system", str(storage.root)], TOOL_TIMEOUT, check=False)
+    for place in (storage.root, storage.run_root):
+        for point in sorted(mounts_under(place), key=len, reverse=True):
+            with contextlib.suppress(BenchError):
+                run(["umount", "-l", point], TOOL_TIMEOUT, check=False)
+        if not mounts_under(place):
+            with contextlib.suppress(BenchError):
+                run(["rm", "-rf", "--one-file-system", str(place)], TOOL_TIMEOUT, check=False)
 
 
 @contextlib.contextmanager
