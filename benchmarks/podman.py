@@ -2,10 +2,11 @@
 overlay backend, as root with runc.
 
 podman starts one mount per container, so a container's start pays for the mount program's
-start-up. Each target gets a throwaway containers-storage of its own: its graphroot under the bench's
-scratch dir, its runroot and podman's tmp dir (file locks, conmon's sockets) on a short path under
-/run, through ``CONTAINERS_STORAGE_CONF`` and ``CONTAINERS_CONF``: the kernel's overlay driver, and the overlay driver with fuse-overlayfs or
-overlayfuse as ``mount_program``. The image is a static busybox in one layer, built with umoci into
+start-up. Each target gets a throwaway containers-storage of its own (its graphroot under the
+bench's scratch dir, its runroot and podman's tmp dir, with file locks and conmon's sockets, on a
+short path under /run; ``CONTAINERS_STORAGE_CONF`` and ``CONTAINERS_CONF`` point podman there): the
+kernel's overlay driver, and the overlay driver with fuse-overlayfs or overlayfuse as
+``mount_program``. The image is a static busybox in one layer, built with umoci into
 a local OCI layout and loaded from there (``podman load``): no network. The container gets no network
 either (``--network none``), so the row is storage and runtime, not CNI or netavark.
 
