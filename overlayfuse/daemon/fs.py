@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -95,18 +95,14 @@ def _boundary(handler: F) -> F:
 
 
 def _change(handler: F) -> F:
-    """A request that changes the upper dir: it passes the freeze gate (see `control`), so a frozen
-    mount holds it back until the thaw, and a freeze waits for it to finish."""
+    """A request that changes the upper dir: it runs inside `OverlayOperations._changing` (the
+    freeze gate, so a frozen mount holds it back until the thaw and a freeze waits for it, and the
+    kernel's listings dropped when the change shows under other names)."""
 
     @functools.wraps(handler)
     async def wrapper(self: OverlayOperations, *args: Any) -> Any:
-        async with self.gate:
-            epoch = self.tree.listing_epoch
-            try:
-                return await handler(self, *args)
-            finally:
-                if self.tree.listing_epoch != epoch:
-                    await self._invalidate_listings(list(self._cookies))
+        async with self._changing():
+            return await handler(self, *args)
 
     return wrapper  # type: ignore[return-value]
 
@@ -466,21 +462,18 @@ class OverlayOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.tree.node(inode)
         # Opening for writing copies up (and O_TRUNC truncates): a change, held back by a freeze.
-        async with self.gate if _opens_to_write(flags) else contextlib.nullcontext():
+        async with self._changing() if _opens_to_write(flags) else contextlib.nullcontext():
             return await self._open(node, flags, ctx)
 
     async def _open(self, node: Node, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        """Open NODE (inside the freeze gate when writing: the caller holds it)."""
+        """Open NODE (inside `_changing` when writing: the caller holds it)."""
         writing = _opens_to_write(flags)
         # Counted as open from the start: a rename or unlink meanwhile must keep the object held.
         node.opened += 1
         try:
             if writing:
                 self._check_writable()
-                epoch = self.tree.listing_epoch
                 await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
-                if self.tree.listing_epoch != epoch:
-                    await self._invalidate_listings(list(self._cookies))
             resolved, fd = await self._open_node(node, flags)
             if flags & os.O_TRUNC and ctx.uid != 0:
                 await self.workers.run(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
@@ -703,6 +696,19 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def releasedir(self, fh: int) -> None:
         del self._dirs[fh]
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        """Around a request that changes the upper dir: the freeze gate (see `control`), and, if the
+        change showed copies under other names (`MergedTree.listing_epoch`), every listing the
+        kernel holds dropped before the reply."""
+        async with self.gate:
+            epoch = self.tree.listing_epoch
+            try:
+                yield
+            finally:
+                if self.tree.listing_epoch != epoch:
+                    await self._invalidate_listings(list(self._cookies))
 
     async def _invalidate_listings(self, inodes: Sequence[int]) -> None:
         """Make the kernel drop its cached listings of INODES (those it has listed, at least).

@@ -128,10 +128,8 @@ class Node:
 
     @listing.setter
     def listing(self, value: list[tuple[str, Resolved]] | None) -> None:
-        if self.dir_state is not None:
-            self.dir_state.listing = value
-        elif value is not None:
-            self.dir_state = DirState(listing=value)
+        if self.dir_state is not None or value is not None:
+            self._dir_state().listing = value
 
     @property
     def listing_epoch(self) -> int:
@@ -139,9 +137,7 @@ class Node:
 
     @listing_epoch.setter
     def listing_epoch(self, value: int) -> None:
-        if self.dir_state is None:
-            self.dir_state = DirState()
-        self.dir_state.listing_epoch = value
+        self._dir_state().listing_epoch = value
 
     @property
     def version(self) -> int:
@@ -149,9 +145,14 @@ class Node:
 
     @version.setter
     def version(self, value: int) -> None:
+        self._dir_state().version = value
+
+    def _dir_state(self) -> DirState:
+        """The directory state, made on the first write to it (reads of a node without one get the
+        defaults above)."""
         if self.dir_state is None:
             self.dir_state = DirState()
-        self.dir_state.version = value
+        return self.dir_state
 
     @property
     def identity(self) -> Identity:
