@@ -292,9 +292,12 @@ class MergedTree:
 
         A file whose name now shows another object, or nothing (it was unlinked or renamed over
         after the caller found it): a change through a descriptor held since (fchmod, fsetxattr)
-        fails as the kernel's does, with EEXIST (a whiteout or another object has the name); an
-        open for writing that raced the change (a window the kernel's VFS all but closes, FUSE's
-        request queue does not) gets a copy with no name, held by descriptor, as if it had won."""
+        to a regular file fails as the kernel's does, with EEXIST (a whiteout or another object
+        has the name); an open for writing that raced the change (a window the kernel's VFS all
+        but closes, FUSE's request queue does not) gets a copy with no name, held by descriptor,
+        as if it had won. So does a change through a descriptor to a special file (a FIFO or a
+        device, which an open for writing never copies up): the kernel copies it up into its old
+        name, over the whiteout, bringing a removed name back (see the README's differences)."""
         up = self._require_writable()
         resolved = node.resolved
         parent = self.inodes.get(node.parent)
@@ -314,7 +317,7 @@ class MergedTree:
                         return here
                 elif self._indexed(resolved):
                     return resolved  # its name went; the index copy is the object, in upper already
-                elif for_open:
+                elif for_open or not stat.S_ISREG(resolved.stat.st_mode):
                     return await self._copy_up_orphan(node, size)
                 else:
                     # the kernel tries to copy up to the old name, which a whiteout or another

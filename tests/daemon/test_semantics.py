@@ -22,7 +22,7 @@ import pytest
 
 from tests.support import syscalls
 from tests.support.mounts import overlayfuse, run_isolated
-from tests.support.trees import Dir, File, HardLink
+from tests.support.trees import Dir, Fifo, File, HardLink
 from tests.support.writes import mounted_pair
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
@@ -265,6 +265,22 @@ def change_a_hardlinked_file_after_its_names_went(mnt: str, names: list[str]) ->
     return out
 
 
+def change_a_lower_file_after_its_name_went(mnt: str, name: str, flags: int) -> list[Any]:
+    """Open a lower NAME with FLAGS (which never copy it up), unlink it, then fchmod through the
+    descriptor."""
+    os.chdir(os.path.join(mnt, "t"))
+    fd = os.open(name, flags | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        os.unlink(name)
+        return [_try(os.fchmod, fd, 0o606), _try(lambda: stat.S_IMODE(os.fstat(fd).st_mode))]
+    finally:
+        os.close(fd)
+
+
+def lexists(mnt: str, path: str) -> bool:
+    return os.path.lexists(os.path.join(mnt, path))
+
+
 def unprivileged_set_id(mnt: str, op: str) -> Any:
     """As nobody: change a 06777 file owned by root by OP; its mode afterwards."""
     where = os.open(os.path.join(mnt, "s"), os.O_RDONLY | os.O_DIRECTORY)  # the test's tmp dir is 0700
@@ -373,6 +389,23 @@ def test_continued_listing_skips_names_deleted_meanwhile(tmp_path: Path) -> None
     with mounted_pair(tmp_path, {"l1": [Dir("many"), *files]}) as pair:
         ours = run_isolated(continued_listing_has_no_deleted_names, str(pair.ours.mnt))
     assert ours == []
+
+
+@pytest.mark.parametrize(("name", "flags", "answer"), [
+    ("lowerfile", os.O_RDONLY, ["EEXIST", 0o644]),  # the kernel copies up to the old name: a whiteout
+    ("fifo", os.O_RDWR, [None, 0o606]),  # an open for writing copies no FIFO up: the change does
+])
+def test_change_through_a_descriptor_after_the_lower_name_went(
+        tmp_path: Path, name: str, flags: int, answer: list[Any]) -> None:
+    """The kernel copies a FIFO whose name went up into that name, over the whiteout, so a removed
+    name comes back (a difference in the README): ours copies it up with no name, and the name stays
+    gone."""
+    layers = {"l1": [Dir("t"), File("t/lowerfile", b"xyz"), Fifo("t/fifo", 0o640)]}
+    with mounted_pair(tmp_path, layers) as pair:
+        kernel, ours = pair.both(change_a_lower_file_after_its_name_went, name, flags)
+        assert ours == kernel == answer
+        assert run_isolated(lexists, str(pair.ours.mnt), f"t/{name}") is False
+    assert stat.S_ISCHR(os.lstat(pair.ours.upper / "t" / name).st_mode)  # still its whiteout
 
 
 @pytest.mark.parametrize("op", ["trunc_open", "write", "truncate"])
