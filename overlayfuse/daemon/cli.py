@@ -14,6 +14,7 @@ import sys
 
 from ..linux.journal import configure_logging, print_error
 from ..linux.mounttable import detach_dead_mounts
+from . import timeline
 from .options import UsageError, parse_args, validate
 
 log = logging.getLogger(__name__)
@@ -21,26 +22,33 @@ log = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Bad input: one line on stderr and a non-zero exit, nothing mounted."""
+    timeline.mark("cli imported")
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
         print_error("overlayfuse", str(exc))
         return exc.status
+    timeline.mark("options parsed")
     # Under systemd each line carries journald's <N> priority prefix instead of the level's name.
     configure_logging("overlayfuse", logging.DEBUG if options.debug else logging.INFO)
     for warning in options.warnings:
         log.warning("%s", warning)
+    timeline.mark("logging configured")
     try:
         detach_dead_mounts(options.mountpoint)  # left by a killed daemon: would fail every check
     except (OSError, subprocess.SubprocessError) as exc:
         print_error("overlayfuse", f"{options.mountpoint}: a dead FUSE mount is in the way: {exc}")
         return 1
+    timeline.mark("dead mounts checked (mount table read)")
     try:
         validate(options)
     except UsageError as exc:
         print_error("overlayfuse", str(exc))
         return exc.status
+    timeline.mark("options validated")
     from . import mount  # trio and pyfuse3: only now that there is a mount to make
+
+    timeline.mark("daemon imported (trio, pyfuse3, overlay)")
 
     if not options.foreground:
         return mount.run_detached(options)
