@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.mounts import daemon_pids, overlayfuse, run_isolated
+from tests.support.trees import File, make_tree
+
 #: A fresh interpreter importing the daemon takes well under a second; this only bounds a hang.
 SUBPROCESS_TIMEOUT = 60
 
@@ -112,3 +115,69 @@ def test_service_install_help_names_the_units_real_default_dir() -> None:
     from overlayfuse.service.install import UNIT_DIR
 
     assert Path(DEFAULT_UNIT_DIR) == UNIT_DIR
+
+
+_NO_LDCONFIG_PROBE = """
+import json, subprocess
+started = []
+real_init = subprocess.Popen.__init__
+def spy(self, args, *rest, **kwargs):
+    started.append(str(args))
+    real_init(self, args, *rest, **kwargs)
+subprocess.Popen.__init__ = spy
+from overlayfuse.linux.libc import pthread_in_libc
+with pthread_in_libc():
+    import trio
+import ctypes.util
+print(json.dumps({"started": started, "restored": ctypes.util.find_library.__module__}))
+"""
+
+
+def test_trio_imports_without_running_ldconfig() -> None:
+    """linux.libc: trio's find_library("pthread") at import is answered without `ldconfig -p`."""
+    from overlayfuse.linux.libc import PTHREAD_IN_LIBC_SINCE, glibc_version
+
+    version = glibc_version()
+    if version is None or version < PTHREAD_IN_LIBC_SINCE:
+        pytest.skip(f"glibc {version}: pthread is not in libc here, so find_library is asked as usual")
+    done = subprocess.run([sys.executable, "-c", _NO_LDCONFIG_PROBE], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result == {"started": [], "restored": "ctypes.util"}
+
+
+def test_daemon_threads_keep_their_names(tmp_path: Path, overlayfuse_bin: Path) -> None:
+    """trio still names its worker threads (pthread_setname_np found in libc, see linux.libc)."""
+    lower = make_tree(tmp_path / "lower", File("hello", b"hello\n"))
+    with overlayfuse(tmp_path / "mnt", [lower]):
+        assert run_isolated(read_file, str(tmp_path / "mnt" / "hello"), timeout=30) == b"hello\n"
+        (pid,) = daemon_pids(tmp_path / "mnt")
+        names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()}
+    assert any(name.startswith("Trio thread") for name in names), names
+
+
+_GC_PROBE = """
+import contextlib, gc, io, json
+from overlayfuse.daemon.cli import main
+during_import = gc.isenabled()
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        main(["--version"])
+    except SystemExit:
+        pass
+print(json.dumps({"during_import": during_import, "after": gc.isenabled()}))
+"""
+
+
+def test_collector_is_off_while_importing_and_on_after() -> None:
+    """daemon.cli turns the cyclic collector off for its imports and on again whatever the path."""
+    done = subprocess.run([sys.executable, "-c", _GC_PROBE], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"during_import": False, "after": True}
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
