@@ -22,6 +22,7 @@ from .. import __version__
 from ..overlay.features import CopyUpFeatures
 from ..overlay.layers import check_layer_readable
 from . import compat, inuse
+from .fstype import FS_TYPE
 
 
 class UsageError(Exception):
@@ -63,8 +64,6 @@ _KNOWN = (frozenset(_OWN) | compat.KEYS | {"debug"} | _IGNORED | _KERNEL_TUNABLE
           | {"max_read"})
 #: Keys people write from habit elsewhere, and what they mean here.
 _HABITS = {"lowerdirs": "lowerdir"}  # the config file's key (a TOML list) is lowerdirs
-
-FS_TYPE = "overlayfuse"
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,7 +104,9 @@ def test_overlayctl_listing_loads_no_registry_client_or_importer(tmp_path: Path,
     status, modules = loaded_by("overlayfuse.ctl", ["--root", str(store), *argv])
     assert status == 0
     assert "overlayfuse.images.store" in modules  # it did list, from the store
-    unwanted = ("httpx", "overlayfuse.images.registry", "overlayfuse.images.importer", "overlayfuse.service")
+    unwanted = ("httpx", "overlayfuse.images.registry", "overlayfuse.images.importer", "overlayfuse.service",
+                # the option parser and the union code (ps needs only the mount type's name)
+                "overlayfuse.daemon.options", "overlayfuse.overlay")
     assert imported(modules, EVENT_LOOP + unwanted) == []
     assert not store.exists()  # listing a missing store creates nothing
 
