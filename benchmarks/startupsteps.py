@@ -121,11 +121,17 @@ def one_run(root: Path, n: int) -> dict[str, float]:
     return steps
 
 
+def _rank(runs: list[dict[str, float]], step: str) -> float:
+    """STEP's median position among the steps of each run that reached it: the order steps come
+    in, robust to the few runs where two close steps swap (a median of times is not)."""
+    return statistics.median(sorted(r, key=r.__getitem__).index(step) for r in runs if step in r)
+
+
 def render(runs: list[dict[str, float]]) -> str:
-    """The table: each step (in the order of the median times) with its median ms since exec and
+    """The table: each step (in the order they usually come) with its median ms since exec and
     the median of its gap from the step before it within each run."""
     names = sorted({s for r in runs for s in r},
-                   key=lambda s: statistics.median(r[s] for r in runs if s in r))
+                   key=lambda s: (_rank(runs, s), statistics.median(r[s] for r in runs if s in r)))
     lines = ["  since exec   step   step (median ms over the runs that reached it)"]
     before = None
     for name in names:
