@@ -13,7 +13,6 @@ upperdir...) so a bad mount fails before anything is mounted or written.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import stat
 from dataclasses import dataclass, field, replace
@@ -303,6 +302,8 @@ def suggest(key: str) -> str | None:
     """The known option KEY is probably a misspelling of (``wrokdir`` -> ``workdir``), or None."""
     if key in _HABITS:
         return _HABITS[key]
+    import difflib  # only for an unknown option: not on every daemon's start
+
     close = difflib.get_close_matches(key, sorted(_KNOWN), n=1, cutoff=0.75)
     return close[0] if close else None
 
