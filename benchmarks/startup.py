@@ -27,7 +27,13 @@ from .settings import REPO_ROOT, VENV_BIN
 #: One start takes a fraction of a second; this only bounds a hang.
 RUN_TIMEOUT = 60.0
 PY = str(VENV_BIN / "python")
-DAEMON_IMPORTS = "import overlayfuse.daemon.cli, overlayfuse.daemon.mount"
+#: As `overlayfuse.daemon.cli` imports the daemon: GC off (cli turns it off at import) and trio
+#: without its `ldconfig -p` (linux.libc).
+DAEMON_IMPORTS = ("import overlayfuse.daemon.cli as cli\n"
+                  "with cli.pthread_in_libc():\n    import overlayfuse.daemon.mount")
+#: The floor under that: pyfuse3 and trio imported the same way, without any of our modules.
+LEAN_PYFUSE3 = ("import gc; gc.disable()\nfrom overlayfuse.linux.libc import pthread_in_libc\n"
+                "with pthread_in_libc():\n    import pyfuse3")
 
 
 def rows(plain_copy: Path) -> list[tuple[str, list[str], dict[str, str]]]:
@@ -41,6 +47,7 @@ def rows(plain_copy: Path) -> list[tuple[str, list[str], dict[str, str]]]:
         ("python -c pass (venv site)", [PY, "-c", "pass"], {}),
         ("python -c 'import trio'", [PY, "-c", "import trio"], {}),
         ("python -c 'import pyfuse3' (imports trio)", [PY, "-c", "import pyfuse3"], {}),
+        ("  same, GC off and no ldconfig (as the daemon imports it)", [PY, "-c", LEAN_PYFUSE3], {}),
         ("python -c 'import overlayfuse.daemon.mount'", [PY, "-c", DAEMON_IMPORTS], {}),
         ("  same, no bytecode", [PY, "-c", DAEMON_IMPORTS], no_pyc),
         ("overlayfuse --version", [str(VENV_BIN / "overlayfuse"), "--version"], {}),
