@@ -6,26 +6,22 @@ parsed arguments and returning an exit status. The work itself is done in `overl
 `overlayfuse.containers` and `overlayfuse.service`; these modules only parse, print and turn errors
 into one line. The top of the import graph: nothing imports this package.
 
-Every ``overlayctl`` is a fresh interpreter, and for a listing (``image ls``, ``ps``) its imports
-are most of its time; so, as in `overlayfuse.daemon.cli`, the cyclic garbage collector is off
-while the modules are imported and the parser is built (their objects live as long as the
-process), and on again, with what exists frozen, before the subcommand runs.
+The installed command (`overlayfuse.commands`) starts with the cyclic garbage collector off, as
+every ``overlayctl`` is a fresh interpreter whose imports are most of a listing's time; `main`
+turns it on again, with what the imports and the parser made frozen, before the subcommand runs.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import gc
+import logging
+import os
+import sys
 
-gc.disable()  # before the imports below; enabled again in `main` before the subcommand runs
-
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-
-from .. import __version__  # noqa: E402
-from ..errors import UserError  # noqa: E402
+from .. import __version__
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = _parser()
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     finally:  # --help, --version and usage errors end in SystemExit here
-        gc.freeze()  # the modules and the parser: never garbage
-        gc.enable()
+        if not gc.isenabled():  # off since `commands.overlayctl`: the modules and parser are never garbage
+            gc.freeze()
+            gc.enable()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="overlayctl: %(levelname)s %(message)s",

@@ -5,31 +5,31 @@ Every container start runs this command, so what it imports is on that path. Opt
 2-core VM, most of a start-up): `daemon` is imported only once the options are valid and a mount is
 to be made. Nothing from `overlayfuse.images` or `overlayfuse.service` loads here at all.
 
-The cyclic garbage collector is off while the command imports: imports make tens of thousands of
-objects that live as long as the process, and the collections they trigger (each full one walks
-every object made so far) were ~25 ms of CPU of a ~200 ms daemon start on the 2-core VM (A/B of
-``import`` with and without ``gc.disable()``, 21 interleaved runs, load 3.3). Once the daemon is
-imported, what exists is frozen (moved out of the collector's sight: it is never garbage) and the
-collector runs as usual for what the daemon makes while serving.
+The installed command (`overlayfuse.commands`) and ``python -m overlayfuse.daemon.cli`` (how
+overlayctl and the service start a daemon) run with the cyclic garbage collector off until the
+daemon is imported (see `overlayfuse.commands` for why); then what the imports made is frozen and
+the collector is on for what the daemon makes while serving. Importing this module changes
+nothing.
 """
 
 from __future__ import annotations
 
 import gc
 
-gc.disable()  # before the imports below: see the module's docstring; enabled again in `main`
+if __name__ == "__main__":  # python -m: the collector off before the imports below (see above)
+    gc.disable()
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from typing import NoReturn  # noqa: E402
+import logging
+import os
+import subprocess
+import sys
+from typing import NoReturn
 
-from ..linux.journal import configure_logging, print_error  # noqa: E402
-from ..linux.libc import pthread_in_libc  # noqa: E402
-from ..linux.mounttable import detach_dead_mounts  # noqa: E402
-from . import timeline  # noqa: E402
-from .options import UsageError, parse_args, validate  # noqa: E402
+from ..linux.journal import configure_logging, print_error
+from ..linux.libc import pthread_in_libc
+from ..linux.mounttable import detach_dead_mounts
+from . import timeline
+from .options import UsageError, parse_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        gc.enable()  # whichever way it went; `_main` enables it already on the mounting path
+        _collector_on()  # whichever way it went; `_main` does it already on the mounting path
 
 
 def _main(argv: list[str] | None) -> int:
@@ -69,8 +69,7 @@ def _main(argv: list[str] | None) -> int:
     timeline.mark("options validated")
     with pthread_in_libc():  # trio without its `ldconfig -p` subprocess (see linux.libc)
         from . import mount  # trio and pyfuse3: only now that there is a mount to make
-    gc.freeze()  # every object imports made lives as long as the daemon: out of the collector's sight
-    gc.enable()
+    _collector_on()
     timeline.mark("daemon imported (trio, pyfuse3, overlay)")
 
     if not options.foreground:
@@ -85,6 +84,14 @@ def _main(argv: list[str] | None) -> int:
         print_error("overlayfuse", mount.failure_text(exc))
         return 1
     return 0
+
+
+def _collector_on() -> None:
+    """The collector on again if the command turned it off for its imports, with every object
+    made so far frozen (out of its sight: the modules live as long as the daemon)."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _exit_now(status: int) -> NoReturn:

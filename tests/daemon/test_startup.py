@@ -160,24 +160,42 @@ def test_daemon_threads_keep_their_names(tmp_path: Path, overlayfuse_bin: Path) 
 
 
 _GC_PROBE = """
-import contextlib, gc, io, json
-from overlayfuse.daemon.cli import main
-during_import = gc.isenabled()
+import contextlib, gc, io, json, sys
+seen = {{}}
+def on_import(event, args):
+    if event == "import" and args[0] == {watch!r}:
+        seen["during_import"] = gc.isenabled()
+sys.addaudithook(on_import)
+from overlayfuse import commands
+sys.argv = [{command!r}, "--version"]
 with contextlib.redirect_stdout(io.StringIO()):
     try:
-        main(["--version"])
+        getattr(commands, {command!r})()
     except SystemExit:
         pass
-print(json.dumps({"during_import": during_import, "after": gc.isenabled()}))
+print(json.dumps({{**seen, "after": gc.isenabled()}}))
 """
 
 
-def test_collector_is_off_while_importing_and_on_after() -> None:
-    """daemon.cli turns the cyclic collector off for its imports and on again whatever the path."""
-    done = subprocess.run([sys.executable, "-c", _GC_PROBE], capture_output=True, text=True,
+@pytest.mark.parametrize(("command", "watch"), [("overlayfuse", "overlayfuse.daemon.options"),
+                                                ("overlayctl", "overlayfuse.ctl.images")])
+def test_commands_import_with_the_collector_off_and_turn_it_on(command: str, watch: str) -> None:
+    """overlayfuse.commands: the collector is off while the command imports (WATCH is one of its
+    modules) and on again once it ran, whichever way it ended."""
+    code = _GC_PROBE.format(command=command, watch=watch)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == {"during_import": False, "after": True}
+
+
+def test_importing_the_command_modules_leaves_the_collector_alone() -> None:
+    """Tests and tools import daemon.cli and ctl: only the installed commands turn the collector off."""
+    code = "import gc, overlayfuse.daemon.cli, overlayfuse.ctl, overlayfuse.ctl.service; print(gc.isenabled())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
 
 
 def read_file(path: str) -> bytes:
