@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import rsswalk, startup
+from . import rsswalk, startup, startupsteps
 from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
@@ -50,6 +50,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--startup", action="store_true",
                    help="only time start-ups (bare interpreter, imports, --version; no root, no "
                         "mounts): medians of --reps runs (default 21)")
+    p.add_argument("--startup-steps", action="store_true",
+                   help="only time one overlayfuse start step by step, from exec to the first "
+                        "answered read (root: it mounts): medians of --reps runs (default 21)")
     p.add_argument("--rss-walk", type=int, metavar="FILES",
                    help="only measure the FUSE daemons' memory around a find over a layer of FILES "
                         "empty files (200000 for issue 14's target) and after the kernel forgets them")
@@ -117,6 +120,12 @@ def main(argv: Sequence[str]) -> int:
     if args.startup:
         try:
             return startup.main(args.reps or 21)
+        except BenchError as exc:
+            say(f"error: {exc}")
+            return 1
+    if args.startup_steps:
+        try:
+            return startupsteps.main(args.reps or 21)
         except BenchError as exc:
             say(f"error: {exc}")
             return 1

@@ -35,8 +35,10 @@ BENCH_TIMEOUT = 600
 PODMAN_TOOLS = ("podman", "runc", "conmon", "umoci", "busybox")
 # A pull from a local layout and one failing run: seconds; this only bounds a hang.
 PODMAN_FAILURE_TIMEOUT = 300
-# --startup --reps 1: 22 starts of a second at most each, plus scripts/setup's check.
+# --startup --reps 1: 24 starts of a second at most each, plus scripts/setup's check.
 STARTUP_TIMEOUT = 120
+# --startup-steps --reps 1: two mounts of a second or so each; this only bounds a hang.
+STEPS_TIMEOUT = 120
 
 
 @pytest.mark.timeout(BENCH_TIMEOUT + 30)
@@ -117,8 +119,28 @@ def test_startup_table_has_every_row() -> None:
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     lines = proc.stdout.decode().splitlines()
     rows = [line.split(None, 2) for line in lines[1:]]
-    assert len(rows) == 11, lines
+    assert len(rows) == 12, lines
     assert all(float(wall) > 0 and float(cpu) > 0 for wall, cpu, _ in rows), lines
     labels = [label for _, _, label in rows]
     assert "python -S -c pass (no site)" in labels and "overlayfuse --version" in labels
     assert labels.count("same, no bytecode") == 2, labels
+
+
+@pytest.mark.timeout(STEPS_TIMEOUT + 30)
+def test_startup_steps_table_names_each_step() -> None:
+    """``--startup-steps``: one mount traced step by step; every step a time since exec, in order."""
+    proc = subprocess.run([str(BENCH), "--startup-steps", "--reps", "1"], capture_output=True,
+                          timeout=STEPS_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    lines = proc.stdout.decode().splitlines()
+    steps = {}
+    for line in lines[2:]:
+        at, _gap, name = line.split(None, 2)
+        steps[name] = float(at)
+    for name in ("exec (harness: before spawning overlayfuse)", "daemon imported (trio, pyfuse3, overlay)",
+                 "kernel mount made (pyfuse3.init)", "INIT handshake (Operations.init)",
+                 "first read answered (harness)", "mount command exited (harness: a thread waiting on it)"):
+        assert name in steps, lines
+    assert steps["exec (harness: before spawning overlayfuse)"] == 0
+    assert (steps["daemon imported (trio, pyfuse3, overlay)"] < steps["kernel mount made (pyfuse3.init)"]
+            < steps["INIT handshake (Operations.init)"] <= steps["first read answered (harness)"]), lines

@@ -115,3 +115,38 @@ def test_mountinfo_reader_is_the_tests_own() -> None:
         procfs.parse_mountinfo(b"36 35 98:0 / /x rw\n")
     assert any(m.mountpoint == "/" for m in procfs.mounts())
     assert mounts.mounts is procfs.mounts
+
+
+#: A `sleep` in a mount namespace of its own starts in well under a second; this bounds a hang.
+HOLDER_TIMEOUT = 10.0
+
+
+@pytest.mark.mount
+def test_teardown_ends_a_daemon_another_namespace_pins(tmp_path: Path, overlayfuse_bin: Path) -> None:
+    """A mount namespace made while the mount exists keeps a copy of it (mounts here do not
+    propagate), so the unmount leaves the FUSE connection up and the daemon serving: the
+    teardown's "daemon ignored the unmount" under other engineers' podman runs. The teardown
+    finds the pinning namespace and ends the connection; the daemon exits."""
+    import subprocess
+    import time
+
+    lower = make_tree(tmp_path / "lower", File("hello", b"hello\n"))
+    mnt = tmp_path / "mnt"
+    holder: subprocess.Popen[bytes] | None = None
+    try:
+        with mounts.overlayfuse(mnt, [lower]):
+            pids = mounts.daemon_pids(mnt)
+            dev = mounts.mount_at(mnt).dev  # type: ignore[union-attr]
+            holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "60"],
+                                      stdin=subprocess.DEVNULL)
+            deadline = time.monotonic() + HOLDER_TIMEOUT
+            while not procfs.namespaces_holding(dev):
+                assert time.monotonic() < deadline, "the holder's namespace never showed the mount"
+                time.sleep(0.02)
+        # The teardown (leaving the block) raised nothing: the daemon is gone, the mount too.
+        assert pids and not any(procfs.process_alive(pid) for pid in pids)
+        assert not mounts.is_mounted(mnt)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait(timeout=HOLDER_TIMEOUT)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import secrets
@@ -33,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..daemon.options import FS_TYPE, escape
+from ..daemon.fstype import FS_TYPE
 from ..errors import StoreError
 from ..images.refs import resolve_image
 from ..images.store import ContainerRecord, ImageRecord, Store, check_container_name, write_json_atomic
@@ -110,6 +109,8 @@ def log_path(store: Store, name: str) -> Path:
 def control_address(store: Store, name: str) -> str:
     """The container daemon's control socket: abstract, named after the container dir (a store path
     can be longer than a socket path may be), so that any overlayctl can find it from the store."""
+    import hashlib  # here: `ps` lists containers without it
+
     key = hashlib.sha256(os.fsencode(store.container_path(name))).hexdigest()[:32]
     return f"@overlayfuse/container/{key}"
 
@@ -265,6 +266,8 @@ def _check_mountpoint(target: str) -> None:
 
 def daemon_command(store: Store, record: ContainerRecord, mountpoint: str, read_only: bool) -> list[str]:
     """The overlayfuse command line for RECORD: lowerdir top first, as the daemon wants it."""
+    from ..daemon.options import escape  # the option parser and the overlay modules: not for `ps`
+
     lowers = lower_dirs(store, record)
     upper, work = upper_dir(store, record.name), work_dir(store, record.name)
     lowerdir = ":".join(escape(os.fspath(p)) for p in ([upper, *lowers] if read_only else lowers))

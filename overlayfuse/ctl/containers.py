@@ -101,7 +101,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     from ..containers.lifecycle import STOPPED, container_states
-    from ..daemon.options import FS_TYPE
+    from ..daemon.fstype import FS_TYPE
     from ..images.store import MissingStoreError, Store
 
     try:

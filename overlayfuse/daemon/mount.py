@@ -21,6 +21,7 @@ import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pyfuse3
 import trio
@@ -29,7 +30,7 @@ from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
 from ..overlay.workers import Workers
-from . import control, inuse, owners, readahead
+from . import control, inuse, owners, readahead, timeline
 from .fs import OverlayOperations
 from .notify import notify
 from .options import MountOptions
@@ -65,11 +66,13 @@ def _raise_descriptor_limit() -> None:
 
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, call ON_READY once the mount answers, and serve until unmounted or signalled."""
+    timeline.mark("serve: started")
     _raise_descriptor_limit()
     # Symlinks in the layer paths are followed once, here, as mount(8) resolves them (containers-storage
     # passes lowerdir=.../l/SHORT, a symlink to the layer): layers are then held without following any.
     stack = LayerStack.from_dirs([os.path.realpath(d) for d in options.lowerdirs],
                                  options.upperdir and os.path.realpath(options.upperdir))
+    timeline.mark("layer stack opened")
     upper_dir = None
     if options.upperdir and options.workdir and not options.read_only:
         try:  # before the workspace is prepared: that clears WORKDIR/work, which the holder uses
@@ -85,17 +88,23 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
             raise MountError(f"workdir {options.workdir}: {exc.strerror or exc}") from None
         if not upper_dir.style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
+        timeline.mark("upper dir claimed and prepared (whiteout probe)")
     ownership, upper_dir = _ownership(options, stack, upper_dir)
     workers = Workers()  # one pool for the tree's blocking work and the handlers' (reads, writes)
     tree = MergedTree(stack, upper_dir, workers)
     operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
                                    acl="default_permissions" in options.fuse_options, workers=workers)
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
+    if timeline.enabled():
+        _trace_first_requests(operations)
+    timeline.mark("tree and handlers built")
     try:
         pyfuse3.init(operations, options.mountpoint, set(options.fuse_options))
     except RuntimeError as exc:
         raise MountError(f"cannot mount on {options.mountpoint}: {_mount_failure_hint() or exc}") from None
+    timeline.mark("kernel mount made (pyfuse3.init)")
     log.info("mounted %s: %s", options.mountpoint, describe_layers(options))
+    timeline.flush()
     unmount = True
     try:
         unmount = trio.run(_run, options.mountpoint, on_ready, control_server)
@@ -104,6 +113,30 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     finally:
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", options.mountpoint)
+        timeline.flush()
+
+
+def _trace_first_requests(operations: OverlayOperations) -> None:
+    """For the start-up trace (`timeline`): mark the INIT handshake and the first request of each
+    kind a first read needs. Instance attributes shadow the handlers only when tracing, so the
+    normal path is untouched; pyfuse3 looks each handler up on the object per request."""
+    init = operations.init
+
+    def traced_init() -> None:
+        timeline.mark("INIT handshake (Operations.init)")
+        init()
+
+    operations.init = traced_init  # type: ignore[method-assign]
+    for name in ("lookup", "getattr", "open", "read"):
+        handler = getattr(operations, name)
+
+        def traced(*args: object, _handler: Any = handler, _name: str = name) -> Any:
+            if not getattr(operations, f"_traced_{_name}", False):
+                setattr(operations, f"_traced_{_name}", True)
+                timeline.mark(f"first {_name.upper()} received")
+            return _handler(*args)
+
+        setattr(operations, name, traced)
 
 
 def _ownership(
@@ -160,6 +193,7 @@ async def _run(
 
     async def announce_ready() -> None:
         # From a worker thread: the event loop serves this stat like any client's.
+        timeline.mark("event loop running")
         try:
             await trio.to_thread.run_sync(_answer_and_widen, mountpoint)
         except OSError as exc:  # e.g. the kernel refused the session libfuse set up (ECONNREFUSED)
@@ -169,6 +203,7 @@ async def _run(
             ) from exc
         notify("READY=1", f"STATUS=serving {mountpoint}", f"MAINPID={os.getpid()}")
         on_ready()
+        timeline.mark("readiness signalled")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(stop_on_signal)
@@ -188,8 +223,12 @@ def _answer_and_widen(mountpoint: str) -> None:
     the path of every container start. The window is widened before readiness, not after, so that
     the first reader of a fresh mount already gets 1 MiB requests (a file's readahead is sized when
     it is opened); the sysfs write costs well under a millisecond."""
+    timeline.mark("readiness probe: worker thread running")
     st = os.stat(mountpoint)
+    timeline.mark("readiness probe: stat of the mountpoint answered")
     readahead.widen(st.st_dev)
+    timeline.mark("readahead widened")
+    timeline.flush()  # here, on a worker thread: the event loop never writes the trace
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -228,11 +267,14 @@ def _control_server(options: MountOptions, gate: control.FreezeGate) -> Callable
 def run_detached(options: MountOptions) -> int:
     """Fork a daemon that mounts; return 0 once its mount answers, 1 (after printing why) if it fails."""
     read_end, write_end = os.pipe()
+    timeline.flush()  # before the fork, or the daemon would write the parent's marks again
     pid = os.fork()
     if pid:
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read()
+        timeline.mark("detached parent: heard the daemon")
+        timeline.flush()
         if message == _READY:
             return 0
         os.waitpid(pid, 0)
@@ -240,6 +282,7 @@ def run_detached(options: MountOptions) -> int:
         print(f"overlayfuse: error: {text}", file=sys.stderr)
         return 1
 
+    timeline.mark("forked: daemon process running")
     os.close(read_end)
     os.setsid()
     os.chdir("/")

@@ -13,7 +13,6 @@ upperdir...) so a bad mount fails before anything is mounted or written.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import stat
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ from .. import __version__
 from ..overlay.features import CopyUpFeatures
 from ..overlay.layers import check_layer_readable
 from . import compat, inuse
+from .fstype import FS_TYPE
 
 
 class UsageError(Exception):
@@ -63,8 +63,6 @@ _KNOWN = (frozenset(_OWN) | compat.KEYS | {"debug"} | _IGNORED | _KERNEL_TUNABLE
           | {"max_read"})
 #: Keys people write from habit elsewhere, and what they mean here.
 _HABITS = {"lowerdirs": "lowerdir"}  # the config file's key (a TOML list) is lowerdirs
-
-FS_TYPE = "overlayfuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +302,8 @@ def suggest(key: str) -> str | None:
     """The known option KEY is probably a misspelling of (``wrokdir`` -> ``workdir``), or None."""
     if key in _HABITS:
         return _HABITS[key]
+    import difflib  # only for an unknown option: not on every daemon's start
+
     close = difflib.get_close_matches(key, sorted(_KNOWN), n=1, cutoff=0.75)
     return close[0] if close else None
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.mounts import daemon_pids, overlayfuse, run_isolated
+from tests.support.trees import File, make_tree
+
 #: A fresh interpreter importing the daemon takes well under a second; this only bounds a hang.
 SUBPROCESS_TIMEOUT = 60
 
@@ -101,7 +104,9 @@ def test_overlayctl_listing_loads_no_registry_client_or_importer(tmp_path: Path,
     status, modules = loaded_by("overlayfuse.ctl", ["--root", str(store), *argv])
     assert status == 0
     assert "overlayfuse.images.store" in modules  # it did list, from the store
-    unwanted = ("httpx", "overlayfuse.images.registry", "overlayfuse.images.importer", "overlayfuse.service")
+    unwanted = ("httpx", "overlayfuse.images.registry", "overlayfuse.images.importer", "overlayfuse.service",
+                # the option parser and the union code (ps needs only the mount type's name)
+                "overlayfuse.daemon.options", "overlayfuse.overlay")
     assert imported(modules, EVENT_LOOP + unwanted) == []
     assert not store.exists()  # listing a missing store creates nothing
 
@@ -112,3 +117,87 @@ def test_service_install_help_names_the_units_real_default_dir() -> None:
     from overlayfuse.service.install import UNIT_DIR
 
     assert Path(DEFAULT_UNIT_DIR) == UNIT_DIR
+
+
+_NO_LDCONFIG_PROBE = """
+import json, subprocess
+started = []
+real_init = subprocess.Popen.__init__
+def spy(self, args, *rest, **kwargs):
+    started.append(str(args))
+    real_init(self, args, *rest, **kwargs)
+subprocess.Popen.__init__ = spy
+from overlayfuse.linux.libc import pthread_in_libc
+with pthread_in_libc():
+    import trio
+import ctypes.util
+print(json.dumps({"started": started, "restored": ctypes.util.find_library.__module__}))
+"""
+
+
+def test_trio_imports_without_running_ldconfig() -> None:
+    """linux.libc: trio's find_library("pthread") at import is answered without `ldconfig -p`."""
+    from overlayfuse.linux.libc import PTHREAD_IN_LIBC_SINCE, glibc_version
+
+    version = glibc_version()
+    if version is None or version < PTHREAD_IN_LIBC_SINCE:
+        pytest.skip(f"glibc {version}: pthread is not in libc here, so find_library is asked as usual")
+    done = subprocess.run([sys.executable, "-c", _NO_LDCONFIG_PROBE], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result == {"started": [], "restored": "ctypes.util"}
+
+
+def test_daemon_threads_keep_their_names(tmp_path: Path, overlayfuse_bin: Path) -> None:
+    """trio still names its worker threads (pthread_setname_np found in libc, see linux.libc)."""
+    lower = make_tree(tmp_path / "lower", File("hello", b"hello\n"))
+    with overlayfuse(tmp_path / "mnt", [lower]):
+        assert run_isolated(read_file, str(tmp_path / "mnt" / "hello"), timeout=30) == b"hello\n"
+        (pid,) = daemon_pids(tmp_path / "mnt")
+        names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()}
+    assert any(name.startswith("Trio thread") for name in names), names
+
+
+_GC_PROBE = """
+import contextlib, gc, io, json, sys
+seen = {{}}
+def on_import(event, args):
+    if event == "import" and args[0] == {watch!r}:
+        seen["during_import"] = gc.isenabled()
+sys.addaudithook(on_import)
+from overlayfuse import commands
+sys.argv = [{command!r}, "--version"]
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        getattr(commands, {command!r})()
+    except SystemExit:
+        pass
+print(json.dumps({{**seen, "after": gc.isenabled()}}))
+"""
+
+
+@pytest.mark.parametrize(("command", "watch"), [("overlayfuse", "overlayfuse.daemon.options"),
+                                                ("overlayctl", "overlayfuse.ctl.images")])
+def test_commands_import_with_the_collector_off_and_turn_it_on(command: str, watch: str) -> None:
+    """overlayfuse.commands: the collector is off while the command imports (WATCH is one of its
+    modules) and on again once it ran, whichever way it ended."""
+    code = _GC_PROBE.format(command=command, watch=watch)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"during_import": False, "after": True}
+
+
+def test_importing_the_command_modules_leaves_the_collector_alone() -> None:
+    """Tests and tools import daemon.cli and ctl: only the installed commands turn the collector off."""
+    code = "import gc, overlayfuse.daemon.cli, overlayfuse.ctl, overlayfuse.ctl.service; print(gc.isenabled())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

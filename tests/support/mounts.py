@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 # The tests' own /proc readers, not overlayfuse.linux.mounttable: see tests/support/procfs.py.
-from tests.support.procfs import MountEntry, command_line, mounts, other_pids, process_alive, thread_waits
+from tests.support.procfs import (
+    MountEntry,
+    command_line,
+    mounts,
+    namespaces_holding,
+    other_pids,
+    process_alive,
+    thread_waits,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +40,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MOUNT_TIMEOUT = 30.0  # detached overlayfuse must be mounted and answering by then
 UNMOUNT_TIMEOUT = 10.0  # per unmount command
 DAEMON_EXIT_TIMEOUT = 10.0  # after unmount, the daemon process must be gone by then
+#: After an unmount, how long before the teardown looks for other mount namespaces holding a copy
+#: of the mount (a daemon not gone by then is usually pinned by one; see procfs.namespaces_holding).
+PINNED_CHECK_AFTER = 1.0
 ISOLATED_TIMEOUT = 90.0  # one full walk of the rich tree takes a few seconds
 
 FUSE_FSTYPE = "fuse.overlayfuse"
@@ -305,6 +316,7 @@ def teardown_overlayfuse(mnt: Path) -> None:
     Raises MountError if the mount or a daemon process survives all of that.
     """
     pids = daemon_pids(mnt)
+    entry = mount_at(mnt)
     busy_with: list[str] = []  # who kept a clean unmount from working, if anyone did
     for cmd in (["fusermount3", "-u", str(mnt)], ["fusermount3", "-u", "-z", str(mnt)],
                 ["umount", "-l", str(mnt)]):
@@ -314,7 +326,17 @@ def teardown_overlayfuse(mnt: Path) -> None:
             busy_with = holders(mnt)
         with contextlib.suppress(subprocess.TimeoutExpired):
             run(cmd, timeout=UNMOUNT_TIMEOUT)
-    leftover = wait_pids_gone(pids, DAEMON_EXIT_TIMEOUT)
+    leftover = wait_pids_gone(pids, PINNED_CHECK_AFTER)
+    pinned = namespaces_holding(entry.dev) if leftover and entry is not None and not is_mounted(mnt) else []
+    if pinned:
+        # Another mount namespace holds a copy of the mount (see `namespaces_holding`): not the
+        # daemon's doing, and it would serve that copy until the namespace ends. Ask it to stop
+        # (SIGTERM: its own clean exit; /sys/fs/fuse/connections, where a connection could be
+        # aborted, is not mounted on these machines).
+        for pid in leftover:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    leftover = wait_pids_gone(leftover, DAEMON_EXIT_TIMEOUT)
     waiting = {pid: thread_waits(pid) for pid in leftover}
     for pid in leftover:
         with contextlib.suppress(ProcessLookupError):
@@ -327,7 +349,8 @@ def teardown_overlayfuse(mnt: Path) -> None:
         raise MountError(f"{mnt} is still mounted after teardown")
     if leftover:
         raise MountError(f"overlayfuse daemon(s) {leftover} for {mnt} ignored the unmount; "
-                         f"its threads were in {waiting}; the mount was held by {busy_with}")
+                         f"its threads were in {waiting}; the mount was held by {busy_with}; "
+                         f"other mount namespaces holding it: {pinned}")
 
 
 def holders(mnt: Path) -> list[str]:

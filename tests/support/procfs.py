@@ -88,3 +88,30 @@ def process_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+def namespaces_holding(dev: str) -> list[str]:
+    """Processes in *other* mount namespaces that still have the filesystem DEV ("major:minor")
+    mounted, one per namespace, as "PID (command)".
+
+    A mount namespace made while a test's mount existed (rootless podman's pause process,
+    ``catatonit -P``; any ``unshare -m``) holds a copy of it, and the mounts here are private (no
+    propagation): unmounting here leaves the superblock alive there, so the FUSE connection stays
+    up and the daemon, rightly, keeps serving. That is the teardown's "daemon ignored the unmount"
+    with the daemon idle in epoll_wait and nothing here holding the mount."""
+    try:
+        ours = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return []
+    seen: dict[str, str] = {}
+    for pid in other_pids():
+        with contextlib.suppress(OSError):
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+            if namespace == ours or namespace in seen:
+                continue
+            with open(f"/proc/{pid}/mountinfo", "rb") as table:
+                if any(entry.dev == dev for entry in parse_mountinfo(table.read())):
+                    argv = command_line(pid) or ["?"]
+                    seen[namespace] = f"{pid} ({' '.join(argv)[:80]})"
+    return list(seen.values())
+
