@@ -157,7 +157,7 @@ class MergedTree:
         """A lower name of a hardlinked file whose other name was copied up shows the upper copy."""
         if resolved is None or self.upper_dir is None or resolved.layer.writable:
             return resolved
-        return self.upper_dir.find_indexed(resolved.stat, self.stack.layers[0]) or resolved
+        return self.upper_dir.find_indexed(resolved, self.stack.layers[0]) or resolved
 
     def _indexed(self, resolved: Resolved) -> bool:
         return self.upper_dir is not None and self.upper_dir.indexed(resolved)
@@ -629,7 +629,7 @@ class MergedTree:
         await self.in_thread(self.upper_dir.index_lower, victim)
         self.listing_epoch += 1
         node = self.inodes.node_of(victim)
-        indexed = self.upper_dir.find_indexed(victim.stat, self.stack.layers[0])
+        indexed = self.upper_dir.find_indexed(victim, self.stack.layers[0])
         if node is not None and indexed is not None:
             self.inodes.rebind(node, indexed)
 

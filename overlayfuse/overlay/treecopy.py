@@ -70,7 +70,7 @@ def _copy_tree(
                     upper.link_indexed(child.path, target_dir.path, name)
                     added.append((target_dir, name, False))
             else:
-                copy = upper.find_indexed(child.stat, layer)
+                copy = upper.find_indexed(child, layer)
                 if copy is not None:  # another name of this file was copied up before
                     upper.link_indexed(copy.path, target_dir.path, name)
                     added.append((target_dir, name, False))

@@ -190,8 +190,47 @@ async def test_copy_up_keeps_hardlinks_together(tree: MergedTree, dirs: tuple[Pa
     st = os.lstat(b.resolved.path)
     assert stat.S_IMODE(st.st_mode) == 0o600 and a.ino == b.ino
     assert tree.link_count(b.resolved, st) == 2
-    index = dirs[3] / "overlayfuse-index"
+    index = dirs[3] / "index"
     assert len(os.listdir(index)) == 1
+
+
+async def test_index_entry_is_named_and_counted_as_the_kernels(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """The entry's name is the hex of the lower file's origin (its file handle), the copy carries
+    that origin and the kernel's relative count: two upper links (entry and name) and one lower
+    name left make a merged count of two, "U+0"."""
+    await tree.change_metadata(tree.lookup(_ino(tree, "hl"), "a"), lambda path: os.chmod(path, 0o600))
+    copy = _upper(dirs) / "hl" / "a"
+    origin = os.getxattr(copy, "trusted.overlay.origin")
+    assert os.listdir(dirs[3] / "index") == [origin.hex()]
+    assert os.path.samefile(dirs[3] / "index" / origin.hex(), copy)
+    assert os.getxattr(copy, "trusted.overlay.nlink") == b"U+0"
+    await tree.remove(_ino(tree, "hl"), "b", directory=False)  # the last lower name: "U-1"
+    assert os.getxattr(copy, "trusted.overlay.nlink") == b"U-1"
+    assert tree.link_count(tree.lookup(_ino(tree, "hl"), "a").resolved, os.lstat(copy)) == 1
+
+
+async def test_index_of_an_earlier_version_is_still_read(dirs: tuple[Path, Path, Path, Path]) -> None:
+    """An upper dir written by an earlier version (index entry ``overlayfuse-index/<dev>-<ino>``,
+    the lower names left in ``overlay.fuse-lower-links``) still mounts with the names together, and
+    its count is kept in that format."""
+    l1, l2, upper, work = dirs
+    lower = os.lstat(l2 / "hl" / "a")
+    make_tree(upper, File("hl/a", b"changed before"))
+    legacy = work / "overlayfuse-index"
+    legacy.mkdir(parents=True)
+    os.link(upper / "hl" / "a", legacy / f"{lower.st_dev:x}-{lower.st_ino:x}")
+    os.setxattr(upper / "hl" / "a", "trusted.overlay.fuse-lower-links", b"1")
+    tree = open_tree([l1, l2], upper, work)
+    a, b = tree.lookup(_ino(tree, "hl"), "a"), tree.lookup(_ino(tree, "hl"), "b")
+    assert a.ino == b.ino and Path(b.resolved.path).read_bytes() == b"changed before"
+    assert tree.link_count(b.resolved, os.lstat(b.resolved.path)) == 2
+    await tree.change_metadata(b, lambda path: os.chmod(path, 0o600))  # b gets its upper name
+    assert os.path.samefile(upper / "hl" / "b", upper / "hl" / "a")
+    assert os.getxattr(upper / "hl" / "a", "trusted.overlay.fuse-lower-links") == b"0"
+    assert tree.link_count(tree.lookup(_ino(tree, "hl"), "b").resolved, os.lstat(upper / "hl" / "b")) == 2
+    assert os.listdir(work / "index") == []  # nothing new written in the kernel's index
 
 
 async def test_read_only_tree_refuses_changes(dirs: tuple[Path, Path, Path, Path]) -> None:
