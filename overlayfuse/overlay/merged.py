@@ -255,7 +255,12 @@ class MergedTree:
             ancestor = self.inodes.get(ancestor.parent)
         for directory in reversed(missing):
             await self._copy_up_one(directory, None, False)
-        return await self._copy_up_one(node, size, for_open, meta_only)
+        copied = await self._copy_up_one(node, size, for_open, meta_only)
+        if copied.data is not None and not meta_only:
+            # another name of a hardlinked file, whose copy in the index holds metadata only (the
+            # kernel's metacopy=on writes such copies): its data comes in now, for every name
+            return await self._fill_metacopy(node, size)
+        return copied
 
     async def _fill_metacopy(self, node: Node, size: int | None) -> Resolved:
         """Copy a metacopy file's data in from its lower file (first open for writing, truncate,
@@ -363,7 +368,7 @@ class MergedTree:
         """A lower name whose file was copied up through another name: link the copy to it in upper."""
         up = self._require_writable()
         st = await self.in_thread(up.link_indexed, indexed.path, into.path, node.name)
-        linked = Resolved(self.stack.layers[0], into, node.name, st, ())
+        linked = Resolved(self.stack.layers[0], into, node.name, st, (), indexed.data)
         self.inodes.rebind(node, linked)
         return linked
 

@@ -150,3 +150,19 @@ def test_index_entry_is_the_kernels(tmp_path: Path, overlayfuse_bin: Path, lower
         mine = os.getxattr(ours.upper / "d/a", xattr)
         assert mine == os.getxattr(kernel.upper / "d/a", xattr), xattr
     assert os.getxattr(ours.upper / "d/a", "trusted.overlay.nlink") == b"U+1"  # 2 upper links, 3 shown
+
+
+def test_we_read_kernels_metacopy_index(tmp_path: Path, overlayfuse_bin: Path, lower: Path) -> None:
+    """A chmod through the kernel (metacopy=on) copies the metadata alone into its index: the other
+    names show the new mode with the lower data, and a write through one of them copies the data
+    in for all."""
+    side = _side(tmp_path, "kernel")
+    with kernel_overlay(side.mnt, [lower], side.upper, side.work, OPTS):
+        _apply(side.mnt, [("chmod", "d/a", 0o600)])
+    (entry,) = _index_entries(side.work)
+    os.getxattr(side.work / "index" / entry, "trusted.overlay.metacopy")  # metadata only
+    with overlayfuse(side.mnt, [lower], side.upper, side.work, OPTS.split(",")):
+        _assert_one_file(_view(side.mnt), ORIGINAL)
+        assert {os.lstat(side.mnt / name).st_mode & 0o777 for name in NAMES} == {0o600}
+        _apply(side.mnt, [("write", "e/c", 0, b"FILLED!")])
+        _assert_one_file(_view(side.mnt), b"FILLED!" + ORIGINAL[7:])
