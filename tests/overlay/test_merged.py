@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -388,3 +389,47 @@ async def test_metacopy_file_inside_a_dir_moved_without_redirect_gets_its_data(
     assert copy.read_bytes() == b"1" and METACOPY not in os.listxattr(copy)
     found = tree.lookup(_ino(tree, "moved"), "f1").resolved
     assert Path(found.readable.path).read_bytes() == b"1"
+
+
+# -- worker-thread hops of a metadata change ------------------------------------------------------
+
+
+async def test_a_chown_deep_in_a_lower_tree_takes_two_hops(tmp_path: Path) -> None:
+    """A hop to a worker thread is most of what a chown of a lower file costs (the copy-up is a
+    few cheap syscalls): the missing parents are copied up in one hop, the file and the change
+    itself in another."""
+    lower = make_tree(tmp_path / "lower", File("a/b/c/f", b"data"))
+    (tmp_path / "upper").mkdir()
+    tree = open_tree([lower], tmp_path / "upper", tmp_path / "work")
+    hops: list[str] = []
+    run = tree.in_thread
+
+    async def counted(func: Any, *args: Any) -> Any:
+        hops.append(func.__name__)
+        return await run(func, *args)
+
+    tree.in_thread = counted  # type: ignore[method-assign]
+    node = tree.lookup(_ino(tree, "a/b/c"), "f")
+    await tree.change_metadata(node, lambda path: os.chown(path, 1000, 1000))
+    assert len(hops) == 2, hops
+    st = os.lstat(tmp_path / "upper/a/b/c/f")
+    assert (st.st_uid, st.st_gid) == (1000, 1000) and node.resolved.layer.writable
+    assert os.lstat(tmp_path / "lower/a/b/c/f").st_uid == 0
+    assert tree.node(_ino(tree, "a/b/c")).resolved.layer.writable and (tmp_path / "upper/a/b/c").is_dir()
+    assert tree.node(_ino(tree, "a")).resolved.layer.writable
+
+
+async def test_a_change_failing_after_its_copy_up_leaves_the_copy_in_place(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """The change runs in the copy-up's hop; when it fails the caller gets its error, and the copy
+    (complete, published) is the node's object from then on, as when the two were separate."""
+    link = tree.lookup(_ino(tree, "etc"), "link")
+
+    def refused(path: str) -> None:
+        os.setxattr(path, "user.x", b"1")  # user.* xattrs on a symlink: EPERM
+
+    with pytest.raises(OSError) as excinfo:
+        await tree.change_metadata(link, refused)
+    assert excinfo.value.errno == errno.EPERM
+    assert link.resolved.layer.writable and os.readlink(_upper(dirs) / "etc" / "link") == "hosts"
