@@ -7,7 +7,8 @@ so: a layer made of it would show those other names with their old lower content
 this module for the lower names that currently show an upper copy and adds them to the layer tar as
 hardlinks to it (or, when the copy has no upper name left, as the file itself, then hardlinks).
 
-Found by walking the image's layers for files with the indexed inodes, then resolving each name
+Found by walking the image's layers for hardlinked files whose index entry (named by the file's
+handle, or by device and inode in the earlier format) has lower names left, then resolving each name
 through the container's stack (upper dir included): a name that a later layer, a whiteout or an
 upper object hides does not count. The walk happens only when the index has a copy with lower
 names left, which is rare: most containers never change a hardlinked lower file.
@@ -26,7 +27,7 @@ from pathlib import Path
 from ..errors import StoreError
 from ..overlay import layers, whiteout
 from ..overlay.layers import Layer, LayerStack, Resolved
-from ..overlay.links import INDEX_NAME, LinkIndex
+from ..overlay.links import INDEX_NAME, LEGACY_INDEX_NAME, LinkIndex
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +47,24 @@ class IndexedName:
 
 def indexed_names(lowers: Sequence[Path], upper: Path, workdir: Path) -> list[IndexedName]:
     """The lower names that show an upper copy through the index, sorted by path."""
-    index_dir = workdir / INDEX_NAME
-    try:
-        entries = sorted(os.listdir(index_dir))
-    except FileNotFoundError:
-        return []
     # The counter's xattr is trusted.* when the daemon may write it, user.* otherwise.
     upper_layer = Layer(0, os.fspath(upper), True)
-    counters = [
+    indexes = [
         LinkIndex.prepare(os.fspath(workdir), opaque_xattr, upper_layer) for opaque_xattr in whiteout.OPAQUE_XATTRS
     ]
-    wanted: dict[tuple[int, int], str] = {}  # lower (dev, ino) -> its copy's index entry
-    for entry in entries:
-        path = os.path.join(index_dir, entry)
-        left = next((n for n in (c.lower_names(path) for c in counters) if n is not None), None)
-        dev, _, ino = entry.partition("-")
-        if left and dev and ino:
-            wanted[(int(dev, 16), int(ino, 16))] = path
+    wanted: dict[str, str] = {}  # an index entry's name -> its path, for copies with lower names left
+    for directory in (workdir / INDEX_NAME, workdir / LEGACY_INDEX_NAME):
+        try:
+            entries = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            path = os.path.join(directory, entry)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            left = next((n for n in (c.lower_names(path) for c in indexes) if n is not None), None)
+            if left:
+                wanted.setdefault(entry, path)
     if not wanted:
         return []
     copies = {os.lstat(path).st_ino: path for path in wanted.values()}
@@ -71,13 +73,16 @@ def indexed_names(lowers: Sequence[Path], upper: Path, workdir: Path) -> list[In
     found: dict[str, IndexedName] = {}
     for layer in lowers:
         for rel, st in _hardlinked_files(os.fspath(layer)):
-            key = (st.st_dev, st.st_ino)
-            if key not in wanted or rel in found:
+            if rel in found:
+                continue
+            real = os.path.join(layer, rel)
+            entry_name = next((n for n in indexes[0].entry_names(real, st) if n in wanted), None)
+            if entry_name is None:
                 continue
             shown = _resolve(stack, rel)
-            if shown is None or shown.layer.writable or (shown.stat.st_dev, shown.stat.st_ino) != key:
+            if shown is None or shown.layer.writable or not shown.same_object(st):
                 continue  # hidden: a whiteout, an upper object or a higher layer has this name
-            source = wanted[key]
+            source = wanted[entry_name]
             found[rel] = IndexedName(rel, source, upper_names.get(os.lstat(source).st_ino))
     names = sorted(found.values(), key=lambda name: name.path)
     if names:

@@ -19,7 +19,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -157,7 +157,7 @@ class MergedTree:
         """A lower name of a hardlinked file whose other name was copied up shows the upper copy."""
         if resolved is None or self.upper_dir is None or resolved.layer.writable:
             return resolved
-        return self.upper_dir.find_indexed(resolved.stat, self.stack.layers[0]) or resolved
+        return self.upper_dir.find_indexed(resolved, self.stack.layers[0]) or resolved
 
     def _indexed(self, resolved: Resolved) -> bool:
         return self.upper_dir is not None and self.upper_dir.indexed(resolved)
@@ -234,14 +234,17 @@ class MergedTree:
     # -- copy-up -----------------------------------------------------------------------------------
 
     async def _ensure_upper(
-        self, node: Node, *, size: int | None = None, for_open: bool = False, meta_only: bool = False
-    ) -> Resolved:
+        self, node: Node, *, size: int | None = None, for_open: bool = False, meta_only: bool = False,
+        then: FollowUp | None = None,
+    ) -> Resolved:  # fmt: skip
         """Copy NODE (and its missing parents, top down) into the upper dir; caller holds the lock.
 
         SIZE: the file is about to be truncated to SIZE, so only that much data is copied.
         FOR_OPEN: an open for writing; see `_copy_up_one` for a file whose name went meanwhile.
         META_ONLY: only its metadata is about to change: a lower regular file may be copied up as a
         metacopy file (metacopy=on); otherwise a metacopy file gets its data now.
+        THEN: the change that follows, run in the copy-up's own worker-thread hop where NODE is
+        copied up now (``then.done`` says whether it ran).
         """
         resolved = node.resolved
         if resolved.layer.writable and not self._indexed(resolved):
@@ -253,9 +256,14 @@ class MergedTree:
         while not ancestor.resolved.layer.writable:
             missing.append(ancestor)
             ancestor = self.inodes.get(ancestor.parent)
-        for directory in reversed(missing):
-            await self._copy_up_one(directory, None, False)
-        return await self._copy_up_one(node, size, for_open, meta_only)
+        if missing:
+            await self._copy_up_dirs(list(reversed(missing)))
+        copied = await self._copy_up_one(node, size, for_open, meta_only, then)
+        if copied.data is not None and not meta_only:
+            # another name of a hardlinked file, whose copy in the index holds metadata only (the
+            # kernel's metacopy=on writes such copies): its data comes in now, for every name
+            return await self._fill_metacopy(node, size)
+        return copied
 
     async def _fill_metacopy(self, node: Node, size: int | None) -> Resolved:
         """Copy a metacopy file's data in from its lower file (first open for writing, truncate,
@@ -287,7 +295,9 @@ class MergedTree:
         st = resolved.stat
         return xattr if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 else ""
 
-    async def _copy_up_one(self, node: Node, size: int | None, for_open: bool, meta_only: bool = False) -> Resolved:
+    async def _copy_up_one(
+        self, node: Node, size: int | None, for_open: bool, meta_only: bool = False, then: FollowUp | None = None
+    ) -> Resolved:
         """Copy NODE alone into its parent's upper dir, which exists.
 
         A file whose name now shows another object, or nothing (it was unlinked or renamed over
@@ -327,14 +337,17 @@ class MergedTree:
             metacopy = self._metacopy_xattr(resolved) if meta_only and size is None else ""
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
             if metacopy:
-                st = await self.in_thread(upper.keeping_times, into.path, up.copy_up_metadata, resolved.path, target)
+                st = await self.in_thread(
+                    _copy_then, then, target, upper.keeping_times, into.path, up.copy_up_metadata, resolved.path, target
+                )
                 copied = Resolved(self.stack.layers[0], into, node.name, st, (), resolved)
                 self.inodes.rebind(node, copied)
                 log.debug("copied up the metadata of %s", node.name)
                 return copied
             st, entry = await self.in_thread(
-                upper.keeping_times, into.path, up.copy_up, resolved.path, resolved.stat, target, size
-            )
+                _copy_then, then, target, upper.keeping_times, into.path, up.copy_up, resolved.path, resolved.stat,
+                target, size,
+            )  # fmt: skip
             if entry is not None:
                 self.listing_epoch += 1  # its other lower names, wherever they are, show the copy now
             upper_layer = self.stack.layers[0]
@@ -348,6 +361,34 @@ class MergedTree:
             return copied
         finally:
             self._changed(parent)
+
+    async def _copy_up_dirs(self, chain: list[Node]) -> None:
+        """Copy up the directories CHAIN (each the parent of the next; the first one's parent is in
+        upper), alone, in one worker-thread hop: a change deep in a lower tree pays one hop for its
+        missing parents, not one each. A chain whose path would grow long goes one by one."""
+        up = self._require_writable()
+        parents = [self.inodes.get(node.parent) for node in chain]
+        into = parents[0].resolved.branches[0]
+        plan = [(node.resolved.path, node.resolved.stat, node.name) for node in chain]
+        if sum(len(name) + 1 for _, _, name in plan) > _CHAIN_PATH_MAX:
+            for node in chain:
+                await self._copy_up_one(node, None, False)
+            return
+        for parent in parents:
+            self._changed(parent)
+        try:
+            copies, error = await self.in_thread(_copy_dirs, up, into.path, plan)
+            upper_layer = self.stack.layers[0]
+            for node, parent, st in zip(chain, parents, copies, strict=False):
+                into = parent.resolved.branches[0]  # the parent's upper dir: copied just before
+                top = Branch(upper_layer, into, node.name, NO_MARKERS, st.st_dev, st.st_ino)
+                self.inodes.rebind(node, Resolved(upper_layer, into, node.name, st, (top, *node.resolved.branches)))
+                log.debug("copied up %s", node.name)
+            if error is not None:
+                raise error
+        finally:
+            for parent in parents:
+                self._changed(parent)
 
     async def _copy_up_orphan(self, node: Node, size: int | None) -> Resolved:
         """Copy up a file whose name now shows another object (it was unlinked or renamed over while
@@ -366,7 +407,7 @@ class MergedTree:
         """A lower name whose file was copied up through another name: link the copy to it in upper."""
         up = self._require_writable()
         st = await self.in_thread(up.link_indexed, indexed.path, into.path, node.name)
-        linked = Resolved(self.stack.layers[0], into, node.name, st, ())
+        linked = Resolved(self.stack.layers[0], into, node.name, st, (), indexed.data)
         self.inodes.rebind(node, linked)
         return linked
 
@@ -383,13 +424,14 @@ class MergedTree:
     # -- changes -----------------------------------------------------------------------------------
 
     async def copy_up(
-        self, node: Node, *, size: int | None = None, for_open: bool = False, meta_only: bool = False
-    ) -> Resolved:
+        self, node: Node, *, size: int | None = None, for_open: bool = False, meta_only: bool = False,
+        then: FollowUp | None = None,
+    ) -> Resolved:  # fmt: skip
         """Make NODE's object an upper object (for an open for writing, a truncate, a chmod...);
-        META_ONLY: for a change of metadata only (see `_ensure_upper`)."""
+        META_ONLY: for a change of metadata only; THEN: that change (see `_ensure_upper`)."""
         self._require_writable()
         async with self._changes:
-            return await self._ensure_upper(node, size=size, for_open=for_open, meta_only=meta_only)
+            return await self._ensure_upper(node, size=size, for_open=for_open, meta_only=meta_only, then=then)
 
     async def create(
         self, parent_ino: int, name: str, mode: int, caller: Caller, *,
@@ -632,7 +674,7 @@ class MergedTree:
         await self.in_thread(self.upper_dir.index_lower, victim)
         self.listing_epoch += 1
         node = self.inodes.node_of(victim)
-        indexed = self.upper_dir.find_indexed(victim.stat, self.stack.layers[0])
+        indexed = self.upper_dir.find_indexed(victim, self.stack.layers[0])
         if node is not None and indexed is not None:
             self.inodes.rebind(node, indexed)
 
@@ -717,9 +759,16 @@ class MergedTree:
         mount writes them: its data stays below), then change.
 
         CHANGE gets a path to the object itself (/proc/self/fd/N of a checked O_PATH descriptor):
-        calls on it follow that link to the object, never a symlink found at its name."""
-        await self.copy_up(node, meta_only=True)
-        await self.on_object(node, change)
+        calls on it follow that link to the object, never a symlink found at its name. Where the
+        object is copied up now, CHANGE runs in the copy-up's worker-thread hop, right after it: one
+        hop per chown of a lower file instead of two (a hop is most of what such a chown costs).
+        """
+        then = FollowUp(change)
+        await self.copy_up(node, meta_only=True, then=then)
+        if then.error is not None:
+            raise then.error
+        if not then.done:
+            await self.on_object(node, change)
         return node.resolved
 
     async def on_object(self, node: Node, action: Callable[[str], T]) -> T:
@@ -746,6 +795,66 @@ class MergedTree:
         if resolved.same_object(os.fstat(held.fd)):
             return held
         return node.detached
+
+
+#: Longest path (below a held upper dir) a chain of missing parents is copied up through in one hop;
+#: a longer chain (deep, long names: PATH_MAX is 4096) goes one directory at a time.
+_CHAIN_PATH_MAX = 2048
+
+
+def _copy_dirs(
+    up: UpperDir, into: str, plan: list[tuple[str, os.stat_result, str]]
+) -> tuple[list[os.stat_result], OSError | None]:
+    """Copy each directory of PLAN (source, its lstat, name) up alone, each into the one before
+    (the first into INTO), keeping each parent's times. Returns the copies' lstats and the error
+    that stopped the chain, if any: the copies made before it stay (each is complete), and the
+    caller records them."""
+    copies: list[os.stat_result] = []
+    parent = into
+    for source, st, name in plan:
+        target = os.path.join(parent, name)
+        try:
+            copied, _ = upper.keeping_times(parent, up.copy_up, source, st, target, None)
+        except OSError as exc:
+            return copies, exc
+        copies.append(copied)
+        parent = target
+    return copies, None
+
+
+@dataclass(slots=True)
+class FollowUp:
+    """A change to run on an object right after its copy-up, in the same worker-thread hop; its
+    error is kept for the caller, so the copy-up's own bookkeeping completes first."""
+
+    action: Callable[[str], object]
+    done: bool = False
+    error: OSError | None = None
+
+
+def _copy_then(then: FollowUp | None, target: str, copy: Callable[..., T], *args: Any) -> T:
+    """COPY(*ARGS), which publishes an object at TARGET, then THEN's action on that object, held by
+    an O_PATH descriptor (a symlink there is the object, never followed), checked to be the copy."""
+    result = copy(*args)
+    if then is None:
+        return result
+    try:
+        fd = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return result  # gone already: the caller acts on the object the usual way
+    try:
+        # an os.stat_result (a tuple itself), or (stat, index entry)
+        copied = cast(os.stat_result, result if isinstance(result, os.stat_result) else result[0])  # type: ignore[index]
+        held = os.fstat(fd)
+        if (held.st_dev, held.st_ino) == (copied.st_dev, copied.st_ino):
+            try:
+                then.action(f"/proc/self/fd/{fd}")
+            except OSError as exc:
+                then.error = exc
+            then.done = True
+    finally:
+        os.close(fd)
+    return result
 
 
 def _truncate(path: str, size: int) -> None:

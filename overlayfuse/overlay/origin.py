@@ -21,8 +21,8 @@ EOPNOTSUPP), the kernel stores a "null" origin, an empty value, which still says
 created in upper" (``ovl_get_origin_fh``); so do we. A null uuid is written as it is: the kernel
 does the same, and decodes such handles when the lower is on the upper's filesystem.
 
-A file with several names gets no origin (the kernel only writes one for it with index=on, where
-the copy goes through its own index dir, which we do not keep in its format).
+A file with several names gets its origin through the hardlink index instead (`links`), as the
+kernel writes one for it only with index=on, where the copy goes through its index dir.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ CPython, and two threads computing the same entry agree)."""
 
 
 def wanted(st: os.stat_result) -> bool:
-    """Whether the kernel records an origin when copying up an object lstat'ed as ST: a directory,
-    or anything with one name (ovl_do_copy_up without index=on)."""
+    """Whether a copy-up records an origin for an object lstat'ed as ST on its own: a directory,
+    or anything with one name (ovl_do_copy_up; a hardlinked file gets it from `links`)."""
     return stat.S_ISDIR(st.st_mode) or st.st_nlink == 1
 
 

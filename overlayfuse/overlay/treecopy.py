@@ -70,8 +70,10 @@ def _copy_tree(
                     upper.link_indexed(child.path, target_dir.path, name)
                     added.append((target_dir, name, False))
             else:
-                copy = upper.find_indexed(child.stat, layer)
+                copy = upper.find_indexed(child, layer)
                 if copy is not None:  # another name of this file was copied up before
+                    if copy.data is not None:  # metadata only (the kernel's): its data comes in
+                        upper.fill_metacopy(copy.path, copy.data.path, None)
                     upper.link_indexed(copy.path, target_dir.path, name)
                     added.append((target_dir, name, False))
                 else:

@@ -99,7 +99,7 @@ class UpperDir:
         """Whether RESOLVED is an index entry (a copy known to no upper name yet)."""
         return self.links is not None and self.links.holds(resolved)
 
-    def find_indexed(self, lower: os.stat_result, upper_layer: layers.Layer) -> Resolved | None:
+    def find_indexed(self, lower: Resolved, upper_layer: layers.Layer) -> Resolved | None:
         """The upper copy of the hardlinked lower file LOWER, if one of its names was copied up."""
         return self.links.find(lower, upper_layer) if self.links is not None else None
 
@@ -132,9 +132,9 @@ class UpperDir:
         into the index, so its other names count one link less (the kernel's index=on does the
         same). Only where `indexes` says so."""
         assert self.links is not None and self.indexes(lower.stat)
-        entry = self.links.entry(lower.stat)
+        entry = self.links.entry(lower.path, lower.stat)
         copyup.copy_up(self.workspace, lower.path, entry)
-        self.links.set_lower_names(entry, lower.stat.st_nlink - 1)
+        self.links.mark(entry, lower.path, lower.stat, lower.stat.st_nlink - 1)
 
     # -- copy-up -----------------------------------------------------------------------------------
 
@@ -145,7 +145,7 @@ class UpperDir:
         `copyup.copy_up_size`); a hardlinked file's copy goes in the index, so its other lower names
         show it from then on. Returns the copy's lstat and the index entry made, if any."""
         st = self._copy(source, target, size)
-        return st, self.links.record(lower, target) if self.links is not None else None
+        return st, self.links.record(source, lower, target) if self.links is not None else None
 
     def _copy(self, source: str, target: str, size: int | None) -> os.stat_result:
         if size is None:

@@ -212,8 +212,8 @@ def test_unprivileged_upper_reads_the_same_through_the_other_tool(rootless: Root
 
 
 def test_unprivileged_hardlink_index_lives_where_the_user_can_write(rootless: RootlessUser) -> None:
-    """The index entry and its lower-name counter (a ``user.`` xattr: ``trusted.`` is not the user's)
-    sit in the workdir; a copied-up hardlinked file keeps its names together."""
+    """The index entry and its link count (``user.overlay.nlink``: ``trusted.`` is not the user's)
+    sit in the workdir, in the kernel's userxattr format; a copied-up hardlinked file keeps its names together."""
     root = rootless.mkdir("index")
     lower = _lower(root, rootless)
     os.link(lower / "b", lower / "b-too")
@@ -225,9 +225,10 @@ def test_unprivileged_hardlink_index_lives_where_the_user_can_write(rootless: Ro
     finally:
         rootless.run("fusermount3", "-u", str(mnt), check=False)
     assert shown.splitlines() == ["b", "more", "2", "2"]
-    entries = list((work / "overlayfuse-index").iterdir())
+    entries = list((work / "index").iterdir())
     assert len(entries) == 1 and entries[0].stat().st_uid == rootless.uid
-    assert [n for n in os.listxattr(entries[0]) if n.startswith("user.overlay.")]
+    assert os.getxattr(entries[0], "user.overlay.nlink") == b"U+0"  # the kernel's userxattr form
+    assert os.getxattr(entries[0], "user.overlay.origin").hex() == entries[0].name
 
 
 def test_podman_with_force_mask_keeps_owners_in_xattrs(rootless: RootlessUser, layout: Path) -> None:

@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,8 +191,47 @@ async def test_copy_up_keeps_hardlinks_together(tree: MergedTree, dirs: tuple[Pa
     st = os.lstat(b.resolved.path)
     assert stat.S_IMODE(st.st_mode) == 0o600 and a.ino == b.ino
     assert tree.link_count(b.resolved, st) == 2
-    index = dirs[3] / "overlayfuse-index"
+    index = dirs[3] / "index"
     assert len(os.listdir(index)) == 1
+
+
+async def test_index_entry_is_named_and_counted_as_the_kernels(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """The entry's name is the hex of the lower file's origin (its file handle), the copy carries
+    that origin and the kernel's relative count: two upper links (entry and name) and one lower
+    name left make a merged count of two, "U+0"."""
+    await tree.change_metadata(tree.lookup(_ino(tree, "hl"), "a"), lambda path: os.chmod(path, 0o600))
+    copy = _upper(dirs) / "hl" / "a"
+    origin = os.getxattr(copy, "trusted.overlay.origin")
+    assert os.listdir(dirs[3] / "index") == [origin.hex()]
+    assert os.path.samefile(dirs[3] / "index" / origin.hex(), copy)
+    assert os.getxattr(copy, "trusted.overlay.nlink") == b"U+0"
+    await tree.remove(_ino(tree, "hl"), "b", directory=False)  # the last lower name: "U-1"
+    assert os.getxattr(copy, "trusted.overlay.nlink") == b"U-1"
+    assert tree.link_count(tree.lookup(_ino(tree, "hl"), "a").resolved, os.lstat(copy)) == 1
+
+
+async def test_index_of_an_earlier_version_is_still_read(dirs: tuple[Path, Path, Path, Path]) -> None:
+    """An upper dir written by an earlier version (index entry ``overlayfuse-index/<dev>-<ino>``,
+    the lower names left in ``overlay.fuse-lower-links``) still mounts with the names together, and
+    its count is kept in that format."""
+    l1, l2, upper, work = dirs
+    lower = os.lstat(l2 / "hl" / "a")
+    make_tree(upper, File("hl/a", b"changed before"))
+    legacy = work / "overlayfuse-index"
+    legacy.mkdir(parents=True)
+    os.link(upper / "hl" / "a", legacy / f"{lower.st_dev:x}-{lower.st_ino:x}")
+    os.setxattr(upper / "hl" / "a", "trusted.overlay.fuse-lower-links", b"1")
+    tree = open_tree([l1, l2], upper, work)
+    a, b = tree.lookup(_ino(tree, "hl"), "a"), tree.lookup(_ino(tree, "hl"), "b")
+    assert a.ino == b.ino and Path(b.resolved.path).read_bytes() == b"changed before"
+    assert tree.link_count(b.resolved, os.lstat(b.resolved.path)) == 2
+    await tree.change_metadata(b, lambda path: os.chmod(path, 0o600))  # b gets its upper name
+    assert os.path.samefile(upper / "hl" / "b", upper / "hl" / "a")
+    assert os.getxattr(upper / "hl" / "a", "trusted.overlay.fuse-lower-links") == b"0"
+    assert tree.link_count(tree.lookup(_ino(tree, "hl"), "b").resolved, os.lstat(upper / "hl" / "b")) == 2
+    assert os.listdir(work / "index") == []  # nothing new written in the kernel's index
 
 
 async def test_read_only_tree_refuses_changes(dirs: tuple[Path, Path, Path, Path]) -> None:
@@ -349,3 +389,47 @@ async def test_metacopy_file_inside_a_dir_moved_without_redirect_gets_its_data(
     assert copy.read_bytes() == b"1" and METACOPY not in os.listxattr(copy)
     found = tree.lookup(_ino(tree, "moved"), "f1").resolved
     assert Path(found.readable.path).read_bytes() == b"1"
+
+
+# -- worker-thread hops of a metadata change ------------------------------------------------------
+
+
+async def test_a_chown_deep_in_a_lower_tree_takes_two_hops(tmp_path: Path) -> None:
+    """A hop to a worker thread is most of what a chown of a lower file costs (the copy-up is a
+    few cheap syscalls): the missing parents are copied up in one hop, the file and the change
+    itself in another."""
+    lower = make_tree(tmp_path / "lower", File("a/b/c/f", b"data"))
+    (tmp_path / "upper").mkdir()
+    tree = open_tree([lower], tmp_path / "upper", tmp_path / "work")
+    hops: list[str] = []
+    run = tree.in_thread
+
+    async def counted(func: Any, *args: Any) -> Any:
+        hops.append(func.__name__)
+        return await run(func, *args)
+
+    tree.in_thread = counted  # type: ignore[method-assign]
+    node = tree.lookup(_ino(tree, "a/b/c"), "f")
+    await tree.change_metadata(node, lambda path: os.chown(path, 1000, 1000))
+    assert len(hops) == 2, hops
+    st = os.lstat(tmp_path / "upper/a/b/c/f")
+    assert (st.st_uid, st.st_gid) == (1000, 1000) and node.resolved.layer.writable
+    assert os.lstat(tmp_path / "lower/a/b/c/f").st_uid == 0
+    assert tree.node(_ino(tree, "a/b/c")).resolved.layer.writable and (tmp_path / "upper/a/b/c").is_dir()
+    assert tree.node(_ino(tree, "a")).resolved.layer.writable
+
+
+async def test_a_change_failing_after_its_copy_up_leaves_the_copy_in_place(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """The change runs in the copy-up's hop; when it fails the caller gets its error, and the copy
+    (complete, published) is the node's object from then on, as when the two were separate."""
+    link = tree.lookup(_ino(tree, "etc"), "link")
+
+    def refused(path: str) -> None:
+        os.setxattr(path, "user.x", b"1")  # user.* xattrs on a symlink: EPERM
+
+    with pytest.raises(OSError) as excinfo:
+        await tree.change_metadata(link, refused)
+    assert excinfo.value.errno == errno.EPERM
+    assert link.resolved.layer.writable and os.readlink(_upper(dirs) / "etc" / "link") == "hosts"

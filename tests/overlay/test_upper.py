@@ -143,5 +143,5 @@ def test_upper_dir_prepare(tmp_path: Path) -> None:
     prepared = UpperDir.prepare(str(tmp_path / "upper"), str(tmp_path / "work"), stack.layers[0])
     assert prepared.workspace.staging == str(tmp_path / "work/work") and _staging_empty(prepared.workspace)
     assert prepared.style == DEVICE
-    assert prepared.links.directory == str(tmp_path / "work/overlayfuse-index")
+    assert prepared.links.directory == str(tmp_path / "work/index")  # the kernel's index dir
     assert os.path.isdir(prepared.links.directory)
