@@ -67,6 +67,8 @@ def _boundary(handler: F) -> F:
         # Asked once per request, and nothing formatted unless it is shown: an answered error
         # (ENOENT, ENODATA) is the common case on hot paths, not an exceptional one.
         debug = log.isEnabledFor(logging.DEBUG)
+        if self.workers.stats is not None:  # OVERLAYFUSE_HOP_STATS: hops counted per request type
+            self.workers.stats.request(name)
         if debug:
             log.debug("%s%s", name, _brief(args))
         try:

@@ -28,7 +28,7 @@ import trio
 from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
-from ..overlay.workers import Workers
+from ..overlay.workers import HopStats, Workers
 from . import control, inuse, owners, readahead
 from .fs import OverlayOperations
 from .notify import notify
@@ -86,7 +86,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         if not upper_dir.style.device_whiteouts:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
     ownership, upper_dir = _ownership(options, stack, upper_dir)
-    workers = Workers()  # one pool for the tree's blocking work and the handlers' (reads, writes)
+    # One pool for the tree's blocking work and the handlers' (reads, writes).
+    workers = Workers(stats=HopStats.from_environment())
     tree = MergedTree(stack, upper_dir, workers)
     operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
                                    acl="default_permissions" in options.fuse_options, workers=workers)
@@ -104,6 +105,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     finally:
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", options.mountpoint)
+        if workers.stats is not None:
+            workers.stats.write()
 
 
 def _ownership(
