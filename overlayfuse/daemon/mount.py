@@ -29,7 +29,7 @@ import trio
 from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
-from ..overlay.workers import Workers
+from ..overlay.workers import HopStats, Workers
 from . import control, inuse, owners, readahead, timeline
 from .fs import OverlayOperations
 from .notify import notify
@@ -90,7 +90,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
             log.info("cannot create device whiteouts here: writing OCI .wh. whiteouts instead")
         timeline.mark("upper dir claimed and prepared (whiteout probe)")
     ownership, upper_dir = _ownership(options, stack, upper_dir)
-    workers = Workers()  # one pool for the tree's blocking work and the handlers' (reads, writes)
+    # One pool for the tree's blocking work and the handlers' (reads, writes).
+    workers = Workers(stats=HopStats.from_environment())
     tree = MergedTree(stack, upper_dir, workers)
     operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
                                    acl="default_permissions" in options.fuse_options, workers=workers)
@@ -114,6 +115,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         pyfuse3.close(unmount=unmount)
         log.info("unmounted %s", options.mountpoint)
         timeline.flush()
+        if workers.stats is not None:
+            workers.stats.write()
 
 
 def _trace_first_requests(operations: OverlayOperations) -> None:

@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -499,7 +499,11 @@ class MergedTree:
                 raise _error(errno.ENOTDIR, name)
             if not directory and victim.is_dir:
                 raise _error(errno.EISDIR, name)
-            if directory and bool(await self.in_thread(layers.list_dir, victim.branches)):
+            # In a parent already in upper (nothing to copy up first), an rmdir checks for content
+            # and removes in one trip to a worker thread (`_remove_if_empty`); otherwise ENOTEMPTY
+            # must be known before the parent is copied up, as the kernel refuses before changing.
+            checked_here = directory and not parent_res.layer.writable
+            if checked_here and bool(await self.in_thread(layers.list_dir, victim.branches)):
                 raise _error(errno.ENOTEMPTY, name)
             parent_res = await self._ensure_upper(parent)
             victim_node = self.inodes.node_of(victim)
@@ -507,11 +511,11 @@ class MergedTree:
             leave_whiteout = self._lower_has(parent_res, name)
             into = parent_res.branches[0]
             self._prepare_detach(victim_node, (parent.ino, name), victim)
+            empty_check = victim.branches if directory and not checked_here else None
             self._changed(parent)
             try:
-                await self.in_thread(lambda: up.remove(into.path, name, leave_whiteout=leave_whiteout))
-                if up.indexed(victim):
-                    await self.in_thread(up.covered, victim.path)
+                await self.in_thread(_remove_in_upper, up, into.path, name, leave_whiteout, empty_check,
+                                     victim.path if up.indexed(victim) else None)
             finally:
                 self._changed(parent)
             self._forget_object(victim)
@@ -855,6 +859,20 @@ def _copy_then(then: FollowUp | None, target: str, copy: Callable[..., T], *args
     finally:
         os.close(fd)
     return result
+
+
+def _remove_in_upper(
+    up: UpperDir, parent_dir: str, name: str, leave_whiteout: bool, empty_check: Sequence[Branch] | None,
+    covered: str | None,
+) -> None:  # fmt: skip
+    """The blocking part of an unlink or rmdir, in one worker call (one trip to a thread per
+    request): EMPTY_CHECK, a directory's branches to check for content first (ENOTEMPTY); then the
+    removal; COVERED, an index copy one of whose lower names this was (see `UpperDir.covered`)."""
+    if empty_check is not None and layers.list_dir(empty_check):
+        raise _error(errno.ENOTEMPTY, name)
+    up.remove(parent_dir, name, leave_whiteout=leave_whiteout)
+    if covered is not None:
+        up.covered(covered)
 
 
 def _truncate(path: str, size: int) -> None:

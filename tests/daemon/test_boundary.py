@@ -21,6 +21,7 @@ import pytest
 from overlayfuse.daemon.fs import OverlayOperations, _boundary
 from overlayfuse.daemon.handles import HandleTable, UnknownHandle
 from overlayfuse.overlay.inodes import ROOT_INODE, UnknownInode
+from overlayfuse.overlay.workers import Workers
 from tests.support.overlaytree import open_tree
 from tests.support.trees import File, make_tree
 
@@ -31,6 +32,8 @@ CTX = pyfuse3.RequestContext()  # uid 0, gid 0
 
 class _Raiser:
     """A stand-in handler owner: each handler raises what the test gives it."""
+
+    workers = Workers()  # `_boundary` asks the owner's workers whether hops are being counted
 
     @_boundary
     async def handler(self, exc: BaseException) -> None:
