@@ -117,15 +117,10 @@ def main(argv: Sequence[str]) -> int:
         sys.stdout.write(json.dumps(walk_view(argv[1])))
         return 0
     args = parse_args(argv)
-    if args.startup:
+    timing_alone = startup.main if args.startup else startupsteps.main if args.startup_steps else None
+    if timing_alone is not None:  # start-ups only: no stack, no workloads
         try:
-            return startup.main(args.reps or 21)
-        except BenchError as exc:
-            say(f"error: {exc}")
-            return 1
-    if args.startup_steps:
-        try:
-            return startupsteps.main(args.reps or 21)
+            return timing_alone(args.reps or 21)
         except BenchError as exc:
             say(f"error: {exc}")
             return 1

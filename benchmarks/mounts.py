@@ -126,11 +126,12 @@ class Mounter:
 
     def _mount(self, m: Mount, opts: str, first_read: bool = False) -> None:
         cmd = self.command(m.target, opts, m.mnt)
-        start = time.perf_counter()
+        start_ns = time.monotonic_ns()
         proc = spawn(cmd, m.log)
         try:
             if first_read:
-                m.first_read_s = _wait_first_read(m.mnt / FIRST_READ, proc, start)
+                read_ns = wait_first_read(m.mnt / FIRST_READ, proc)
+                m.first_read_s = None if read_ns is None else (read_ns - start_ns) / 1e9
             proc.wait(timeout=MOUNT_TIMEOUT)
         except (subprocess.TimeoutExpired, BenchError) as exc:
             with contextlib.suppress(ProcessLookupError):
@@ -163,8 +164,8 @@ class Mounter:
                 self.unmount(m)
 
 
-def _wait_first_read(path: Path, proc: subprocess.Popen[bytes], start: float) -> float | None:
-    """Seconds from START until PATH (under an empty mountpoint, so only the mount can show it)
+def wait_first_read(path: Path, proc: subprocess.Popen[bytes]) -> int | None:
+    """CLOCK_MONOTONIC ns when PATH (under an empty mountpoint, so only the mount can show it) first
     reads; polled without waiting for PROC, the mount command, to exit. None if PROC failed first
     (the caller reports that). O_NOFOLLOW: the probe never follows a symlink out of the tree."""
     deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -178,7 +179,7 @@ def _wait_first_read(path: Path, proc: subprocess.Popen[bytes], start: float) ->
             continue
         try:
             if os.read(fd, 4096):
-                return time.perf_counter() - start
+                return time.monotonic_ns()
         finally:
             os.close(fd)
         raise BenchError(f"{path} read empty through the mount")

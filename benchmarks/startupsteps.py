@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 
 from .errors import BenchError
 from .mounting import FUSE_UNMOUNTS, overlay_options, spawn, unmount
-from .settings import FIRST_READ_POLL, MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, VENV_BIN
+from .mounts import wait_first_read
+from .settings import MOUNT_TIMEOUT, UNMOUNT_TIMEOUT, VENV_BIN
 
 #: After the unmount, the daemon exits within milliseconds; this only bounds a hang.
 DAEMON_EXIT_TIMEOUT = 15.0
@@ -43,26 +43,6 @@ def _stack(root: Path) -> tuple[list[Path], Path, Path, Path]:
     (top / FIRST_READ_PATH).write_bytes(b"x" * 4096)
     (bottom / "d" / "g").write_bytes(b"y")
     return [top, bottom], upper, work, mnt
-
-
-def _wait_read(path: Path, proc: subprocess.Popen[bytes]) -> int:
-    """CLOCK_MONOTONIC ns when PATH first read through the mount (polled, as the bench row polls)."""
-    deadline = time.monotonic() + MOUNT_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if proc.poll() not in (None, 0):
-                raise BenchError(f"overlayfuse exited {proc.returncode} before {path} read") from None
-            time.sleep(FIRST_READ_POLL)
-            continue
-        try:
-            if not os.read(fd, 4096):
-                raise BenchError(f"{path} read empty through the mount")
-            return time.monotonic_ns()
-        finally:
-            os.close(fd)
-    raise BenchError(f"{path} did not appear through the mount within {MOUNT_TIMEOUT:.0f} s")
 
 
 def _wait_exit(pid: int) -> None:
@@ -97,7 +77,9 @@ def one_run(root: Path, n: int) -> dict[str, float]:
     waiter = threading.Thread(target=wait_exit, daemon=True)
     waiter.start()
     try:
-        read_ns = _wait_read(mnt / FIRST_READ_PATH, proc)
+        read_ns = wait_first_read(mnt / FIRST_READ_PATH, proc)
+        if read_ns is None:
+            raise BenchError(f"overlayfuse exited {proc.returncode} before {mnt / FIRST_READ_PATH} read")
         waiter.join(timeout=MOUNT_TIMEOUT)
         if not exited:
             raise BenchError(f"overlayfuse did not exit within {MOUNT_TIMEOUT:.0f} s of its mount answering")
