@@ -30,3 +30,12 @@ def overlayctl() -> int:
     from .ctl import main
 
     return main()
+
+
+def collector_on() -> None:
+    """The collector on again if a command turned it off for its imports, with every object made so
+    far frozen (out of its sight: modules and parsers live as long as the process). Nothing to do
+    where it was never turned off (a test or a tool that imported the command's module)."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()

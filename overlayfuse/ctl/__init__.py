@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import logging
 import os
 import sys
 
 from .. import __version__
+from ..commands import collector_on
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = _parser()
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     finally:  # --help, --version and usage errors end in SystemExit here
-        if not gc.isenabled():  # off since `commands.overlayctl`: the modules and parser are never garbage
-            gc.freeze()
-            gc.enable()
+        collector_on()  # off since `commands.overlayctl`: the modules and parser are never garbage
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="overlayctl: %(levelname)s %(message)s",

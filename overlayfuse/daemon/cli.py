@@ -25,6 +25,7 @@ import subprocess
 import sys
 from typing import NoReturn
 
+from ..commands import collector_on
 from ..linux.journal import configure_logging, print_error
 from ..linux.libc import pthread_in_libc
 from ..linux.mounttable import detach_dead_mounts
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        _collector_on()  # whichever way it went; `_main` does it already on the mounting path
+        collector_on()  # whichever way it went; `_main` does it already on the mounting path
 
 
 def _main(argv: list[str] | None) -> int:
@@ -69,7 +70,7 @@ def _main(argv: list[str] | None) -> int:
     timeline.mark("options validated")
     with pthread_in_libc():  # trio without its `ldconfig -p` subprocess (see linux.libc)
         from . import mount  # trio and pyfuse3: only now that there is a mount to make
-    _collector_on()
+    collector_on()
     timeline.mark("daemon imported (trio, pyfuse3, overlay)")
 
     if not options.foreground:
@@ -84,14 +85,6 @@ def _main(argv: list[str] | None) -> int:
         print_error("overlayfuse", mount.failure_text(exc))
         return 1
     return 0
-
-
-def _collector_on() -> None:
-    """The collector on again if the command turned it off for its imports, with every object
-    made so far frozen (out of its sight: the modules live as long as the daemon)."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
 
 
 def _exit_now(status: int) -> NoReturn:
