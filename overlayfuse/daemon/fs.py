@@ -29,7 +29,6 @@ from ..overlay.inodes import Node, UnknownInode
 from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import KEPT_LISTINGS, Caller, MergedTree
 from ..overlay.ownership import DiskOwner
-from ..overlay.workers import Workers
 from . import binding
 from .compat import ViewOptions
 from .control import FreezeGate
@@ -204,12 +203,10 @@ class OverlayOperations(pyfuse3.Operations):
         view: ViewOptions | None = None,
         owners: Ownership | None = None,
         acl: bool = False,
-        workers: Workers | None = None,
     ) -> None:
-        """WORKERS: the mount's worker threads (shared with TREE, so one limit bounds both)."""
         super().__init__()
         self.tree = tree
-        self.workers = workers or Workers()
+        self.workers = tree.workers  # one pool, so one limit bounds the handlers' and the tree's hops
         self.view = view or ViewOptions()  # fuse-overlayfs's options (see `compat`)
         # POSIX ACLs as the kernel's overlay has them: the kernel checks them (with
         # default_permissions, which ACL support needs) and caches each inode's ACLs, negative

@@ -94,7 +94,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     workers = Workers(stats=HopStats.from_environment())
     tree = MergedTree(stack, upper_dir, workers)
     operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
-                                   acl="default_permissions" in options.fuse_options, workers=workers)
+                                   acl="default_permissions" in options.fuse_options)
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     if timeline.enabled():
         _trace_first_requests(operations)
