@@ -55,6 +55,13 @@ _NLINK_SUFFIX = "overlay.nlink"
 _LEGACY_COUNT_SUFFIX = "overlay.fuse-lower-links"
 
 
+def indexes(lower: os.stat_result) -> bool:
+    """Whether a copy of the lower object LOWER goes in the index: a file (not a directory) with
+    several names. The one place that rule lives: the copy-up of one object or of a tree, the
+    search for an earlier copy, and the deletion of one of several names all ask here."""
+    return not stat.S_ISDIR(lower.st_mode) and lower.st_nlink >= 2
+
+
 def nlink_value(lower_names: int) -> bytes:
     """The kernel's ``overlay.nlink`` for an indexed copy with LOWER_NAMES lower names still showing
     it: the merged count minus the upper inode's, which holds one link more (the index entry)."""
@@ -127,16 +134,13 @@ class LinkIndex:
             value = self._handles[key] = origin.encode(source, lower)
         return value
 
-    def entry_name(self, source: str, lower: os.stat_result) -> str:
-        """The name of the lower file SOURCE's entry where new entries go: the kernel's, or the
-        earlier format's where there is no handle."""
-        fh = self.handle(source, lower)
-        return fh.hex() if fh else _legacy_name(lower)
-
     def entry(self, source: str, lower: os.stat_result) -> str:
-        """The path of the lower file SOURCE's index entry, where a new one goes."""
+        """The path of the lower file SOURCE's index entry, where a new one goes: the kernel's name,
+        or the earlier format's where there is no handle."""
         fh = self.handle(source, lower)
-        return os.path.join(self.directory if fh else self.legacy_directory, self.entry_name(source, lower))
+        if fh:
+            return os.path.join(self.directory, fh.hex())
+        return os.path.join(self.legacy_directory, _legacy_name(lower))
 
     def entry_names(self, source: str, lower: os.stat_result) -> list[str]:
         """The names an entry of the lower file SOURCE may have, in either format."""
@@ -159,7 +163,7 @@ class LinkIndex:
         """The upper copy of the hardlinked lower file LOWER, if one of its names was copied up (by
         us or by the kernel). A kernel's metacopy copy keeps its data in LOWER, the same file."""
         st = lower.stat
-        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
+        if not indexes(st):
             return None
         for branch, name in self._candidates(lower.path, st):
             try:
@@ -199,9 +203,9 @@ class LinkIndex:
     def record(self, source: str, lower: os.stat_result, upper_copy: str) -> str | None:
         """After the lower file SOURCE (lstat'ed as LOWER) was copied up to UPPER_COPY: a hardlinked
         file's copy goes in the index, so its other lower names show the copy from then on. Returns
-        the entry made, or None (nothing to keep: a directory, or a file with one name). The one
-        place that rule lives, for a copy-up of one object and of a whole tree alike."""
-        if stat.S_ISDIR(lower.st_mode) or lower.st_nlink < 2:
+        the entry made, or None (nothing to keep: see `indexes`), for a copy-up of one object and
+        of a whole tree alike."""
+        if not indexes(lower):
             return None
         return self.add(source, lower, upper_copy)
 

@@ -350,17 +350,23 @@ class MergedTree:
             )  # fmt: skip
             if entry is not None:
                 self.listing_epoch += 1  # its other lower names, wherever they are, show the copy now
-            upper_layer = self.stack.layers[0]
-            branches: tuple[Branch, ...] = ()
-            if resolved.is_dir:
-                top = Branch(upper_layer, into, node.name, NO_MARKERS, st.st_dev, st.st_ino)
-                branches = (top, *resolved.branches)
-            copied = Resolved(upper_layer, into, node.name, st, branches)
-            self.inodes.rebind(node, copied)
-            log.debug("copied up %s", node.name)
-            return copied
+            return self._record_copy(node, into, st)
         finally:
             self._changed(parent)
+
+    def _record_copy(self, node: Node, into: Branch, st: os.stat_result) -> Resolved:
+        """NODE was copied up into INTO (its parent's upper dir) as the object ST: rebind it there.
+        A directory keeps its lower branches below the new upper one (a copied-up directory is
+        merged with what it copied)."""
+        upper_layer = self.stack.layers[0]
+        branches: tuple[Branch, ...] = ()
+        if node.resolved.is_dir:
+            top = Branch(upper_layer, into, node.name, NO_MARKERS, st.st_dev, st.st_ino)
+            branches = (top, *node.resolved.branches)
+        copied = Resolved(upper_layer, into, node.name, st, branches)
+        self.inodes.rebind(node, copied)
+        log.debug("copied up %s", node.name)
+        return copied
 
     async def _copy_up_dirs(self, chain: list[Node]) -> None:
         """Copy up the directories CHAIN (each the parent of the next; the first one's parent is in
@@ -378,12 +384,9 @@ class MergedTree:
             self._changed(parent)
         try:
             copies, error = await self.in_thread(_copy_dirs, up, into.path, plan)
-            upper_layer = self.stack.layers[0]
             for node, parent, st in zip(chain, parents, copies, strict=False):
-                into = parent.resolved.branches[0]  # the parent's upper dir: copied just before
-                top = Branch(upper_layer, into, node.name, NO_MARKERS, st.st_dev, st.st_ino)
-                self.inodes.rebind(node, Resolved(upper_layer, into, node.name, st, (top, *node.resolved.branches)))
-                log.debug("copied up %s", node.name)
+                # into the parent's upper dir, recorded just before
+                self._record_copy(node, parent.resolved.branches[0], st)
             if error is not None:
                 raise error
         finally:
@@ -500,7 +503,7 @@ class MergedTree:
             if not directory and victim.is_dir:
                 raise _error(errno.EISDIR, name)
             # In a parent already in upper (nothing to copy up first), an rmdir checks for content
-            # and removes in one trip to a worker thread (`_remove_if_empty`); otherwise ENOTEMPTY
+            # and removes in one trip to a worker thread (`_remove_in_upper`); otherwise ENOTEMPTY
             # must be known before the parent is copied up, as the kernel refuses before changing.
             checked_here = directory and not parent_res.layer.writable
             if checked_here and bool(await self.in_thread(layers.list_dir, victim.branches)):

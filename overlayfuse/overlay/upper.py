@@ -31,6 +31,7 @@ from .features import CopyUpFeatures, FeatureXattrs
 from .features import xattrs_for as features_xattrs
 from .layers import Fd, Resolved
 from .links import LinkIndex
+from .links import indexes as goes_in_index
 from .whiteout import MarkerStyle
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,9 @@ class UpperDir:
         return st
 
     def indexes(self, lower: os.stat_result) -> bool:
-        """Whether a copy of the lower object LOWER goes in the index: a file with several names,
-        where the mount keeps an index. Cheap: callers ask before they hop to a worker thread."""
-        return self.links is not None and not stat.S_ISDIR(lower.st_mode) and lower.st_nlink >= 2
+        """Whether a copy of the lower object LOWER goes in the index (`links.indexes`), where the
+        mount keeps one. Cheap: callers ask before they hop to a worker thread."""
+        return self.links is not None and goes_in_index(lower)
 
     def index_lower(self, lower: Resolved) -> None:
         """Before a name of the hardlinked lower file LOWER is deleted or overwritten, copy the file
