@@ -61,6 +61,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON here")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated, from {','.join(TARGETS)} (default: all)")
+    p.add_argument("--overlayfuse-options", default="", metavar="OPTS",
+                   help="extra -o options for overlayfuse only, e.g. fsync=0 to compare copy-ups with "
+                        "fuse-overlayfs, which never fsyncs one (the table's header says what was given)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="comma-separated workload names (default: all)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
@@ -155,7 +158,7 @@ def main(argv: Sequence[str]) -> int:
             return 0
         use_deb = scale.name == "full" and not args.no_debootstrap
         stack = prepare_stack(work, scale, use_deb, args.cache_dir, args.release, args.mirror)
-        mounter = Mounter(work / "mnt", [stack.l2, stack.l1])
+        mounter = Mounter(work / "mnt", [stack.l2, stack.l1], args.overlayfuse_options)
         bench = Bench(args, scale)
         view = bench.check_views(mounter, stack)
         choose_targets_of_work(stack, view, scale)
@@ -167,7 +170,8 @@ def main(argv: Sequence[str]) -> int:
         report = {
             "host": host,
             "config": {"mode": scale.name, "reps": args.reps, "targets": args.targets,
-                       "workloads": args.workloads, "workdir": str(work)},
+                       "workloads": args.workloads, "workdir": str(work),
+                       "overlayfuse_options": args.overlayfuse_options},
             "stack": {"source": stack.source, "view_entries": stack.view_entries,
                       "l2": stack.l2_summary, "big_bytes": stack.big, "big2_bytes": stack.big2,
                       "big_fill": "written in full, pseudo-random",

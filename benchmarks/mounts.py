@@ -80,9 +80,11 @@ class Mount:
 class Mounter:
     """Mounts targets on fresh upper/work dirs and tears them down, whatever happens."""
 
-    def __init__(self, root: Path, lowers: Sequence[Path]) -> None:
+    def __init__(self, root: Path, lowers: Sequence[Path], overlayfuse_options: str = "") -> None:
         self.root = root
         self.lowers = list(lowers)
+        self.overlayfuse_options = overlayfuse_options
+        """Extra -o options for overlayfuse alone (``--overlayfuse-options``)."""
         self.live: list[Mount] = []
         self.serial = 0
         self.tracebacks: list[str] = []
@@ -92,7 +94,8 @@ class Mounter:
             return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
         if target == "fuse-overlayfs":
             return ["fuse-overlayfs", "-o", opts, str(mnt)]
-        return [str(VENV_BIN / "overlayfuse"), "-o", opts, str(mnt)]
+        extra = f",{self.overlayfuse_options}" if self.overlayfuse_options else ""
+        return [str(VENV_BIN / "overlayfuse"), "-o", opts + extra, str(mnt)]
 
     @contextlib.contextmanager
     def mounted(self, target: str, first_read: bool = False, kernel_opts: str = "",

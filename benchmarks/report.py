@@ -106,6 +106,8 @@ def render(bench: Bench, report: dict[str, Any]) -> str:
         "",
         render_table(bench, report["results"]),
     ]
+    if report["config"]["overlayfuse_options"]:
+        lines.insert(-2, f"overlayfuse mounted with the extra options {report['config']['overlayfuse_options']}")
     if bench.rss_walks:
         lines += ["", f"daemon VmRSS after a cold walk and {RSS_WALKS} warm walks on one mount:"]
         for t, r in bench.rss_walks.items():

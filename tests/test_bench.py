@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import podman
 from benchmarks.errors import BenchError
+from benchmarks.mounts import Mounter
 from tests.conftest import skip_or_fail
 from tests.support.mounts import REPO_ROOT, mounts
 
@@ -144,3 +145,13 @@ def test_startup_steps_table_names_each_step() -> None:
     assert steps["exec (harness: before spawning overlayfuse)"] == 0
     assert (steps["daemon imported (trio, pyfuse3, overlay)"] < steps["kernel mount made (pyfuse3.init)"]
             < steps["INIT handshake (Operations.init)"] <= steps["first read answered (harness)"]), lines
+
+
+def test_overlayfuse_options_go_to_overlayfuse_alone(tmp_path: Path) -> None:
+    """``--overlayfuse-options fsync=0``: copy-up rows compared with fuse-overlayfs on equal terms."""
+    mounter = Mounter(tmp_path, [tmp_path / "l1"], "fsync=0")
+    mnt = tmp_path / "mnt"
+    assert mounter.command("overlayfuse", "lowerdir=L", mnt)[-2] == "lowerdir=L,fsync=0"
+    assert mounter.command("fuse-overlayfs", "lowerdir=L", mnt)[-2] == "lowerdir=L"
+    assert mounter.command("kernel", "lowerdir=L", mnt)[-2] == "lowerdir=L"
+    assert Mounter(tmp_path, [tmp_path / "l1"]).command("overlayfuse", "lowerdir=L", mnt)[-2] == "lowerdir=L"
