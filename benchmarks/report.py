@@ -85,7 +85,7 @@ def render(bench: Bench, report: dict[str, Any]) -> str:
         f"overlayfuse bench ({bench.scale.name}), {h['date']}",
         f"host: load average {h['loadavg_start']} at start, {h['loadavg_end']} at end"
         f" (1-min max {h['load1_max_while_timing']} while timing); nproc {h['nproc']};"
-        f" kernel {h['kernel']}",
+        f" kernel {h['kernel']}; cpu idle {h.get('cpu_idle', '?')}",
         f"versions: {h['fuse_overlayfs']}; overlayfuse {h['overlayfuse']} (git {h['git']});"
         f" python {h['python']}, pyfuse3 {h['pyfuse3']}",
         f"bottom layer: {st['source']}; merged view {st['view_entries']} entries",
@@ -137,6 +137,22 @@ def tool_version(cmd: list[str], pick: str) -> str:
     return "unknown"
 
 
+def cpu_idle() -> str:
+    """The CPU idle driver and, under a VM's haltpoll driver, how long an idle CPU polls before it
+    halts: on a VM with polling off (guest_halt_poll_ns 0) every FUSE round trip pays two wake-ups
+    from a halt, which makes both FUSE daemons' per-request cost several times higher."""
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return "?"
+    driver = read("/sys/devices/system/cpu/cpuidle/current_driver")
+    if driver == "haltpoll":
+        return f"haltpoll, guest_halt_poll_ns {read('/sys/module/haltpoll/parameters/guest_halt_poll_ns')}"
+    return driver
+
+
 def host_info() -> dict[str, Any]:
     git = "unknown"
     with contextlib.suppress(BenchError, OSError):
@@ -153,6 +169,7 @@ def host_info() -> dict[str, Any]:
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "nproc": os.cpu_count(),
         "kernel": os.uname().release,
+        "cpu_idle": cpu_idle(),
         "fuse_overlayfs": tool_version(["fuse-overlayfs", "--version"], "fuse-overlayfs"),
         "overlayfuse": tool_version([str(VENV_BIN / "overlayfuse"), "--version"],
                                     "overlayfuse").removeprefix("overlayfuse").strip(),
