@@ -28,6 +28,7 @@ from ..overlay import whiteout
 from ..overlay.inodes import Node, UnknownInode
 from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import KEPT_LISTINGS, Caller, MergedTree
+from ..overlay.metachange import MetadataChange
 from ..overlay.ownership import DiskOwner
 from . import binding
 from .compat import ViewOptions
@@ -333,7 +334,9 @@ class OverlayOperations(pyfuse3.Operations):
         ws = self.tree.workspace
         changes = _metadata_changes(attr, fields, ws.owner if ws is not None else None)
         if changes is not None:
-            await self.tree.change_metadata(node, changes)
+            st = await self.tree.change_metadata(node, changes)
+            if st is not None:  # folded into its copy-up: the copy's stat is the final one
+                return self._attributes(node.ino, node.resolved, st, node.detached)
         return await self._node_attributes(node)
 
     @_boundary
@@ -848,32 +851,20 @@ def _dot_attributes(ino: int) -> pyfuse3.EntryAttributes:
 
 def _metadata_changes(
     attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, owner: DiskOwner | None = None
-) -> Callable[[str], None] | None:
-    """The chown/chmod/utimens part of a setattr, as one function of the real path (None if none).
-    OWNER: chown and chmod go through it (override xattrs, squashed ids: see `ownership`)."""
-    chown = fields.update_uid or fields.update_gid
-    if not (chown or fields.update_mode or fields.update_atime or fields.update_mtime):
+) -> MetadataChange | None:
+    """The chown/chmod/utimens part of a setattr (None if none). OWNER: chown and chmod go through
+    it (override xattrs, squashed ids: see `ownership`)."""
+    if not (fields.update_uid or fields.update_gid or fields.update_mode or fields.update_atime
+            or fields.update_mtime):  # fmt: skip
         return None
-
-    def change(path: str) -> None:
-        # PATH is /proc/self/fd/N of the object itself: following it reaches the object (a symlink
-        # included), never what a symlink points to.
-        if owner is not None and (chown or fields.update_mode):
-            owner.change(path, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1,
-                         attr.st_mode if fields.update_mode else None)  # fmt: skip
-        elif chown:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
-            os.chown(path, uid, gid)
-        if fields.update_mode and owner is None and not stat.S_ISLNK(os.stat(path).st_mode):
-            os.chmod(path, stat.S_IMODE(attr.st_mode))  # after chown, which clears setuid
-        if fields.update_atime or fields.update_mtime:
-            current = os.stat(path)
-            atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
-            os.utime(path, ns=(atime, mtime))
-
-    return change
+    return MetadataChange(
+        uid=attr.st_uid if fields.update_uid else -1,
+        gid=attr.st_gid if fields.update_gid else -1,
+        mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+        atime_ns=attr.st_atime_ns if fields.update_atime else None,
+        mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        owner=owner,
+    )
 
 
 def _open_real(resolved: Resolved, flags: int, opener: Callable[[str, int, int], _FD]) -> _FD:

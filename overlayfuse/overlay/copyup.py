@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..linux.syscalls import rename_noreplace, start_writeback
 from . import origin, whiteout
+from .metachange import MetadataChange
 from .ownership import DiskOwner, source_override
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,23 @@ _WRITEBACK_CHUNK = 32 << 20
 _MUST_COPY_XATTRS = ("system.posix_acl_access", "system.posix_acl_default", "security.capability")
 
 _serial = itertools.count()  # next() on a count is atomic in CPython: safe across worker threads
+
+
+def _staging_prefix() -> str:
+    """This process's part of a staging name: its pid and a random token, made once (not two
+    syscalls per copy-up) and made again in a forked child, which has a pid of its own."""
+    return f"#{os.getpid()}-{secrets.token_hex(4)}-"
+
+
+_prefix = _staging_prefix()
+
+
+def _new_prefix_after_fork() -> None:
+    global _prefix
+    _prefix = _staging_prefix()
+
+
+os.register_at_fork(after_in_child=_new_prefix_after_fork)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +144,17 @@ def copy_up_size(ws: Workspace, source: str, target: str, size: int) -> os.stat_
     return _copy_up(ws, source, target, size)
 
 
-def copy_up_metadata(ws: Workspace, source: str, target: str, metacopy_xattr: str) -> os.stat_result:
+def copy_up_metadata(
+    ws: Workspace, source: str, target: str, metacopy_xattr: str, change: MetadataChange | None = None
+) -> tuple[os.stat_result, bool]:
     """Copy the lower regular file SOURCE to TARGET without its data (the kernel's ``metacopy=on``):
     a sparse file of the same size (no blocks) with owner, mode, xattrs and times, marked with
     METACOPY_XATTR; reads go on to SOURCE until `fill_metacopy`. Atomic like `copy_up`, and not
-    fsynced: there is no data to wait for (see `_build`)."""
+    fsynced: there is no data to wait for (see `_build`).
+
+    CHANGE: the chown/chmod this copy-up is for; where it gives the same result (see
+    `MetadataChange.folded`), the copy is created with the new owner and mode, and the second
+    value returned is True: the change is made. Returns the published copy's stat."""
     staged = staging_path(ws)
     src = _open_source(source)
     try:
@@ -140,18 +164,19 @@ def copy_up_metadata(ws: Workspace, source: str, target: str, metacopy_xattr: st
         dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(dst, st.st_size)
-            _copy_metadata(src, dst, st, ws)
+            folded = _copy_metadata(src, dst, st, ws, change)
             os.setxattr(dst, metacopy_xattr, b"")
+            _publish(staged, target)
+            published = os.fstat(dst)  # after the rename, which sets its ctime
         finally:
             os.close(dst)
-        _publish(staged, target)
     except BaseException:
         _remove_staged(staged)
         raise
     finally:
         os.close(src)
-    log.debug("copied up the metadata of %s to %s", source, target)
-    return os.lstat(target)
+    log.debug("copied up the metadata of %s to %s%s", source, target, " with its change" if folded else "")
+    return published, folded
 
 
 def fill_metacopy(ws: Workspace, path: str, data: str, size: int | None) -> os.stat_result:
@@ -187,7 +212,7 @@ def fill_metacopy(ws: Workspace, path: str, data: str, size: int | None) -> os.s
 
 def staging_path(ws: Workspace) -> str:
     """A fresh, unused name in the staging dir."""
-    return os.path.join(ws.staging, f"#{os.getpid()}-{next(_serial)}-{secrets.token_hex(4)}")
+    return os.path.join(ws.staging, f"{_prefix}{next(_serial)}")
 
 
 def _copy_up(ws: Workspace, source: str, target: str, size: int | None) -> os.stat_result:
@@ -358,40 +383,53 @@ def _copy_chunk_fallback(src: int, dst: int, offset: int, count: int) -> int:
     return offset - start
 
 
-def _copy_metadata(src: int | str, dst: int | str, st: os.stat_result, ws: Workspace) -> None:
+def _copy_metadata(
+    src: int | str, dst: int | str, st: os.stat_result, ws: Workspace, change: MetadataChange | None = None
+) -> bool:
     """Owner, then mode, then xattrs (the origin last, as the kernel's ovl_copy_up_metadata), then
     times: each step would undo parts of an earlier order.
 
     chown clears setuid/setgid and security.capability, so it goes first; times go last because
     every other change touches ctime and some (xattrs) may touch mtime on some filesystems.
-    SRC/DST are both fds (regular files) or both paths (never followed).
+    SRC/DST are both fds (regular files) or both paths (never followed). CHANGE: a chown/chmod to
+    fold in where that gives the same result (`MetadataChange.folded`); returns whether it was.
     """
     owner = ws.owner
     is_link = stat.S_ISLNK(st.st_mode)
+    names = _xattr_names(src)  # once, for the override and the copy
     # A lower's override_stat xattr (fuse-overlayfs's, containers-storage's force_mask) is the owner
     # and mode the mount showed: the copy keeps them, in its own override or for real (as the peer).
-    found = source_override(src, st)
+    found = source_override(src, st, names)
+    folded = change.folded(st, found, names) if change is not None else None
+    if folded is not None:
+        found = folded
     if owner is not None:  # override xattrs or squashed ids (see `ownership`)
         owner.apply(dst, found.uid, found.gid, stat.S_IFMT(st.st_mode) | found.mode)
     else:
         os.chown(dst, found.uid, found.gid, follow_symlinks=isinstance(dst, int))
     if not is_link and owner is None:  # a symlink's mode is fixed at 0777 and Linux cannot change it
         os.chmod(dst, found.mode)
-    _copy_xattrs(src, dst, is_link)
+    _copy_xattrs(src, dst, is_link, names)
     if ws.origin_xattr and origin.wanted(st):
         origin.set_origin(dst, ws.origin_xattr, origin.encode(src, st))
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=isinstance(dst, int))
+    return folded is not None
 
 
-def _copy_xattrs(src: int | str, dst: int | str, is_link: bool) -> None:
-    """Copy every xattr except the overlay's own (an opaque marker copied up would hide lower names)."""
-    follow = isinstance(src, int)  # fds need follow_symlinks=True; paths are never followed
+def _xattr_names(src: int | str) -> list[str]:
+    """SRC's xattr names (an fd, or a path never followed); none where its filesystem has no xattrs."""
     try:
-        names = os.listxattr(src, follow_symlinks=follow)
+        return os.listxattr(src, follow_symlinks=isinstance(src, int))
     except OSError as exc:
         if exc.errno == errno.ENOTSUP:  # the lower filesystem has no xattrs at all
-            return
+            return []
         raise
+
+
+def _copy_xattrs(src: int | str, dst: int | str, is_link: bool, names: list[str]) -> None:
+    """Copy every xattr of NAMES (SRC's) except the overlay's own (an opaque marker copied up would
+    hide lower names)."""
+    follow = isinstance(src, int)  # fds need follow_symlinks=True; paths are never followed
     for name in names:
         if whiteout.is_private_xattr(name):
             continue

@@ -42,6 +42,11 @@ class FeatureXattrs:
     metacopy: str = ""
     origin: str = ""
     """Written on every copy-up, as the kernel does whatever its options (see `origin`)."""
+    impure: str = ""
+    """Set ("y") on an upper directory that gains a child carrying an origin (a copy-up into it, a
+    rename into it from another directory), as the kernel's ``ovl_set_impure`` does whatever its
+    options: a kernel mounted later reads it to give those children their lower inode numbers in
+    readdir's d_ino, the numbers their st_ino shows."""
 
 
 #: The options' defaults (both on), and a mount writing neither.
@@ -64,4 +69,5 @@ def xattrs_for(features: CopyUpFeatures, opaque_xattr: str) -> FeatureXattrs:
         redirect=prefix + "redirect" if features.redirect_dir else "",
         metacopy=prefix + "metacopy" if features.metacopy else "",
         origin=prefix + "origin",
+        impure=prefix + "impure",
     )

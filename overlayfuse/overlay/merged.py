@@ -29,6 +29,7 @@ from .copyup import Workspace
 from .features import REDIRECT_MAX
 from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
 from .layers import Branch, Fd, LayerStack, Resolved
+from .metachange import MetadataChange
 from .upper import NewObject, UpperDir
 from .whiteout import NO_MARKERS
 from .workers import Workers
@@ -337,9 +338,7 @@ class MergedTree:
             metacopy = self._metacopy_xattr(resolved) if meta_only and size is None else ""
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
             if metacopy:
-                st = await self.in_thread(
-                    _copy_then, then, target, upper.keeping_times, into.path, up.copy_up_metadata, resolved.path, target
-                )
+                st = await self.in_thread(_copy_metadata_then, then, up, into.path, resolved.path, target)
                 copied = Resolved(self.stack.layers[0], into, node.name, st, (), resolved)
                 self.inodes.rebind(node, copied)
                 log.debug("copied up the metadata of %s", node.name)
@@ -761,22 +760,27 @@ class MergedTree:
         await self.on_object(node, lambda path: _truncate(path, size))
         return node.resolved
 
-    async def change_metadata(self, node: Node, change: Callable[[str], None]) -> Resolved:
+    async def change_metadata(self, node: Node, change: Callable[[str], None]) -> os.stat_result | None:
         """chmod/chown/utimens/setxattr: copy up (a lower regular file as a metacopy file, where the
         mount writes them: its data stays below), then change.
 
         CHANGE gets a path to the object itself (/proc/self/fd/N of a checked O_PATH descriptor):
         calls on it follow that link to the object, never a symlink found at its name. Where the
         object is copied up now, CHANGE runs in the copy-up's worker-thread hop, right after it: one
-        hop per chown of a lower file instead of two (a hop is most of what such a chown costs).
+        hop per chown of a lower file instead of two (a hop is most of what such a chown costs); a
+        chown/chmod (a `MetadataChange`) of a lower file is folded into its metacopy copy-up where
+        that is the same (the copy is created with its new owner and mode). Returns the object's
+        stat after the change where that is known without asking the disk again (folded), else None.
         """
         then = FollowUp(change)
-        await self.copy_up(node, meta_only=True, then=then)
+        resolved = await self.copy_up(node, meta_only=True, then=then)
         if then.error is not None:
             raise then.error
+        if then.folded:
+            return resolved.stat
         if not then.done:
             await self.on_object(node, change)
-        return node.resolved
+        return None
 
     async def on_object(self, node: Node, action: Callable[[str], T]) -> T:
         """Run ACTION (in a worker thread) on a path that is NODE's object itself; if a change is
@@ -836,7 +840,25 @@ class FollowUp:
 
     action: Callable[[str], object]
     done: bool = False
+    folded: bool = False
+    """The change was made by creating the copy with it (`MetadataChange.folded`): the copy's
+    recorded stat is its stat after the change."""
     error: OSError | None = None
+
+
+def _copy_metadata_then(
+    then: FollowUp | None, up: UpperDir, into: str, source: str, target: str
+) -> os.stat_result:
+    """`UpperDir.copy_up_metadata` of SOURCE to TARGET in the upper dir INTO (which keeps its times),
+    with THEN's change folded into the copy where it is a chown/chmod that can be (then it is done,
+    and the copy's stat is its final one), else run after it as `_copy_then` runs it."""
+    change = then.action if then is not None and isinstance(then.action, MetadataChange) else None
+    st, folded = upper.keeping_times(into, up.copy_up_metadata, source, target, change)
+    if folded:
+        assert then is not None
+        then.done = then.folded = True
+        return st
+    return _copy_then(then, target, lambda: st)
 
 
 def _copy_then(then: FollowUp | None, target: str, copy: Callable[..., T], *args: Any) -> T:

@@ -178,19 +178,23 @@ def effective(path: str | int, st: os.stat_result, xattr: str | None, *, follow:
     return Override(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
 
 
-def source_override(src: int | str, st: os.stat_result) -> Override:
+def source_override(src: int | str, st: os.stat_result, names: list[str] | None = None) -> Override:
     """What a copy-up must give the copy: the source's override (any of the three forms), else its
-    real owner and mode. One listxattr answers for the common file that has none."""
+    real owner and mode. One listxattr answers for the common file that has none; NAMES: its
+    answer, where the caller has it already (a copy-up lists the xattrs once, for both uses)."""
     real = Override(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return real
     follow = isinstance(src, int)
-    try:
-        present = set(os.listxattr(src, follow_symlinks=follow))
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
-            return real
-        raise
+    if names is not None:
+        present = set(names)
+    else:
+        try:
+            present = set(os.listxattr(src, follow_symlinks=follow))
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                return real
+            raise
     for name in OVERRIDE_XATTRS:
         if name in present:
             found = effective(src, st, name, follow=follow)

@@ -14,6 +14,7 @@ Synchronous, run in worker threads; errors are OSError.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from .features import xattrs_for as features_xattrs
 from .layers import Fd, Resolved
 from .links import LinkIndex
 from .links import indexes as goes_in_index
+from .metachange import MetadataChange
 from .whiteout import MarkerStyle
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,7 @@ class UpperDir:
         a name: a rename of that name, and a tree copied up around it, both come here. The parent
         keeps its times: naming a copy is no visible change."""
         link = NewObject(os.lstat(copy).st_mode, 0, 0, link_source=copy)
+        self.mark_impure(parent_dir)  # the copy carries an origin (the kernel's ovl_link_up)
         st, _ = keeping_times(parent_dir, self.create, parent_dir, name, link)
         self.covered(os.path.join(parent_dir, name))
         return st
@@ -145,6 +148,7 @@ class UpperDir:
         """Copy the lower object SOURCE (lstat'ed as LOWER) to TARGET (see `copyup.copy_up`; SIZE:
         `copyup.copy_up_size`); a hardlinked file's copy goes in the index, so its other lower names
         show it from then on. Returns the copy's lstat and the index entry made, if any."""
+        self.mark_impure(os.path.dirname(target))
         st = self._copy(source, target, size)
         return st, self.links.record(source, lower, target) if self.links is not None else None
 
@@ -153,11 +157,45 @@ class UpperDir:
             return copyup.copy_up(self.workspace, source, target)
         return copyup.copy_up_size(self.workspace, source, target, size)
 
-    def copy_up_metadata(self, source: str, target: str) -> os.stat_result:
-        """Copy the lower regular file SOURCE to TARGET as a metacopy file (see
-        `copyup.copy_up_metadata`); the caller checked that the mount writes them
+    def copy_up_metadata(
+        self, source: str, target: str, change: MetadataChange | None = None
+    ) -> tuple[os.stat_result, bool]:
+        """Copy the lower regular file SOURCE to TARGET as a metacopy file, CHANGE folded in where it
+        can be (see `copyup.copy_up_metadata`); the caller checked that the mount writes them
         (``features.metacopy``)."""
-        return copyup.copy_up_metadata(self.workspace, source, target, self.features.metacopy)
+        self.mark_impure(os.path.dirname(target))
+        return copyup.copy_up_metadata(self.workspace, source, target, self.features.metacopy, change)
+
+    def _carries_origin(self, path: str) -> bool:
+        """Whether the upper object PATH records a lower object (copied up, or a directory moved by
+        redirect, which was copied up first): the kernel's ``ovl_type_origin``."""
+        if not self.features.impure:
+            return False
+        try:
+            os.getxattr(path, self.features.origin, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                return False
+            raise
+        return True
+
+    def mark_impure(self, dir_path: str) -> None:
+        """Mark the upper directory DIR_PATH impure (``overlay.impure`` = "y") before it gets a child
+        that carries an origin, as the kernel's ``ovl_set_impure`` does before a copy-up or a rename
+        into another directory links one in (a crash in between leaves a mark that costs a kernel
+        only some d_ino lookups). One syscall: XATTR_CREATE answers EEXIST when it is there."""
+        if not self.features.impure:
+            return
+        # "DIR/.": a held directory's /proc/self/fd/N link is followed to it (never a name's symlink)
+        try:
+            os.setxattr(os.path.join(dir_path, "."), self.features.impure, b"y", os.XATTR_CREATE,
+                        follow_symlinks=False)  # fmt: skip
+        except FileExistsError:
+            pass
+        except OSError as exc:  # as the kernel's: never fail a change because the mark cannot go on
+            if exc.errno != errno.ENOTSUP:
+                raise
+            log.debug("cannot mark %s impure: %s", dir_path, exc)
 
     def fill_metacopy(self, path: str, data: str, size: int | None) -> os.stat_result:
         """Copy the data of the metacopy file PATH in from DATA (see `copyup.fill_metacopy`)."""
@@ -252,6 +290,8 @@ class UpperDir:
             whiteout.mark_opaque(source, style)
         target_dir, target_name = os.path.split(target)
         source_dir, source_name = os.path.split(source)
+        if target_dir != source_dir and self._carries_origin(source):
+            self.mark_impure(target_dir)  # the kernel's ovl_rename, before the move
         existing = _lstat_or_none(target)
         swap = existing is not None and (
             stat.S_ISDIR(existing.st_mode) or (src_is_dir and whiteout.is_device_whiteout(existing))
@@ -286,6 +326,12 @@ class UpperDir:
             whiteout.mark_opaque(a, self.style)
         if opaque_at_a and os.path.isdir(b) and not os.path.islink(b):
             whiteout.mark_opaque(b, self.style)
+        (dir_a, _), (dir_b, _) = os.path.split(a), os.path.split(b)
+        if dir_a != dir_b:  # as in `rename`, for each of the two
+            if self._carries_origin(a):
+                self.mark_impure(dir_b)
+            if self._carries_origin(b):
+                self.mark_impure(dir_a)
         syscalls.rename_exchange(a, b)
 
     def _publish_whiteout(self, parent_dir: str, name: str) -> None:

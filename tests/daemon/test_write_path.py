@@ -17,6 +17,7 @@ import mmap
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -741,3 +742,45 @@ def test_kill_during_metacopy_data_copy_in_leaves_the_file_readable(tmp_path: Pa
             out = run_isolated(run_steps, str(fuse.mnt), [("stat", GATED), ("read", GATED)])
             assert out[0] == ("ok", {"kind": "file", "mode": "0o100600", "uid": 0, "gid": 0, "size": GATED_SIZE})
             assert out[1] == ("ok", b"g" * GATED_SIZE)
+
+
+#: A file capability (VFS_CAP_REVISION_2, effective: cap_net_bind_service), which a chown removes.
+CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+#: An access ACL (user::rw-, user:1234:r--, group::r--, mask::r--, other::---): a chmod rewrites its mask.
+ACCESS_ACL = struct.pack("<I" + "HHI" * 5, 2, 0x01, 6, 0xFFFFFFFF, 0x02, 4, 1234, 0x04, 4, 0xFFFFFFFF,
+                         0x10, 4, 0xFFFFFFFF, 0x20, 0, 0xFFFFFFFF)
+
+
+def test_chown_chmod_of_lower_files_like_the_kernels(tmp_path: Path) -> None:
+    """A chown or chmod of a lower file is folded into its metacopy copy-up where that gives the
+    same result (the copy is created with the new owner and mode), and done after the copy-up where
+    the order matters: set-id bits and a file capability that a chown clears, an access ACL whose
+    mask a chmod rewrites. Either way the views and the upper dirs are the kernel's, also after
+    both upper dirs are mounted again."""
+    layers = {"l1": [
+        File("plain", b"p\n" * 100), File("group", b"g\n" * 100), File("moded", b"m\n" * 100),
+        File("both", b"b\n" * 100, 0o640, 5, 6, {"user.kept": b"k"}),
+        File("setuid", b"s\n", 0o4755), File("setgid", b"s\n", 0o2755), File("setgid-noexec", b"s\n", 0o2644),
+        File("cap", b"c\n", 0o755, xattrs={"security.capability": CAPABILITY}),
+        File("acl", b"a\n", 0o640, xattrs={"system.posix_acl_access": ACCESS_ACL}),
+        File("acl-chown", b"a\n", 0o640, xattrs={"system.posix_acl_access": ACCESS_ACL}),
+    ]}
+    steps: list[Step] = [
+        ("chown", "plain", 1000, 1000), ("chown", "group", -1, 77), ("chmod", "moded", 0o4711),
+        ("chown", "both", 1000, -1), ("chown", "setuid", 1000, 1000), ("chown", "setgid", 1000, 1000),
+        ("chown", "setgid-noexec", -1, 1000), ("chown", "cap", 1000, 1000), ("chmod", "acl", 0o600),
+        ("chown", "acl-chown", 1000, 1000),
+    ]
+    with mounted_pair(tmp_path, layers, METACOPY_OPTS) as pair:
+        since = time.time_ns()
+        assert_same_steps(pair, [*steps, ("list_stat", ".")])
+        assert_same_changed(pair, since)
+        upper = assert_same_upper(pair, since)
+        assert (upper["plain"].uid, upper["plain"].gid) == (1000, 1000) and upper["moded"].mode & 0o7777 == 0o4711
+        assert not [name for name, _ in upper["cap"].xattrs if name == "security.capability"]
+        assert upper["both"].xattrs == (("user.kept", b"k"),)
+        assert pair.ours.upper is not None
+        for name in ("plain", "group", "cap", "acl"):
+            assert not has_data(pair.ours.upper / name), name
+    with remounted(pair, METACOPY_OPTS):
+        assert_same_changed(pair, since)

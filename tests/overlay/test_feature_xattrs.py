@@ -20,7 +20,7 @@ import pytest
 
 from overlayfuse.linux.syscalls import AT_FDCWD, name_to_handle_at
 from overlayfuse.overlay.inodes import ROOT_INODE
-from overlayfuse.overlay.merged import MergedTree
+from overlayfuse.overlay.merged import Caller, MergedTree
 from overlayfuse.overlay.whiteout import OPAQUE_XATTRS, MarkerStyle
 from tests.support.overlaytree import open_tree
 from tests.support.trees import Dir, File, HardLink, has_data, make_tree
@@ -112,3 +112,24 @@ async def test_user_xattr_forms_read_back(dirs: tuple[Path, Path, Path]) -> None
     assert Path(found.readable.path).read_bytes() == b"1"
     passwd = again.lookup(_ino(again, "empty/etc2"), "passwd").resolved
     assert Path(passwd.path).read_bytes() == b"root\n"
+
+
+@pytest.mark.parametrize("namespace", ["trusted", "user"])
+async def test_impure_marks_dirs_that_gain_copied_up_children(dirs: tuple[Path, Path, Path], namespace: str) -> None:
+    """``overlay.impure`` = "y" on every upper dir a copy-up put a child with an origin in, and on a dir
+    a copied-up file is renamed into from another dir (the kernel's ovl_set_impure); never on a
+    dir that got only objects created in upper, nor in the other namespace."""
+    lower, upper, work = dirs
+    tree = open_tree([lower], upper, work, style=USER_STYLE if namespace == "user" else None)
+    xattr = f"{namespace}.overlay.impure"
+    await tree.create(ROOT_INODE, "plain", stat.S_IFDIR | 0o755, Caller(0, 0))
+    await tree.create(_ino(tree, "plain"), "new", stat.S_IFREG | 0o644, Caller(0, 0))
+    await tree.create(ROOT_INODE, "target", stat.S_IFDIR | 0o755, Caller(0, 0))
+    assert _xattr(upper / "plain", xattr) is None and _xattr(upper / "target", xattr) is None
+    await _copy_ups(tree)  # into etc, hl and (the moved dir, the copied-up etc and hl) the root
+    await tree.rename(_ino(tree, "etc"), "passwd", _ino(tree, "target"), "passwd", 0)
+    for marked in ("", "etc", "hl", "target"):
+        assert _xattr(upper / marked, xattr) == b"y", marked or "the upper root"
+    assert _xattr(upper / "plain", xattr) is None  # only a new file in it
+    other = "user" if namespace == "trusted" else "trusted"
+    assert _xattr(upper / "etc", f"{other}.overlay.impure") is None

@@ -22,6 +22,7 @@ from overlayfuse.overlay import merged
 from overlayfuse.overlay.features import CopyUpFeatures
 from overlayfuse.overlay.inodes import ROOT_INODE, UnknownInode
 from overlayfuse.overlay.merged import MergedTree
+from overlayfuse.overlay.metachange import MetadataChange
 from overlayfuse.overlay.whiteout import TRUSTED_OPAQUE
 from tests.support.overlaytree import ROOT, open_tree
 from tests.support.trees import Dir, File, HardLink, Opaque, Symlink, Whiteout, has_data, make_tree
@@ -349,6 +350,28 @@ async def test_chmod_copies_up_metadata_only(tree: MergedTree, dirs: tuple[Path,
     assert after.st_ino == st.st_ino and after.st_mtime_ns == st.st_mtime_ns
     assert after.st_uid == 7 and stat.S_IMODE(after.st_mode) == 0o600
     assert node.resolved.data is None and tree.lookup(_ino(tree, "etc"), "passwd").ino == before
+
+
+async def test_chown_is_folded_into_its_metacopy_copy_up(
+    tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
+) -> None:
+    """A plain chown/chmod of a lower file creates the copy with the new owner and mode (the change
+    is made, and the copy's stat is its final one: nothing to run or stat after it); a chown of a
+    set-id file is made after its copy-up, where chown clears the bits, as the kernel's does."""
+    passwd = tree.lookup(_ino(tree, "etc"), "passwd")
+    st = await tree.change_metadata(passwd, MetadataChange(uid=7, gid=8, mode=0o640))
+    copy = _upper(dirs) / "etc" / "passwd"
+    assert st is not None and (st.st_ino, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        os.lstat(copy).st_ino, 7, 8, 0o640)
+    assert os.lstat(copy).st_ctime_ns == st.st_ctime_ns and not has_data(copy)
+    os.chmod(dirs[0] / "etc" / "hosts", 0o4755)
+    hosts = tree.lookup(_ino(tree, "etc"), "hosts")
+    assert await tree.change_metadata(hosts, MetadataChange(uid=7, gid=-1)) is None  # not folded
+    after = os.lstat(_upper(dirs) / "etc" / "hosts")
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (7, 0, 0o755)  # setuid cleared
+    timed = tree.lookup(_ino(tree, "full"), "f1")
+    assert await tree.change_metadata(timed, MetadataChange(uid=7, atime_ns=1, mtime_ns=2)) is None
+    assert os.lstat(_upper(dirs) / "full" / "f1").st_mtime_ns == 2
 
 
 async def test_truncate_of_a_metacopy_file_copies_only_what_stays(
