@@ -29,6 +29,12 @@ _path = os.environ.get(ENV) or None
 _marks: list[tuple[int, int, str]] = []
 
 
+def reread() -> None:
+    """Read the variable again: the fork server's child took its caller's environment."""
+    global _path
+    _path = os.environ.get(ENV) or None
+
+
 def enabled() -> bool:
     """Whether this process traces its start (cheap: read once, at import)."""
     return _path is not None
