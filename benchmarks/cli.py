@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import rsswalk, startup, startupsteps
+from . import forkserver, rsswalk, startup, startupsteps
 from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
@@ -22,6 +22,7 @@ from .runner import Bench
 from .settings import (
     CTL_WORKLOADS,
     DEFAULT_CACHE,
+    DEFAULT_TARGETS,
     DEFAULT_WORKDIR,
     MARKER,
     PODMAN_WORKLOAD,
@@ -59,8 +60,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON on stdout (the table goes to stderr)")
     p.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON here")
-    p.add_argument("--targets", default=",".join(TARGETS),
-                   help=f"comma-separated, from {','.join(TARGETS)} (default: all)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated, from {','.join(TARGETS)} (default: {','.join(DEFAULT_TARGETS)}; "
+                        "overlayfuse-fs is overlayfuse with its fork server running)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="comma-separated workload names (default: all)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
@@ -97,7 +99,7 @@ def preflight(targets: Sequence[str], workloads: Sequence[str]) -> None:
                 run(["modprobe", "overlay"], 60, check=False)
     if "fuse-overlayfs" in targets and shutil.which("fuse-overlayfs") is None:
         raise BenchError("fuse-overlayfs is not installed (apt-get install fuse-overlayfs)")
-    if "overlayfuse" in targets and not (VENV_BIN / "overlayfuse").exists():
+    if {"overlayfuse", "overlayfuse-fs"} & set(targets) and not (VENV_BIN / "overlayfuse").exists():
         raise BenchError(f"{VENV_BIN / 'overlayfuse'} is missing: run scripts/setup")
     if "overlayfuse" in targets and set(workloads) & set(CTL_WORKLOADS) and shutil.which("umoci") is None:
         raise BenchError("umoci is not installed (it builds the images for ctl-image-ls and ctl-ps): "
@@ -131,6 +133,7 @@ def main(argv: Sequence[str]) -> int:
     work = args.workdir.resolve()
     mounter: Mounter | None = None
     owned = False  # work is ours to remove
+    exits = contextlib.ExitStack()  # the fork server, if overlayfuse-fs is a target
     try:
         preflight(args.targets, args.workloads)
         if work.exists():
@@ -155,7 +158,8 @@ def main(argv: Sequence[str]) -> int:
             return 0
         use_deb = scale.name == "full" and not args.no_debootstrap
         stack = prepare_stack(work, scale, use_deb, args.cache_dir, args.release, args.mirror)
-        mounter = Mounter(work / "mnt", [stack.l2, stack.l1])
+        fork_socket = exits.enter_context(forkserver.running(args.targets))
+        mounter = Mounter(work / "mnt", [stack.l2, stack.l1], fork_socket)
         bench = Bench(args, scale)
         view = bench.check_views(mounter, stack)
         choose_targets_of_work(stack, view, scale)
@@ -207,6 +211,7 @@ def main(argv: Sequence[str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if mounter is not None:
             mounter.unmount_all()
+        exits.close()
         left = mounts_under(work)
         if left:
             say(f"warning: still mounted, so {work} is kept: {left}")
