@@ -98,16 +98,22 @@ def run(argv: list[str]) -> int | None:
 
 def _converse(sock: socket.socket, path: str, argv: list[str], debug: bool) -> int | None:
     fds = _descriptors()
+    sock.settimeout(ANSWER_TIMEOUT)
     try:
         socket.send_fds(sock, [_request(argv)], fds)
-        sock.settimeout(ANSWER_TIMEOUT)
-        message, pidfds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
-    except OSError as exc:  # TimeoutError too
-        _say(debug, f"the fork server at {path} did not answer ({exc.strerror or exc}): mounting in this process")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server refused us at once and hung up: its reason is waiting to be read
+    except OSError as exc:
+        _say(debug, f"cannot send to the fork server at {path} ({exc.strerror or exc}): mounting in this process")
         return None
     finally:
         for fd in fds[3:]:
             os.close(fd)
+    try:
+        message, pidfds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+    except OSError as exc:  # TimeoutError too
+        _say(debug, f"the fork server at {path} did not answer ({exc.strerror or exc}): mounting in this process")
+        return None
     if not message.startswith(b"pid ") or not pidfds:
         reason = message.removeprefix(b"refused ").decode(errors="replace") or "it closed the connection"
         _say(debug, f"the fork server at {path} refused: {reason}; mounting in this process")

@@ -94,9 +94,9 @@ def main(argv: list[str]) -> int:
     log.info("fork server listening on %s", path)
     notify("READY=1", f"STATUS=forking daemons for {path}", f"MAINPID={os.getpid()}")
     try:
-        serve(listener)
+        serve(listener.sock)
     finally:
-        _remove(path, listener)
+        listener.close()
     return 0
 
 
@@ -115,7 +115,24 @@ def _import_daemon() -> None:
         raise RuntimeError("the fork server must be single-threaded, and an import started a thread")
 
 
-def listen(path: str, *, default: bool) -> socket.socket:
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """The listening socket and the file it is bound to (its inode: to remove only our own)."""
+
+    sock: socket.socket
+    path: str
+    inode: int
+
+    def close(self) -> None:
+        """Close, and remove the socket file if it is still ours (not one a later server put there)."""
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_ino == self.inode:
+                os.unlink(self.path)
+
+
+def listen(path: str, *, default: bool) -> Listener:
     """A listening SOCK_SEQPACKET socket at PATH, mode 0600. Its directory is made 0700 if missing;
     the default directory must be ours and is kept 0700. A stale socket (nobody answering) is
     replaced; a live one is another server's: an error."""
@@ -141,7 +158,7 @@ def listen(path: str, *, default: bool) -> socket.socket:
     finally:
         os.umask(old)
     sock.listen(BACKLOG)
-    return sock
+    return Listener(sock, path, os.lstat(path).st_ino)
 
 
 def _clear_stale(path: str) -> None:
@@ -160,16 +177,6 @@ def _clear_stale(path: str) -> None:
         except OSError as exc:
             raise ForkServerError(f"{path}: {exc.strerror or exc}") from None
     raise ForkServerError(f"another fork server is listening on {path}")
-
-
-def _remove(path: str, listener: socket.socket) -> None:
-    """Remove our socket file, if it is still ours (not one a later server put there)."""
-    ours = os.fstat(listener.fileno()).st_ino
-    listener.close()
-    with contextlib.suppress(OSError):
-        st = os.lstat(path)
-        if stat.S_ISSOCK(st.st_mode) and st.st_ino == ours:
-            os.unlink(path)
 
 
 class _Stop(Exception):
