@@ -355,3 +355,32 @@ def test_rootless_server_mounts_in_the_clients_user_and_mount_namespace(
         assert wait_pids_gone([p for p in server.processes() if p != server.proc.pid], DAEMON_EXIT_TIMEOUT) == []
     finally:
         _stop(server)
+
+
+#: What the command must not import when the server takes its mount: the point of the server.
+HEAVY = ("trio", "pyfuse3", "argparse", "logging", "overlayfuse.daemon.cli", "overlayfuse.daemon.options",
+         "overlayfuse.overlay")
+
+
+def test_the_client_imports_nothing_heavy(dirs: Dirs, start_server: Callable[..., Server]) -> None:
+    """``-X importtime`` of the installed entry point mounting through the server: only what the
+    interpreter's start loads, plus socket-level modules; none of the daemon's."""
+    server = start_server(dirs.sock)
+    binary = overlayfuse_binary()
+    assert binary is not None
+    python = binary.with_name("python")
+    code = "import sys; from overlayfuse.commands import overlayfuse; sys.exit(overlayfuse())"
+    try:
+        done = subprocess.run([str(python), "-X", "importtime", "-c", code, "-o", f"lowerdir={dirs.lower}",
+                               str(dirs.mnt)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              env=os.environ | {ENV: str(dirs.sock)}, timeout=MOUNT_TIMEOUT, check=False)
+        assert done.returncode == 0, done.stderr
+        assert server.forked() == 1
+        imported = [line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+                    if line.startswith("import time:")]
+        after = imported[imported.index("overlayfuse.commands") + 1:]
+        assert "overlayfuse.daemon.forkclient" in after
+        heavy = [name for name in after if any(name == h or name.startswith(h + ".") for h in HEAVY)]
+        assert heavy == [], f"the client imported {heavy}"
+    finally:
+        _unmount(dirs.mnt, server)
