@@ -13,10 +13,10 @@ namespace, root, cwd, umask, environment, stdio, a new session) and runs the ver
 readiness are the in-process path's own. The server reaps its children and never waits on one.
 
 Who may use it: only a peer whose effective uid (SO_PEERCRED, as seen from the server's user
-namespace) is the server's own; the socket is 0600 in a 0700 directory besides. Such a peer
-could run ``overlayfuse`` itself with the same rights; the child enters only namespaces the peer
-handed over (descriptors it opened itself) and the kernel checks each setns against the
-server's own credentials, which are the peer's. See the README's "Fork server" section.
+namespace) is the server's own, and which holds at least what a fork of the server would hold
+and could not take from it (capabilities, bounding set, no_new_privs, seccomp, LSM label:
+`linux.peers`); the socket is 0600 in a 0700 directory besides. Such a peer could run
+``overlayfuse`` itself with the same rights. See the README's "Fork server" section.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import resource
 import signal
 import socket
 import stat
-import struct
 import sys
 import threading
 from dataclasses import dataclass
@@ -42,14 +41,16 @@ from typing import NoReturn
 from ..linux.journal import configure_logging, print_error
 from ..linux.libc import pthread_in_libc
 from ..linux.namespaces import enter_namespaces, enter_root_and_cwd
+from ..linux.peers import Privileges, lacks, peer_of, peer_privileges, privileges_of
 from . import forkclient, timeline
 from .notify import notify
 
 log = logging.getLogger(__name__)
 
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 #: Connections waiting to be accepted; each is served in a fork, so a short queue is plenty.
 BACKLOG = 64
+#: How long a refused client's request is waited for (see `_dispatch`): it sends at once.
+REFUSAL_DRAIN = 0.5
 
 
 class ForkServerError(Exception):
@@ -189,6 +190,7 @@ def serve(listener: socket.socket) -> None:
     def stop(signum: int, _frame: FrameType | None) -> None:
         raise _Stop(signal.Signals(signum).name)
 
+    ours = privileges_of("self")
     signal.signal(signal.SIGCHLD, _reap)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
@@ -196,7 +198,7 @@ def serve(listener: socket.socket) -> None:
         while True:
             conn, _ = listener.accept()
             try:
-                _dispatch(listener, conn)
+                _dispatch(listener, conn, ours)
             finally:
                 conn.close()
     except _Stop as exc:
@@ -214,13 +216,30 @@ def _reap(_signum: int, _frame: FrameType | None) -> None:
         log.debug("daemon process %d ended: status %d", pid, os.waitstatus_to_exitcode(status))
 
 
-def _dispatch(listener: socket.socket, conn: socket.socket) -> None:
-    peer_pid, peer_uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    if peer_uid != os.geteuid():
-        reason = f"uid {peer_uid} is not the fork server's ({os.geteuid()}): it serves only its own user"
-        log.warning("refused pid %d: %s", peer_pid, reason)
+def refusal(conn: socket.socket, ours: Privileges) -> str | None:
+    """Why the peer on CONN may not have a daemon forked for it; None if it may. Only our own
+    user, and only a process that holds at least what a fork of ours would (`peers.lacks`)."""
+    peer = peer_of(conn)
+    if peer.uid != os.geteuid():
+        return f"uid {peer.uid} is not the fork server's ({os.geteuid()}): it serves only its own user"
+    try:
+        theirs = peer_privileges(conn, peer)
+    except OSError as exc:
+        return f"cannot read the privileges of pid {peer.pid}: {exc.strerror or exc}"
+    lacking = lacks(theirs, ours)
+    return None if lacking is None else f"pid {peer.pid} holds less than a daemon forked for it would: {lacking}"
+
+
+def _dispatch(listener: socket.socket, conn: socket.socket, ours: Privileges) -> None:
+    reason = refusal(conn, ours)
+    if reason is not None:
+        log.warning("refused a client: %s", reason)
         with contextlib.suppress(OSError):
             conn.send(b"refused " + reason.encode())
+            # Read (and drop, descriptors too) the request it sent: closing with it unread would
+            # reset the connection, and the client would lose the reason with it.
+            conn.settimeout(REFUSAL_DRAIN)
+            conn.recv(forkclient.MAX_MESSAGE)
         return
     for stream in (sys.stdout, sys.stderr):  # or the child would write our buffered text again
         with contextlib.suppress(OSError, ValueError):
@@ -228,7 +247,7 @@ def _dispatch(listener: socket.socket, conn: socket.socket) -> None:
     pid = os.fork()
     if pid == 0:
         _child(listener, conn)
-    log.debug("forked daemon process %d for pid %d", pid, peer_pid)
+    log.debug("forked daemon process %d", pid)
 
 
 def _child(listener: socket.socket, conn: socket.socket) -> NoReturn:

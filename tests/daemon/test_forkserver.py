@@ -307,6 +307,28 @@ def test_another_users_client_is_refused_and_mounts_alone(
         teardown_overlayfuse(d.mnt)
 
 
+@pytest.mark.parametrize(("setpriv", "lacking"), [
+    (["--no-new-privs"], "it runs with no_new_privs and the fork server does not"),
+    (["--bounding-set=-sys_admin"], "its effective capabilities lack 0x200000"),
+], ids=["no-new-privs", "no-cap-sys-admin"])
+def test_a_client_with_less_privilege_is_refused(
+    dirs: Dirs, start_server: Callable[..., Server], setpriv: list[str], lacking: str
+) -> None:
+    """Root, but with no_new_privs or without CAP_SYS_ADMIN: a daemon forked by root's server
+    would hold what the client does not, so it is refused and mounts alone, with its own."""
+    if shutil.which("setpriv") is None:
+        skip_or_fail("setpriv is not installed (util-linux)")
+    server = start_server(dirs.sock)
+    args = ["-d", "-o", f"lowerdir={dirs.lower}/nope", str(dirs.mnt)]
+    through = overlayfuse(args, dirs.sock, prefix=["setpriv", *setpriv])
+    alone = overlayfuse(args, "off", prefix=["setpriv", *setpriv])
+    first, _, rest = through.stderr.partition("\n")
+    assert "refused: pid" in first and lacking in first and "mounting in this process" in first, first
+    assert (through.returncode, rest) == (alone.returncode, alone.stderr)
+    assert server.forked() == 0
+    assert lacking in server.log_text()
+
+
 def _socket_answers(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
         try:
