@@ -82,6 +82,9 @@ def run(argv: list[str]) -> int | None:
     if path is None:
         return None
     debug = _debug(argv[1:])
+    if os.environ.get("NOTIFY_SOCKET"):  # the manager wants READY=1 from the process it started
+        _say(debug, "a service manager started us ($NOTIFY_SOCKET): mounting in this process")
+        return None
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     except OSError as exc:

@@ -349,17 +349,19 @@ def parse_request(message: bytes, fds: list[int]) -> Request:
 
 
 def become_caller(request: Request) -> None:
-    """Take the caller's place, in this order: resource limits and OOM score first (raising them
-    back needs capabilities of the initial user namespace, lost once in another); then its user
-    and mount namespaces, root and cwd; umask, environment and arguments; its stdin, stdout and
-    stderr; a session of our own. OSError if a namespace or directory cannot be entered (the
-    caller then mounts in its own process); limits and score are copied as far as we may."""
+    """Take the caller's place, in this order: its user and mount namespaces, root and cwd; then
+    resource limits and OOM score, with only the privileges held there (the values are the
+    caller's word: in its user namespace the server's capabilities are gone, so a limit is
+    raised, or the score lowered, only as far as the caller itself could); umask, environment
+    and arguments; its stdin, stdout and stderr; a session of our own. OSError if a namespace or
+    directory cannot be entered (the caller then mounts in its own process); limits and score
+    are copied as far as we may."""
     fds = request.fds
+    enter_namespaces(fds["userns"], fds["mntns"])
+    enter_root_and_cwd(fds["root"], fds["cwd"])
     _copy_limits(request.rlimits)
     if request.oom_score_adj is not None:
         _write_quietly("/proc/self/oom_score_adj", request.oom_score_adj)
-    enter_namespaces(fds["userns"], fds["mntns"])
-    enter_root_and_cwd(fds["root"], fds["cwd"])
     os.umask(request.umask)
     os.environ.clear()
     os.environb.update(request.environ)

@@ -329,6 +329,21 @@ def test_a_client_with_less_privilege_is_refused(
     assert lacking in server.log_text()
 
 
+def test_under_a_service_manager_the_command_mounts_itself(dirs: Dirs, start_server: Callable[..., Server]) -> None:
+    """With $NOTIFY_SOCKET (a Type=notify unit running ``overlayfuse -f``) the manager accepts
+    READY=1 only from the process it started: the server is not used."""
+    server = start_server(dirs.sock)
+    binary = overlayfuse_binary()
+    assert binary is not None
+    done = subprocess.run([str(binary), "-d", "-o", f"lowerdir={dirs.lower}/nope", str(dirs.mnt)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
+                          env=os.environ | {ENV: str(dirs.sock), "NOTIFY_SOCKET": "@overlayfuse-test-nobody-listens"},
+                          check=False)
+    assert "service manager started us" in done.stderr.partition("\n")[0], done.stderr
+    assert done.returncode == 1
+    assert server.forked() == 0
+
+
 def _socket_answers(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
         try:
