@@ -30,9 +30,11 @@ _marks: list[tuple[int, int, str]] = []
 
 
 def reread() -> None:
-    """Read the variable again: the fork server's child took its caller's environment."""
+    """Read the variable again, forgetting any mark: the fork server's child took its caller's
+    environment, and what the server noted is not the caller's start."""
     global _path
     _path = os.environ.get(ENV) or None
+    _marks.clear()
 
 
 def enabled() -> bool:
