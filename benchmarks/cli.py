@@ -158,8 +158,8 @@ def main(argv: Sequence[str]) -> int:
             return 0
         use_deb = scale.name == "full" and not args.no_debootstrap
         stack = prepare_stack(work, scale, use_deb, args.cache_dir, args.release, args.mirror)
-        fork_socket = exits.enter_context(forkserver.running(args.targets))
-        mounter = Mounter(work / "mnt", [stack.l2, stack.l1], fork_socket)
+        fork = exits.enter_context(forkserver.running(args.targets))
+        mounter = Mounter(work / "mnt", [stack.l2, stack.l1], fork.socket if fork else None)
         bench = Bench(args, scale)
         view = bench.check_views(mounter, stack)
         choose_targets_of_work(stack, view, scale)
@@ -182,6 +182,7 @@ def main(argv: Sequence[str]) -> int:
                       "random_read_files": stack.random_files},
             "view_check": bench.view_check,
             "daemon_tracebacks": mounter.tracebacks,
+            "fork_server_forks": fork.forks() if fork else None,
             "results": summarize(bench),
             "rss_walks": bench.rss_walks,
             "mount_s": bench.mount_s,

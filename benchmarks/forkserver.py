@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BenchError
@@ -44,18 +45,29 @@ def environment(target: str, socket_path: str | None) -> dict[str, str]:
     return {}
 
 
+@dataclass(frozen=True, slots=True)
+class ForkServer:
+    socket: str
+    log: Path
+
+    def forks(self) -> int:
+        """How many daemons it forked so far (it runs with -d, which logs each): the report's
+        proof that the overlayfuse-fs target's mounts went through it."""
+        return log_text(self.log).count("forked daemon process")
+
+
 @contextlib.contextmanager
-def running(targets: Sequence[str]) -> Iterator[str | None]:
-    """A fork server for the run, if TARGET is among TARGETS: its socket's path (else None)."""
+def running(targets: Sequence[str]) -> Iterator[ForkServer | None]:
+    """A fork server for the run, if TARGET is among TARGETS (else None)."""
     if TARGET not in targets:
         yield None
         return
     base = Path(tempfile.mkdtemp(prefix="ofb-fs-", dir="/run" if os.path.isdir("/run") else None))
     path = str(base / "fork-server.sock")
-    proc = spawn([str(VENV_BIN / "overlayfuse"), "--fork-server", "--socket", path], base / "server.log")
+    proc = spawn([str(VENV_BIN / "overlayfuse"), "--fork-server", "--socket", path, "-d"], base / "server.log")
     try:
         _wait_listening(path, proc, base / "server.log")
-        yield path
+        yield ForkServer(path, base / "server.log")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
