@@ -100,7 +100,12 @@ def run(argv: list[str]) -> int | None:
 
 
 def _converse(sock: socket.socket, path: str, argv: list[str], debug: bool) -> int | None:
-    fds = _descriptors()
+    try:
+        fds = _descriptors()
+    except OSError as exc:  # no /proc here (a chroot without it): nothing to hand over
+        _say(debug, f"cannot open what the fork server needs ({exc.filename}: {exc.strerror}): "
+                    "mounting in this process")
+        return None
     sock.settimeout(ANSWER_TIMEOUT)
     try:
         socket.send_fds(sock, [_request(argv)], fds)
@@ -182,18 +187,26 @@ def _read(path: str) -> bytes | None:
 
 def _descriptors() -> list[int]:
     """stdin, stdout, stderr (each, if closed here, /dev/null), then new descriptors for the cwd,
-    the root and the two namespaces: the caller closes those (`FD_ORDER` gives the order)."""
+    the root and the two namespaces: the caller closes those (`FD_ORDER` gives the order). A
+    closed std fd's /dev/null takes that very number (the lowest free), so it stays open for
+    the in-process path too, as a daemon would make it anyway. OSError (nothing left open) if
+    one cannot be opened."""
     fds = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            fds.append(fd)
-        except OSError:
-            fds.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
-    for path in ("/proc/self/cwd", "/proc/self/root"):
-        fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-    for path in ("/proc/self/ns/user", "/proc/self/ns/mnt"):  # setns takes no O_PATH descriptor
-        fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    try:
+        for fd in (0, 1, 2):
+            try:
+                os.fstat(fd)
+                fds.append(fd)
+            except OSError:
+                fds.append(os.open(os.devnull, os.O_RDWR))
+        for path in ("/proc/self/cwd", "/proc/self/root"):
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        for path in ("/proc/self/ns/user", "/proc/self/ns/mnt"):  # setns takes no O_PATH descriptor
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds[3:]:
+            os.close(fd)
+        raise
     return fds
 
 
