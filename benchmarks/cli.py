@@ -119,6 +119,9 @@ def main(argv: Sequence[str]) -> int:
         sys.stdout.write(json.dumps(walk_view(argv[1])))
         return 0
     args = parse_args(argv)
+    # Cold unless a row asks for the fork server (overlayfuse-fs): a server someone runs on this
+    # machine must not make the overlayfuse rows, --startup or --startup-steps warm.
+    os.environ[forkserver.ENV] = "off"
     timing_alone = startup.main if args.startup else startupsteps.main if args.startup_steps else None
     if timing_alone is not None:  # start-ups only: no stack, no workloads
         try:
