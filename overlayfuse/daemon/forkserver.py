@@ -34,6 +34,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import NoReturn
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 BACKLOG = 64
 #: How long a refused client's request is waited for (see `_dispatch`): it sends at once.
 REFUSAL_DRAIN = 0.5
+#: After a failed accept (EMFILE...): a pause, so that a lasting cause does not spin the loop.
+ACCEPT_RETRY = 0.1
 
 
 class ForkServerError(Exception):
@@ -210,9 +213,16 @@ def serve(listener: socket.socket) -> None:
         signal.signal(signum, stop)
     try:
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError as exc:  # out of descriptors, a connection aborted: not the server's end
+                log.warning("cannot accept a client: %s", exc.strerror or exc)
+                time.sleep(ACCEPT_RETRY)
+                continue
             try:
                 _dispatch(listener, conn, ours)
+            except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the client hears EOF, mounts alone
+                log.warning("cannot serve a client: %s", exc.strerror or exc)
             finally:
                 conn.close()
     except _Stop as exc:
