@@ -193,6 +193,46 @@ def test_mount_through_the_server_reads_then_unmounts(dirs: Dirs, start_server: 
     assert server.proc.poll() is None, "the server must outlive the mounts it started"
 
 
+def _status_field(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(key + ":"))
+
+
+def _limit(pid: int, name: str) -> list[str]:
+    with open(f"/proc/{pid}/limits") as f:
+        return next(line[26:].split()[:2] for line in f if line.startswith(name))
+
+
+def test_the_daemon_takes_the_callers_place(dirs: Dirs, start_server: Callable[..., Server]) -> None:
+    """What the caller sent is what the forked daemon runs with: its cwd (relative paths), umask,
+    an rlimit, its environment (a start-up trace file named only there), and a session of its own."""
+    if shutil.which("prlimit") is None:
+        skip_or_fail("prlimit is not installed (util-linux)")
+    server = start_server(dirs.sock)
+    trace = dirs.mnt.parent / "trace"
+    binary = overlayfuse_binary()
+    assert binary is not None
+    try:
+        done = subprocess.run(["prlimit", "--msgqueue=12345:12345", "sh", "-c", f"umask 027; exec {binary} "
+                               f"-o lowerdir={dirs.lower.name} {dirs.mnt.name}"], cwd=dirs.mnt.parent,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
+                              env=os.environ | {ENV: str(dirs.sock), "OVERLAYFUSE_STARTUP_TRACE": str(trace)},
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        assert server.forked() == 1
+        assert run_isolated(read_file, str(dirs.mnt / "hello"), timeout=30) == b"hello\n"
+        daemons = [pid for pid in server.processes() if pid != server.proc.pid]
+        assert len(daemons) == 1, daemons
+        daemon = daemons[0]
+        assert _status_field(daemon, "Umask") == "0027"
+        assert _limit(daemon, "Max msgqueue size") == ["12345", "12345"]
+        assert os.getsid(daemon) == daemon  # a session of its own, as a detached daemon in-process
+        steps = trace.read_text()
+        assert f" {daemon} kernel mount made" in steps, steps
+    finally:
+        _unmount(dirs.mnt, server)
+
+
 def test_foreground_mount_ends_on_the_callers_signal(dirs: Dirs, start_server: Callable[..., Server]) -> None:
     """``-f``: the command waits as the in-process one does, and a SIGTERM to it (a supervisor's)
     reaches the forked daemon, which unmounts; the command then exits 0."""
