@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import rsswalk, startup, startupsteps
+from . import forkserver, rsswalk, startup, startupsteps
 from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
@@ -22,6 +22,7 @@ from .runner import Bench
 from .settings import (
     CTL_WORKLOADS,
     DEFAULT_CACHE,
+    DEFAULT_TARGETS,
     DEFAULT_WORKDIR,
     MARKER,
     PODMAN_WORKLOAD,
@@ -59,8 +60,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true",
                    help="print the results as JSON on stdout (the table goes to stderr)")
     p.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON here")
-    p.add_argument("--targets", default=",".join(TARGETS),
-                   help=f"comma-separated, from {','.join(TARGETS)} (default: all)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated, from {','.join(TARGETS)} (default: {','.join(DEFAULT_TARGETS)}; "
+                        "overlayfuse-fs is overlayfuse with its fork server running)")
     p.add_argument("--overlayfuse-options", default="", metavar="OPTS",
                    help="extra -o options for overlayfuse only, e.g. fsync=0 to compare copy-ups with "
                         "fuse-overlayfs, which never fsyncs one (the table's header says what was given)")
@@ -100,7 +102,7 @@ def preflight(targets: Sequence[str], workloads: Sequence[str]) -> None:
                 run(["modprobe", "overlay"], 60, check=False)
     if "fuse-overlayfs" in targets and shutil.which("fuse-overlayfs") is None:
         raise BenchError("fuse-overlayfs is not installed (apt-get install fuse-overlayfs)")
-    if "overlayfuse" in targets and not (VENV_BIN / "overlayfuse").exists():
+    if {"overlayfuse", "overlayfuse-fs"} & set(targets) and not (VENV_BIN / "overlayfuse").exists():
         raise BenchError(f"{VENV_BIN / 'overlayfuse'} is missing: run scripts/setup")
     if "overlayfuse" in targets and set(workloads) & set(CTL_WORKLOADS) and shutil.which("umoci") is None:
         raise BenchError("umoci is not installed (it builds the images for ctl-image-ls and ctl-ps): "
@@ -120,6 +122,9 @@ def main(argv: Sequence[str]) -> int:
         sys.stdout.write(json.dumps(walk_view(argv[1])))
         return 0
     args = parse_args(argv)
+    # Cold unless a row asks for the fork server (overlayfuse-fs): a server someone runs on this
+    # machine must not make the overlayfuse rows, --startup or --startup-steps warm.
+    os.environ[forkserver.ENV] = "off"
     timing_alone = startup.main if args.startup else startupsteps.main if args.startup_steps else None
     if timing_alone is not None:  # start-ups only: no stack, no workloads
         try:
@@ -134,6 +139,7 @@ def main(argv: Sequence[str]) -> int:
     work = args.workdir.resolve()
     mounter: Mounter | None = None
     owned = False  # work is ours to remove
+    exits = contextlib.ExitStack()  # the fork server, if overlayfuse-fs is a target
     try:
         preflight(args.targets, args.workloads)
         if work.exists():
@@ -158,7 +164,9 @@ def main(argv: Sequence[str]) -> int:
             return 0
         use_deb = scale.name == "full" and not args.no_debootstrap
         stack = prepare_stack(work, scale, use_deb, args.cache_dir, args.release, args.mirror)
-        mounter = Mounter(work / "mnt", [stack.l2, stack.l1], args.overlayfuse_options)
+        fork = exits.enter_context(forkserver.running(args.targets))
+        mounter = Mounter(work / "mnt", [stack.l2, stack.l1], fork.socket if fork else None,
+                          args.overlayfuse_options)
         bench = Bench(args, scale)
         view = bench.check_views(mounter, stack)
         choose_targets_of_work(stack, view, scale)
@@ -182,6 +190,7 @@ def main(argv: Sequence[str]) -> int:
                       "random_read_files": stack.random_files},
             "view_check": bench.view_check,
             "daemon_tracebacks": mounter.tracebacks,
+            "fork_server_forks": fork.forks() if fork else None,
             "results": summarize(bench),
             "rss_walks": bench.rss_walks,
             "mount_s": bench.mount_s,
@@ -211,6 +220,7 @@ def main(argv: Sequence[str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if mounter is not None:
             mounter.unmount_all()
+        exits.close()
         left = mounts_under(work)
         if left:
             say(f"warning: still mounted, so {work} is kept: {left}")

@@ -63,13 +63,13 @@ def overlay_options(lowers: Sequence[Path], upper: Path, work: Path) -> str:
     return f"lowerdir={':'.join(escape(p) for p in lowers)},upperdir={escape(upper)},workdir={escape(work)}"
 
 
-def spawn(cmd: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start CMD in its own session (a Ctrl-C on the terminal reaches us, not it, so we unmount in
     order; killing its group kills all of it), its output going to LOG: a detached daemon may keep
-    stderr open, and a pipe would then never reach EOF."""
+    stderr open, and a pipe would then never reach EOF. ENV: more environment for it."""
     with open(log, "wb") as out:
         return subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True)
+                                start_new_session=True, env=None if env is None else os.environ | env)
 
 
 def wait_mounted(mnt: Path, fstype: str, proc: subprocess.Popen[bytes], timeout: float, *,

@@ -15,6 +15,7 @@ from pathlib import Path
 from overlayfuse.linux.mounttable import command_line, process_alive, read_mounts
 
 from .errors import BenchError, say
+from .forkserver import environment
 from .mounting import (
     FUSE_UNMOUNTS,
     KERNEL_UNMOUNTS,
@@ -80,8 +81,10 @@ class Mount:
 class Mounter:
     """Mounts targets on fresh upper/work dirs and tears them down, whatever happens."""
 
-    def __init__(self, root: Path, lowers: Sequence[Path], overlayfuse_options: str = "") -> None:
+    def __init__(self, root: Path, lowers: Sequence[Path], fork_socket: str | None = None,
+                 overlayfuse_options: str = "") -> None:
         self.root = root
+        self.fork_socket = fork_socket  # the overlayfuse-fs target's server (benchmarks/forkserver.py)
         self.lowers = list(lowers)
         self.overlayfuse_options = overlayfuse_options
         """Extra -o options for overlayfuse alone (``--overlayfuse-options``)."""
@@ -117,7 +120,7 @@ class Mounter:
             start = time.perf_counter()
             self._mount(m, opts, first_read)
             m.mount_s = time.perf_counter() - start
-            if target != "kernel":
+            if target != "kernel":  # a fork server's daemon has the server's command line: not found
                 m.pid = daemon_pid(target, m.mnt)
             yield m
         finally:
@@ -130,7 +133,7 @@ class Mounter:
     def _mount(self, m: Mount, opts: str, first_read: bool = False) -> None:
         cmd = self.command(m.target, opts, m.mnt)
         start_ns = time.monotonic_ns()
-        proc = spawn(cmd, m.log)
+        proc = spawn(cmd, m.log, env=environment(m.target, self.fork_socket))
         try:
             if first_read:
                 read_ns = wait_first_read(m.mnt / FIRST_READ, proc)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BenchError
+from .forkserver import environment
 from .mounts import mounts_under
 from .processes import run, timed
 from .settings import PODMAN_RUNS, PODMAN_TIMEOUT, TOOL_TIMEOUT, VENV_BIN
@@ -56,7 +57,7 @@ def mount_program(target: str) -> str | None:
     """containers-storage's ``mount_program`` for TARGET (None: the kernel's overlay driver)."""
     if target == "kernel":
         return None
-    if target == "fuse-overlayfs":
+    if target == "fuse-overlayfs":  # overlayfuse and overlayfuse-fs: one program, with and without the server
         found = shutil.which("fuse-overlayfs")
         if found is None:
             raise BenchError("fuse-overlayfs is not installed")
@@ -98,7 +99,7 @@ def build_layout(work: Path) -> Path:
     return layout
 
 
-def configure(work: Path, target: str) -> Storage:
+def configure(work: Path, target: str, fork_socket: str | None = None) -> Storage:
     """TARGET's storage under WORK/podman/TARGET, with its storage.conf and containers.conf."""
     root = work / "podman" / target
     (root / "graph").mkdir(parents=True)
@@ -118,7 +119,8 @@ def configure(work: Path, target: str) -> Storage:
               f'[network]\nnetwork_config_dir = "{root / "networks"}"\n')
     (root / "storage.conf").write_text(storage)
     (root / "containers.conf").write_text(engine)
-    env = {"CONTAINERS_STORAGE_CONF": str(root / "storage.conf"), "CONTAINERS_CONF": str(root / "containers.conf")}
+    env = {"CONTAINERS_STORAGE_CONF": str(root / "storage.conf"), "CONTAINERS_CONF": str(root / "containers.conf"),
+           **environment(target, fork_socket)}  # podman's mount program inherits its environment
     return Storage(target, root, env, run_root)
 
 
@@ -168,7 +170,8 @@ def remove(storage: Storage) -> None:
 
 
 @contextlib.contextmanager
-def storages(work: Path, targets: list[str]) -> Iterator[dict[str, tuple[Storage, str]]]:
+def storages(work: Path, targets: list[str], fork_socket: str | None = None
+             ) -> Iterator[dict[str, tuple[Storage, str]]]:
     """Each target's storage with the busybox image loaded into it (target -> (storage, image id)),
     one unmeasured run made in each (the first run sets the storage up); all removed at the end."""
     made: list[Storage] = []
@@ -176,7 +179,7 @@ def storages(work: Path, targets: list[str]) -> Iterator[dict[str, tuple[Storage
         layout = build_layout(work)
         ready: dict[str, tuple[Storage, str]] = {}
         for target in targets:
-            storage = configure(work, target)
+            storage = configure(work, target, fork_socket)
             made.append(storage)
             image = load(storage, layout)
             run_true(storage, image)

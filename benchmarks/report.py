@@ -29,12 +29,13 @@ def summarize(bench: Bench) -> dict[str, Any]:
                 "peak_rss_kib": max(c.hwm_kib) if c.hwm_kib else None,
                 "errors": c.errors,
             }
-        ours = per.get("overlayfuse", {}).get("median")
         ratios = {}
-        for peer in ("fuse-overlayfs", "kernel"):
-            theirs = per.get(peer, {}).get("median")
-            if ours and theirs:
-                ratios[f"overlayfuse/{peer}"] = ours / theirs
+        for mine in ("overlayfuse", "overlayfuse-fs"):  # cold, and with the fork server running
+            ours = per.get(mine, {}).get("median")
+            for peer in ("fuse-overlayfs", "kernel"):
+                theirs = per.get(peer, {}).get("median")
+                if ours and theirs:
+                    ratios[f"{mine}/{peer}"] = ours / theirs
         results[w]["ratios"] = ratios
     return results
 
@@ -58,9 +59,8 @@ def render_table(bench: Bench, results: dict[str, Any]) -> str:
         for i, t in enumerate(t for t in bench.targets if t in results[w]["targets"]):
             r = results[w]["targets"][t]
             rss = f"{r['peak_rss_kib'] / 1024:.1f} MiB" if r["peak_rss_kib"] else "-"
-            ratio = results[w]["ratios"] if t == "overlayfuse" else {}
-            of_fo = ratio.get("overlayfuse/fuse-overlayfs")
-            of_k = ratio.get("overlayfuse/kernel")
+            of_fo = results[w]["ratios"].get(f"{t}/fuse-overlayfs")
+            of_k = results[w]["ratios"].get(f"{t}/kernel")
             if r["median"] is None:
                 line = [w if i == 0 else "", t, "FAILED", "", "", results[w]["unit"], "", "", ""]
             else:

@@ -68,7 +68,7 @@ class Bench:
         if any(w in self.workloads for w in CTL_WORKLOADS) and "overlayfuse" in self.targets:
             self._ctl(mounter.root.parent)
         if PODMAN_WORKLOAD in self.workloads:
-            self._podman(mounter.root.parent)
+            self._podman(mounter.root.parent, mounter.fork_socket)
         if "walk-warm" in self.workloads:
             for target in self.targets:
                 if target != "kernel":
@@ -118,11 +118,11 @@ class Bench:
                 if w in self.workloads:
                     self.cells[w]["overlayfuse"].errors.append(str(exc))
 
-    def _podman(self, work: Path) -> None:
+    def _podman(self, work: Path, fork_socket: str | None) -> None:
         """``podman run --rm IMAGE true`` on each target's own storage, rotating the order per rep."""
         cells = self.cells[PODMAN_WORKLOAD]
         try:
-            with podman.storages(work, self.targets) as ready:
+            with podman.storages(work, self.targets, fork_socket) as ready:
                 for rep in range(self.args.reps):
                     k = rep % len(self.targets)
                     for target, samples in podman.measure(ready, self.targets[k:] + self.targets[:k]).items():

@@ -9,9 +9,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 
-TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
+#: overlayfuse-fs: overlayfuse with its fork server running (benchmarks/forkserver.py); opt-in.
+TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse", "overlayfuse-fs")
+DEFAULT_TARGETS = TARGETS[:3]
 FSTYPES = {"kernel": "overlay", "fuse-overlayfs": "fuse.fuse-overlayfs",
-           "overlayfuse": "fuse.overlayfuse"}
+           "overlayfuse": "fuse.overlayfuse", "overlayfuse-fs": "fuse.overlayfuse"}
 
 CTL_IMAGES = 20  # images in the store ctl-image-ls and ctl-ps list
 CTL_RUNS = 5  # runs of each overlayctl command per rep: one run takes a tenth of a second

@@ -16,10 +16,19 @@ collector as it was.
 from __future__ import annotations
 
 import gc
+import sys
 
 
 def overlayfuse() -> int:
     gc.disable()
+    if sys.argv[1:2] != ["--fork-server"]:
+        # A fork server has the daemon imported already: hand it the mount, before importing
+        # anything heavy here (see `daemon.forkclient`). None: no server; mount in this process.
+        from .daemon import forkclient
+
+        status = forkclient.run(sys.argv)
+        if status is not None:
+            return status
     from .daemon.cli import main
 
     return main()

@@ -69,6 +69,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A fork server someone runs on this machine (README: "Fork server") must not change what the
+    # suite tests: every `overlayfuse` command mounts in its own process unless a test (the fork
+    # server's own) names a server.
+    os.environ["OVERLAYFUSE_FORK_SERVER"] = "off"
     # Before collection, so test_differential.py's budget (read at import) sees it.
     seconds = config.getoption("--long")
     if seconds:

@@ -93,6 +93,34 @@ def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
     assert not [m for m in mounts() if m.mountpoint.startswith(str(workdir))]
 
 
+@pytest.mark.timeout(BENCH_TIMEOUT + 30)
+def test_fork_server_target_goes_through_its_server(tmp_path: Path) -> None:
+    """``overlayfuse-fs``: the start-up rows beside the cold target, every mount and every podman
+    run of it forked by the bench's fork server (its count in the report: one probe, the view
+    check, a mount per rep, podman's runs), and the server gone at the end."""
+    for tool in ("fuse-overlayfs", *PODMAN_TOOLS):
+        if shutil.which(tool) is None:
+            skip_or_fail(f"needs {tool} (scripts/setup installs it)")
+    workdir = tmp_path / "bench"
+    proc = subprocess.run(
+        [str(BENCH), "--tiny", "--reps", "1", "--json", "--workdir", str(workdir),
+         "--targets", "fuse-overlayfs,overlayfuse,overlayfuse-fs",
+         "--workloads", f"mount-to-first-read,{PODMAN_WORKLOAD}"],
+        capture_output=True, timeout=BENCH_TIMEOUT, check=False,
+    )
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, f"scripts/bench exited {proc.returncode}:\n{stderr}"
+    report = json.loads(proc.stdout)
+    for workload in ("mount-to-first-read", PODMAN_WORKLOAD):
+        cells = report["results"][workload]["targets"]
+        for target in ("overlayfuse", "overlayfuse-fs"):
+            assert not cells[target]["errors"] and cells[target]["median"] > 0, (workload, target, cells[target])
+        assert "overlayfuse-fs/fuse-overlayfs" in report["results"][workload]["ratios"]
+    assert report["fork_server_forks"] >= 1 + 1 + 1 + podman.PODMAN_RUNS, report["fork_server_forks"]
+    assert not [d for d in Path("/run").glob("ofb-fs-*")], "the fork server's directory is left"
+    assert not workdir.exists()
+
+
 @pytest.mark.timeout(PODMAN_FAILURE_TIMEOUT)
 def test_podman_storage_is_gone_after_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mount program that fails every mount: the row fails with a BenchError, and the target's
@@ -149,7 +177,7 @@ def test_startup_steps_table_names_each_step() -> None:
 
 def test_overlayfuse_options_go_to_overlayfuse_alone(tmp_path: Path) -> None:
     """``--overlayfuse-options fsync=0``: copy-up rows compared with fuse-overlayfs on equal terms."""
-    mounter = Mounter(tmp_path, [tmp_path / "l1"], "fsync=0")
+    mounter = Mounter(tmp_path, [tmp_path / "l1"], overlayfuse_options="fsync=0")
     mnt = tmp_path / "mnt"
     assert mounter.command("overlayfuse", "lowerdir=L", mnt)[-2] == "lowerdir=L,fsync=0"
     assert mounter.command("fuse-overlayfs", "lowerdir=L", mnt)[-2] == "lowerdir=L"

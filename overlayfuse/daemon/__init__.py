@@ -9,6 +9,8 @@
   `handles`: its open file and directory handles; `binding`: what the running pyfuse3 offers
   beyond its stock release (patches/pyfuse3: kernel-cached listings, symlink cache), found at run time;
 - `mount`: mount, detach, readiness, signals, unmount; `inuse`: one writable mount per upper dir;
+- `forkserver`, `forkclient`: ``overlayfuse --fork-server``, which forks a daemon per mount with the
+  imports done once, and the command's side of it (run before anything heavy is imported);
 - `notify`, `control`: the service manager's readiness protocol; the control socket that freezes the
   mount for a commit; `readahead`: the mount's readahead window.
 

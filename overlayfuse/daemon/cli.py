@@ -23,6 +23,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from ..commands import collector_on
@@ -35,18 +36,28 @@ from .options import UsageError, parse_args, validate
 log = logging.getLogger(__name__)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point. Bad input: one line on stderr and a non-zero exit, nothing mounted."""
+def main(argv: list[str] | None = None, *, report: Callable[[int], None] | None = None) -> int:
+    """Entry point. Bad input: one line on stderr and a non-zero exit, nothing mounted.
+
+    ``--fork-server`` first on the command line starts the fork server (`forkserver`) instead.
+    REPORT, if given, hears the exit status of a detached mount's command just before it exits
+    without returning (see `_exit_now`): the fork server's child tells its caller with it.
+    """
     timeline.mark("cli imported")
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--fork-server"]:
+        from . import forkserver
+
+        return forkserver.main(args[1:])
     try:
-        return _main(argv)
+        return _main(args, report)
     finally:
         collector_on()  # whichever way it went; `_main` does it already on the mounting path
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(args: list[str], report: Callable[[int], None] | None) -> int:
     try:
-        options = parse_args(sys.argv[1:] if argv is None else argv)
+        options = parse_args(args)
     except UsageError as exc:
         print_error("overlayfuse", str(exc))
         return exc.status
@@ -74,7 +85,7 @@ def _main(argv: list[str] | None) -> int:
     timeline.mark("daemon imported (trio, pyfuse3, overlay)")
 
     if not options.foreground:
-        _exit_now(mount.run_detached(options))
+        _exit_now(mount.run_detached(options), report)
     try:
         mount.serve(options, on_ready=lambda: log.info("ready: %s answers", options.mountpoint))
     except mount.MountError as exc:
@@ -87,7 +98,7 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def _exit_now(status: int) -> NoReturn:
+def _exit_now(status: int, report: Callable[[int], None] | None) -> NoReturn:
     """End the detached mount command: its daemon serves the mount (or it failed, and we said why).
     Without the interpreter's teardown: with trio and pyfuse3 loaded, finalising every module took
     the command 65-75 ms after the daemon's "ready" on the 2-core VM (scripts/bench
@@ -100,6 +111,8 @@ def _exit_now(status: int) -> NoReturn:
         except (OSError, ValueError):  # closed, or a reader that left: nothing more to say anyway
             pass
     logging.shutdown()
+    if report is not None:
+        report(status)
     os._exit(status)
 
 

@@ -29,6 +29,14 @@ _path = os.environ.get(ENV) or None
 _marks: list[tuple[int, int, str]] = []
 
 
+def reread() -> None:
+    """Read the variable again, forgetting any mark: the fork server's child took its caller's
+    environment, and what the server noted is not the caller's start."""
+    global _path
+    _path = os.environ.get(ENV) or None
+    _marks.clear()
+
+
 def enabled() -> bool:
     """Whether this process traces its start (cheap: read once, at import)."""
     return _path is not None

@@ -114,6 +114,14 @@ def _verify(unit: Path) -> None:
     )
 
 
+def test_fork_server_unit_verifies(tmp_path: Path) -> None:
+    """systemd/overlayfuse-fork-server.service (README: "Fork server") is a valid unit, and stopping
+    it leaves the daemons it forked (the mounts of running containers) alone."""
+    unit = UNIT.with_name("overlayfuse-fork-server.service")
+    _verify(unit)
+    assert "KillMode=process" in unit.read_text().splitlines()
+
+
 @pytest.mark.parametrize("instance", ["", "web"], ids=["template", "instance"])
 def test_unit_verifies(instance: str, tmp_path: Path) -> None:
     unit = tmp_path / f"overlayfuse@{instance}.service"
