@@ -16,14 +16,13 @@ the upper file's own number for a copied-up file, and ``stat`` the lower one's.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.mounts import kernel_overlay, overlayfuse, run_isolated
+from tests.support.mounts import kernel_overlay, overlayfuse
 from tests.support.trees import Dir, File, make_tree
-from tests.support.writes import Step, run_steps
+from tests.support.writes import Step, apply_steps, mount_dirs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 
@@ -42,29 +41,10 @@ STEPS: list[Step] = [
 DIRS = ("", "dir", "fresh", "untouched")
 
 
-@dataclass(frozen=True, slots=True)
-class Side:
-    upper: Path
-    work: Path
-    mnt: Path
-
-
 @pytest.fixture
 def lower(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "lower", File("owned", b"o\n" * 100), Dir("dir"), File("dir/child", b"c\n"),
                      File("dir/written", b"w\n"), File("dir/moving", b"m\n"), File("dir/stays", b"s\n"))
-
-
-def _side(root: Path, name: str) -> Side:
-    side = Side(root / name / "upper", root / name / "work", root / name / "mnt")
-    for path in (side.upper, side.work, side.mnt):
-        path.mkdir(parents=True)
-    return side
-
-
-def _apply(mnt: Path) -> None:
-    outcomes = run_isolated(run_steps, str(mnt), STEPS)
-    assert all(o[0] == "ok" for o in outcomes), list(zip(STEPS, outcomes, strict=True))
 
 
 def _impure(upper: Path) -> dict[str, bytes | None]:
@@ -88,11 +68,11 @@ def _numbers(mnt: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_impure_marks_are_the_kernels(tmp_path: Path, overlayfuse_bin: Path, lower: Path) -> None:
-    kernel, ours = _side(tmp_path, "kernel"), _side(tmp_path, "ours")
+    kernel, ours = mount_dirs(tmp_path, "kernel"), mount_dirs(tmp_path, "ours")
     with kernel_overlay(kernel.mnt, [lower], kernel.upper, kernel.work, OPTS):
-        _apply(kernel.mnt)
+        apply_steps(kernel.mnt, STEPS)
     with overlayfuse(ours.mnt, [lower], ours.upper, ours.work, OPTS.split(",")):
-        _apply(ours.mnt)
+        apply_steps(ours.mnt, STEPS)
     oracle = _impure(kernel.upper)
     assert oracle == {"": b"y", "dir": b"y", "fresh": b"y", "untouched": None}  # what the kernel does
     assert _impure(ours.upper) == oracle
@@ -101,15 +81,15 @@ def test_impure_marks_are_the_kernels(tmp_path: Path, overlayfuse_bin: Path, low
 def test_kernel_readdir_numbers_on_our_upper(tmp_path: Path, overlayfuse_bin: Path, lower: Path) -> None:
     """``ls -i`` against ``stat``: on our upper, mounted by the kernel, each entry's d_ino is its
     st_ino, as on the kernel's own upper (where a copied-up file shows its lower number in both)."""
-    kernel, ours = _side(tmp_path, "kernel"), _side(tmp_path, "ours")
+    kernel, ours = mount_dirs(tmp_path, "kernel"), mount_dirs(tmp_path, "ours")
     with kernel_overlay(kernel.mnt, [lower], kernel.upper, kernel.work, OPTS):
-        _apply(kernel.mnt)
+        apply_steps(kernel.mnt, STEPS)
         oracle = _numbers(kernel.mnt)
     assert all(d_ino == st_ino for d_ino, st_ino in oracle.values()), oracle
     lower_ino = os.lstat(lower / "owned").st_ino
     assert oracle["/owned"] == (lower_ino, lower_ino)  # the copied-up file keeps its lower number
     with overlayfuse(ours.mnt, [lower], ours.upper, ours.work, OPTS.split(",")):
-        _apply(ours.mnt)
+        apply_steps(ours.mnt, STEPS)
     with kernel_overlay(ours.mnt, [lower], ours.upper, ours.work, OPTS):
         mine = _numbers(ours.mnt)
     mismatched = {path: numbers for path, numbers in mine.items() if numbers[0] != numbers[1]}

@@ -21,20 +21,13 @@ import pytest
 
 from tests.support.mounts import kernel_overlay, overlayfuse, run_isolated
 from tests.support.trees import File, make_tree
-from tests.support.writes import Step, run_steps
+from tests.support.writes import Step, apply_steps, mount_dirs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 
 OPTS = "redirect_dir=on,metacopy=on,index=on"
 NAMES = ("d/a", "d/b", "e/c")
 ORIGINAL = b"original\n" * 100
-
-
-@dataclass(frozen=True, slots=True)
-class Side:
-    upper: Path
-    work: Path
-    mnt: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,18 +46,6 @@ def lower(tmp_path: Path) -> Path:
     os.link(root / "d/a", root / "d/b")
     os.link(root / "d/a", root / "e/c")
     return root
-
-
-def _side(root: Path, name: str) -> Side:
-    side = Side(root / name / "upper", root / name / "work", root / name / "mnt")
-    for path in (side.upper, side.work, side.mnt):
-        path.mkdir(parents=True)
-    return side
-
-
-def _apply(mnt: Path, steps: list[Step]) -> None:
-    outcomes = run_isolated(run_steps, str(mnt), steps)
-    assert all(o[0] == "ok" for o in outcomes), list(zip(steps, outcomes, strict=True))
 
 
 def _read(path: str) -> tuple[bytes, int, int]:
@@ -93,9 +74,9 @@ def _index_entries(work: Path) -> list[str]:
 
 
 def test_kernel_reads_our_index(tmp_path: Path, overlayfuse_bin: Path, lower: Path) -> None:
-    side = _side(tmp_path, "ours")
+    side = mount_dirs(tmp_path, "ours")
     with overlayfuse(side.mnt, [lower], side.upper, side.work, OPTS.split(",")):
-        _apply(side.mnt, [("write", "d/a", 0, b"CHANGED")])
+        apply_steps(side.mnt, [("write", "d/a", 0, b"CHANGED")])
         ours = _view(side.mnt)
     changed = b"CHANGED" + ORIGINAL[7:]
     _assert_one_file(ours, changed)
@@ -105,15 +86,15 @@ def test_kernel_reads_our_index(tmp_path: Path, overlayfuse_bin: Path, lower: Pa
         theirs = _view(side.mnt)
         _assert_one_file(theirs, changed)
         # and the kernel goes on from there: a write through a name still below reaches all three
-        _apply(side.mnt, [("write", "e/c", 0, b"KERNEL!")])
+        apply_steps(side.mnt, [("write", "e/c", 0, b"KERNEL!")])
         _assert_one_file(_view(side.mnt), b"KERNEL!" + ORIGINAL[7:])
     assert os.path.samefile(side.upper / "e/c", side.upper / "d/a")
 
 
 def test_we_read_kernel_index(tmp_path: Path, overlayfuse_bin: Path, lower: Path) -> None:
-    side = _side(tmp_path, "kernel")
+    side = mount_dirs(tmp_path, "kernel")
     with kernel_overlay(side.mnt, [lower], side.upper, side.work, OPTS):
-        _apply(side.mnt, [("write", "d/a", 0, b"CHANGED")])
+        apply_steps(side.mnt, [("write", "d/a", 0, b"CHANGED")])
         theirs = _view(side.mnt)
     changed = b"CHANGED" + ORIGINAL[7:]
     _assert_one_file(theirs, changed)
@@ -121,7 +102,7 @@ def test_we_read_kernel_index(tmp_path: Path, overlayfuse_bin: Path, lower: Path
     with overlayfuse(side.mnt, [lower], side.upper, side.work, OPTS.split(",")):
         _assert_one_file(_view(side.mnt), changed)
         # a name still below, copied up through overlayfuse, joins the kernel's copy
-        _apply(side.mnt, [("write", "e/c", 0, b"OURS!!!"), ("unlink", "d/b")])
+        apply_steps(side.mnt, [("write", "e/c", 0, b"OURS!!!"), ("unlink", "d/b")])
         ours = _view_of(side.mnt, ("d/a", "e/c"))
     assert os.path.samefile(side.upper / "e/c", side.upper / "d/a")
     assert {s.data for s in ours.values()} == {b"OURS!!!" + ORIGINAL[7:]} and {s.nlink for s in ours.values()} == {2}
@@ -138,12 +119,12 @@ def _view_of(mnt: Path, names: tuple[str, ...]) -> dict[str, Shown]:
 
 def test_index_entry_is_the_kernels(tmp_path: Path, overlayfuse_bin: Path, lower: Path) -> None:
     """The same copy-up under each, over one lower dir: the same entry name, origin and count."""
-    kernel, ours = _side(tmp_path, "kernel"), _side(tmp_path, "ours")
+    kernel, ours = mount_dirs(tmp_path, "kernel"), mount_dirs(tmp_path, "ours")
     steps: list[Step] = [("write", "d/a", 0, b"CHANGED"), ("write", "single", 0, b"O")]
     with kernel_overlay(kernel.mnt, [lower], kernel.upper, kernel.work, OPTS):
-        _apply(kernel.mnt, steps)
+        apply_steps(kernel.mnt, steps)
     with overlayfuse(ours.mnt, [lower], ours.upper, ours.work, OPTS.split(",")):
-        _apply(ours.mnt, steps)
+        apply_steps(ours.mnt, steps)
     theirs = _index_entries(kernel.work)
     assert len(theirs) == 1 and _index_entries(ours.work) == theirs  # the file with one name: none
     for xattr in ("trusted.overlay.origin", "trusted.overlay.nlink"):
@@ -156,13 +137,13 @@ def test_we_read_kernels_metacopy_index(tmp_path: Path, overlayfuse_bin: Path, l
     """A chmod through the kernel (metacopy=on) copies the metadata alone into its index: the other
     names show the new mode with the lower data, and a write through one of them copies the data
     in for all."""
-    side = _side(tmp_path, "kernel")
+    side = mount_dirs(tmp_path, "kernel")
     with kernel_overlay(side.mnt, [lower], side.upper, side.work, OPTS):
-        _apply(side.mnt, [("chmod", "d/a", 0o600)])
+        apply_steps(side.mnt, [("chmod", "d/a", 0o600)])
     (entry,) = _index_entries(side.work)
     os.getxattr(side.work / "index" / entry, "trusted.overlay.metacopy")  # metadata only
     with overlayfuse(side.mnt, [lower], side.upper, side.work, OPTS.split(",")):
         _assert_one_file(_view(side.mnt), ORIGINAL)
         assert {os.lstat(side.mnt / name).st_mode & 0o777 for name in NAMES} == {0o600}
-        _apply(side.mnt, [("write", "e/c", 0, b"FILLED!")])
+        apply_steps(side.mnt, [("write", "e/c", 0, b"FILLED!")])
         _assert_one_file(_view(side.mnt), b"FILLED!" + ORIGINAL[7:])

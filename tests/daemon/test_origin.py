@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.mounts import kernel_overlay, overlayfuse, run_isolated
+from tests.support.mounts import kernel_overlay, overlayfuse
 from tests.support.trees import Dir, File, make_tree
-from tests.support.writes import Step, run_steps
+from tests.support.writes import Step, apply_steps, mount_dirs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 
@@ -39,29 +38,10 @@ COPIED = {"meta": "meta", "full": "full", "dir": "dir", "dir/elsewhere": "moved"
 NUMBERED = {**COPIED, "dir/elsewhere/inside": "moved/inside", "dir/child": "dir/child"}
 
 
-@dataclass(frozen=True, slots=True)
-class Side:
-    upper: Path
-    work: Path
-    mnt: Path
-
-
 @pytest.fixture
 def lower(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "lower", File("meta", b"metadata only\n" * 300), File("full", b"whole\n"),
                      Dir("dir"), File("dir/child", b"child\n"), Dir("moved"), File("moved/inside", b"in\n"))
-
-
-def _side(root: Path, name: str) -> Side:
-    side = Side(root / name / "upper", root / name / "work", root / name / "mnt")
-    for path in (side.upper, side.work, side.mnt):
-        path.mkdir(parents=True)
-    return side
-
-
-def _apply(mnt: Path) -> None:
-    outcomes = run_isolated(run_steps, str(mnt), STEPS)
-    assert all(o[0] == "ok" for o in outcomes), list(zip(STEPS, outcomes, strict=True))
 
 
 def _numbers(mnt: Path) -> dict[str, int]:
@@ -69,11 +49,11 @@ def _numbers(mnt: Path) -> dict[str, int]:
 
 
 def test_origin_bytes_are_the_kernels(tmp_path: Path, overlayfuse_bin: Path, lower: Path) -> None:
-    kernel, ours = _side(tmp_path, "kernel"), _side(tmp_path, "ours")
+    kernel, ours = mount_dirs(tmp_path, "kernel"), mount_dirs(tmp_path, "ours")
     with kernel_overlay(kernel.mnt, [lower], kernel.upper, kernel.work, OPTS):
-        _apply(kernel.mnt)
+        apply_steps(kernel.mnt, STEPS)
     with overlayfuse(ours.mnt, [lower], ours.upper, ours.work, OPTS.split(",")):
-        _apply(ours.mnt)
+        apply_steps(ours.mnt, STEPS)
     for path in COPIED:
         theirs = os.getxattr(kernel.upper / path, ORIGIN, follow_symlinks=False)
         mine = os.getxattr(ours.upper / path, ORIGIN, follow_symlinks=False)
@@ -82,14 +62,14 @@ def test_origin_bytes_are_the_kernels(tmp_path: Path, overlayfuse_bin: Path, low
 
 
 def test_kernel_keeps_lower_numbers_on_our_upper(tmp_path: Path, overlayfuse_bin: Path, lower: Path) -> None:
-    kernel, ours = _side(tmp_path, "kernel"), _side(tmp_path, "ours")
+    kernel, ours = mount_dirs(tmp_path, "kernel"), mount_dirs(tmp_path, "ours")
     with kernel_overlay(kernel.mnt, [lower], kernel.upper, kernel.work, OPTS):
-        _apply(kernel.mnt)
+        apply_steps(kernel.mnt, STEPS)
         oracle = _numbers(kernel.mnt)
     lower_numbers = {path: os.lstat(lower / source).st_ino for path, source in NUMBERED.items()}
     assert oracle == lower_numbers  # the kernel's own copy-ups keep the lower numbers
     with overlayfuse(ours.mnt, [lower], ours.upper, ours.work, OPTS.split(",")):
-        _apply(ours.mnt)
+        apply_steps(ours.mnt, STEPS)
     with kernel_overlay(ours.mnt, [lower], ours.upper, ours.work, OPTS):
         assert _numbers(ours.mnt) == oracle
         assert (ours.mnt / "full").read_bytes() == b"Whole\n"

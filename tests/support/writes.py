@@ -235,6 +235,29 @@ def run_steps(mnt: str, steps: Sequence[Step]) -> list[Outcome]:
     return [run_step(mnt, s) for s in steps]
 
 
+def apply_steps(mnt: Path, steps: Sequence[Step]) -> None:
+    """Run STEPS on MNT in a child process; every one must succeed (a test's set-up, not its check)."""
+    outcomes = run_isolated(run_steps, str(mnt), list(steps))
+    assert all(o[0] == "ok" for o in outcomes), list(zip(steps, outcomes, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class MountDirs:
+    """One side of a comparison that mounts each side by hand: its upper, work dir and mountpoint."""
+
+    upper: Path
+    work: Path
+    mnt: Path
+
+
+def mount_dirs(root: Path, name: str) -> MountDirs:
+    """Empty upper, work and mountpoint dirs under ROOT/NAME."""
+    side = MountDirs(root / name / "upper", root / name / "work", root / name / "mnt")
+    for path in (side.upper, side.work, side.mnt):
+        path.mkdir(parents=True)
+    return side
+
+
 def assert_same_steps(pair: Pair, steps: Sequence[Step]) -> list[Outcome]:
     """Run the steps on both mounts; every outcome must match the kernel's."""
     k, o = pair.both(run_steps, list(steps))
