@@ -12,7 +12,7 @@ always did (quietly; with ``-d`` it says why on stderr).
 The protocol, on one SOCK_SEQPACKET connection (one message per send, no framing needed):
 
 1. client → server: a marshal'd dict (`PROTOCOL`, argv, environ, umask, rlimits, OOM score
-   adjustment, cgroup) with descriptors (SCM_RIGHTS): stdin, stdout, stderr, cwd, root (O_PATH),
+   adjustment) with descriptors (SCM_RIGHTS): stdin, stdout, stderr, cwd, root (O_PATH),
    the user and mount namespaces (`FD_ORDER`).
 2. server → client: ``pid N`` with a pidfd of the forked child, or ``refused REASON`` (then EOF).
 3. client → server: ``go``. The child does nothing with the request before it: a client that
@@ -173,7 +173,6 @@ def _request(argv: list[str]) -> bytes:
         "umask": umask,
         "rlimits": limits,
         "oom_score_adj": _read("/proc/self/oom_score_adj"),
-        "cgroup": _read("/proc/self/cgroup"),
     })  # fmt: skip
 
 
