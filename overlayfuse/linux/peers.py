@@ -93,17 +93,27 @@ def peer_privileges(sock: socket.socket, peer: Peer) -> Privileges:
         os.close(pidfd)
 
 
+def all_capabilities() -> int:
+    """The mask of every capability this kernel has (/proc/sys/kernel/cap_last_cap)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return (1 << (int(f.read()) + 1)) - 1
+
+
 def lacks(peer: Privileges, ours: Privileges) -> str | None:
     """What PEER lacks that a process forked from OURS would hold, in words; None if nothing.
 
-    Capabilities are compared only within one user namespace: a peer in another (rootless podman's)
-    is entered by the fork, which then holds in it what the peer holds."""
+    In the peer's own user namespace the fork holds what we hold. A peer in another one (rootless
+    podman's) is entered by the fork with setns, which gives the full capability set there (the
+    kernel's set_cred_user_ns): so that peer must hold every capability in it itself, as a mount
+    program there does, and a process in it that dropped some (a container's) is refused."""
     if peer.user_namespace == ours.user_namespace:
-        for name, theirs, mine in (("effective capabilities", peer.effective, ours.effective),
-                                   ("permitted capabilities", peer.permitted, ours.permitted),
-                                   ("capability bounding set", peer.bounding, ours.bounding)):
-            if mine & ~theirs:
-                return f"its {name} lack {mine & ~theirs:#x}, which the fork server holds"
+        held = (ours.effective, ours.permitted, ours.bounding)
+    else:
+        held = (all_capabilities(),) * 3
+    for name, theirs, mine in zip(("effective capabilities", "permitted capabilities", "capability bounding set"),
+                                  (peer.effective, peer.permitted, peer.bounding), held, strict=True):
+        if mine & ~theirs:
+            return f"its {name} lack {mine & ~theirs:#x}, which a daemon forked for it would hold"
     if peer.no_new_privs and not ours.no_new_privs:
         return "it runs with no_new_privs and the fork server does not"
     if peer.seccomp and not ours.seccomp:

@@ -369,6 +369,25 @@ def test_a_client_with_less_privilege_is_refused(
     assert lacking in server.log_text()
 
 
+def test_a_client_in_another_user_namespace_with_fewer_capabilities_is_refused(
+    dirs: Dirs, start_server: Callable[..., Server]
+) -> None:
+    """Root's client in a user namespace of its own (``unshare --user --map-root-user``) that has
+    dropped CAP_SYS_ADMIN there, as a container's process does: the forked daemon would enter that
+    namespace with every capability in it, so the client is refused and mounts alone."""
+    if shutil.which("unshare") is None or shutil.which("setpriv") is None:
+        skip_or_fail("unshare or setpriv is not installed (util-linux)")
+    server = start_server(dirs.sock)
+    args = ["-d", "-o", f"lowerdir={dirs.lower}/nope", str(dirs.mnt)]
+    prefix = ["unshare", "--user", "--map-root-user", "setpriv", "--bounding-set=-sys_admin"]
+    through = overlayfuse(args, dirs.sock, prefix=prefix)
+    alone = overlayfuse(args, "off", prefix=prefix)
+    first, _, rest = through.stderr.partition("\n")
+    assert "refused: pid" in first and "capabilities lack 0x200000" in first, first
+    assert (through.returncode, rest) == (alone.returncode, alone.stderr)
+    assert server.forked() == 0
+
+
 def test_under_a_service_manager_the_command_mounts_itself(dirs: Dirs, start_server: Callable[..., Server]) -> None:
     """With $NOTIFY_SOCKET (a Type=notify unit running ``overlayfuse -f``) the manager accepts
     READY=1 only from the process it started: the server is not used."""
