@@ -10,6 +10,8 @@ than assumes, and runs correctly on a stock pyfuse3 too, only slower:
 - ``Operations.enable_symlink_cache`` (0002): the kernel keeps symlink targets in its page cache.
 - ``_pyfuse3.InlineFirst`` (0003): the request loop reads /dev/fuse non-blocking and runs handlers
   inline until one has to wait. Nothing here depends on it; it is reported for the log.
+- ``main(poll_us=)`` (0005): the request loop polls /dev/fuse for a while before it sleeps (see
+  `polling`).
 
 ``OVERLAYFUSE_BINDING=stock`` makes the daemon use none of it, as on a stock pyfuse3 (for tests
 and for comparison with a patched build).
@@ -38,12 +40,15 @@ class Binding:
     """``Operations.enable_symlink_cache`` is honoured at init."""
     inline_loop: bool
     """The request loop reads first and switches tasks only when a handler waits."""
+    poll: bool = False
+    """``pyfuse3.main`` takes ``poll_us``: the request loop polls before it sleeps."""
 
     def describe(self) -> str:
         extras = [name for name, on in (
             ("kernel-cached listings", self.readdir_inode),
             ("symlink cache", self.symlink_cache),
             ("inline request loop", self.inline_loop),
+            ("request polling", self.poll),
         ) if on]  # fmt: skip
         return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
 
@@ -73,7 +78,15 @@ def detect() -> Binding:
         readdir_inode=hasattr(pyfuse3.ReaddirToken, "ino"),
         symlink_cache=hasattr(pyfuse3.Operations, "enable_symlink_cache"),
         inline_loop=hasattr(getattr(pyfuse3, "_pyfuse3", None), "InlineFirst"),
+        poll="poll_us" in _parameters(pyfuse3.main),
     )
+
+
+def _parameters(func: object) -> tuple[str, ...]:
+    """The parameter names of FUNC (a Cython function behind pyfuse3's async wrapper), read from
+    its code object: `inspect` is not worth importing on every daemon's start for this."""
+    code = getattr(getattr(func, "__wrapped__", func), "__code__", None)
+    return tuple(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]) if code is not None else ()
 
 
 __all__ = ["STOCK", "Binding", "detect", "readdir_inode"]

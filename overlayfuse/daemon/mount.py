@@ -30,7 +30,7 @@ from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
 from ..overlay.workers import HopStats, Workers
-from . import control, inuse, owners, readahead, timeline
+from . import control, inuse, owners, polling, readahead, timeline
 from .fs import OverlayOperations
 from .notify import notify
 from .options import MountOptions
@@ -91,7 +91,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         timeline.mark("upper dir claimed and prepared (whiteout probe)")
     ownership, upper_dir = _ownership(options, stack, upper_dir)
     # One pool for the tree's blocking work and the handlers' (reads, writes).
-    workers = Workers(stats=HopStats.from_environment())
+    poll = polling.poll_us(options.poll_us)
+    workers = Workers(stats=HopStats.from_environment(), poll_us=poll)
     tree = MergedTree(stack, upper_dir, workers)
     operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
                                    acl="default_permissions" in options.fuse_options)
@@ -108,7 +109,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     timeline.flush()
     unmount = True
     try:
-        unmount = trio.run(_run, options.mountpoint, on_ready, control_server)
+        unmount = trio.run(_run, options.mountpoint, on_ready, control_server,
+                           poll if operations.binding.poll else None)
     except BaseExceptionGroup as group:  # trio's nursery wraps what its tasks raised
         raise _leaf(group) from group
     finally:
@@ -178,9 +180,11 @@ def describe_layers(options: MountOptions) -> str:
 
 
 async def _run(
-    mountpoint: str, on_ready: Callable[[], None], control_server: Callable[[], Awaitable[None]] | None
+    mountpoint: str, on_ready: Callable[[], None], control_server: Callable[[], Awaitable[None]] | None,
+    poll_us: int | None,
 ) -> bool:
-    """Serve requests; returns whether we still have to unmount (False when unmounted from outside)."""
+    """Serve requests; returns whether we still have to unmount (False when unmounted from outside).
+    POLL_US: the request loop's polling window (`polling`), None where pyfuse3 has none."""
     signalled = False
 
     async def stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -213,7 +217,10 @@ async def _run(
         nursery.start_soon(announce_ready)
         if control_server is not None:  # cancelled with the rest once unmounted
             nursery.start_soon(control_server)
-        await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
+        if poll_us is None:
+            await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
+        else:
+            await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS, poll_us=poll_us)
         if not signalled:
             notify("STOPPING=1", f"STATUS={mountpoint} was unmounted")
         nursery.cancel_scope.cancel()

@@ -22,6 +22,7 @@ from ..overlay.features import CopyUpFeatures
 from ..overlay.layers import check_layer_readable
 from . import compat, inuse
 from .fstype import FS_TYPE
+from .polling import MAX_POLL_US
 
 
 class UsageError(Exception):
@@ -57,7 +58,7 @@ _FUSE_VALUED = frozenset({"fsname", "subtype", "blksize"})
 
 #: Our own keys and the flags we act on: what a misspelt key is compared with.
 _OWN = ("lowerdir", "upperdir", "workdir", "ro", "control", "allow_other", "noallow_other",
-        "default_permissions", "nodefault_permissions")  # fmt: skip
+        "default_permissions", "nodefault_permissions", "poll_us")  # fmt: skip
 _KNOWN = (frozenset(_OWN) | compat.KEYS | {"debug"} | _IGNORED | _KERNEL_TUNABLES | set(_FEATURE_VALUES)
           | _FUSE_FLAGS | _FUSE_VALUED
           | {"max_read"})
@@ -87,6 +88,9 @@ class MountOptions:
     """fuse-overlayfs's options (ID mapping, squash, xattr permissions, fsync...), see `compat`."""
     features: CopyUpFeatures = field(default_factory=CopyUpFeatures)
     """``redirect_dir=`` and ``metacopy=``: constant-cost copy-up in the kernel's format (on unless off)."""
+    poll_us: int | None = None
+    """``poll_us=N``: µs the request loop and worker threads poll for more work before sleeping
+    (0: never); None: the default (see `polling`)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,6 +179,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
 
     lowerdirs: list[str] = []
     upperdir = workdir = control = None
+    poll_us: int | None = None
     read_only = False
     fuse_options: set[str] = set()
     warnings: list[str] = []
@@ -217,6 +222,8 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
                 default_permissions = True
             elif key == "nodefault_permissions":
                 default_permissions = False
+            elif key == "poll_us":
+                poll_us = _poll_us(value)
             elif key == "debug":  # fuse-overlayfs's -o debug: as -d
                 debug = True
             elif key in compat.KEYS:
@@ -286,7 +293,14 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         control=control if control is None or control.startswith("@") else os.path.abspath(control),
         view=view,
         features=features,
+        poll_us=poll_us,
     )
+
+
+def _poll_us(value: str) -> int:
+    if not value.isdigit() or int(value) > MAX_POLL_US:
+        raise UsageError(f"poll_us={value!r}: a number of microseconds from 0 to {MAX_POLL_US}")
+    return int(value)
 
 
 def _feature(features: CopyUpFeatures, key: str, value: str) -> CopyUpFeatures:

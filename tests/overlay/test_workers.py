@@ -126,3 +126,52 @@ async def test_hop_stats_count_per_request(tmp_path: os.PathLike[str]) -> None:
     with open(stats.path, encoding="utf-8") as table:
         lines = table.read().splitlines()
     assert any(line.split()[:4] == ["write", "1", "2", "2.00"] for line in lines)
+
+
+class _CountingQueue:
+    """The pool's job queue, counting how jobs are taken: blocking (a thread that went to sleep)
+    or by polling (a thread that had just finished one)."""
+
+    def __init__(self, jobs: object) -> None:
+        self.jobs = jobs
+        self.waits = 0  # blocking gets started
+        self.blocking = 0  # jobs they returned
+        self.polled = 0  # jobs taken by polling
+
+    def put(self, job: object) -> None:
+        self.jobs.put(job)  # type: ignore[attr-defined]
+
+    def get(self, timeout: float) -> object:
+        self.waits += 1
+        job = self.jobs.get(timeout=timeout)  # type: ignore[attr-defined]
+        self.blocking += 1
+        return job
+
+    def get_nowait(self) -> object:
+        job = self.jobs.get_nowait()  # type: ignore[attr-defined]
+        self.polled += 1
+        return job
+
+
+@pytest.mark.parametrize(("poll_us", "blocking", "polled"), [(0, 3, 0), (500_000, 1, 2)])
+async def test_a_polling_thread_takes_the_next_job_without_sleeping(
+    poll_us: int, blocking: int, polled: int
+) -> None:
+    pool = Workers(1, poll_us=poll_us)
+    counted = _CountingQueue(pool._jobs)
+    pool._jobs = counted  # type: ignore[assignment]
+    with trio.fail_after(HANG_GUARD):
+        assert [await pool.run(lambda n: n * 2, n) for n in range(3)] == [0, 2, 4]
+    assert (counted.blocking, counted.polled) == (blocking, polled)
+
+
+async def test_polling_ends_after_its_window() -> None:
+    pool = Workers(1, poll_us=20_000)  # 20 ms
+    counted = _CountingQueue(pool._jobs)
+    pool._jobs = counted  # type: ignore[assignment]
+    with trio.fail_after(HANG_GUARD):
+        assert await pool.run(os.getpid) == os.getpid()
+        await trio.sleep(0.3)  # well past the window: the thread went back to a blocking get
+        assert counted.waits == 2
+        assert await pool.run(os.getpid) == os.getpid()
+    assert (counted.blocking, counted.polled) == (2, 0)

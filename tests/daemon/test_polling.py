@@ -1,0 +1,102 @@
+"""``-o poll_us=``: the request loop polls /dev/fuse before it sleeps (pyfuse3 patch 0005).
+
+What is tested is the mechanism, not its speed (scripts/bench measures that): with a window the
+daemon's request thread calls sched_yield between reads of an empty /dev/fuse; with poll_us=0 it
+never does; a one-CPU affinity turns it off; bad values are refused before anything is mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from overlayfuse.daemon import binding, polling
+from overlayfuse.daemon.options import UsageError, parse_args
+from tests.support.mounts import FuseMount, daemon_pids
+
+TIMEOUT = 30.0
+
+Mounter = Callable[..., FuseMount]
+
+
+def test_option_is_parsed_and_checked() -> None:
+    assert parse_args(["-o", "lowerdir=/l", "/m"]).poll_us is None
+    assert parse_args(["-o", "lowerdir=/l,poll_us=0", "/m"]).poll_us == 0
+    assert parse_args(["-o", "lowerdir=/l,poll_us=75", "/m"]).poll_us == 75
+    for bad in ("-1", "x", "", "10001", "1.5"):
+        with pytest.raises(UsageError, match="poll_us="):
+            parse_args(["-o", f"lowerdir=/l,poll_us={bad}", "/m"])
+
+
+def test_window_from_option_environment_or_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv(polling.POLL_ENV, raising=False)
+    assert polling.poll_us(None) == polling.DEFAULT_POLL_US
+    assert polling.poll_us(0) == 0
+    monkeypatch.setenv(polling.POLL_ENV, "7")
+    assert polling.poll_us(None) == 7
+    assert polling.poll_us(30) == 30  # the option wins over the environment
+    monkeypatch.setenv(polling.POLL_ENV, "lots")
+    assert polling.poll_us(None) == polling.DEFAULT_POLL_US
+
+
+def test_never_polls_on_one_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    assert polling.poll_us(None) == 0
+    assert polling.poll_us(500) == 0
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    lower, upper, work, mnt = (tmp_path / name for name in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    (lower / "f").write_text("f\n")
+    return lower, upper, work, mnt
+
+
+def _yields_during(pid: int, action: Callable[[], None], out: Path) -> int:
+    """How many sched_yield calls daemon PID (all its threads) makes while ACTION runs."""
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=sched_yield", "-o", str(out), "-p", str(pid)],
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # strace attaches to each thread after creating its output
+        action()
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=TIMEOUT)
+    return sum(1 for line in out.read_text().splitlines() if "sched_yield(" in line)
+
+
+def _missing_xattrs(mnt: Path) -> None:
+    """Requests no cache of the kernel's answers, each followed by a pause longer than a window of
+    a few ms would last under strace."""
+    for _ in range(20):
+        try:
+            os.getxattr(mnt / "f", "user.none", follow_symlinks=False)
+        except OSError:
+            pass
+    time.sleep(0.2)
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(not binding.detect().poll, reason="pyfuse3 without patch 0005 (stock): no request polling")
+@pytest.mark.parametrize(("option", "polls"), [("poll_us=0", False), ("poll_us=2000", True)])
+def test_request_loop_polls_only_with_a_window(
+    fuse_mount: Mounter, layers: tuple[Path, Path, Path, Path], tmp_path: Path, option: str, polls: bool
+) -> None:
+    lower, upper, work, mnt = layers
+    fuse_mount(mnt, [lower], upper, work, (option,))
+    pids = daemon_pids(mnt)
+    assert len(pids) == 1
+    count = _yields_during(pids[0], lambda: _missing_xattrs(mnt), tmp_path / "strace.out")
+    assert (count > 0) is polls, f"{count} sched_yield calls with {option}"
+    assert (mnt / "f").read_text() == "f\n"
