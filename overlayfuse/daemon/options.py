@@ -89,7 +89,7 @@ class MountOptions:
     features: CopyUpFeatures = field(default_factory=CopyUpFeatures)
     """``redirect_dir=`` and ``metacopy=``: constant-cost copy-up in the kernel's format (on unless off)."""
     poll_us: int | None = None
-    """``poll_us=N``: µs the request loop and worker threads poll for more work before sleeping
+    """``poll_us=N``: µs the request loop polls /dev/fuse for the next request before sleeping
     (0: never); None: the default (see `polling`)."""
 
 

@@ -1,4 +1,4 @@
-"""How long the request loop and the worker threads poll for more work before they sleep.
+"""How long the request loop polls /dev/fuse for the next request before it sleeps.
 
 On a VM, a CPU that goes idle is expensive to wake: measured here (2-vCPU guest, cpuidle governor
 haltpoll with guest_halt_poll_ns=0), a FUSE request round trip costs ~80 µs when both CPUs idle
@@ -11,6 +11,9 @@ a few. The CPU that costs is bounded: at most ``poll_us`` of spinning after each
 Never on a machine (or a cpuset) with one CPU: there, spinning only delays the client it waits for.
 ``-o poll_us=N`` sets it (0 = off); without it ``OVERLAYFUSE_POLL_US`` does (for benches); else
 `DEFAULT_POLL_US`.
+
+Worker threads do not poll their queue: that was tried (git ed0f24f) and made the write rows
+slower, a Python loop taking the GIL back after every yield (README, Performance).
 """
 
 from __future__ import annotations

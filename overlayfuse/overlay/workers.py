@@ -119,12 +119,11 @@ class Workers:
     even when cancelled.
     """
 
-    __slots__ = ("_guard", "_idle", "_jobs", "_poll_ns", "_queued", "_threads", "max_threads", "stats")
+    __slots__ = ("_guard", "_idle", "_jobs", "_queued", "_threads", "max_threads", "stats")
 
-    def __init__(self, threads: int = IO_THREADS, stats: HopStats | None = None, poll_us: int = 0) -> None:
+    def __init__(self, threads: int = IO_THREADS, stats: HopStats | None = None) -> None:
         self.max_threads = threads
         self.stats = stats
-        self._poll_ns = poll_us * 1000
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._guard = threading.Lock()  # the three counts below; held for a few instructions only
         self._queued = 0  # jobs put and not yet taken
@@ -156,11 +155,9 @@ class Workers:
         without an idle thread to take it."""
         with self._guard:
             self._idle += 1
-        job = None
         while True:
             try:
-                func, args, task, token = job or self._jobs.get(timeout=IDLE_SECONDS)
-                job = None  # the tuple would keep a write's buffer alive
+                func, args, task, token = self._jobs.get(timeout=IDLE_SECONDS)
             except queue.Empty:
                 with self._guard:
                     if self._queued < self._idle:
@@ -180,20 +177,6 @@ class Workers:
             except trio.RunFinishedError:  # the loop ended under a waiting task: nobody to answer
                 log.warning("a worker thread finished after its event loop: result dropped")
             del task, result
-            job = self._poll() if self._poll_ns else None
-
-    def _poll(self) -> _Job | None:
-        """The next job if one comes within the polling window (see `overlayfuse.daemon.polling`):
-        a request's next hop often follows its last one by a few µs, and a thread that went to
-        sleep costs a wake-up of its CPU to take it."""
-        deadline = time.monotonic_ns() + self._poll_ns
-        while True:
-            os.sched_yield()  # releases the GIL: the event loop runs meanwhile
-            try:
-                return self._jobs.get_nowait()
-            except queue.Empty:
-                if time.monotonic_ns() >= deadline:
-                    return None
 
     async def _counted(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
         work = [0]
