@@ -92,7 +92,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     ownership, upper_dir = _ownership(options, stack, upper_dir)
     # One pool for the tree's blocking work and the handlers' (reads, writes).
     poll = polling.poll_us(options.poll_us)
-    workers = Workers(stats=HopStats.from_environment())
+    workers = Workers(stats=HopStats.from_environment(), standby=1)
     tree = MergedTree(stack, upper_dir, workers)
     operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
                                    acl="default_permissions" in options.fuse_options)

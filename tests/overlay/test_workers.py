@@ -110,6 +110,29 @@ async def test_idle_threads_end(monkeypatch: pytest.MonkeyPatch) -> None:
     assert await pool.run(os.getpid) == os.getpid()  # and a pool whose threads ended starts anew
 
 
+async def test_standby_threads_wait_from_the_start_and_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount's first hop finds a thread waiting (no clone on a request's path), and the pool
+    never shrinks below it, however long it idles."""
+    monkeypatch.setattr(workers_module, "IDLE_SECONDS", 0.05)
+    before = {t.ident for t in _pool_threads()}
+
+    def new_threads() -> list[threading.Thread]:
+        return [t for t in _pool_threads() if t.ident not in before]
+
+    pool = Workers(4, standby=1)
+    assert len(new_threads()) == 1  # before any work
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(pool.run, time.sleep, 0.05)
+    assert len(new_threads()) > 1
+    with trio.fail_after(HANG_GUARD):
+        while len(new_threads()) > 1:  # the others end after IDLE_SECONDS
+            await trio.sleep(0.02)
+    await trio.sleep(0.2)  # four idle periods more
+    (kept,) = new_threads()
+    assert await pool.run(threading.get_ident) == kept.ident
+
+
 async def test_hop_stats_count_per_request(tmp_path: os.PathLike[str]) -> None:
     stats = HopStats(os.path.join(tmp_path, "hops.txt"))
     pool = Workers(2, stats)
