@@ -12,6 +12,9 @@ than assumes, and runs correctly on a stock pyfuse3 too, only slower:
   inline until one has to wait. Nothing here depends on it; it is reported for the log.
 - ``main(poll_us=)`` (0005): the request loop polls /dev/fuse for a while before it sleeps (see
   `polling`).
+- ``Handoff`` (0006): a worker that just finished a job spins for the next, and the event loop
+  spins a bounded time for that job's result, both without the GIL (see
+  `overlayfuse.overlay.workers`).
 
 ``OVERLAYFUSE_BINDING=stock`` makes the daemon use none of it, as on a stock pyfuse3 (for tests
 and for comparison with a patched build).
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 import pyfuse3
+
+from ..overlay.workers import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,9 @@ class Binding:
     """The request loop reads first and switches tasks only when a handler waits."""
     poll: bool = False
     """``pyfuse3.main`` takes ``poll_us``: the request loop polls before it sleeps."""
+    handoff: bool = False
+    """``pyfuse3.Handoff``: worker threads take jobs from the event loop and hand results back
+    without either side sleeping or taking the GIL to wait (`overlayfuse.overlay.workers`)."""
 
     def describe(self) -> str:
         extras = [name for name, on in (
@@ -49,6 +57,7 @@ class Binding:
             ("symlink cache", self.symlink_cache),
             ("inline request loop", self.inline_loop),
             ("request polling", self.poll),
+            ("worker handoff", self.handoff),
         ) if on]  # fmt: skip
         return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
 
@@ -67,6 +76,12 @@ def readdir_inode(token: pyfuse3.ReaddirToken) -> int:
     return cast(_InodeToken, token).ino
 
 
+def new_handoff() -> Handoff:
+    """A ``pyfuse3.Handoff`` (patch 0006; only where `Binding.handoff`), typed through the
+    protocol of its one user so that this checks against the stock stubs too."""
+    return cast(Handoff, vars(pyfuse3)["Handoff"]())
+
+
 STOCK = Binding(readdir_inode=False, symlink_cache=False, inline_loop=False)
 
 
@@ -79,6 +94,7 @@ def detect() -> Binding:
         symlink_cache=hasattr(pyfuse3.Operations, "enable_symlink_cache"),
         inline_loop=hasattr(getattr(pyfuse3, "_pyfuse3", None), "InlineFirst"),
         poll="poll_us" in _parameters(pyfuse3.main),
+        handoff=hasattr(pyfuse3, "Handoff"),
     )
 
 
@@ -89,4 +105,4 @@ def _parameters(func: object) -> tuple[str, ...]:
     return tuple(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]) if code is not None else ()
 
 
-__all__ = ["STOCK", "Binding", "detect", "readdir_inode"]
+__all__ = ["STOCK", "Binding", "detect", "new_handoff", "readdir_inode"]

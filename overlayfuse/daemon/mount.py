@@ -29,8 +29,8 @@ import trio
 from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
-from ..overlay.workers import HopStats, Workers
-from . import control, inuse, owners, polling, readahead, timeline
+from ..overlay.workers import HandoffTimes, HopStats, Workers
+from . import binding, control, inuse, owners, polling, readahead, timeline
 from .fs import OverlayOperations
 from .notify import notify
 from .options import MountOptions
@@ -92,7 +92,10 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     ownership, upper_dir = _ownership(options, stack, upper_dir)
     # One pool for the tree's blocking work and the handlers' (reads, writes).
     poll = polling.poll_us(options.poll_us)
-    workers = Workers(stats=HopStats.from_environment(), standby=1)
+    # Handing jobs to waiting workers (pyfuse3 patch 0006) is polling too: off where polling is.
+    times = HandoffTimes.choose(poll) if binding.detect().handoff else HandoffTimes(0, 0)
+    workers = Workers(stats=HopStats.from_environment(), standby=1,
+                      handoff=binding.new_handoff() if times.on else None, times=times)
     tree = MergedTree(stack, upper_dir, workers)
     operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
                                    acl="default_permissions" in options.fuse_options)

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import outcome
 import trio
@@ -36,6 +36,21 @@ IO_THREADS = 16
 #: A file to write the hop table to when the daemon stops (a debugging aid; off by default, and
 #: then it costs one ``is None`` test per hop and per request).
 HOP_STATS_ENV = "OVERLAYFUSE_HOP_STATS"
+
+#: How long, in µs, the event loop spins for the result of a job it handed to a waiting worker
+#: (`HandoffTimes`); ``OVERLAYFUSE_HOP_SPIN_US`` overrides it, 0 turns the handoff off.
+DEFAULT_SPIN_US = 100
+
+#: How long, in µs, a worker that finished a job waits on the handoff for the next
+#: (``OVERLAYFUSE_HOP_WAIT_US`` overrides it).
+DEFAULT_WAIT_US = 500
+
+SPIN_ENV = "OVERLAYFUSE_HOP_SPIN_US"
+WAIT_ENV = "OVERLAYFUSE_HOP_WAIT_US"
+
+#: The most either window may be: the loop runs nothing else while it spins, and a waiting worker
+#: holds a CPU.
+MAX_SPIN_US = 2000
 
 T = TypeVar("T")
 
@@ -60,6 +75,9 @@ class HopStats:
 
     path: str
     requests: Counter[str] = field(default_factory=Counter)
+    routes: Counter[str] = field(default_factory=Counter)
+    """How hops went: ``handed`` (result taken while the loop spun), ``parked`` (handed, but the
+    loop stopped spinning), ``queued`` (no worker was waiting, or no handoff)."""
     hops: dict[tuple[str, str], HopTimes] = field(default_factory=dict)
 
     @classmethod
@@ -97,6 +115,9 @@ class HopStats:
         lines.append(f"{'request':<12} {'requests':>8} {'hops':>8} {'hops/req':>8}")
         for request, n in self.requests.most_common():
             lines.append(f"{request:<12} {n:>8} {by_request[request]:>8} {by_request[request] / n:>8.2f}")
+        if self.routes:
+            lines.append("")
+            lines.append("hops " + ", ".join(f"{route} {n}" for route, n in self.routes.most_common()))
         return "\n".join(lines) + "\n"
 
     def write(self) -> None:
@@ -105,6 +126,43 @@ class HopStats:
                 out.write(self.table())
         except OSError as exc:
             log.warning("%s=%s: cannot write the hop table: %s", HOP_STATS_ENV, self.path, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffTimes:
+    """The windows of the worker handoff (pyfuse3's `Handoff`, see `Workers`), in µs; 0: off.
+
+    The defaults come from the measurements in README, Performance: a write's syscalls take
+    13-27 µs, so the loop's window covers them with room; consecutive hops of a client writing
+    files are tens of µs to a few hundred apart (a reply, the client, a GETXATTR), so the worker's
+    window covers most of those gaps. A job that takes longer than the loop's window (a create's
+    staging and rename) parks and costs what a hop cost before, plus the window.
+    """
+
+    spin_us: int
+    wait_us: int
+
+    @classmethod
+    def choose(cls, poll_us: int) -> HandoffTimes:
+        """The windows from the environment, else the defaults; off when POLL_US is 0 (polling
+        off, or one CPU only, where a spinning thread takes the CPU from the one it waits for)."""
+        if poll_us <= 0:
+            return cls(0, 0)
+        return cls(_env_us(SPIN_ENV, DEFAULT_SPIN_US), _env_us(WAIT_ENV, DEFAULT_WAIT_US))
+
+    @property
+    def on(self) -> bool:
+        return self.spin_us > 0 and self.wait_us > 0
+
+
+def _env_us(name: str, default: int) -> int:
+    env = os.environ.get(name, "")
+    try:
+        value = int(env) if env else default
+    except ValueError:
+        log.warning("%s=%r is not a number of microseconds: using %d", name, env, default)
+        value = default
+    return max(0, min(value, MAX_SPIN_US))
 
 
 class Workers:
@@ -123,12 +181,22 @@ class Workers:
     even when cancelled.
     """
 
-    __slots__ = ("_guard", "_idle", "_jobs", "_queued", "_standby", "_threads", "max_threads", "stats")
+    __slots__ = ("_guard", "_handoff", "_idle", "_in_flight", "_jobs", "_queued", "_spin_ns", "_standby",
+                 "_threads", "_wait_ns", "max_threads", "stats")
 
-    def __init__(self, threads: int = IO_THREADS, stats: HopStats | None = None, standby: int = 0) -> None:
+    def __init__(self, threads: int = IO_THREADS, stats: HopStats | None = None, standby: int = 0,
+                 handoff: Handoff | None = None, times: HandoffTimes = HandoffTimes(0, 0)) -> None:
+        """HANDOFF (pyfuse3's, patch 0006) with TIMES on: a worker that finished a job waits on
+        HANDOFF up to ``TIMES.wait_us`` for the next, GIL released, and a job handed to it has the
+        event loop spin up to ``TIMES.spin_us`` for its result (a worker polling the queue in Python
+        instead was tried and lost: README, Performance)."""
         self.max_threads = threads
         self.stats = stats
         self._standby = min(standby, threads)
+        self._spin_ns = times.spin_us * 1000
+        self._wait_ns = times.wait_us * 1000
+        self._handoff = handoff if times.on else None
+        self._in_flight = 0  # hops the event loop's tasks wait for (touched by the loop thread only)
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._guard = threading.Lock()  # the three counts below; held for a few instructions only
         self._queued = 0  # jobs put and not yet taken
@@ -146,6 +214,32 @@ class Workers:
 
     async def _hop(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()
+        self._in_flight += 1
+        try:
+            return await self._hand_or_queue(func, args)
+        finally:
+            self._in_flight -= 1
+
+    async def _hand_or_queue(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
+        # The loop spins only when it has nothing else to do: no other hop out, no task ready.
+        if (self._handoff is not None and self._in_flight == 1
+                and trio.lowlevel.current_statistics().tasks_runnable == 0):
+            task = trio.lowlevel.current_task()
+            posted = self._handoff.post_and_wait((func, args, task, trio.lowlevel.current_trio_token()),
+                                                 self._spin_ns)
+            if posted is not None:  # else no worker was waiting: queue it as usual
+                taken, delivered = posted
+                if self.stats is not None:
+                    self.stats.routes["handed" if taken else "parked"] += 1
+                if taken:
+                    # The task never left the run queue: let the others (and the I/O poll) run once,
+                    # as a hop through trio would.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return cast("outcome.Outcome[T]", delivered).unwrap()
+                parked: T = await trio.lowlevel.wait_task_rescheduled(_not_abortable)
+                return parked
+        if self.stats is not None:
+            self.stats.routes["queued"] += 1
         self._jobs.put((func, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token()))
         with self._guard:
             self._queued += 1
@@ -185,6 +279,36 @@ class Workers:
             except trio.RunFinishedError:  # the loop ended under a waiting task: nobody to answer
                 log.warning("a worker thread finished after its event loop: result dropped")
             del task, result
+            if self._handoff is not None:
+                # Not idle while it waits on the handoff (which it alone sees): a queued job goes to
+                # another thread rather than wait for this one's window to end.
+                with self._guard:
+                    self._idle -= 1
+                self._serve_posted(self._handoff, self._handoff.wait_job(self._wait_ns))
+                with self._guard:
+                    self._idle += 1
+
+    def _serve_posted(self, handoff: Handoff, job: _Job | None) -> None:
+        """Run jobs the event loop posts through HANDOFF while they come within the polling window.
+
+        The loop spins for the result of each (`Handoff.post_and_wait`) and takes it straight from
+        here; only if it stopped waiting (the job took longer than its window) does the result go
+        back through trio, as a queued job's does."""
+        while job is not None:
+            func, args, task, token = job
+            job = None
+            result = outcome.capture(func, *args)
+            del func, args
+            taken, job = handoff.finish(result, self._wait_ns)
+            if not taken:
+                try:
+                    token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+                except trio.RunFinishedError:
+                    log.warning("a worker thread finished after its event loop: result dropped")
+                del task, result
+                job = handoff.wait_job(self._wait_ns)
+            else:
+                del task, result
 
     async def _counted(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
         work = [0]
@@ -207,6 +331,17 @@ class Workers:
 #: A job for a worker thread: the call, and the task to reschedule with its outcome.
 _Job = tuple[Callable[..., Any], tuple[Any, ...], trio.lowlevel.Task, trio.lowlevel.TrioToken]
 
+class Handoff(Protocol):
+    """What `Workers` needs of ``pyfuse3.Handoff`` (patch 0006): a job handed from the event loop
+    to a worker that spins waiting for one, and its result handed back while the loop spins for
+    it, neither side holding the GIL meanwhile (a Python spin loop takes the GIL back every turn
+    and fights the other thread for it). Typed here so the overlay package needs no pyfuse3."""
+
+    def post_and_wait(self, job: _Job, wait_ns: int) -> tuple[bool, object] | None: ...
+    def wait_job(self, spin_ns: int) -> _Job | None: ...
+    def finish(self, result: object, spin_ns: int) -> tuple[bool, _Job | None]: ...
+
+
 #: A worker thread with nothing to do for this long ends (as trio's thread cache does).
 IDLE_SECONDS = 10.0
 
@@ -216,4 +351,7 @@ def _not_abortable(_raise_cancel: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
-__all__ = ["HOP_STATS_ENV", "IDLE_SECONDS", "IO_THREADS", "HopStats", "Workers", "current_request"]
+__all__ = [
+    "DEFAULT_SPIN_US", "DEFAULT_WAIT_US", "HOP_STATS_ENV", "IDLE_SECONDS", "IO_THREADS", "MAX_SPIN_US", "SPIN_ENV",
+    "WAIT_ENV", "Handoff", "HandoffTimes", "HopStats", "Workers", "current_request",
+]

@@ -14,7 +14,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from overlayfuse.overlay.workers import HOP_STATS_ENV
+import pytest
+
+from overlayfuse.daemon import binding, polling
+from overlayfuse.overlay.workers import HOP_STATS_ENV, SPIN_ENV, WAIT_ENV
 from tests.support.mounts import (
     DAEMON_EXIT_TIMEOUT,
     overlay_options,
@@ -28,12 +31,12 @@ ONE_HOP = ("create", "mkdir", "mknod", "symlink", "link", "write", "setattr", "u
 
 
 @contextlib.contextmanager
-def counted_mount(tmp_path: Path) -> Iterator[Path]:
+def counted_mount(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Path]:
     """An overlayfuse mount with an upper dir, counting its hops into tmp_path/hops.txt."""
     lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
     for path in (lower, upper, work, mnt):
         path.mkdir()
-    env = dict(os.environ, **{HOP_STATS_ENV: str(tmp_path / "hops.txt")})
+    env = dict(os.environ, **{HOP_STATS_ENV: str(tmp_path / "hops.txt")}, **(extra_env or {}))
     cmd = overlayfuse_cmd(mnt, overlay_options([lower], upper, work), foreground=True)
     with open(tmp_path / "daemon.log", "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
@@ -49,7 +52,7 @@ def counted_mount(tmp_path: Path) -> Iterator[Path]:
 
 def hops_per_request(table: Path) -> dict[str, tuple[int, int]]:
     """The table's summary: request -> (requests, hops)."""
-    lines = table.read_text(encoding="utf-8").split("\n\n", 1)[1].splitlines()
+    lines = table.read_text(encoding="utf-8").split("\n\n")[1].splitlines()
     counts = {}
     for line in lines[1:]:
         request, requests, hops, _ = line.split()
@@ -84,3 +87,34 @@ def test_changes_make_one_hop_each(tmp_path: Path) -> None:
         requests, hops = counts[request]
         assert requests >= 5, (request, counts[request])
         assert hops <= requests, f"{request}: {hops} hops for {requests} requests"
+
+
+def _routes(table: Path) -> dict[str, int]:
+    """The table's last line, ``hops handed N, queued N, parked N`` (only some of them)."""
+    last = table.read_text(encoding="utf-8").splitlines()[-1]
+    assert last.startswith("hops "), last
+    return {route: int(n) for route, n in (part.split() for part in last[len("hops "):].split(", "))}
+
+
+def _writes(mnt: Path) -> None:
+    fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for i in range(50):
+            os.pwrite(fd, b"x" * 100, i * 100)
+    finally:
+        os.close(fd)
+    assert (mnt / "f").read_bytes() == b"x" * 5000
+
+
+@pytest.mark.skipif(not binding.detect().handoff or len(os.sched_getaffinity(0)) < 2,
+                    reason="pyfuse3 without patch 0006 (stock), or one CPU: no worker handoff")
+@pytest.mark.parametrize(("spin_us", "handed"), [("2000", True), ("0", False)])
+def test_writes_are_handed_to_a_waiting_worker(tmp_path: Path, spin_us: str, handed: bool) -> None:
+    """The daemon wires the handoff up (and ``OVERLAYFUSE_HOP_SPIN_US=0`` turns it off): a client's
+    writes in a row find a worker waiting. Wide windows, so a loaded machine still hands some."""
+    env = {SPIN_ENV: spin_us, WAIT_ENV: "2000", polling.POLL_ENV: "50"}
+    with counted_mount(tmp_path, env) as mnt:
+        _writes(mnt)
+    routes = _routes(tmp_path / "hops.txt")
+    assert (routes.get("handed", 0) > 0) is handed, routes
+    assert routes.get("queued", 0) > 0, routes  # the first hop starts a thread through the queue

@@ -1,0 +1,158 @@
+"""Unit tier: the worker handoff (pyfuse3 patch 0006's ``Handoff``, used by `overlay.workers.Workers`).
+
+A worker that finished a job waits for the next on the handoff; the event loop, when it has nothing
+else to do, hands a job to such a worker and spins a bounded time for its result. What the handlers
+rely on does not change: each result or exception reaches the task that asked, and a job that takes
+longer than the loop's window still delivers its result (through trio). Mechanism only: speed is
+scripts/bench's business.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pyfuse3
+import pytest
+import trio
+
+from overlayfuse.daemon import binding
+from overlayfuse.overlay import workers as workers_module
+from overlayfuse.overlay.workers import HandoffTimes, HopStats, Workers
+
+pytestmark = pytest.mark.skipif(not binding.detect().handoff,
+                                reason="pyfuse3 without patch 0006 (stock): no worker handoff")
+
+#: A guard against a hang, never a speed assertion.
+HANG_GUARD = 30.0
+
+#: Windows long enough that, on a loaded 2-CPU machine, a quick job is handed rather than parked.
+WIDE = HandoffTimes(spin_us=2000, wait_us=2000)  # 2 ms each: the most MAX_SPIN_US allows
+
+
+def _pool(tmp_path: os.PathLike[str], times: HandoffTimes = WIDE) -> Workers:
+    return Workers(2, HopStats(os.path.join(tmp_path, "hops.txt")), handoff=binding.new_handoff(),
+                   times=times)
+
+
+def test_handoff_object() -> None:
+    """The protocol itself: nothing is posted without a waiting worker; a waiting worker gets the
+    job and the loop its result; a loop that stopped waiting is told apart, and the next post works."""
+    handoff = pyfuse3.Handoff()
+    assert handoff.post_and_wait("nobody", 1000) is None
+    assert handoff.wait_job(1000) is None  # nothing posted within 1 µs
+    seen: list[object] = []
+    go_on = threading.Event()
+
+    def worker() -> None:
+        job = handoff.wait_job(int(HANG_GUARD * 1e9))
+        seen.append(job)
+        seen.append(handoff.finish(f"result of {job}", int(HANG_GUARD * 1e9)))  # waits for job 2
+        go_on.wait(HANG_GUARD)  # job 2 runs "long": the loop stops waiting for it
+        seen.append(handoff.finish("late", 0))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        deadline = time.monotonic() + HANG_GUARD
+        while (posted := handoff.post_and_wait("job 1", int(HANG_GUARD * 1e9))) is None:
+            assert time.monotonic() < deadline, "the worker never waited for a job"
+            time.sleep(0.001)
+        assert posted == (True, "result of job 1")
+        assert handoff.post_and_wait("job 2", 1_000_000) == (False, None)  # 1 ms, then parked
+        assert handoff.post_and_wait("job 3", 1000) is None  # job 2 is not finished: nothing posted
+    finally:
+        go_on.set()
+        thread.join(HANG_GUARD)
+    assert seen == ["job 1", (True, "job 2"), (False, None)]
+    assert handoff.post_and_wait("job 4", 1000) is None  # free again, but no worker waits
+
+
+async def test_hops_are_handed_and_results_come_back(tmp_path: os.PathLike[str]) -> None:
+    pool = _pool(tmp_path)
+    with trio.fail_after(HANG_GUARD):
+        assert [await pool.run(lambda n: n * 2, n) for n in range(50)] == [n * 2 for n in range(50)]
+        with pytest.raises(FileNotFoundError) as caught:
+            await pool.run(os.lstat, "/proc/self/fd/no-such-fd")
+    assert caught.value.errno == errno.ENOENT
+    assert pool.stats is not None
+    # The first hop starts a thread through the queue; after it, the thread waits on the handoff.
+    assert pool.stats.routes["queued"] >= 1
+    assert pool.stats.routes["handed"] >= 25, pool.stats.routes
+
+
+def _sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+async def test_a_job_longer_than_the_window_parks_and_still_answers(tmp_path: os.PathLike[str]) -> None:
+    # The worker waits long after each job, so that even a loaded machine finds it waiting.
+    pool = _pool(tmp_path, HandoffTimes(spin_us=10, wait_us=200_000))
+    with trio.fail_after(HANG_GUARD):
+        await pool.run(os.getpid)  # a thread now waits on the handoff
+        for _ in range(5):
+            assert await pool.run(_sleep, 0.02) == "slept"
+            await pool.run(os.getpid)
+    assert pool.stats is not None
+    assert pool.stats.routes["parked"] >= 3, pool.stats.routes
+
+
+async def test_not_handed_while_another_hop_is_out(tmp_path: os.PathLike[str]) -> None:
+    """The loop spins only when it has nothing else to do: with a hop out, others are queued."""
+    pool = _pool(tmp_path)
+    release = threading.Event()
+    with trio.fail_after(HANG_GUARD):
+        await pool.run(os.getpid)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run, release.wait, HANG_GUARD)
+            await trio.sleep(0.05)  # the blocker is out
+            assert pool.stats is not None
+            before = pool.stats.routes.copy()
+            assert [await pool.run(lambda n: n + 1, n) for n in range(5)] == [1, 2, 3, 4, 5]
+            after = pool.stats.routes.copy()
+            release.set()
+    assert after["handed"] == before["handed"] and after["parked"] == before["parked"]
+    assert after["queued"] == before["queued"] + 5
+
+
+async def test_many_tasks_at_once(tmp_path: os.PathLike[str]) -> None:
+    pool = _pool(tmp_path, HandoffTimes(spin_us=50, wait_us=500))
+    results: dict[int, int] = {}
+
+    async def ask(n: int) -> None:
+        for k in range(20):
+            results[n * 100 + k] = await pool.run(lambda a, b: a * b, n, k)
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            for n in range(8):
+                nursery.start_soon(ask, n)
+    assert results == {n * 100 + k: n * k for n in range(8) for k in range(20)}
+
+
+def test_windows_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(workers_module.SPIN_ENV, raising=False)
+    monkeypatch.delenv(workers_module.WAIT_ENV, raising=False)
+    default = HandoffTimes.choose(50)
+    assert default == HandoffTimes(workers_module.DEFAULT_SPIN_US, workers_module.DEFAULT_WAIT_US)
+    assert default.on
+    assert not HandoffTimes.choose(0).on  # polling off (or one CPU): no handoff either
+    monkeypatch.setenv(workers_module.SPIN_ENV, "0")
+    assert not HandoffTimes.choose(50).on
+    monkeypatch.setenv(workers_module.SPIN_ENV, "lots")
+    assert HandoffTimes.choose(50).spin_us == workers_module.DEFAULT_SPIN_US
+    monkeypatch.setenv(workers_module.WAIT_ENV, "99999999")
+    assert HandoffTimes.choose(50).wait_us == workers_module.MAX_SPIN_US
+
+
+async def test_off_without_a_window(tmp_path: os.PathLike[str]) -> None:
+    pool = Workers(2, HopStats(os.path.join(tmp_path, "hops.txt")),
+                   handoff=binding.new_handoff(), times=HandoffTimes(0, 0))
+    with trio.fail_after(HANG_GUARD):
+        for _ in range(5):
+            assert await pool.run(os.getpid) == os.getpid()
+    assert pool.stats is not None
+    assert pool.stats.routes == {"queued": 5}
