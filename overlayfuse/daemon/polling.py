@@ -37,13 +37,11 @@ def poll_us(requested: int | None) -> int:
     """The polling window to use: REQUESTED (``-o poll_us=``), else the environment's, else the
     default; 0 where this process may run on only one CPU."""
     if requested is None:
-        env = os.environ.get(POLL_ENV, "")
-        try:
-            requested = int(env) if env else DEFAULT_POLL_US
-        except ValueError:
-            log.warning("%s=%r is not a number of microseconds: using %d", POLL_ENV, env, DEFAULT_POLL_US)
-            requested = DEFAULT_POLL_US
-        requested = max(0, min(requested, MAX_POLL_US))
+        # Here, not at the top: option parsing imports this module for MAX_POLL_US, and must not
+        # pay for trio, which the worker pool's module imports (the mount has it by now).
+        from ..overlay.workers import env_us
+
+        requested = env_us(POLL_ENV, DEFAULT_POLL_US, MAX_POLL_US)
     if requested and len(os.sched_getaffinity(0)) < 2:
         log.info("poll_us=%d ignored: this process may run on one CPU only, where polling would "
                  "take the CPU from the client it waits for", requested)

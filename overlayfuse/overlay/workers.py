@@ -148,21 +148,23 @@ class HandoffTimes:
         off, or one CPU only, where a spinning thread takes the CPU from the one it waits for)."""
         if poll_us <= 0:
             return cls(0, 0)
-        return cls(_env_us(SPIN_ENV, DEFAULT_SPIN_US), _env_us(WAIT_ENV, DEFAULT_WAIT_US))
+        return cls(env_us(SPIN_ENV, DEFAULT_SPIN_US, MAX_SPIN_US), env_us(WAIT_ENV, DEFAULT_WAIT_US, MAX_SPIN_US))
 
     @property
     def on(self) -> bool:
         return self.spin_us > 0 and self.wait_us > 0
 
 
-def _env_us(name: str, default: int) -> int:
+def env_us(name: str, default: int, most: int) -> int:
+    """A window in µs from the environment variable NAME (for benches' A/B runs), DEFAULT where it
+    is unset or not a number, held within 0..MOST; shared with the request loop's polling window."""
     env = os.environ.get(name, "")
     try:
         value = int(env) if env else default
     except ValueError:
         log.warning("%s=%r is not a number of microseconds: using %d", name, env, default)
         value = default
-    return max(0, min(value, MAX_SPIN_US))
+    return max(0, min(value, most))
 
 
 class Workers:
@@ -353,5 +355,5 @@ def _not_abortable(_raise_cancel: Any) -> trio.lowlevel.Abort:
 
 __all__ = [
     "DEFAULT_SPIN_US", "DEFAULT_WAIT_US", "HOP_STATS_ENV", "IDLE_SECONDS", "IO_THREADS", "MAX_SPIN_US", "SPIN_ENV",
-    "WAIT_ENV", "Handoff", "HandoffTimes", "HopStats", "Workers", "current_request",
+    "WAIT_ENV", "Handoff", "HandoffTimes", "HopStats", "Workers", "current_request", "env_us",
 ]
