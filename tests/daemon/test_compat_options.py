@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from overlayfuse.daemon.compat import IdMap, IdRange
 from overlayfuse.daemon.options import UsageError, parse_args
-from tests.support.mounts import FuseMount, daemon_pids, is_mounted, kernel_overlay, overlayfuse_cmd
+from tests.support.mounts import FuseMount, daemon_pids, is_mounted, kernel_overlay, overlayfuse_cmd, syscalls_during
 
 BASE = "lowerdir=/l,upperdir=/u,workdir=/w"
 TIMEOUT = 60.0
@@ -317,21 +316,6 @@ def test_timeout_is_how_long_the_kernel_trusts_attributes(
     assert (os.stat(mnt / "d" / "f").st_size == 7) is sees_change
 
 
-def _fsyncs_during(pid: int, action: Callable[[], None], out: Path) -> int:
-    """How many fsync/fdatasync calls daemon PID (all its threads) makes while ACTION runs."""
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(out), "-p", str(pid)],
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # strace attaches to each thread after creating its output
-        action()
-    finally:
-        tracer.terminate()
-        tracer.wait(timeout=TIMEOUT)
-    return sum(1 for line in out.read_text().splitlines() if "fsync(" in line or "fdatasync(" in line)
-
 
 def _write_and_copy_up(mnt: Path) -> None:
     fd = os.open(mnt / "fresh", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -352,7 +336,7 @@ def test_fsync_off_makes_no_fsync(
     mnt = _mount(fuse_mount, layers, *options)
     pids = daemon_pids(mnt)
     assert len(pids) == 1
-    count = _fsyncs_during(pids[0], lambda: _write_and_copy_up(mnt), tmp_path / "strace.out")
+    count = syscalls_during(pids[0], ("fsync", "fdatasync"), lambda: _write_and_copy_up(mnt), tmp_path / "strace.out")
     assert (count > 0) is synced, f"{count} fsyncs"
     assert (mnt / "owned").read_text() == "x\nmore\n"
 
@@ -365,7 +349,8 @@ def test_metadata_only_copy_ups_make_no_fsync(fuse_mount: Mounter, layers: tuple
     mnt = _mount(fuse_mount, layers)
     pids = daemon_pids(mnt)
     assert len(pids) == 1
-    count = _fsyncs_during(pids[0], lambda: os.chown(mnt / "d" / "f", 7, 8), tmp_path / "strace.out")
+    count = syscalls_during(pids[0], ("fsync", "fdatasync"), lambda: os.chown(mnt / "d" / "f", 7, 8),
+                            tmp_path / "strace.out")
     assert count == 0, f"{count} fsyncs"
     assert os.lstat(upper / "d" / "f").st_uid == 7 and (mnt / "d" / "f").read_text() == "f\n"
 

@@ -8,7 +8,6 @@ never does; a one-CPU affinity turns it off; bad values are refused before anyth
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from overlayfuse.daemon import binding, polling
 from overlayfuse.daemon.options import UsageError, parse_args
-from tests.support.mounts import FuseMount, daemon_pids
+from tests.support.mounts import FuseMount, daemon_pids, syscalls_during
 
 TIMEOUT = 30.0
 
@@ -60,21 +59,6 @@ def layers(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     return lower, upper, work, mnt
 
 
-def _yields_during(pid: int, action: Callable[[], None], out: Path) -> int:
-    """How many sched_yield calls daemon PID (all its threads) makes while ACTION runs."""
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=sched_yield", "-o", str(out), "-p", str(pid)],
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # strace attaches to each thread after creating its output
-        action()
-    finally:
-        tracer.terminate()
-        tracer.wait(timeout=TIMEOUT)
-    return sum(1 for line in out.read_text().splitlines() if "sched_yield(" in line)
-
 
 def _missing_xattrs(mnt: Path) -> None:
     """Requests no cache of the kernel's answers, each followed by a pause longer than a window of
@@ -97,6 +81,6 @@ def test_request_loop_polls_only_with_a_window(
     fuse_mount(mnt, [lower], upper, work, (option,))
     pids = daemon_pids(mnt)
     assert len(pids) == 1
-    count = _yields_during(pids[0], lambda: _missing_xattrs(mnt), tmp_path / "strace.out")
+    count = syscalls_during(pids[0], ("sched_yield",), lambda: _missing_xattrs(mnt), tmp_path / "strace.out")
     assert (count > 0) is polls, f"{count} sched_yield calls with {option}"
     assert (mnt / "f").read_text() == "f\n"

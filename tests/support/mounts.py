@@ -422,3 +422,24 @@ def blocked_in_daemon(proc: subprocess.Popen[Any], timeout: float = BLOCKED_TIME
         assert time.monotonic() < deadline, f"{proc.args!r} neither ended nor blocked on FUSE"
         time.sleep(0.01)
     return False
+
+
+#: strace must attach, and the traced action end, within this (a guard against a hang).
+STRACE_TIMEOUT = 60.0
+
+
+def syscalls_during(pid: int, names: Sequence[str], action: Callable[[], None], out: Path) -> int:
+    """How many calls of the syscalls NAMES daemon PID (all its threads) makes while ACTION runs,
+    counted by strace, whose output goes to OUT."""
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=" + ",".join(names), "-o", str(out), "-p", str(pid)],
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + STRACE_TIMEOUT
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # strace attaches to each thread after creating its output
+        action()
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=STRACE_TIMEOUT)
+    return sum(1 for line in out.read_text().splitlines() if any(f"{name}(" in line for name in names))
