@@ -54,6 +54,15 @@ class Daemon:
         except OSError:
             return None
 
+    def fd_targets(self) -> dict[int, str]:
+        """What each open fd points at (its /proc link), for naming what a leak holds."""
+        found: dict[int, str] = {}
+        with contextlib.suppress(OSError):
+            for name in os.listdir(f"/proc/{self.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    found[int(name)] = os.readlink(f"/proc/{self.pid}/fd/{name}")
+        return found
+
     def rss_kib(self, key: str = "VmRSS") -> int | None:
         return status_kib(self.pid, key) if self.alive() else None
 

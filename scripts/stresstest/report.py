@@ -76,6 +76,7 @@ def build(result: RunResult, config: dict[str, Any], tree: dict[str, int], pid: 
             "workers_done": _probe(result.workers_done),
             "end": _probe(result.end),
             "fd_slack": FD_SLACK,
+            "fds_grown": result.grown,
             "tracebacks": tracebacks,
             "exceptions": exceptions,
             "log_tail": log[-3000:],
@@ -116,6 +117,9 @@ def render(report: dict[str, Any]) -> str:
                       f"after the kernel forgot its inodes (slack {d['fd_slack']})",
                   f"daemon RSS: {_mib(d['start']['rss_kib'])} at start, "
                   f"{_mib(d['peak']['rss_kib'])} at peak, {_mib(d['end']['rss_kib'])} at the end"]
+        if d["fds_grown"]:
+            lines += [f"fds open at the end and not at the start ({len(d['fds_grown'])}):"]
+            lines += [f"  {target}" for target in d["fds_grown"][:60]]
     if report["failures"]:
         lines += ["", f"FAILED ({len(report['failures'])}):"]
         lines += [f"  - {f}" for f in report["failures"]]

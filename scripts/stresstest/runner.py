@@ -45,6 +45,8 @@ class RunResult:
     workers_done: Probe = field(default_factory=lambda: Probe(None, None))
     end: Probe = field(default_factory=lambda: Probe(None, None))
     seconds_run: float = 0.0
+    grown: list[str] = field(default_factory=list)
+    """What the fds open at the end and not at the start point at (when there are more)."""
 
 
 def probe(daemon: Daemon | None) -> Probe:
@@ -105,6 +107,7 @@ def run(mnt: Path, daemon: Daemon | None, seconds: float, seed: int,
     """Run the workers on `mnt`; `daemon` is None for kernel overlayfs."""
     out = RunResult()
     out.start = settled_probe(daemon, None)
+    at_start = daemon.fd_targets() if daemon is not None else {}
     out.peak = Probe(out.start.fds, out.start.rss_kib)
     ctx = multiprocessing.get_context("fork")
     workers: dict[Connection, tuple[str, BaseProcess]] = {}
@@ -153,4 +156,8 @@ def run(mnt: Path, daemon: Daemon | None, seconds: float, seed: int,
     # there is nothing to settle.
     out.end = (out.workers_done if out.hung or out.aborted
                else settled_probe(daemon, out.start.fds))
+    if daemon is not None and out.end.fds is not None and out.start.fds is not None \
+            and out.end.fds > out.start.fds:
+        out.grown = sorted(target for fd, target in daemon.fd_targets().items()
+                           if at_start.get(fd) != target)
     return out
