@@ -231,13 +231,21 @@ class Workers:
                                                  self._spin_ns)
             if posted is not None:  # else no worker was waiting: queue it as usual
                 taken, delivered = posted
+                del posted
                 if self.stats is not None:
                     self.stats.routes["handed" if taken else "parked"] += 1
                 if taken:
                     # The task never left the run queue: let the others (and the I/O poll) run once,
                     # as a hop through trio would.
                     await trio.lowlevel.cancel_shielded_checkpoint()
-                    return cast("outcome.Outcome[T]", delivered).unwrap()
+                    try:
+                        return cast("outcome.Outcome[T]", delivered).unwrap()
+                    finally:
+                        # A raised error's traceback holds this frame: were the outcome (which
+                        # holds the error) still in it, that would be a cycle, and everything the
+                        # job's frames held (directory descriptors) would stay open until the
+                        # cyclic collector next ran (scripts/stress saw the daemon's fds grow).
+                        del delivered
                 parked: T = await trio.lowlevel.wait_task_rescheduled(_not_abortable)
                 return parked
         if self.stats is not None:
