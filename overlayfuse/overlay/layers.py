@@ -34,8 +34,9 @@ class Layer:
     root: str
     """Absolute path of the layer's root directory."""
     writable: bool
-    below: tuple[Layer, ...] = ()
-    """The layers under this one, top first: where an absolute redirect continues the lookup."""
+    below: tuple[Branch, ...] = ()
+    """The roots of the layers under this one, top first (the stack's own, held once per mount):
+    where an absolute redirect continues the lookup."""
 
 
 class Fd:
@@ -251,9 +252,12 @@ class LayerStack:
     def from_dirs(cls, lowerdirs: Sequence[str], upperdir: str | None) -> LayerStack:
         roots = ([upperdir] if upperdir else []) + list(lowerdirs)
         built: list[Layer] = []
+        held: list[Branch] = []
         for i in reversed(range(len(roots))):
-            built.insert(0, Layer(i, roots[i], upperdir is not None and i == 0, tuple(built)))
-        return cls(tuple(built), tuple(root_branch(layer) for layer in built))
+            layer = Layer(i, roots[i], upperdir is not None and i == 0, tuple(held))
+            built.insert(0, layer)
+            held.insert(0, root_branch(layer))
+        return cls(tuple(built), tuple(held))
 
     @property
     def upper(self) -> Layer | None:
@@ -448,7 +452,7 @@ def _redirected(
     *parents, leaf = [part for part in redirect.split("/") if part]
     places = []
     for below in layer.below:
-        parent_dir = _walk_dirs(root_branch(below, whiteout.NO_MARKERS), parents)
+        parent_dir = _walk_dirs(below, parents)
         if parent_dir is not None:
             places.append((parent_dir, leaf))
     return places
