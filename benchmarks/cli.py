@@ -17,7 +17,7 @@ from . import forkserver, rsswalk, startup, startupsteps
 from .errors import BenchError, ViewMismatch, say
 from .mounts import Mounter, mounts_under, remove_tree
 from .processes import run
-from .report import host_info, render, summarize
+from .report import create_cost_us, host_info, render, summarize
 from .runner import Bench
 from .settings import (
     CTL_WORKLOADS,
@@ -152,7 +152,7 @@ def main(argv: Sequence[str]) -> int:
         work.mkdir(parents=True)
         (work / MARKER).write_text("scratch dir of scripts/bench; removed at the end\n")
         owned = True
-        host = host_info()
+        host = host_info() | {"create_us_start": create_cost_us(work)}
         say(f"load average {host['loadavg_start']}, nproc {host['nproc']}, kernel "
             f"{host['kernel']}, {host['fuse_overlayfs']}, overlayfuse {host['overlayfuse']}")
         if args.rss_walk:
@@ -174,6 +174,7 @@ def main(argv: Sequence[str]) -> int:
             f"({stack.rm_entries}); copyup-many {stack.copyup_files} files")
         bench.measure(mounter, stack)
         host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        host["create_us_end"] = create_cost_us(work)
         host["load1_max_while_timing"] = round(max(bench.loads), 2) if bench.loads else None
         report = {
             "host": host,

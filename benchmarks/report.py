@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .errors import BenchError
@@ -86,6 +88,8 @@ def render(bench: Bench, report: dict[str, Any]) -> str:
         f"host: load average {h['loadavg_start']} at start, {h['loadavg_end']} at end"
         f" (1-min max {h['load1_max_while_timing']} while timing); nproc {h['nproc']};"
         f" kernel {h['kernel']}; cpu idle {h.get('cpu_idle', '?')}",
+        f"creating a file in the scratch dir (no FUSE): {h.get('create_us_start', '?')} µs at start,"
+        f" {h.get('create_us_end', '?')} µs at end",
         f"versions: {h['fuse_overlayfs']}; overlayfuse {h['overlayfuse']} (git {h['git']});"
         f" python {h['python']}, pyfuse3 {h['pyfuse3']}",
         f"bottom layer: {st['source']}; merged view {st['view_entries']} entries",
@@ -151,6 +155,35 @@ def cpu_idle() -> str:
     if driver == "haltpoll":
         return f"haltpoll, guest_halt_poll_ns {read('/sys/module/haltpoll/parameters/guest_halt_poll_ns')}"
     return driver
+
+
+#: Files `create_cost_us` creates (and removes) to price one create in the scratch dir.
+CREATE_PROBE_FILES = 300
+
+
+def create_cost_us(directory: Path) -> float:
+    """What creating (and closing) one empty file costs in DIRECTORY's file system, in µs (median of
+    three rounds of CREATE_PROBE_FILES), with no FUSE or overlay involved.
+
+    On the VM this bench runs on, that cost was seen to vary twentyfold between runs and between
+    directories of the same ext4 file system (about 20 µs at times, 400-800 µs of the creating
+    process's kernel CPU at others): every target's write rows (create-small, copyup-many,
+    build-like, chown-big) carry it. Printed at the start and the end of a run, so a reader can
+    tell a run made on a slow disk from a slow daemon."""
+    probe = directory / "create-probe"
+    rounds = []
+    probe.mkdir()
+    try:
+        for _ in range(3):
+            start = time.perf_counter()
+            for i in range(CREATE_PROBE_FILES):
+                os.close(os.open(probe / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            rounds.append((time.perf_counter() - start) / CREATE_PROBE_FILES * 1e6)
+            for i in range(CREATE_PROBE_FILES):
+                os.unlink(probe / str(i))
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)  # inside the scratch dir, removed at the end anyway
+    return round(statistics.median(rounds), 1)
 
 
 def host_info() -> dict[str, Any]:

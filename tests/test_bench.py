@@ -86,6 +86,9 @@ def test_tiny_bench_reports_every_workload_and_target(tmp_path: Path) -> None:
         walks = report["rss_walks"][target]
         assert "error" not in walks and all(k and k > 0 for k in walks["rss_kib"]), walks
     assert not report["daemon_tracebacks"]
+    # What a create costs on this disk, without FUSE, at both ends of the run (the write rows carry it).
+    assert report["host"]["create_us_start"] > 0 and report["host"]["create_us_end"] > 0
+    assert "creating a file in the scratch dir (no FUSE)" in stderr
 
     # The table went to stderr; the scratch dir is gone and nothing stayed mounted.
     assert "workload" in stderr and "overlayfuse" in stderr
