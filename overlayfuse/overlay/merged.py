@@ -258,6 +258,10 @@ class MergedTree:
             missing.append(ancestor)
             ancestor = self.inodes.get(ancestor.parent)
         if missing:
+            if meta_only and size is None and self._metacopy_alone(node):
+                copied = await self._copy_up_dirs(list(reversed(missing)), (node, then))
+                assert copied is not None
+                return copied
             await self._copy_up_dirs(list(reversed(missing)))
         copied = await self._copy_up_one(node, size, for_open, meta_only, then)
         if copied.data is not None and not meta_only:
@@ -295,6 +299,16 @@ class MergedTree:
         xattr = self.upper_dir.features.metacopy if self.upper_dir else ""
         st = resolved.stat
         return xattr if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 else ""
+
+    def _metacopy_alone(self, node: Node) -> bool:
+        """Whether NODE is copied up as a metacopy file into the name that shows it, with nothing
+        else to settle first (`_copy_up_one`'s plainest case), so `_copy_up_dirs` can fold it into
+        the hop that copies up its missing parents."""
+        resolved = node.resolved
+        if resolved.is_dir or not self._metacopy_xattr(resolved) or self._indexed(resolved):
+            return False
+        here = self.find(self.inodes.get(node.parent).resolved, node.name)
+        return here is not None and not here.layer.writable and here.same_object(resolved.stat)
 
     async def _copy_up_one(
         self, node: Node, size: int | None, for_open: bool, meta_only: bool = False, then: FollowUp | None = None
@@ -367,10 +381,16 @@ class MergedTree:
         log.debug("copied up %s", node.name)
         return copied
 
-    async def _copy_up_dirs(self, chain: list[Node]) -> None:
+    async def _copy_up_dirs(
+        self, chain: list[Node], file: tuple[Node, FollowUp | None] | None = None
+    ) -> Resolved | None:
         """Copy up the directories CHAIN (each the parent of the next; the first one's parent is in
         upper), alone, in one worker-thread hop: a change deep in a lower tree pays one hop for its
-        missing parents, not one each. A chain whose path would grow long goes one by one."""
+        missing parents, not one each. A chain whose path would grow long goes one by one.
+
+        FILE: a file in the last directory of CHAIN, with the metadata change to follow, copied up
+        as a metacopy file in the same hop (see `_metacopy_alone`), and returned: a chown of a file
+        deep in a lower tree (every file's first in its directory under ``chown -R``) is one hop."""
         up = self._require_writable()
         parents = [self.inodes.get(node.parent) for node in chain]
         into = parents[0].resolved.branches[0]
@@ -378,16 +398,28 @@ class MergedTree:
         if sum(len(name) + 1 for _, _, name in plan) > _CHAIN_PATH_MAX:
             for node in chain:
                 await self._copy_up_one(node, None, False)
-            return
+            return None if file is None else await self._copy_up_one(file[0], None, False, True, file[1])
+        if file is not None:
+            parents.append(chain[-1])
+        metadata = None if file is None else (file[1], file[0].resolved.path, file[0].name)
         for parent in parents:
             self._changed(parent)
         try:
-            copies, error = await self.in_thread(_copy_dirs, up, into.path, plan)
+            copies, error, file_st = await self.in_thread(_copy_dirs, up, into.path, plan, metadata)
             for node, parent, st in zip(chain, parents, copies, strict=False):
                 # into the parent's upper dir, recorded just before
                 self._record_copy(node, parent.resolved.branches[0], st)
             if error is not None:
                 raise error
+            if file is None:
+                return None
+            assert file_st is not None
+            node = file[0]
+            copied = Resolved(self.stack.layers[0], chain[-1].resolved.branches[0], node.name, file_st, (),
+                              node.resolved)
+            self.inodes.rebind(node, copied)
+            log.debug("copied up the metadata of %s with its parents", node.name)
+            return copied
         finally:
             for parent in parents:
                 self._changed(parent)
@@ -814,12 +846,14 @@ _CHAIN_PATH_MAX = 2048
 
 
 def _copy_dirs(
-    up: UpperDir, into: str, plan: list[tuple[str, os.stat_result, str]]
-) -> tuple[list[os.stat_result], OSError | None]:
+    up: UpperDir, into: str, plan: list[tuple[str, os.stat_result, str]],
+    metadata: tuple[FollowUp | None, str, str] | None = None,
+) -> tuple[list[os.stat_result], OSError | None, os.stat_result | None]:
     """Copy each directory of PLAN (source, its lstat, name) up alone, each into the one before
-    (the first into INTO), keeping each parent's times. Returns the copies' lstats and the error
-    that stopped the chain, if any: the copies made before it stay (each is complete), and the
-    caller records them."""
+    (the first into INTO), keeping each parent's times; then METADATA's file (its change, source,
+    name), if any, as a metacopy file into the last (`_copy_metadata_then`). Returns the copies'
+    lstats, the error that stopped the chain, if any (the copies made before it stay: each is
+    complete, and the caller records them), and the file's copy's lstat."""
     copies: list[os.stat_result] = []
     parent = into
     for source, st, name in plan:
@@ -827,10 +861,16 @@ def _copy_dirs(
         try:
             copied, _ = upper.keeping_times(parent, up.copy_up, source, st, target, None)
         except OSError as exc:
-            return copies, exc
+            return copies, exc, None
         copies.append(copied)
         parent = target
-    return copies, None
+    if metadata is None:
+        return copies, None, None
+    then, source, name = metadata
+    try:
+        return copies, None, _copy_metadata_then(then, up, parent, source, os.path.join(parent, name))
+    except OSError as exc:
+        return copies, exc, None
 
 
 @dataclass(slots=True)

@@ -417,13 +417,7 @@ async def test_metacopy_file_inside_a_dir_moved_without_redirect_gets_its_data(
 # -- worker-thread hops of a metadata change ------------------------------------------------------
 
 
-async def test_a_chown_deep_in_a_lower_tree_takes_two_hops(tmp_path: Path) -> None:
-    """A hop to a worker thread is most of what a chown of a lower file costs (the copy-up is a
-    few cheap syscalls): the missing parents are copied up in one hop, the file and the change
-    itself in another."""
-    lower = make_tree(tmp_path / "lower", File("a/b/c/f", b"data"))
-    (tmp_path / "upper").mkdir()
-    tree = open_tree([lower], tmp_path / "upper", tmp_path / "work")
+def _count_hops(tree: MergedTree) -> list[str]:
     hops: list[str] = []
     run = tree.in_thread
 
@@ -432,14 +426,49 @@ async def test_a_chown_deep_in_a_lower_tree_takes_two_hops(tmp_path: Path) -> No
         return await run(func, *args)
 
     tree.in_thread = counted  # type: ignore[method-assign]
+    return hops
+
+
+async def test_a_chown_deep_in_a_lower_tree_takes_one_hop(tmp_path: Path) -> None:
+    """A hop to a worker thread is most of what a chown of a lower file costs (the copy-up is a
+    few cheap syscalls): the missing parents, the file's metacopy and the change itself go in one
+    hop (``chown -R`` of a lower tree makes one such per directory)."""
+    lower = make_tree(tmp_path / "lower", File("a/b/c/f", b"data" * 65536), File("a/b/c/g", b"more"))
+    (tmp_path / "upper").mkdir()
+    tree = open_tree([lower], tmp_path / "upper", tmp_path / "work")
+    hops = _count_hops(tree)
     node = tree.lookup(_ino(tree, "a/b/c"), "f")
     await tree.change_metadata(node, lambda path: os.chown(path, 1000, 1000))
-    assert len(hops) == 2, hops
+    assert len(hops) == 1, hops
     st = os.lstat(tmp_path / "upper/a/b/c/f")
     assert (st.st_uid, st.st_gid) == (1000, 1000) and node.resolved.layer.writable
+    assert METACOPY in os.listxattr(tmp_path / "upper/a/b/c/f") and st.st_size == 4 * 65536
+    assert st.st_blocks * 512 <= 8192  # no data: at most a block of xattrs
+    assert Path(node.resolved.readable.path).read_bytes() == b"data" * 65536  # read from below
     assert os.lstat(tmp_path / "lower/a/b/c/f").st_uid == 0
     assert tree.node(_ino(tree, "a/b/c")).resolved.layer.writable and (tmp_path / "upper/a/b/c").is_dir()
     assert tree.node(_ino(tree, "a")).resolved.layer.writable
+    # the next file of that directory: one hop, for itself
+    sibling = tree.lookup(_ino(tree, "a/b/c"), "g")
+    await tree.change_metadata(sibling, lambda path: os.chown(path, 1000, 1000))
+    assert len(hops) == 2, hops
+    assert os.lstat(tmp_path / "upper/a/b/c/g").st_uid == 1000
+
+
+async def test_a_chown_deep_in_a_lower_tree_without_metacopy_takes_two_hops(tmp_path: Path) -> None:
+    """What is not a metacopy (here a symlink) is copied up in a hop of its own after its parents."""
+    lower = make_tree(tmp_path / "lower", File("a/b/f", b"data"))
+    os.symlink("f", lower / "a/b/link")
+    (tmp_path / "upper").mkdir()
+    tree = open_tree([lower], tmp_path / "upper", tmp_path / "work")
+    hops = _count_hops(tree)
+    node = tree.lookup(_ino(tree, "a/b"), "link")
+    # PATH is /proc/self/fd/N of the copy: following it reaches the symlink itself, never its target
+    await tree.change_metadata(node, lambda path: os.chown(path, 1000, 1000))
+    assert len(hops) == 2, hops
+    st = os.lstat(tmp_path / "upper/a/b/link")
+    assert (st.st_uid, st.st_gid) == (1000, 1000) and os.readlink(tmp_path / "upper/a/b/link") == "f"
+    assert os.lstat(tmp_path / "lower/a/b/f").st_uid == 0
 
 
 async def test_a_change_failing_after_its_copy_up_leaves_the_copy_in_place(
