@@ -7,6 +7,7 @@ whole behaviour with kernel overlayfs itself.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 from pathlib import Path
 
@@ -166,6 +167,31 @@ def test_absolute_redirect_reaches_layers_without_the_new_parent(tmp_path: Path)
     assert _names(stack, "b/new") == ["inside"]
     new = _resolve(stack, "b/new")
     assert new is not None and [b.layer.index for b in new.branches] == [0, 2]
+
+
+def test_absolute_redirect_continues_in_the_stack_s_own_layer_roots(tmp_path: Path) -> None:
+    """Resolving through an absolute redirect opens no layer root again: the branches it finds hang
+    from the roots the stack holds, so a mount holding many such directories holds no descriptor
+    per directory and layer for the roots (it did: each resolution opened every lower root)."""
+    stack = _stack(tmp_path, [Dir("b/new"), Whiteout("a/old")], [Dir("a/old")], [File("a/old/inside")])
+    _redirect(tmp_path / "layer0" / "b" / "new", "/a/old")
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()  # no collection closes an earlier test's descriptors while this one counts
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        found = [_resolve(stack, "b/new") for _ in range(20)]
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        if was_enabled:
+            gc.enable()
+    for new in found:
+        assert new is not None and [b.layer.index for b in new.branches] == [0, 1, 2]
+        for branch in new.branches[1:]:
+            root = branch
+            while root.parent is not None:
+                root = root.parent
+            assert root is stack.roots[branch.layer.index]
 
 
 def _shape(resolved: Resolved) -> tuple[object, ...]:
