@@ -353,10 +353,7 @@ class MergedTree:
             # A copy-up is not a change anyone sees: the parent keeps its times, as with the kernel.
             if metacopy:
                 st = await self.in_thread(_copy_metadata_then, then, up, into.path, resolved.path, target)
-                copied = Resolved(self.stack.layers[0], into, node.name, st, (), resolved)
-                self.inodes.rebind(node, copied)
-                log.debug("copied up the metadata of %s", node.name)
-                return copied
+                return self._record_metacopy(node, into, st)
             st, entry = await self.in_thread(
                 _copy_then, then, target, upper.keeping_times, into.path, up.copy_up, resolved.path, resolved.stat,
                 target, size,
@@ -366,6 +363,14 @@ class MergedTree:
             return self._record_copy(node, into, st)
         finally:
             self._changed(parent)
+
+    def _record_metacopy(self, node: Node, into: Branch, st: os.stat_result) -> Resolved:
+        """NODE, a lower file, was copied up into INTO as the metacopy file ST: rebind it there,
+        its data still read from the lower file it was."""
+        copied = Resolved(self.stack.layers[0], into, node.name, st, (), node.resolved)
+        self.inodes.rebind(node, copied)
+        log.debug("copied up the metadata of %s", node.name)
+        return copied
 
     def _record_copy(self, node: Node, into: Branch, st: os.stat_result) -> Resolved:
         """NODE was copied up into INTO (its parent's upper dir) as the object ST: rebind it there.
@@ -414,12 +419,7 @@ class MergedTree:
             if file is None:
                 return None
             assert file_st is not None
-            node = file[0]
-            copied = Resolved(self.stack.layers[0], chain[-1].resolved.branches[0], node.name, file_st, (),
-                              node.resolved)
-            self.inodes.rebind(node, copied)
-            log.debug("copied up the metadata of %s with its parents", node.name)
-            return copied
+            return self._record_metacopy(file[0], chain[-1].resolved.branches[0], file_st)
         finally:
             for parent in parents:
                 self._changed(parent)
