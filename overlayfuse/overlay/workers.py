@@ -284,10 +284,7 @@ class Workers:
             del func, args  # a write's buffer is not kept alive by an idle thread
             with self._guard:
                 self._idle += 1
-            try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            except trio.RunFinishedError:  # the loop ended under a waiting task: nobody to answer
-                log.warning("a worker thread finished after its event loop: result dropped")
+            _deliver(token, task, result)
             del task, result
             if self._handoff is not None:
                 # Not idle while it waits on the handoff (which it alone sees): a queued job goes to
@@ -311,10 +308,7 @@ class Workers:
             del func, args
             taken, job = handoff.finish(result, self._wait_ns)
             if not taken:
-                try:
-                    token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-                except trio.RunFinishedError:
-                    log.warning("a worker thread finished after its event loop: result dropped")
+                _deliver(token, task, result)
                 del task, result
                 job = handoff.wait_job(self._wait_ns)
             else:
@@ -354,6 +348,14 @@ class Handoff(Protocol):
 
 #: A worker thread with nothing to do for this long ends (as trio's thread cache does).
 IDLE_SECONDS = 10.0
+
+
+def _deliver(token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task, result: outcome.Outcome[Any]) -> None:
+    """From a worker thread: wake TASK with RESULT through its event loop."""
+    try:
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+    except trio.RunFinishedError:  # the loop ended under a waiting task: nobody to answer
+        log.warning("a worker thread finished after its event loop: result dropped")
 
 
 def _not_abortable(_raise_cancel: Any) -> trio.lowlevel.Abort:
