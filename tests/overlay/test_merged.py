@@ -417,7 +417,11 @@ async def test_metacopy_file_inside_a_dir_moved_without_redirect_gets_its_data(
 # -- worker-thread hops of a metadata change ------------------------------------------------------
 
 
-def _count_hops(tree: MergedTree) -> list[str]:
+def _tree_counting_hops(tmp_path: Path, lower: Path) -> tuple[MergedTree, list[str]]:
+    """A tree on LOWER with an empty upper dir, and the names of the functions it runs in worker
+    threads, one per hop, as they run."""
+    (tmp_path / "upper").mkdir()
+    tree = open_tree([lower], tmp_path / "upper", tmp_path / "work")
     hops: list[str] = []
     run = tree.in_thread
 
@@ -426,7 +430,7 @@ def _count_hops(tree: MergedTree) -> list[str]:
         return await run(func, *args)
 
     tree.in_thread = counted  # type: ignore[method-assign]
-    return hops
+    return tree, hops
 
 
 async def test_a_chown_deep_in_a_lower_tree_takes_one_hop(tmp_path: Path) -> None:
@@ -434,9 +438,7 @@ async def test_a_chown_deep_in_a_lower_tree_takes_one_hop(tmp_path: Path) -> Non
     few cheap syscalls): the missing parents, the file's metacopy and the change itself go in one
     hop (``chown -R`` of a lower tree makes one such per directory)."""
     lower = make_tree(tmp_path / "lower", File("a/b/c/f", b"data" * 65536), File("a/b/c/g", b"more"))
-    (tmp_path / "upper").mkdir()
-    tree = open_tree([lower], tmp_path / "upper", tmp_path / "work")
-    hops = _count_hops(tree)
+    tree, hops = _tree_counting_hops(tmp_path, lower)
     node = tree.lookup(_ino(tree, "a/b/c"), "f")
     await tree.change_metadata(node, lambda path: os.chown(path, 1000, 1000))
     assert len(hops) == 1, hops
@@ -459,9 +461,7 @@ async def test_a_chown_deep_in_a_lower_tree_without_metacopy_takes_two_hops(tmp_
     """What is not a metacopy (here a symlink) is copied up in a hop of its own after its parents."""
     lower = make_tree(tmp_path / "lower", File("a/b/f", b"data"))
     os.symlink("f", lower / "a/b/link")
-    (tmp_path / "upper").mkdir()
-    tree = open_tree([lower], tmp_path / "upper", tmp_path / "work")
-    hops = _count_hops(tree)
+    tree, hops = _tree_counting_hops(tmp_path, lower)
     node = tree.lookup(_ino(tree, "a/b"), "link")
     # PATH is /proc/self/fd/N of the copy: following it reaches the symlink itself, never its target
     await tree.change_metadata(node, lambda path: os.chown(path, 1000, 1000))
