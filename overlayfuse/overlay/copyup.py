@@ -192,7 +192,7 @@ def fill_metacopy(ws: Workspace, path: str, data: str, size: int | None) -> os.s
             src_size = os.fstat(src).st_size
             end = src_size if size is None else size
             if min(end, src_size) > 0 and not _reflink(src, dst):
-                _copy_segments(src, dst, min(end, src_size))
+                _copy_segments(src, dst, min(end, src_size), ws.durable)
             os.ftruncate(dst, end)
         finally:
             os.close(src)
@@ -267,7 +267,7 @@ def _build_file(source: str, staged: str, size: int | None, ws: Workspace) -> No
         dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o600)
         try:
-            _copy_data(src, dst, st.st_size if size is None else size, st.st_size)
+            _copy_data(src, dst, st.st_size if size is None else size, st.st_size, ws.durable)
             _copy_metadata(src, dst, st, ws)
             if ws.durable:
                 os.fsync(dst)
@@ -286,11 +286,12 @@ def _open_source(source: str) -> int:
         return os.open(source, flags)
 
 
-def _copy_data(src: int, dst: int, size: int, src_size: int) -> None:
-    """Copy the first SIZE bytes of SRC into the empty DST: reflink, else data segments only."""
+def _copy_data(src: int, dst: int, size: int, src_size: int, durable: bool) -> None:
+    """Copy the first SIZE bytes of SRC into the empty DST: reflink, else data segments only.
+    DURABLE: an fsync will follow (see `_copy_range`)."""
     end = min(size, src_size)
     if end > 0 and not _reflink(src, dst):
-        _copy_segments(src, dst, end)
+        _copy_segments(src, dst, end, durable)
     # Sets the length past the last segment too, so a trailing hole stays a hole; after a reflink
     # it cuts the clone down to SIZE.
     os.ftruncate(dst, size)
@@ -306,8 +307,9 @@ def _reflink(src: int, dst: int) -> bool:
     return True
 
 
-def _copy_segments(src: int, dst: int, end: int) -> None:
-    """Copy each data segment of SRC below END to the same offset in DST, leaving holes as holes."""
+def _copy_segments(src: int, dst: int, end: int, durable: bool) -> None:
+    """Copy each data segment of SRC below END to the same offset in DST, leaving holes as holes.
+    DURABLE: an fsync will follow (see `_copy_range`)."""
     offset = 0
     while offset < end:
         try:
@@ -322,23 +324,27 @@ def _copy_segments(src: int, dst: int, end: int) -> None:
             if data >= end:
                 return
             hole = min(os.lseek(src, data, os.SEEK_HOLE), end)
-        _copy_range(src, dst, data, hole - data)
+        _copy_range(src, dst, data, hole - data, durable)
         offset = hole
 
 
-def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+def _copy_range(src: int, dst: int, offset: int, count: int, durable: bool) -> None:
     """Copy COUNT bytes at OFFSET, one writeback chunk at a time.
 
-    Each chunk is handed to the disk as soon as it is copied (sync_file_range), so the disk writes
-    it while the next one is copied, and the fsync that makes the copy durable has only the last
-    chunk left to wait for: a 1 GiB copy-up took ~0.38 s this way against ~0.56 s (and up to 1.1 s)
-    with one fsync at the end, on this project's ext4 VM.
+    DURABLE (an fsync will follow): each chunk is handed to the disk as soon as it is copied
+    (sync_file_range), so the disk writes it while the next one is copied, and the fsync that makes
+    the copy durable has only the last chunk left to wait for: a 1 GiB copy-up took ~0.38 s this way
+    against ~0.56 s (and up to 1.1 s) with one fsync at the end, on this project's ext4 VM. Without
+    an fsync (``fsync=0``, ``volatile``) the copy is left in the page cache for the kernel's own
+    writeback, as fuse-overlayfs and the kernel's ``volatile`` leave theirs: starting the writes
+    early would only make this copy wait for the disk queue (README, Performance, copyup-big).
     """
     end = offset + count
     while offset < end:
         step = min(_WRITEBACK_CHUNK, end - offset)
         copied = _copy_chunk(src, dst, offset, step)
-        start_writeback(dst, offset, copied)
+        if durable:
+            start_writeback(dst, offset, copied)
         if copied < step:  # the source shrank under us; the final ftruncate zero-fills the rest
             return
         offset += step

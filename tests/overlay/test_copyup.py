@@ -6,6 +6,7 @@ set ``trusted.*`` xattrs.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from overlayfuse.overlay import copyup
 from overlayfuse.overlay.copyup import Workspace, copy_up, copy_up_size
 from tests.support.gatefs import gate_fs, wait_held
 from tests.support.trees import BlockDev, CharDev, Dir, Fifo, File, Socket, Sparse, Symlink, make_tree
@@ -168,6 +170,24 @@ def test_large_file_copies_exactly(tmp_path: Path) -> None:
     finally:
         source.unlink()
         target.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_writeback_is_started_early_only_for_a_copy_that_is_fsynced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool) -> None:
+    """With fsync on, each 32 MiB chunk goes to the disk as soon as it is copied (the fsync then
+    waits for the last one only); with fsync=0 the copy stays in the page cache for the kernel's
+    own writeback, as fuse-overlayfs leaves its copies, instead of waiting on the disk queue."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    source, target = lower / "big", tmp_path / "upper" / "big"
+    write_random(source, 70 * MIB)
+    ws = dataclasses.replace(workspace(tmp_path), durable=durable)
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(copyup, "start_writeback", lambda fd, offset, count: started.append((offset, count)))
+    copy_up(ws, str(source), str(target))
+    assert sha256(target) == sha256(source)
+    assert started == ([(0, 32 * MIB), (32 * MIB, 32 * MIB), (64 * MIB, 6 * MIB)] if durable else [])
 
 
 def test_copy_up_size_zero_copies_no_data(tmp_path: Path) -> None:
