@@ -30,9 +30,16 @@ def _uncached_file(tmp_path: Path, data: bytes) -> Path:
 
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[tuple[int, int]]:
-    """PATH opened read-only: its fd and the st_dev `read_cached` wants; closed afterwards."""
+    """PATH opened read-only, none of its data cached: its fd and the st_dev `read_cached` wants;
+    closed afterwards.
+
+    Its pages are dropped again through the fd: right after `drop_caches` a few of them were
+    sometimes still cached (1-6 probes in 20 on this VM, none half a second later), which failed
+    these tests' "nothing cached yet" step. `_uncached_file` cannot do this itself: opening the
+    file caches the dentries that the open_cached tests need uncached."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         yield fd, os.fstat(fd).st_dev
     finally:
         os.close(fd)
