@@ -78,6 +78,14 @@ class Mount:
         return status_kib(self.pid, "VmHWM")
 
 
+def target_options(target: str, base: str, kernel_opts: str = "", overlayfuse_opts: str = "") -> str:
+    """The -o string for TARGET: BASE (the layers), plus KERNEL_OPTS for the kernel and
+    OVERLAYFUSE_OPTS for overlayfuse (with or without its fork server); fuse-overlayfs takes neither
+    (it has no redirect_dir or metacopy, and never syncs a copy-up)."""
+    extra = kernel_opts if target == "kernel" else "" if target == "fuse-overlayfs" else overlayfuse_opts
+    return f"{base},{extra}" if extra else base
+
+
 class Mounter:
     """Mounts targets on fresh upper/work dirs and tears them down, whatever happens."""
 
@@ -102,19 +110,18 @@ class Mounter:
 
     @contextlib.contextmanager
     def mounted(self, target: str, first_read: bool = False, kernel_opts: str = "",
-                lowers: Sequence[Path] | None = None) -> Iterator[Mount]:
+                lowers: Sequence[Path] | None = None, overlayfuse_opts: str = "") -> Iterator[Mount]:
         """TARGET mounted on fresh upper and work dirs; with FIRST_READ, time how long it takes from
         starting the mount command until a file reads through the mount (``m.first_read_s``).
-        KERNEL_OPTS: more options for the kernel's mount (the others take no such options).
-        LOWERS: other lower layers than the bench stack's (top first)."""
+        KERNEL_OPTS, OVERLAYFUSE_OPTS: more options for the kernel's mount, for overlayfuse's (see
+        `target_options`). LOWERS: other lower layers than the bench stack's (top first)."""
         self.serial += 1
         base = self.root / f"{self.serial:04d}-{target}"
         m = Mount(target, base / "mnt", base / "upper", base / "work", base / "daemon.log")
         for d in (m.mnt, m.upper, m.work):
             d.mkdir(parents=True)
-        opts = overlay_options(self.lowers if lowers is None else lowers, m.upper, m.work)
-        if target == "kernel" and kernel_opts:
-            opts += "," + kernel_opts
+        opts = target_options(target, overlay_options(self.lowers if lowers is None else lowers, m.upper, m.work),
+                              kernel_opts, overlayfuse_opts)
         self.live.append(m)
         try:
             start = time.perf_counter()

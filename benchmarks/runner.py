@@ -79,7 +79,7 @@ class Bench:
         try:
             lowers = job.lowers(stack) if job.lowers is not None else None
             with mounter.mounted(target, first_read=job.first_read, kernel_opts=job.kernel_opts,
-                                 lowers=lowers) as m:
+                                 lowers=lowers, overlayfuse_opts=job.overlayfuse_opts) as m:
                 self.mount_s[target].append(m.mount_s)
                 if job.cold:
                     drop_caches()

@@ -35,6 +35,9 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "copyup-big": ("s", False, "1-byte write into the big lower file (full copy-up)"),
     "create-small": ("s", False, "untar many small files into a new dir"),
     "copyup-many": ("s", False, "append one byte to many lower files"),
+    "copyup-big-nosync": ("s", False, "copyup-big with no target syncing the copy (kernel: volatile, "
+                          "overlayfuse: fsync=0; fuse-overlayfs never syncs one)"),
+    "copyup-many-nosync": ("s", False, "copyup-many with no target syncing the copies (as above)"),
     "rm-tree": ("s", False, "rm -rf of a lower tree (whiteouts)"),
     "parallel": ("s", True, "dd of big.bin + dd of big2.bin + find, at once, caches dropped"),
     "chown-big": ("s", False, "chown -R of the dir of big lower files (kernel: metacopy=on)"),

@@ -20,6 +20,11 @@ from .stack import Stack
 
 #: The kernel's options for constant-cost copy-up, as overlayfuse has them by default.
 METADATA_ONLY_OPTS = "redirect_dir=on,metacopy=on"
+#: No target syncs a copy-up: fuse-overlayfs never does, so the kernel and overlayfuse are told not
+#: to (issue 14: compare copy-ups with fuse-overlayfs like with like; the plain rows keep each
+#: target's default, durable copy-ups for the kernel and overlayfuse).
+NO_SYNC_KERNEL_OPTS = "volatile"
+NO_SYNC_OVERLAYFUSE_OPTS = "fsync=0"
 
 
 @dataclass(slots=True)
@@ -33,7 +38,9 @@ class Job:
     first_read: bool = False  # time the mount itself: from its command's start to a first read
     kernel_opts: str = ""
     """Extra kernel mount options, so the kernel is compared with the same features overlayfuse has
-    on by default (redirect_dir, metacopy: its own defaults are off)."""
+    on by default (redirect_dir, metacopy: its own defaults are off), or without syncing."""
+    overlayfuse_opts: str = ""
+    """Extra overlayfuse mount options (``fsync=0`` for the rows where no target syncs)."""
     lowers: Callable[[Stack], list[Path]] | None = None
     """The lower layers this job mounts instead of the bench stack's (top first)."""
 
@@ -69,6 +76,10 @@ def job_copyup_big(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     return {"copyup-big": timed(cmd, sc.cmd_timeout)}
 
 
+def job_copyup_big_nosync(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    return {"copyup-big-nosync": job_copyup_big(m, s, sc)["copyup-big"]}
+
+
 def job_create_small(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     return {"create-small": timed(["tar", "xf", str(s.tarball), "-C", str(m.mnt)],
                                   sc.cmd_timeout)}
@@ -78,6 +89,10 @@ def job_copyup_many(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     cmd = bash('cd "$1" && xargs -0 -a "$2" sh -c \'for f; do printf x >> "$f"; done\' sh',
                m.mnt, s.copyup_list)
     return {"copyup-many": timed(cmd, sc.cmd_timeout)}
+
+
+def job_copyup_many_nosync(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    return {"copyup-many-nosync": job_copyup_many(m, s, sc)["copyup-many"]}
 
 
 def job_rm_tree(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
@@ -249,6 +264,10 @@ JOBS = [
     Job("copyup-big", ("copyup-big",), job_copyup_big, False),
     Job("create-small", ("create-small",), job_create_small, False),
     Job("copyup-many", ("copyup-many",), job_copyup_many, False),
+    Job("copyup-big-nosync", ("copyup-big-nosync",), job_copyup_big_nosync, False,
+        kernel_opts=NO_SYNC_KERNEL_OPTS, overlayfuse_opts=NO_SYNC_OVERLAYFUSE_OPTS),
+    Job("copyup-many-nosync", ("copyup-many-nosync",), job_copyup_many_nosync, False,
+        kernel_opts=NO_SYNC_KERNEL_OPTS, overlayfuse_opts=NO_SYNC_OVERLAYFUSE_OPTS),
     Job("rm-tree", ("rm-tree",), job_rm_tree, False),
     Job("parallel", ("parallel",), job_parallel, True),
     Job("per-request", ("per-request",), job_per_request, False),

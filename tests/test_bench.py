@@ -14,7 +14,8 @@ import pytest
 
 from benchmarks import podman
 from benchmarks.errors import BenchError
-from benchmarks.mounts import Mounter
+from benchmarks.mounts import Mounter, target_options
+from benchmarks.workloads import JOBS
 from tests.conftest import skip_or_fail
 from tests.support.mounts import REPO_ROOT, mounts
 
@@ -23,8 +24,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 BENCH = REPO_ROOT / "scripts" / "bench"
 TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
 WORKLOADS = ("walk-cold", "walk-warm", "stat-ls", "read-all", "seqread-1G", "copyup-big",
-             "create-small", "copyup-many", "rm-tree", "parallel", "mount-to-first-read",
-             "git-status", "random-read-4t", "build-like")
+             "create-small", "copyup-many", "copyup-big-nosync", "copyup-many-nosync", "rm-tree",
+             "parallel", "mount-to-first-read", "git-status", "random-read-4t", "build-like")
 #: overlayctl's listings: one column, overlayfuse's.
 CTL_WORKLOADS = ("ctl-image-ls", "ctl-ps")
 #: podman on a storage of its own per target: every target, no daemon RSS.
@@ -186,3 +187,19 @@ def test_overlayfuse_options_go_to_overlayfuse_alone(tmp_path: Path) -> None:
     assert mounter.command("fuse-overlayfs", "lowerdir=L", mnt)[-2] == "lowerdir=L"
     assert mounter.command("kernel", "lowerdir=L", mnt)[-2] == "lowerdir=L"
     assert Mounter(tmp_path, [tmp_path / "l1"]).command("overlayfuse", "lowerdir=L", mnt)[-2] == "lowerdir=L"
+
+
+def test_nosync_rows_tell_the_kernel_and_overlayfuse_not_to_sync() -> None:
+    """The -nosync copy-up rows compare like with like: fuse-overlayfs never syncs a copy-up, so the
+    kernel mounts with ``volatile`` and overlayfuse with ``fsync=0``; the plain rows keep defaults."""
+    jobs = {job.name: job for job in JOBS}
+    for row in ("copyup-big-nosync", "copyup-many-nosync"):
+        job = jobs[row]
+        opts = {t: target_options(t, "lowerdir=L", job.kernel_opts, job.overlayfuse_opts)
+                for t in ("kernel", "fuse-overlayfs", "overlayfuse", "overlayfuse-fs")}
+        assert opts == {"kernel": "lowerdir=L,volatile", "fuse-overlayfs": "lowerdir=L",
+                        "overlayfuse": "lowerdir=L,fsync=0", "overlayfuse-fs": "lowerdir=L,fsync=0"}, row
+    for row in ("copyup-big", "copyup-many"):
+        assert not jobs[row].kernel_opts and not jobs[row].overlayfuse_opts, row
+    chown = jobs["chown-big"]
+    assert target_options("fuse-overlayfs", "lowerdir=L", chown.kernel_opts, chown.overlayfuse_opts) == "lowerdir=L"
