@@ -188,7 +188,7 @@ def main(argv: Sequence[str]) -> int:
                       "copyup_files": stack.copyup_files, "rm_dir": stack.rm_dir,
                       "rm_entries": stack.rm_entries, "git_files": stack.git_files,
                       "build_files": stack.src_files, "build_bytes": stack.src_bytes,
-                      "random_read_files": stack.random_files},
+                      "random_read_files": stack.random_files, "chown_files": stack.chown_files},
             "view_check": bench.view_check,
             "daemon_tracebacks": mounter.tracebacks,
             "fork_server_forks": fork.forks() if fork else None,

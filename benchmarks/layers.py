@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .settings import BIG_DIR, CHUNK, NEW_DIR
+from .settings import BIG_DIR, CHOWN_DIR, CHUNK, NEW_DIR
 from .views import Entry, walk_view
 
 
@@ -258,6 +258,20 @@ def build_l2(l1: Path, l2: Path, changes: int, seed: int = 2) -> dict[str, Any]:
         added += 1
     return {"opaque_dir": opaque, "whiteout_dirs": wh_dirs, "whiteouts": len(whiteouts),
             "replaced": len(replaced), "added": added + 3, "l2_entries": w.count}
+
+
+def build_chown_tree(layer: Path, files: int, big: int) -> None:
+    """chown-tree's layer: ``d/`` with FILES small files (2 KiB of random data each) and one file
+    of BIG bytes, sparse but for its first MiB (a metadata change never reads it; only
+    fuse-overlayfs, which copies data, does, and it skips the hole)."""
+    d = layer / CHOWN_DIR
+    d.mkdir(parents=True)
+    rng = random.Random(12)
+    for i in range(files):
+        (d / f"f{i:05d}").write_bytes(rng.randbytes(2048))
+    with open(d / "big.bin", "wb") as f:
+        f.write(rng.randbytes(1 << 20))
+        f.truncate(big)
 
 
 def write_big(path: Path, size: int, seed: int) -> None:

@@ -42,6 +42,8 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "parallel": ("s", True, "dd of big.bin + dd of big2.bin + find, at once, caches dropped"),
     "chown-big": ("s", False, "chown -R of the dir of big lower files (kernel: metacopy=on)"),
     "mv-big-dir": ("s", False, "mv of the dir of big lower files (kernel: redirect_dir=on)"),
+    "chown-tree": ("s", False, "chown -R of a dir of many small files and one big one (issue 18's case), "
+                   "a layer of its own (kernel: metacopy=on)"),
     "per-request": ("us", False, f"one getxattr of a name no file has, which no cache answers: "
                     f"{PER_REQUEST_CALLS} of them, microseconds each"),
     "du-s": ("s", True, "du -s MNT, caches dropped"),
@@ -70,6 +72,7 @@ DEBOOTSTRAP_TIMEOUT = 1800.0  # a minbase download and install; usually 2 to 5 m
 DEFAULT_WORKDIR = Path("/var/tmp/overlayfuse-bench")
 DEFAULT_CACHE = Path("/var/cache/overlayfuse-bench")
 BIG_DIR = "opt/bench"  # where the big files live in l1; excluded from read-all
+CHOWN_DIR = "d"  # chown-tree's dir, in a layer of its own
 NEW_DIR = "bench-new"  # top dir of the create-small tarball
 CHUNK = 8 << 20  # write unit for the big files
 RSS_WALKS = 3  # warm walks for the RSS-growth table
@@ -100,10 +103,11 @@ class Scale:
     repo_files: int  # files committed in the git-status checkout
     build_files: int  # sources in the build-like tarball
     random_files: int  # files random-read-4t reads
+    chown_files: int  # small files beside one big one in chown-tree's layer
 
 
 SCALES = {
-    "full": Scale("full", 7000, 1500, 1 << 30, 4000, 45 << 20, 2000, 4000, 3, 1800.0, 10000, 2000, 3000),
-    "quick": Scale("quick", 2500, 500, 256 << 20, 1500, 16 << 20, 700, 1200, 2, 600.0, 10000, 800, 1500),
-    "tiny": Scale("tiny", 300, 60, 16 << 20, 120, 1 << 20, 50, 80, 1, 120.0, 200, 60, 100),
+    "full": Scale("full", 7000, 1500, 1 << 30, 4000, 45 << 20, 2000, 4000, 3, 1800.0, 10000, 2000, 3000, 1000),
+    "quick": Scale("quick", 2500, 500, 256 << 20, 1500, 16 << 20, 700, 1200, 2, 600.0, 10000, 800, 1500, 1000),
+    "tiny": Scale("tiny", 300, 60, 16 << 20, 120, 1 << 20, 50, 80, 1, 120.0, 200, 60, 100, 100),
 }

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import say
-from .layers import build_create_tar, build_l2, generate_rootfs, subtree_counts, under, write_big
+from .layers import build_chown_tree, build_create_tar, build_l2, generate_rootfs, subtree_counts, under, write_big
 from .processes import run, sync
 from .projects import build_git_checkout, build_source_tar, write_random_list
 from .rootfs import debootstrap_rootfs
@@ -37,6 +37,9 @@ class Stack:
     git_layer: Path | None = None
     """A git checkout (the layer's root is the work tree): git-status mounts it alone."""
     git_files: int = 0
+    chown_layer: Path | None = None
+    """chown-tree's layer: one dir of many small files and one big file, mounted alone."""
+    chown_files: int = 0
     src_tar: Path | None = None  # build-like's source tarball
     src_files: int = 0
     src_bytes: int = 0
@@ -69,13 +72,16 @@ def prepare_stack(work: Path, scale: Scale, use_debootstrap: bool, cache: Path, 
     tar_bytes = build_create_tar(tarball, scale.create_files, scale.create_bytes)
     git_layer = layers / "git"
     build_git_checkout(git_layer, scale.repo_files)
+    chown_layer = layers / "chown"
+    build_chown_tree(chown_layer, scale.chown_files, scale.big)
     src_tar = work / "build-like.tar"
     src_bytes = build_source_tar(src_tar, scale.build_files)
     sync()
     return Stack(l1, l2, scale.big, scale.big // 2, tarball, scale.create_files, tar_bytes,
                  work / "copyup-list", 0, "", 0, source, summary, git_layer=git_layer,
-                 git_files=scale.repo_files, src_tar=src_tar, src_files=scale.build_files,
-                 src_bytes=src_bytes, random_list=work / "random-list")
+                 git_files=scale.repo_files, chown_layer=chown_layer, chown_files=scale.chown_files,
+                 src_tar=src_tar, src_files=scale.build_files, src_bytes=src_bytes,
+                 random_list=work / "random-list")
 
 
 def choose_targets_of_work(stack: Stack, view: dict[str, Entry], scale: Scale) -> None:

@@ -15,7 +15,7 @@ from .errors import BenchError
 from .mounts import Mount
 from .processes import bash, kill_groups, run, sync, timed
 from .projects import GIT_ENV, git
-from .settings import BIG_DIR, BUILD_DIR, PER_REQUEST_CALLS, RANDOM_READ_THREADS, Scale
+from .settings import BIG_DIR, BUILD_DIR, CHOWN_DIR, PER_REQUEST_CALLS, RANDOM_READ_THREADS, Scale
 from .stack import Stack
 
 #: The kernel's options for constant-cost copy-up, as overlayfuse has them by default.
@@ -129,6 +129,12 @@ def job_chown_big(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     # Metadata only (metacopy): no file data should be copied; sync so written data is counted.
     cmd = bash('chown -R 1000:1000 "$1" && sync -f "$1"', m.mnt / BIG_DIR)
     return {"chown-big": timed(cmd, sc.cmd_timeout)}
+
+
+def job_chown_tree(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    # Issue 18's own case: each small file costs a metadata copy-up, the big one no data.
+    cmd = bash('chown -R 1000:1000 "$1" && sync -f "$1"', m.mnt / CHOWN_DIR)
+    return {"chown-tree": timed(cmd, sc.cmd_timeout)}
 
 
 def job_mv_big_dir(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
@@ -251,6 +257,11 @@ def job_build_like(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     return {"build-like": float(out.stdout.decode().strip())}
 
 
+def _chown_layer(s: Stack) -> list[Path]:
+    assert s.chown_layer is not None
+    return [s.chown_layer]
+
+
 def _git_layer(s: Stack) -> list[Path]:
     assert s.git_layer is not None
     return [s.git_layer]
@@ -275,6 +286,8 @@ JOBS = [
     Job("mount-to-first-read", ("mount-to-first-read",), job_mount_to_first_read, False, first_read=True),
     Job("chown-big", ("chown-big",), job_chown_big, False, kernel_opts=METADATA_ONLY_OPTS),
     Job("mv-big-dir", ("mv-big-dir",), job_mv_big_dir, False, kernel_opts=METADATA_ONLY_OPTS),
+    Job("chown-tree", ("chown-tree",), job_chown_tree, False, kernel_opts=METADATA_ONLY_OPTS,
+        lowers=_chown_layer),
     Job("git-status", ("git-status",), job_git_status, False, lowers=_git_layer),
     Job("random-read-4t", ("random-read-4t",), job_random_read, True),
     Job("build-like", ("build-like",), job_build_like, False),
