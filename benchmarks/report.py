@@ -102,7 +102,7 @@ def render(bench: Bench, report: dict[str, Any]) -> str:
         f" {st['copyup_files']} files; rm-tree: /{st['rm_dir']} ({st['rm_entries']} entries)",
         f"git-status: a checkout of {st['git_files']} files (its own layer); build-like:"
         f" {st['build_files']} sources, {st['build_bytes'] / 2**20:.1f} MiB; random-read-4t:"
-        f" {st['random_read_files']} files; chown-tree: {st.get('chown_files', 0)} small files and one big one"
+        f" {st['random_read_files']} files; chown-tree: {st['chown_files']} small files and one big one"
         " (its own layer)",
         "view check: " + (f"same merged view on {', '.join(check['targets'])}" if check.get("same") else str(check)),
         f"reps {report['config']['reps']}; median [min, max]; seconds unless MB/s (1 MB = 10^6 B);"
