@@ -84,7 +84,10 @@ def prefetch(fd: int, size: int) -> None:
 
 def read_cached(fd: int, size: int, offset: int, dev: int) -> bytes | memoryview | None:
     """SIZE bytes at OFFSET (fewer at end of file) if the page cache holds them all; else None.
-    DEV: the ``st_dev`` of the file at FD, so that a filesystem that refuses is asked only once."""
+    DEV: the ``st_dev`` of the file at FD, so that a filesystem that refuses is asked only once.
+
+    A miss starts the kernel's readahead (never waited for) before the cache is looked at again,
+    so a disk fast enough to answer in between gives the data after all: never a wait, though."""
     if dev in _read_refused:
         return None
     buf = bytearray(size)
