@@ -7,7 +7,9 @@ every object made so far) were ~25 ms of CPU of a ~200 ms daemon start on the 2-
 the daemon's imports with and without ``gc.disable()``, 21 interleaved runs, load 3.3). So these
 entry points turn the collector off before importing anything; the command turns it on again (and
 freezes what the imports made, which is never garbage) once its imports are done: `daemon.cli`
-after importing the daemon, `ctl` before running the subcommand.
+after importing the daemon, `ctl` before running the subcommand (both with `collector.collector_on`),
+while the fork server (`daemon.forkserver`) keeps it off and freezes its imports, and each daemon it
+forks turns it on as `daemon.cli` does.
 
 Here, and not at the top of those modules: a test or a tool that imports them must keep its
 collector as it was.
@@ -21,14 +23,17 @@ import sys
 
 def overlayfuse() -> int:
     gc.disable()
-    if sys.argv[1:2] != ["--fork-server"]:
-        # A fork server has the daemon imported already: hand it the mount, before importing
-        # anything heavy here (see `daemon.forkclient`). None: no server; mount in this process.
-        from .daemon import forkclient
+    if sys.argv[1:2] == ["--fork-server"]:
+        from .daemon import forkserver
 
-        status = forkclient.run(sys.argv)
-        if status is not None:
-            return status
+        return forkserver.main(sys.argv[2:])
+    # A fork server has the daemon imported already: hand it the mount, before importing anything
+    # heavy here (see `daemon.forkclient`). None: no server; mount in this process.
+    from .daemon import forkclient
+
+    status = forkclient.run(sys.argv)
+    if status is not None:
+        return status
     from .daemon.cli import main
 
     return main()
@@ -40,11 +45,3 @@ def overlayctl() -> int:
 
     return main()
 
-
-def collector_on() -> None:
-    """The collector on again if a command turned it off for its imports, with every object made so
-    far frozen (out of its sight: modules and parsers live as long as the process). Nothing to do
-    where it was never turned off (a test or a tool that imported the command's module)."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()

@@ -20,7 +20,7 @@ import os
 import sys
 
 from .. import __version__
-from ..commands import collector_on
+from ..collector import collector_on
 from ..errors import UserError
 
 log = logging.getLogger(__name__)

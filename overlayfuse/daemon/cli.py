@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from ..commands import collector_on
+from ..collector import collector_on
 from ..linux.journal import configure_logging, print_error
 from ..linux.libc import pthread_in_libc
 from ..linux.mounttable import detach_dead_mounts
@@ -39,16 +39,13 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None, *, report: Callable[[int], None] | None = None) -> int:
     """Entry point. Bad input: one line on stderr and a non-zero exit, nothing mounted.
 
-    ``--fork-server`` first on the command line starts the fork server (`forkserver`) instead.
-    REPORT, if given, hears the exit status of a detached mount's command just before it exits
-    without returning (see `_exit_now`): the fork server's child tells its caller with it.
+    (``overlayfuse --fork-server`` never comes here: the installed command starts the fork server,
+    `forkserver`, which calls this in each child it forks.) REPORT, if given, hears the exit
+    status of a detached mount's command just before it exits without returning (see
+    `_exit_now`): the fork server's child tells its caller with it.
     """
     timeline.mark("cli imported")
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--fork-server"]:
-        from . import forkserver
-
-        return forkserver.main(args[1:])
     try:
         return _main(args, report)
     finally:
