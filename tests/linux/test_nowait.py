@@ -41,6 +41,8 @@ class _Cachestat(ctypes.Structure):
 
 
 _SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5)
+# A handle of our own, not `syscalls.LIBC`: `nowait` fixes the argument types of that one's
+# `syscall` for openat2, and cachestat's differ.
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
