@@ -15,6 +15,8 @@ than assumes, and runs correctly on a stock pyfuse3 too, only slower:
 - ``Handoff`` (0006): a worker that just finished a job spins for the next, and the event loop
   spins a bounded time for that job's result, both without the GIL (see
   `overlayfuse.overlay.workers`).
+- ``backing_open`` (0007): FUSE passthrough, where pyfuse3 was built against libfuse 3.17 (see
+  `passthrough`); built against an older libfuse the calls exist and the kernel is never asked.
 
 ``OVERLAYFUSE_BINDING=stock`` makes the daemon use none of it, as on a stock pyfuse3 (for tests
 and for comparison with a patched build).
@@ -50,6 +52,9 @@ class Binding:
     handoff: bool = False
     """``pyfuse3.Handoff``: worker threads take jobs from the event loop and hand results back
     without either side sleeping or taking the GIL to wait (`overlayfuse.overlay.workers`)."""
+    passthrough: bool = False
+    """``pyfuse3.backing_open``: opens may name a backing file for the kernel to read and write
+    itself (`overlayfuse.daemon.passthrough`), if the kernel and libfuse agree at init."""
 
     def describe(self) -> str:
         extras = [name for name, on in (
@@ -58,6 +63,7 @@ class Binding:
             ("inline request loop", self.inline_loop),
             ("request polling", self.poll),
             ("worker handoff", self.handoff),
+            ("passthrough", self.passthrough),
         ) if on]  # fmt: skip
         return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
 
@@ -95,6 +101,7 @@ def detect() -> Binding:
         inline_loop=hasattr(getattr(pyfuse3, "_pyfuse3", None), "InlineFirst"),
         poll="poll_us" in _parameters(pyfuse3.main),
         handoff=hasattr(pyfuse3, "Handoff"),
+        passthrough=hasattr(pyfuse3, "backing_open"),
     )
 
 

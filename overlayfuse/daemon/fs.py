@@ -30,11 +30,12 @@ from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import KEPT_LISTINGS, Caller, MergedTree
 from ..overlay.metachange import MetadataChange
 from ..overlay.ownership import DiskOwner
-from . import binding
+from . import binding, passthrough
 from .compat import ViewOptions
 from .control import FreezeGate
 from .handles import HandleTable, UnknownHandle
 from .owners import ACL_XATTRS, Ownership
+from .passthrough import BACKING_STACK_DEPTH, BackingFiles
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class FileHandle:
     resolved: Resolved
     writable: bool
     dev: int  # the real file's st_dev, for `nowait.read_cached`
+    passed_through: bool = False  # the kernel reads and writes it itself (see `passthrough`)
 
 
 class OverlayOperations(pyfuse3.Operations):
@@ -204,6 +206,7 @@ class OverlayOperations(pyfuse3.Operations):
         view: ViewOptions | None = None,
         owners: Ownership | None = None,
         acl: bool = False,
+        passthrough: bool = False,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -230,6 +233,17 @@ class OverlayOperations(pyfuse3.Operations):
         # Symlinks never change (a new target is a new symlink, with an inode of its own), so the
         # kernel may keep their targets; pyfuse3 reads this at init where the binding offers it.
         self.enable_symlink_cache = self.binding.symlink_cache
+        # FUSE passthrough for files whose data is in the upper dir (see `passthrough`): asked for
+        # at init where the binding has it and the caller allows it (`passthrough.wanted`).
+        self.enable_passthrough = passthrough and self.binding.passthrough
+        self.passthrough_stack_depth = BACKING_STACK_DEPTH
+        self.backing = BackingFiles()
+
+    def init(self) -> None:
+        """After the kernel's INIT: whether it agreed to passthrough."""
+        self.backing.active = self.enable_passthrough and passthrough.active()
+        if self.enable_passthrough:
+            log.debug("FUSE passthrough: %s", "on" if self.backing.active else "not offered by the kernel")
 
     def _new_handle(self) -> int:
         handle = self._next_handle
@@ -489,8 +503,18 @@ class OverlayOperations(pyfuse3.Operations):
     def _file_info(self, handle: FileHandle, *, counted: bool = False) -> pyfuse3.FileInfo:
         number = self._new_handle()
         self._files[number] = handle
+        node = handle.node
         if not counted:
-            handle.node.opened += 1
+            node.opened += 1
+        if self.backing.active and handle.resolved.layer.writable:
+            # Data in the upper dir: passed through where the kernel allows it (every open of an
+            # inode passed through or none: `node.opened` counts this one and those in flight).
+            passed = self.backing.opens(node.ino)
+            if passed or (node.opened == 1 and passthrough.data_in_upper(handle.resolved)):
+                backing_id = self.backing.acquire(node.ino, handle.fd)
+                if backing_id is not None:
+                    handle.passed_through = True
+                    return passthrough.file_info(number, backing_id)
         # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
         return pyfuse3.FileInfo(fh=number, keep_cache=True)
 
@@ -619,6 +643,8 @@ class OverlayOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
         handle.node.opened -= 1
+        if handle.passed_through:
+            self.backing.release(handle.node.ino)
         # Inline, not a hop: closing one of several references only drops it, and a created file's
         # data is written back later by the kernel, not at close. Two closes can do disk work on
         # the loop: the last reference of a file with no name left (the inode is freed), and, on

@@ -30,7 +30,7 @@ from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
 from ..overlay.workers import HandoffTimes, HopStats, Workers
-from . import binding, control, inuse, owners, polling, readahead, timeline
+from . import binding, control, inuse, owners, passthrough, polling, readahead, timeline
 from .fs import OverlayOperations
 from .notify import notify
 from .options import MountOptions
@@ -97,8 +97,13 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     workers = Workers(stats=HopStats.from_environment(), standby=1,
                       handoff=binding.new_handoff() if times.on else None, times=times)
     tree = MergedTree(stack, upper_dir, workers)
-    operations = OverlayOperations(tree, read_only=options.read_only, view=options.view, owners=ownership,
-                                   acl="default_permissions" in options.fuse_options)
+    operations = OverlayOperations(
+        tree, read_only=options.read_only, view=options.view, owners=ownership,
+        acl="default_permissions" in options.fuse_options,
+        passthrough=passthrough.wanted(offered=not options.read_only, asked=options.passthrough,
+                                       control=options.control is not None,
+                                       xattr_permissions=options.view.xattr_permissions != 0),
+    )  # fmt: skip
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     if timeline.enabled():
         _trace_first_requests(operations)

@@ -58,7 +58,7 @@ _FUSE_VALUED = frozenset({"fsname", "subtype", "blksize"})
 
 #: Our own keys and the flags we act on: what a misspelt key is compared with.
 _OWN = ("lowerdir", "upperdir", "workdir", "ro", "control", "allow_other", "noallow_other",
-        "default_permissions", "nodefault_permissions", "poll_us")  # fmt: skip
+        "default_permissions", "nodefault_permissions", "poll_us", "passthrough")  # fmt: skip
 _KNOWN = (frozenset(_OWN) | compat.KEYS | {"debug"} | _IGNORED | _KERNEL_TUNABLES | set(_FEATURE_VALUES)
           | _FUSE_FLAGS | _FUSE_VALUED
           | {"max_read"})
@@ -91,6 +91,9 @@ class MountOptions:
     poll_us: int | None = None
     """``poll_us=N``: µs the request loop polls /dev/fuse for the next request before sleeping
     (0: never); None: the default (see `polling`)."""
+    passthrough: bool = True
+    """``passthrough=off``: never let the kernel read and write upper files itself (see
+    `overlayfuse.daemon.passthrough`; on by default where it can be)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,6 +183,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
     lowerdirs: list[str] = []
     upperdir = workdir = control = None
     poll_us: int | None = None
+    passthrough = True
     read_only = False
     fuse_options: set[str] = set()
     warnings: list[str] = []
@@ -224,6 +228,10 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
                 default_permissions = False
             elif key == "poll_us":
                 poll_us = _poll_us(value)
+            elif key == "passthrough":
+                if value not in ("on", "off"):
+                    raise UsageError(f"passthrough={value!r}: on or off")
+                passthrough = value == "on"
             elif key == "debug":  # fuse-overlayfs's -o debug: as -d
                 debug = True
             elif key in compat.KEYS:
@@ -294,6 +302,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         view=view,
         features=features,
         poll_us=poll_us,
+        passthrough=passthrough,
     )
 
 

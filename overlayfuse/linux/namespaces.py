@@ -62,3 +62,14 @@ def enter_root_and_cwd(root_fd: int, cwd_fd: int) -> None:
         os.fchdir(root_fd)
         os.chroot(".")
     os.fchdir(cwd_fd)
+
+
+def in_initial_user_namespace() -> bool:
+    """Whether this process is in the machine's first user namespace, where root's capabilities are
+    real (the kernel asks CAP_SYS_ADMIN there for some calls, FUSE passthrough's backing files among
+    them). Its uid map maps all 2^32 ids onto themselves; no other user namespace's can."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as uid_map:
+            return uid_map.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False

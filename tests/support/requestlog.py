@@ -27,17 +27,18 @@ _REQUEST = re.compile(r"DEBUG (\w+)\((.*)\)$")
 
 
 @contextlib.contextmanager
-def debug_daemon(tmp_path: Path, lower: Path, *, stock: bool = False) -> Iterator[tuple[Path, Path]]:
+def debug_daemon(tmp_path: Path, lower: Path, *, stock: bool = False,
+                 options: str = "") -> Iterator[tuple[Path, Path]]:
     """A `-d` overlayfuse over LOWER with an upper dir; yields the mountpoint and its log.
 
     STOCK runs the daemon as on a stock pyfuse3 (`OVERLAYFUSE_BINDING=stock`); otherwise it gets
-    this process's environment, whatever binding that asks for.
+    this process's environment, whatever binding that asks for. OPTIONS: more `-o` options.
     """
     mnt, upper, work = tmp_path / "mnt", tmp_path / "upper", tmp_path / "work"
     for path in (mnt, upper, work):
         path.mkdir()
     log = tmp_path / "daemon.log"
-    cmd = overlayfuse_cmd(mnt, overlay_options([lower], upper, work))
+    cmd = overlayfuse_cmd(mnt, overlay_options([lower], upper, work), *([options] if options else []))
     cmd.insert(1, "-d")
     env = dict(os.environ)
     if stock:

@@ -1,0 +1,130 @@
+"""FUSE passthrough: files whose data is in the upper layer read and written by the kernel itself.
+
+With passthrough (Linux 6.9, libfuse 3.17, pyfuse3 patch 0007) an open or create reply may name a
+backing file: the kernel then serves that open file's reads, writes and mmap from the backing file
+directly, and sends no READ, WRITE, nor the GETXATTR of ``security.capability`` that precedes every
+write. For overlayfuse that is every open of a file whose data is in the upper dir, the writable
+layer: a new file, a copied-up one. It is not used for data in a lower layer: the kernel binds an
+open file to its backing file for good, and a read-only open of a lower file must see the upper
+copy once another open copies it up (as the kernel's overlay does; `OverlayOperations._readable_fd`).
+
+The kernel's rules, which this module keeps (fs/fuse/iomode.c):
+- every passthrough open of one inode uses the same backing id: an open naming another fails with
+  EIO. So an inode's id is kept while any passthrough open of it lasts (`BackingFiles`);
+- an inode is either in passthrough mode or in cached mode while files are open: an open of the
+  other kind fails with EIO. So an open is passed through only when no other open of the inode
+  exists that was not (the daemon counts every open from its request to its release; one in flight
+  counts as not passed through, so two racing opens both stay cached).
+
+Passthrough writes do not go through the inode's page cache, and none can be stale afterwards: a
+passthrough open has no ``keep_cache`` (the kernel refuses it), so opening one drops the pages that
+cached opens left, and no cached open can fill them again while it lasts.
+
+Not passed through (a cached open instead): a set-id file (a write by an unprivileged caller must
+clear the bits; a passthrough write runs with the daemon's credentials, which keep them), any open
+on a mount with a control socket (a freeze for ``overlayctl commit`` must hold back writes, and a
+passthrough write never reaches the daemon), and mounts with ``xattr_permissions`` (the mode shown is
+not the mode on disk). Registering a backing file needs CAP_SYS_ADMIN, so rootless mounts never ask.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import pyfuse3
+
+from ..linux.namespaces import in_initial_user_namespace
+from ..overlay.layers import Resolved
+
+log = logging.getLogger(__name__)
+
+#: How deep the file systems holding the layers may be stacked: 1 lets the upper dir sit on an
+#: overlayfs (a container's root); this mount's own stacking depth is one more (the kernel's limit is 2).
+BACKING_STACK_DEPTH = 1
+
+
+def wanted(*, offered: bool, asked: bool, control: bool, xattr_permissions: bool) -> bool:
+    """Whether to ask the kernel for passthrough at init (see the module's docstring): root in the
+    first user namespace (rootless podman's daemon is root only in its own)."""
+    return offered and asked and not control and not xattr_permissions and in_initial_user_namespace()
+
+
+def active() -> bool:
+    """The kernel agreed at init (pyfuse3 patch 0007; only where `Binding.passthrough`)."""
+    return cast(Callable[[], bool], vars(pyfuse3)["passthrough_active"])()
+
+
+def file_info(fh: int, backing_id: int) -> pyfuse3.FileInfo:
+    """An open reply that passes the file through to BACKING_ID's file. The kernel refuses
+    ``keep_cache`` with it (FOPEN_KEEP_CACHE is not among passthrough's open flags)."""
+    info = pyfuse3.FileInfo(fh=fh, keep_cache=False)
+    setattr(info, "backing_id", backing_id)  # noqa: B010 (not in the stock binding's stubs)
+    return info
+
+
+def data_in_upper(resolved: Resolved) -> bool:
+    """True for a regular file whose data is in the writable layer and that may be passed through."""
+    mode = resolved.stat.st_mode
+    set_id = mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP)
+    return resolved.layer.writable and resolved.data is None and stat.S_ISREG(mode) and not set_id
+
+
+@dataclass(slots=True)
+class _Backing:
+    backing_id: int
+    opens: int = 0
+
+
+@dataclass(slots=True)
+class BackingFiles:
+    """The backing id of each inode with passthrough opens, and how many it has."""
+
+    active: bool = False
+    """The kernel agreed to passthrough at init; turned off for good by a refusal (see `acquire`)."""
+    _by_inode: dict[int, _Backing] = field(default_factory=dict)
+
+    def opens(self, ino: int) -> int:
+        """INO's passthrough opens."""
+        backing = self._by_inode.get(ino)
+        return backing.opens if backing is not None else 0
+
+    def acquire(self, ino: int, fd: int) -> int | None:
+        """The backing id for one more passthrough open of INO (FD registered if it has none), or
+        None where the kernel refuses: then passthrough is off for the rest of the mount, said
+        once in the log (ELOOP: a layer on a stack too deep; EPERM: no CAP_SYS_ADMIN)."""
+        backing = self._by_inode.get(ino)
+        if backing is None:
+            try:
+                backing = self._by_inode[ino] = _Backing(_call("backing_open", fd))
+            except OSError as exc:
+                self.active = False
+                log.warning("FUSE passthrough off: the kernel refused a backing file (%s)",
+                            errno.errorcode.get(exc.errno or 0, exc.errno))
+                return None
+        backing.opens += 1
+        return backing.backing_id
+
+    def release(self, ino: int) -> None:
+        """One passthrough open of INO released: its id given back after the last."""
+        backing = self._by_inode[ino]
+        backing.opens -= 1
+        if backing.opens == 0:
+            del self._by_inode[ino]
+            try:
+                _call("backing_close", backing.backing_id)
+            except OSError as exc:  # the kernel holds its own reference: nothing is lost
+                log.debug("closing backing id %d: %s", backing.backing_id, exc)
+
+
+def _call(name: str, arg: int) -> int:
+    """pyfuse3.backing_open/backing_close (patch 0007), typed here so that this module checks
+    against the stock binding's stubs too (as `binding.new_handoff`)."""
+    return cast(Callable[[int], int], vars(pyfuse3)[name])(arg)
+
+
+__all__ = ["BACKING_STACK_DEPTH", "BackingFiles", "active", "data_in_upper", "file_info", "wanted"]

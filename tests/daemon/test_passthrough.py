@@ -1,0 +1,132 @@
+"""FUSE passthrough: the kernel reads and writes files whose data is in the upper dir itself.
+
+Judged by what reached the daemon (its `-d` log, as the request tests) and by what every open
+reads: the kernel fails an open with EIO where an inode's opens mix passthrough and cached mode
+or name two backing ids (fs/fuse/iomode.c), so the mixes are played out here. Needs the binding's
+passthrough (pyfuse3 built against libfuse 3.17 by scripts/setup); on another binding these tests
+are skipped, and in CI that is a failure of the set-up, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from overlayfuse.daemon import binding
+from tests.support.mounts import run_isolated
+from tests.support.requestlog import debug_daemon, requests
+from tests.support.trees import File, make_tree
+
+pytestmark = pytest.mark.mount
+
+CHUNK = 8192
+
+
+@pytest.fixture(autouse=True)
+def _passthrough_binding() -> None:
+    if not binding.detect().passthrough:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the binding has no passthrough: scripts/setup builds pyfuse3 against libfuse 3.17")
+        pytest.skip("the binding has no passthrough (pyfuse3 not built against libfuse 3.17)")
+
+
+def _create_append_read(mnt: str) -> tuple[bytes, bytes]:
+    """A new file written in three chunks, a lower file appended to (a copy-up), both read back."""
+    fd = os.open(f"{mnt}/new", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+    for i in range(3):
+        os.write(fd, bytes([65 + i]) * CHUNK)
+    os.close(fd)
+    with open(f"{mnt}/lower", "ab") as f:
+        f.write(b"appended")
+    with open(f"{mnt}/new", "rb") as new, open(f"{mnt}/lower", "rb") as lower:
+        return new.read(), lower.read()
+
+
+@pytest.mark.parametrize("option", ["", "passthrough=off"])
+def test_reads_and_writes_of_upper_files_never_reach_the_daemon(tmp_path: Path, option: str) -> None:
+    lower = make_tree(tmp_path / "lower", File("lower", b"from below\n"))
+    with debug_daemon(tmp_path, lower, options=option) as (mnt, log):
+        new, appended = run_isolated(_create_append_read, str(mnt))
+        counts = Counter(op for op, _ in requests(log))
+    assert new == b"A" * CHUNK + b"B" * CHUNK + b"C" * CHUNK
+    assert appended == b"from below\nappended"
+    assert (tmp_path / "upper/new").read_bytes() == new
+    assert (tmp_path / "upper/lower").read_bytes() == appended
+    if option:
+        assert counts["write"] >= 4 and counts["read"] >= 1, counts
+    else:
+        assert counts["write"] == counts["read"] == 0, counts
+        assert "FUSE passthrough: on" in log.read_text()
+
+
+def _mixed_opens(mnt: str) -> list[bytes]:
+    """Opens of one file in every order the kernel's io modes care about; what each read saw."""
+    seen = []
+    path = f"{mnt}/f"
+    reader = os.open(path, os.O_RDONLY)  # a lower file: cached
+    seen.append(os.pread(reader, 100, 0))
+    writer = os.open(path, os.O_WRONLY | os.O_APPEND)  # copies up while the reader is open: cached too
+    os.write(writer, b"+1")
+    seen.append(os.pread(reader, 100, 0))  # the read-only fd follows the copy-up
+    os.close(writer)
+    os.close(reader)
+    first = os.open(path, os.O_RDWR | os.O_APPEND)  # upper data, nothing open: passed through
+    second = os.open(path, os.O_RDONLY)  # another open while one is passed through: the same id
+    os.write(first, b"+2")
+    seen.append(os.pread(second, 100, 0))
+    os.close(first)
+    third = os.open(path, os.O_RDWR | os.O_APPEND)  # the id still held by the second open
+    os.write(third, b"+3")
+    os.close(second)
+    os.close(third)
+    with open(path, "rb") as again:  # every open gone: a new id
+        seen.append(again.read())
+    return seen
+
+
+def test_mixed_opens_of_one_file_never_fail(tmp_path: Path) -> None:
+    lower = make_tree(tmp_path / "lower", File("f", b"base"))
+    with debug_daemon(tmp_path, lower) as (mnt, log):
+        seen = run_isolated(_mixed_opens, str(mnt))
+        writes = [args for op, args in requests(log) if op == "write"]
+    assert seen == [b"base", b"base+1", b"base+1+2", b"base+1+2+3"]
+    assert len(writes) == 1, writes  # only "+1", written while the lower file's reader was cached
+
+
+def _cached_after_passthrough(mnt: str) -> bytes:
+    """A lower file read (its pages cached), rewritten through a passthrough open, made set-id
+    (which is never passed through), then read through a cached open. Its old mtime is put back:
+    a new one would make the kernel drop the pages for that reason alone (auto_inval_data)."""
+    path = f"{mnt}/s"
+    with open(path, "rb") as f:
+        f.read()
+    before = os.stat(path)
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, b"B" * CHUNK, 0)
+    os.close(fd)
+    os.chmod(path, 0o4755)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_a_cached_open_after_passthrough_writes_reads_them(tmp_path: Path) -> None:
+    lower = make_tree(tmp_path / "lower", File("s", b"A" * CHUNK))
+    with debug_daemon(tmp_path, lower) as (mnt, log):
+        data = run_isolated(_cached_after_passthrough, str(mnt))
+        counts = Counter(op for op, _ in requests(log))
+    assert data == b"B" * CHUNK
+    assert counts["write"] == 0 and counts["read"] >= 1, counts  # the set-id file's read reached it
+
+
+def test_a_mount_with_a_control_socket_is_never_passed_through(tmp_path: Path) -> None:
+    """A freeze for `overlayctl commit` must hold writes back, and a passthrough write never asks."""
+    lower = make_tree(tmp_path / "lower", File("lower", b"from below\n"))
+    control = f"@overlayfuse-test-{os.getpid()}-{tmp_path.name}"
+    with debug_daemon(tmp_path, lower, options=f"control={control}") as (mnt, log):
+        run_isolated(_create_append_read, str(mnt))
+        counts = Counter(op for op, _ in requests(log))
+    assert counts["write"] >= 4, counts
