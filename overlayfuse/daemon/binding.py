@@ -105,6 +105,18 @@ def detect() -> Binding:
     )
 
 
+def libfuse_version() -> int | None:
+    """The libfuse pyfuse3 runs on, as libfuse numbers it (317 for 3.17), or None if it cannot be
+    told. Asked of the extension module itself (a handle on it also finds the libraries it was
+    linked with): scripts/setup links it with libfuse 3.17, a stock build with the system's."""
+    import ctypes  # only here: this is asked once, where a mount option depends on it
+
+    try:
+        return int(ctypes.CDLL(pyfuse3.__file__).fuse_version())
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def _parameters(func: object) -> tuple[str, ...]:
     """The parameter names of FUNC (a Cython function behind pyfuse3's async wrapper), read from
     its code object: `inspect` is not worth importing on every daemon's start for this."""
@@ -112,4 +124,4 @@ def _parameters(func: object) -> tuple[str, ...]:
     return tuple(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]) if code is not None else ()
 
 
-__all__ = ["STOCK", "Binding", "detect", "new_handoff", "readdir_inode"]
+__all__ = ["STOCK", "Binding", "detect", "libfuse_version", "new_handoff", "readdir_inode"]

@@ -500,6 +500,15 @@ class OverlayOperations(pyfuse3.Operations):
             raise
         return self._file_info(FileHandle(node, fd, resolved, writing, resolved.stat.st_dev), counted=True)
 
+    def _names_of_a_broken_link(self, node: Node) -> bool:
+        """NODE has several names on a mount whose upper keeps no hardlink index: there a copy-up
+        breaks a lower file's hardlinks, as the kernel's overlay does without index=on, and the
+        kernel's overlay shows each name as an inode of its own. This daemon shows them as one
+        inode (a known difference), whose reads stay right only through the size the kernel
+        learnt at each name's lookup, which reads of a backing file would not respect."""
+        upper = self.tree.upper_dir
+        return upper is not None and upper.links is None and node.own_names is not None and len(node.own_names) > 1
+
     def _file_info(self, handle: FileHandle, *, counted: bool = False) -> pyfuse3.FileInfo:
         number = self._new_handle()
         self._files[number] = handle
@@ -510,8 +519,9 @@ class OverlayOperations(pyfuse3.Operations):
             # Data in the upper dir: passed through where the kernel allows it (every open of an
             # inode passed through or none: `node.opened` counts this one and those in flight).
             passed = self.backing.opens(node.ino)
-            if passed or (node.opened == 1 and passthrough.data_in_upper(handle.resolved)):
-                backing_id = self.backing.acquire(node.ino, handle.fd)
+            if passed or (node.opened == 1 and passthrough.data_in_upper(handle.resolved)
+                          and not self._names_of_a_broken_link(node)):
+                backing_id = self.backing.acquire(node.ino, handle.fd, (handle.dev, handle.resolved.stat.st_ino))
                 if backing_id is not None:
                     handle.passed_through = True
                     return passthrough.file_info(number, backing_id)

@@ -272,8 +272,8 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         for flag in ("dev", "suid"):
             if "no" + flag not in fuse_options:
                 fuse_options.add(flag)
-        if "auto_unmount" in fuse_options and not {"nodev", "nosuid"} <= fuse_options:
-            # libfuse mounts through fusermount3 for auto_unmount, and that always adds nosuid,nodev.
+        if "auto_unmount" in fuse_options and not {"nodev", "nosuid"} <= fuse_options and _mounts_through_fusermount():
+            # libfuse < 3.17 mounts through fusermount3 for auto_unmount, which always adds nosuid,nodev.
             warnings.append("auto_unmount: the mount will be nosuid,nodev (fusermount3 mounts it so): "
                             "leave auto_unmount out for device nodes and setuid programs to work")
     if allow_other:
@@ -304,6 +304,15 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
         poll_us=poll_us,
         passthrough=passthrough,
     )
+
+
+def _mounts_through_fusermount() -> bool:
+    """Whether root's mount with auto_unmount goes through fusermount3 (libfuse before 3.17; from
+    3.17 libfuse mounts itself and runs fusermount3 only to unmount when the daemon dies)."""
+    from .binding import libfuse_version  # pyfuse3: only for this rare option
+
+    version = libfuse_version()
+    return version is None or version < 317
 
 
 def _poll_us(value: str) -> int:

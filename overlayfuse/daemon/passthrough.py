@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,9 +44,12 @@ from ..overlay.layers import Resolved
 
 log = logging.getLogger(__name__)
 
-#: How deep the file systems holding the layers may be stacked: 1 lets the upper dir sit on an
-#: overlayfs (a container's root); this mount's own stacking depth is one more (the kernel's limit is 2).
-BACKING_STACK_DEPTH = 1
+#: How deep the file system holding a backing file may be stacked. 0: not on an overlayfs or
+#: another passthrough FUSE mount (the kernel refuses those backing files: ELOOP). This mount's own
+#: stacking depth is one more, and 1 leaves room under the kernel's limit of 2 for an overlayfs
+#: with this mount as a layer, as on any FUSE mount; an upper dir on an overlayfs (a container's
+#: root) gets no passthrough instead.
+BACKING_STACK_DEPTH = 0
 
 
 def wanted(*, offered: bool, asked: bool, control: bool, xattr_permissions: bool) -> bool:
@@ -74,9 +78,16 @@ def data_in_upper(resolved: Resolved) -> bool:
     return resolved.layer.writable and resolved.data is None and stat.S_ISREG(mode) and not set_id
 
 
+_REFUSALS = {
+    errno.ELOOP: "the upper dir is on a stacked filesystem, such as an overlayfs",
+    errno.EPERM: "no CAP_SYS_ADMIN",
+}
+
+
 @dataclass(slots=True)
 class _Backing:
     backing_id: int
+    real: tuple[int, int]  # the backing file's (st_dev, st_ino)
     opens: int = 0
 
 
@@ -93,18 +104,26 @@ class BackingFiles:
         backing = self._by_inode.get(ino)
         return backing.opens if backing is not None else 0
 
-    def acquire(self, ino: int, fd: int) -> int | None:
-        """The backing id for one more passthrough open of INO (FD registered if it has none), or
-        None where the kernel refuses: then passthrough is off for the rest of the mount, said
-        once in the log (ELOOP: a layer on a stack too deep; EPERM: no CAP_SYS_ADMIN)."""
+    def acquire(self, ino: int, fd: int, real: tuple[int, int]) -> int | None:
+        """The backing id for one more passthrough open of INO, whose real file FD is (REAL: its
+        st_dev and st_ino), or None for a cached open instead.
+
+        An inode with passthrough opens shares their id, but only for the same real file: an
+        inode's name may now lead to another one (a hardlinked lower file whose other name was
+        copied up and broke the link), and the opens counted may already be closed in the kernel,
+        their release not yet read here; a cached open is right then. Where the kernel refuses to
+        register FD, passthrough is off for the rest of the mount, said once in the log.
+        """
         backing = self._by_inode.get(ino)
+        if backing is not None and backing.real != real:
+            return None
         if backing is None:
             try:
-                backing = self._by_inode[ino] = _Backing(_call("backing_open", fd))
+                backing = self._by_inode[ino] = _Backing(_call("backing_open", fd), real)
             except OSError as exc:
                 self.active = False
-                log.warning("FUSE passthrough off: the kernel refused a backing file (%s)",
-                            errno.errorcode.get(exc.errno or 0, exc.errno))
+                why = _REFUSALS.get(exc.errno or 0, os.strerror(exc.errno or 0))
+                log.warning("FUSE passthrough off for this mount: the kernel refused a backing file (%s)", why)
                 return None
         backing.opens += 1
         return backing.backing_id

@@ -32,12 +32,13 @@ ONE_HOP = ("create", "mkdir", "mknod", "symlink", "link", "write", "setattr", "u
 
 @contextlib.contextmanager
 def counted_mount(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Path]:
-    """An overlayfuse mount with an upper dir, counting its hops into tmp_path/hops.txt."""
+    """An overlayfuse mount with an upper dir, counting its hops into tmp_path/hops.txt. Without
+    passthrough: these tests count the hops of writes, which passthrough keeps from the daemon."""
     lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
     for path in (lower, upper, work, mnt):
         path.mkdir()
     env = dict(os.environ, **{HOP_STATS_ENV: str(tmp_path / "hops.txt")}, **(extra_env or {}))
-    cmd = overlayfuse_cmd(mnt, overlay_options([lower], upper, work), foreground=True)
+    cmd = overlayfuse_cmd(mnt, overlay_options([lower], upper, work), "passthrough=off", foreground=True)
     with open(tmp_path / "daemon.log", "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
     try:

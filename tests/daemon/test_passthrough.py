@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from overlayfuse.daemon import binding
-from tests.support.mounts import run_isolated
+from tests.support.mounts import kernel_overlay, run_isolated
 from tests.support.requestlog import debug_daemon, requests
 from tests.support.trees import File, make_tree
 
@@ -130,3 +130,21 @@ def test_a_mount_with_a_control_socket_is_never_passed_through(tmp_path: Path) -
         run_isolated(_create_append_read, str(mnt))
         counts = Counter(op for op, _ in requests(log))
     assert counts["write"] >= 4, counts
+
+
+def test_an_upper_dir_on_overlayfs_gets_no_passthrough(tmp_path: Path) -> None:
+    """The kernel refuses backing files on a stacked filesystem (this mount stays stackable):
+    passthrough goes off for the mount, once, with the reason, and every write still works."""
+    lower = make_tree(tmp_path / "lower", File("lower", b"from below\n"))
+    for name in ("klower", "kupper", "kwork"):
+        (tmp_path / name).mkdir()
+    kernel = tmp_path / "kernel"
+    with kernel_overlay(kernel, [tmp_path / "klower"], tmp_path / "kupper", tmp_path / "kwork"), \
+            debug_daemon(tmp_path, lower, upper_in=kernel) as (mnt, log):
+        new, appended = run_isolated(_create_append_read, str(mnt))
+        text = log.read_text()
+        counts = Counter(op for op, _ in requests(log))
+    assert new == b"A" * CHUNK + b"B" * CHUNK + b"C" * CHUNK and appended == b"from below\nappended"
+    assert text.count("FUSE passthrough off for this mount") == 1, text
+    assert "stacked filesystem" in text
+    assert counts["write"] >= 3, counts

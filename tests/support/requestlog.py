@@ -27,14 +27,16 @@ _REQUEST = re.compile(r"DEBUG (\w+)\((.*)\)$")
 
 
 @contextlib.contextmanager
-def debug_daemon(tmp_path: Path, lower: Path, *, stock: bool = False,
-                 options: str = "") -> Iterator[tuple[Path, Path]]:
+def debug_daemon(tmp_path: Path, lower: Path, *, stock: bool = False, options: str = "",
+                 upper_in: Path | None = None) -> Iterator[tuple[Path, Path]]:
     """A `-d` overlayfuse over LOWER with an upper dir; yields the mountpoint and its log.
 
     STOCK runs the daemon as on a stock pyfuse3 (`OVERLAYFUSE_BINDING=stock`); otherwise it gets
     this process's environment, whatever binding that asks for. OPTIONS: more `-o` options.
+    UPPER_IN: where the upper and work dirs are made (default TMP_PATH).
     """
-    mnt, upper, work = tmp_path / "mnt", tmp_path / "upper", tmp_path / "work"
+    base = upper_in or tmp_path
+    mnt, upper, work = tmp_path / "mnt", base / "upper", base / "work"
     for path in (mnt, upper, work):
         path.mkdir()
     log = tmp_path / "daemon.log"
