@@ -8,6 +8,7 @@
 - `fs`: the `pyfuse3.Operations` handlers, and the one place where errors become errno values;
   `handles`: its open file and directory handles; `binding`: what the running pyfuse3 offers
   beyond its stock release (patches/pyfuse3: kernel-cached listings, symlink cache), found at run time;
+  `passthrough`: which opens the kernel may serve from the upper file itself (FUSE passthrough);
 - `mount`: mount, detach, readiness, signals, unmount; `inuse`: one writable mount per upper dir;
 - `forkserver`, `forkclient`: ``overlayfuse --fork-server``, which forks a daemon per mount with the
   imports done once, and the command's side of it (run before anything heavy is imported);
