@@ -515,11 +515,11 @@ class OverlayOperations(pyfuse3.Operations):
         node = handle.node
         if not counted:
             node.opened += 1
-        if self.backing.active and handle.resolved.layer.writable:
-            # Data in the upper dir: passed through where the kernel allows it (every open of an
+        if self.backing.active and (self.read_only or handle.resolved.layer.writable):
+            # Data that stays put: passed through where the kernel allows it (every open of an
             # inode passed through or none: `node.opened` counts this one and those in flight).
             passed = self.backing.opens(node.ino)
-            if passed or (node.opened == 1 and passthrough.data_in_upper(handle.resolved)
+            if passed or (node.opened == 1 and passthrough.stays_put(handle.resolved, read_only=self.read_only)
                           and not self._names_of_a_broken_link(node)):
                 backing_id = self.backing.acquire(node.ino, handle.fd, (handle.dev, handle.resolved.stat.st_ino))
                 if backing_id is not None:

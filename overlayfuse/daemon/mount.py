@@ -100,8 +100,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     operations = OverlayOperations(
         tree, read_only=options.read_only, view=options.view, owners=ownership,
         acl="default_permissions" in options.fuse_options,
-        passthrough=passthrough.wanted(offered=not options.read_only, asked=options.passthrough,
-                                       control=options.control is not None,
+        passthrough=passthrough.wanted(asked=options.passthrough, control=options.control is not None,
                                        xattr_permissions=options.view.xattr_permissions != 0),
     )  # fmt: skip
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits

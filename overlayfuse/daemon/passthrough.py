@@ -1,12 +1,13 @@
-"""FUSE passthrough: files whose data is in the upper layer read and written by the kernel itself.
+"""FUSE passthrough: files whose data stays put read and written by the kernel itself.
 
 With passthrough (Linux 6.9, libfuse 3.17, pyfuse3 patch 0007) an open or create reply may name a
 backing file: the kernel then serves that open file's reads, writes and mmap from the backing file
 directly, and sends no READ, WRITE, nor the GETXATTR of ``security.capability`` that precedes every
 write. For overlayfuse that is every open of a file whose data is in the upper dir, the writable
-layer: a new file, a copied-up one. It is not used for data in a lower layer: the kernel binds an
-open file to its backing file for good, and a read-only open of a lower file must see the upper
-copy once another open copies it up (as the kernel's overlay does; `OverlayOperations._readable_fd`).
+layer: a new file, a copied-up one; and on a read-only mount, every open (nothing is ever copied
+up there). It is not used for data in a lower layer of a writable mount: the kernel binds an open
+file to its backing file for good, and a read-only open of a lower file must see the upper copy
+once another open copies it up (as the kernel's overlay does; `OverlayOperations._readable_fd`).
 
 The kernel's rules, which this module keeps (fs/fuse/iomode.c):
 - every passthrough open of one inode uses the same backing id: an open naming another fails with
@@ -52,10 +53,10 @@ log = logging.getLogger(__name__)
 BACKING_STACK_DEPTH = 0
 
 
-def wanted(*, offered: bool, asked: bool, control: bool, xattr_permissions: bool) -> bool:
+def wanted(*, asked: bool, control: bool, xattr_permissions: bool) -> bool:
     """Whether to ask the kernel for passthrough at init (see the module's docstring): root in the
     first user namespace (rootless podman's daemon is root only in its own)."""
-    return offered and asked and not control and not xattr_permissions and in_initial_user_namespace()
+    return asked and not control and not xattr_permissions and in_initial_user_namespace()
 
 
 def active() -> bool:
@@ -71,15 +72,19 @@ def file_info(fh: int, backing_id: int) -> pyfuse3.FileInfo:
     return info
 
 
-def data_in_upper(resolved: Resolved) -> bool:
-    """True for a regular file whose data is in the writable layer and that may be passed through."""
+def stays_put(resolved: Resolved, *, read_only: bool) -> bool:
+    """Whether an open of RESOLVED, the real file an open reads, may be passed through: a regular
+    file, not set-id, whose data stays where it is while the open lasts. That is a file in the
+    upper dir with all its data (a metacopy file's data is copied in at its first open to write,
+    to another file), or any file of a read-only mount."""
     mode = resolved.stat.st_mode
     set_id = mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP)
-    return resolved.layer.writable and resolved.data is None and stat.S_ISREG(mode) and not set_id
+    in_upper = resolved.layer.writable and resolved.data is None
+    return (read_only or in_upper) and stat.S_ISREG(mode) and not set_id
 
 
 _REFUSALS = {
-    errno.ELOOP: "the upper dir is on a stacked filesystem, such as an overlayfs",
+    errno.ELOOP: "its layer is on a stacked filesystem, such as an overlayfs",
     errno.EPERM: "no CAP_SYS_ADMIN",
 }
 
@@ -146,4 +151,4 @@ def _call(name: str, arg: int) -> int:
     return cast(Callable[[int], int], vars(pyfuse3)[name])(arg)
 
 
-__all__ = ["BACKING_STACK_DEPTH", "BackingFiles", "active", "data_in_upper", "file_info", "wanted"]
+__all__ = ["BACKING_STACK_DEPTH", "BackingFiles", "active", "file_info", "stays_put", "wanted"]

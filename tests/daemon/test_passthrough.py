@@ -45,6 +45,24 @@ def _create_append_read(mnt: str) -> tuple[bytes, bytes]:
         return new.read(), lower.read()
 
 
+def _read_lower_twice(mnt: str) -> bytes:
+    """A lower file read through two opens one after the other: each a cached open."""
+    with open(f"{mnt}/lower", "rb") as f:
+        f.read()
+    with open(f"{mnt}/lower", "rb") as f:
+        return f.read()
+
+
+def test_lower_files_of_a_writable_mount_are_read_through_the_daemon(tmp_path: Path) -> None:
+    """A read-only open of a lower file must read the upper copy once another open copies it
+    up, which a backing file bound at open could not: so lower data is never passed through."""
+    lower = make_tree(tmp_path / "lower", File("lower", b"from below\n"))
+    with debug_daemon(tmp_path, lower) as (mnt, log):
+        assert run_isolated(_read_lower_twice, str(mnt)) == b"from below\n"
+        counts = Counter(op for op, _ in requests(log))
+    assert counts["read"] >= 1, counts
+
+
 @pytest.mark.parametrize("option", ["", "passthrough=off"])
 def test_reads_and_writes_of_upper_files_never_reach_the_daemon(tmp_path: Path, option: str) -> None:
     lower = make_tree(tmp_path / "lower", File("lower", b"from below\n"))
@@ -60,6 +78,26 @@ def test_reads_and_writes_of_upper_files_never_reach_the_daemon(tmp_path: Path, 
     else:
         assert counts["write"] == counts["read"] == 0, counts
         assert "FUSE passthrough: on" in log.read_text()
+
+
+def _read_twice(path: str) -> tuple[bytes, bytes]:
+    """PATH read through two opens at once, then mapped (passthrough serves mmap too)."""
+    import mmap
+
+    with open(path, "rb") as first, open(path, "rb") as second:
+        data = first.read()
+        with mmap.mmap(second.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            return data, mapped[:]
+
+
+def test_a_read_only_mount_passes_every_file_through(tmp_path: Path) -> None:
+    """Nothing is ever copied up there, so lower files stay put while they are open."""
+    lower = make_tree(tmp_path / "lower", File("big", os.urandom(3 * 1024 * 1024)))
+    with debug_daemon(tmp_path, lower, writable=False) as (mnt, log):
+        first, mapped = run_isolated(_read_twice, str(mnt / "big"))
+        counts = Counter(op for op, _ in requests(log))
+    assert first == mapped == (lower / "big").read_bytes()
+    assert counts["open"] == 2 and counts["read"] == 0, counts
 
 
 def _mixed_opens(mnt: str) -> list[bytes]:
@@ -146,5 +184,5 @@ def test_an_upper_dir_on_overlayfs_gets_no_passthrough(tmp_path: Path) -> None:
         counts = Counter(op for op, _ in requests(log))
     assert new == b"A" * CHUNK + b"B" * CHUNK + b"C" * CHUNK and appended == b"from below\nappended"
     assert text.count("FUSE passthrough off for this mount") == 1, text
-    assert "stacked filesystem" in text
+    assert "on a stacked filesystem" in text
     assert counts["write"] >= 3, counts

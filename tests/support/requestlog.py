@@ -28,19 +28,21 @@ _REQUEST = re.compile(r"DEBUG (\w+)\((.*)\)$")
 
 @contextlib.contextmanager
 def debug_daemon(tmp_path: Path, lower: Path, *, stock: bool = False, options: str = "",
-                 upper_in: Path | None = None) -> Iterator[tuple[Path, Path]]:
+                 upper_in: Path | None = None, writable: bool = True) -> Iterator[tuple[Path, Path]]:
     """A `-d` overlayfuse over LOWER with an upper dir; yields the mountpoint and its log.
 
     STOCK runs the daemon as on a stock pyfuse3 (`OVERLAYFUSE_BINDING=stock`); otherwise it gets
     this process's environment, whatever binding that asks for. OPTIONS: more `-o` options.
-    UPPER_IN: where the upper and work dirs are made (default TMP_PATH).
+    UPPER_IN: where the upper and work dirs are made (default TMP_PATH); not WRITABLE: none, a
+    read-only mount of LOWER alone.
     """
     base = upper_in or tmp_path
     mnt, upper, work = tmp_path / "mnt", base / "upper", base / "work"
-    for path in (mnt, upper, work):
+    for path in (mnt, upper, work) if writable else (mnt,):
         path.mkdir()
     log = tmp_path / "daemon.log"
-    cmd = overlayfuse_cmd(mnt, overlay_options([lower], upper, work), *([options] if options else []))
+    layers = overlay_options([lower], upper, work) if writable else overlay_options([lower])
+    cmd = overlayfuse_cmd(mnt, layers, *([options] if options else []))
     cmd.insert(1, "-d")
     env = dict(os.environ)
     if stock:
