@@ -9,6 +9,7 @@ are skipped, and in CI that is a failure of the set-up, not a skip.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from overlayfuse.daemon import binding
 from tests.support.mounts import kernel_overlay, run_isolated
 from tests.support.requestlog import debug_daemon, requests
+from tests.support.servicetools import faultfs
 from tests.support.trees import File, make_tree
 
 pytestmark = pytest.mark.mount
@@ -98,6 +100,26 @@ def test_a_read_only_mount_passes_every_file_through(tmp_path: Path) -> None:
         counts = Counter(op for op, _ in requests(log))
     assert first == mapped == (lower / "big").read_bytes()
     assert counts["open"] == 2 and counts["read"] == 0, counts
+
+
+def _read_errno(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.read()
+    except OSError as exc:
+        return exc.errno or 0
+    return 0
+
+
+def test_a_failing_disk_under_a_passed_through_file_fails_the_read(tmp_path: Path) -> None:
+    """The kernel reads the file itself, so the error comes from the layer's disk to the reader
+    unchanged, and the daemon, which never sees the read, logs nothing about it."""
+    with faultfs(tmp_path / "control", tmp_path / "faulty") as lower, \
+            debug_daemon(tmp_path, lower, writable=False) as (mnt, log):
+        assert run_isolated(_read_errno, str(mnt / "ok")) == 0
+        assert run_isolated(_read_errno, str(mnt / "broken")) == errno.EIO
+        counts = Counter(op for op, _ in requests(log))
+    assert counts["read"] == 0, counts
 
 
 def _mixed_opens(mnt: str) -> list[bytes]:

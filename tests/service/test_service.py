@@ -481,13 +481,15 @@ def test_journal_lines_carry_the_priority_on_every_line() -> None:
 @pytest.mark.mount
 @pytest.mark.parametrize("journal", [True, False], ids=["journal", "plain"])
 def test_eio_reaches_the_log_with_its_cause(journal: bool, tmp_path: Path, overlayfuse_bin: Path) -> None:
-    """A lower layer whose disk fails: the reader gets EIO, the log says which request and why."""
+    """A lower layer whose disk fails: the reader gets EIO, the log says which request and why.
+    Without passthrough, which on this read-only mount would let the kernel read the file itself,
+    never asking the daemon (tests/daemon/test_passthrough.py checks the reader's EIO there)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with faultfs(tmp_path / "control", tmp_path / "lower") as lower:
         listener = NotifyListener(path=tmp_path / "notify.sock")
         env = listener.env() if journal else no_journal_env()
-        cmd = [str(overlayfuse_bin), "-f", "-o", f"lowerdir={lower}", str(mnt)]
+        cmd = [str(overlayfuse_bin), "-f", "-o", f"lowerdir={lower},passthrough=off", str(mnt)]
         with listener, daemon(cmd, mnt, env=env) as d:
             wait_mounted(mnt, d.proc)
             assert run_isolated(_read, str(mnt / "ok"), timeout=30) == b"fine\n"
