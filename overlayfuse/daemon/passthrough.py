@@ -2,12 +2,13 @@
 
 With passthrough (Linux 6.9, libfuse 3.17, pyfuse3 patch 0007) an open or create reply may name a
 backing file: the kernel then serves that open file's reads, writes and mmap from the backing file
-directly, and sends no READ, WRITE, nor the GETXATTR of ``security.capability`` that precedes every
-write. For overlayfuse that is every open of a file whose data is in the upper dir, the writable
-layer: a new file, a copied-up one; and on a read-only mount, every open (nothing is ever copied
-up there). It is not used for data in a lower layer of a writable mount: the kernel binds an open
-file to its backing file for good, and a read-only open of a lower file must see the upper copy
-once another open copies it up (as the kernel's overlay does; `OverlayOperations._readable_fd`).
+directly, and sends no READ or WRITE (the GETXATTR of ``security.capability`` before each write
+still comes: only FUSE_HANDLE_KILLPRIV_V2, not taken, would stop it). For overlayfuse that is every
+open of a file whose data is in the upper dir, the writable layer: a new file, a copied-up one;
+and on a read-only mount, every open (nothing is ever copied up there). It is not used for data in
+a lower layer of a writable mount: the kernel binds an open file to its backing file for good, and
+a read-only open of a lower file must see the upper copy once another open copies it up (as the
+kernel's overlay does; `OverlayOperations._readable_fd`).
 
 The kernel's rules, which this module keeps (fs/fuse/iomode.c):
 - every passthrough open of one inode uses the same backing id: an open naming another fails with
