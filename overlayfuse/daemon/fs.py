@@ -25,7 +25,7 @@ import pyfuse3
 
 from ..linux import nowait
 from ..overlay import whiteout
-from ..overlay.inodes import Node, UnknownInode
+from ..overlay.inodes import Node, UnknownInode, identity
 from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import KEPT_LISTINGS, Caller, MergedTree
 from ..overlay.metachange import MetadataChange
@@ -521,7 +521,7 @@ class OverlayOperations(pyfuse3.Operations):
             passed = self.backing.opens(node.ino)
             if passed or (node.opened == 1 and passthrough.stays_put(handle.resolved, read_only=self.read_only)
                           and not self._names_of_a_broken_link(node)):
-                backing_id = self.backing.acquire(node.ino, handle.fd, (handle.dev, handle.resolved.stat.st_ino))
+                backing_id = self.backing.acquire(node.ino, handle.fd, identity(handle.resolved))
                 if backing_id is not None:
                     handle.passed_through = True
                     return passthrough.file_info(number, backing_id)

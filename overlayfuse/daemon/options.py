@@ -229,9 +229,7 @@ def parse_args(argv: list[str], *, euid: int | None = None) -> MountOptions:
             elif key == "poll_us":
                 poll_us = _poll_us(value)
             elif key == "passthrough":
-                if value not in ("on", "off"):
-                    raise UsageError(f"passthrough={value!r}: on or off")
-                passthrough = value == "on"
+                passthrough = _choice(key, value, ("on", "off")) == "on"
             elif key == "debug":  # fuse-overlayfs's -o debug: as -d
                 debug = True
             elif key in compat.KEYS:
@@ -323,11 +321,15 @@ def _poll_us(value: str) -> int:
 
 def _feature(features: CopyUpFeatures, key: str, value: str) -> CopyUpFeatures:
     """FEATURES with ``KEY=VALUE`` (redirect_dir= or metacopy=) applied, or a UsageError."""
-    allowed = _FEATURE_VALUES[key]
+    on = _choice(key, value, _FEATURE_VALUES[key]) == "on"
+    return replace(features, redirect_dir=on) if key == "redirect_dir" else replace(features, metacopy=on)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
+    """VALUE of ``KEY=VALUE`` if it is one of ALLOWED, else a UsageError naming them."""
     if value not in allowed:
         raise UsageError(f"{key}={value}: takes {', '.join(allowed)}")
-    on = value == "on"
-    return replace(features, redirect_dir=on) if key == "redirect_dir" else replace(features, metacopy=on)
+    return value
 
 
 def suggest(key: str) -> str | None:

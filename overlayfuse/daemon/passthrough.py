@@ -42,6 +42,7 @@ from typing import cast
 import pyfuse3
 
 from ..linux.namespaces import in_initial_user_namespace
+from ..overlay.inodes import Identity
 from ..overlay.layers import Resolved
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ _REFUSALS = {
 @dataclass(slots=True)
 class _Backing:
     backing_id: int
-    real: tuple[int, int]  # the backing file's (st_dev, st_ino)
+    real: Identity  # the backing file's (`inodes.identity`)
     opens: int = 0
 
 
@@ -110,9 +111,9 @@ class BackingFiles:
         backing = self._by_inode.get(ino)
         return backing.opens if backing is not None else 0
 
-    def acquire(self, ino: int, fd: int, real: tuple[int, int]) -> int | None:
+    def acquire(self, ino: int, fd: int, real: Identity) -> int | None:
         """The backing id for one more passthrough open of INO, whose real file FD is (REAL: its
-        st_dev and st_ino), or None for a cached open instead.
+        `inodes.identity`), or None for a cached open instead.
 
         An inode with passthrough opens shares their id, but only for the same real file: an
         inode's name may now lead to another one (a hardlinked lower file whose other name was

@@ -135,8 +135,8 @@ class HandoffTimes:
     The defaults come from the measurements in docs/performance.md ("The worker handoff"): a
     write's syscalls take 13-27 µs, so the loop's window covers them with room; consecutive hops of
     a client writing files are tens of µs to a few hundred apart (a reply, the client, a GETXATTR),
-    so the worker's window covers most of those gaps. A job that takes longer than the loop's window (a create's
-    staging and rename) parks and costs what a hop cost before, plus the window.
+    so the worker's window covers most of those gaps. A job that takes longer than the loop's window
+    (a create's staging and rename) parks and costs what a hop cost before, plus the window.
     """
 
     spin_us: int

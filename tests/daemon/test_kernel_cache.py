@@ -11,7 +11,6 @@ stock pyfuse3, where every listing must still be right.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from overlayfuse.daemon import binding
 from tests.conftest import skip_or_fail
 from tests.support.compare import getdents
 from tests.support.mounts import run_isolated
-from tests.support.requestlog import debug_daemon, requests
+from tests.support.requestlog import debug_daemon, request_counts, requests
 from tests.support.trees import Dir, File, Symlink, make_tree
 
 pytestmark = pytest.mark.mount
@@ -65,9 +64,9 @@ def test_a_warm_walk_and_a_readlink_reach_the_daemon_once(tmp_path: Path) -> Non
         first = run_isolated(_walk, str(mnt))
         start = log.stat().st_size
         assert run_isolated(_walk, str(mnt)) == first
-        warm = Counter(op for op, _ in requests(log, start))
+        warm = request_counts(log, start)
         assert run_isolated(_readlinks, str(mnt / "link"), 3) == ["d0/f0"] * 3
-        all_ops = Counter(op for op, _ in requests(log))
+        all_ops = request_counts(log)
     assert len(first) == 6 * 12 + 1
     # The kernel keeps the listings: no opendir at all (ENOSYS once), and no readdir when warm.
     assert warm["readdir"] == 0 and warm["opendir"] == 0 and warm["releasedir"] == 0, warm
@@ -84,7 +83,7 @@ def test_stock_binding_lists_through_the_daemon_every_time(tmp_path: Path) -> No
         (mnt / "d1" / "new").write_bytes(b"n")
         os.unlink(mnt / "d2" / "f3")
         after = run_isolated(_walk, str(mnt))
-        warm = Counter(op for op, _ in requests(log, start))
+        warm = request_counts(log, start)
     assert warm["opendir"] >= 14 and warm["readdir"] >= 14, warm
     assert set(after) == (set(first) | {"d1/new"}) - {"d2/f3"}
 
@@ -111,7 +110,7 @@ def test_a_cached_listing_of_a_moved_directory_shows_its_new_parent(tmp_path: Pa
         a_ino = run_isolated(os.lstat, str(mnt / "a")).st_ino
         start = log.stat().st_size
         again = run_isolated(_listing, str(mnt / "b" / "sub"))
-        relisted = Counter(op for op, _ in requests(log, start))["readdir"]
+        relisted = request_counts(log, start)["readdir"]
     assert before[".."] == a_ino
     # The kernel saw the rename through a and b, not through sub: the daemon told it.
     assert after[".."] == new_parent != a_ino

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from overlayfuse.daemon import binding
 from tests.support.mounts import kernel_overlay, run_isolated
-from tests.support.requestlog import debug_daemon, requests
+from tests.support.requestlog import debug_daemon, request_counts, requests
 from tests.support.servicetools import faultfs
 from tests.support.trees import File, make_tree
 
@@ -61,7 +60,7 @@ def test_lower_files_of_a_writable_mount_are_read_through_the_daemon(tmp_path: P
     lower = make_tree(tmp_path / "lower", File("lower", b"from below\n"))
     with debug_daemon(tmp_path, lower) as (mnt, log):
         assert run_isolated(_read_lower_twice, str(mnt)) == b"from below\n"
-        counts = Counter(op for op, _ in requests(log))
+        counts = request_counts(log)
     assert counts["read"] >= 1, counts
 
 
@@ -70,7 +69,7 @@ def test_reads_and_writes_of_upper_files_never_reach_the_daemon(tmp_path: Path, 
     lower = make_tree(tmp_path / "lower", File("lower", b"from below\n"))
     with debug_daemon(tmp_path, lower, options=option) as (mnt, log):
         new, appended = run_isolated(_create_append_read, str(mnt))
-        counts = Counter(op for op, _ in requests(log))
+        counts = request_counts(log)
     assert new == b"A" * CHUNK + b"B" * CHUNK + b"C" * CHUNK
     assert appended == b"from below\nappended"
     assert (tmp_path / "upper/new").read_bytes() == new
@@ -97,7 +96,7 @@ def test_a_read_only_mount_passes_every_file_through(tmp_path: Path) -> None:
     lower = make_tree(tmp_path / "lower", File("big", os.urandom(3 * 1024 * 1024)))
     with debug_daemon(tmp_path, lower, writable=False) as (mnt, log):
         first, mapped = run_isolated(_read_twice, str(mnt / "big"))
-        counts = Counter(op for op, _ in requests(log))
+        counts = request_counts(log)
     assert first == mapped == (lower / "big").read_bytes()
     assert counts["open"] == 2 and counts["read"] == 0, counts
 
@@ -118,7 +117,7 @@ def test_a_failing_disk_under_a_passed_through_file_fails_the_read(tmp_path: Pat
             debug_daemon(tmp_path, lower, writable=False) as (mnt, log):
         assert run_isolated(_read_errno, str(mnt / "ok")) == 0
         assert run_isolated(_read_errno, str(mnt / "broken")) == errno.EIO
-        counts = Counter(op for op, _ in requests(log))
+        counts = request_counts(log)
     assert counts["read"] == 0, counts
 
 
@@ -177,7 +176,7 @@ def test_a_cached_open_after_passthrough_writes_reads_them(tmp_path: Path) -> No
     lower = make_tree(tmp_path / "lower", File("s", b"A" * CHUNK))
     with debug_daemon(tmp_path, lower) as (mnt, log):
         data = run_isolated(_cached_after_passthrough, str(mnt))
-        counts = Counter(op for op, _ in requests(log))
+        counts = request_counts(log)
     assert data == b"B" * CHUNK
     assert counts["write"] == 0 and counts["read"] >= 1, counts  # the set-id file's read reached it
 
@@ -188,7 +187,7 @@ def test_a_mount_with_a_control_socket_is_never_passed_through(tmp_path: Path) -
     control = f"@overlayfuse-test-{os.getpid()}-{tmp_path.name}"
     with debug_daemon(tmp_path, lower, options=f"control={control}") as (mnt, log):
         run_isolated(_create_append_read, str(mnt))
-        counts = Counter(op for op, _ in requests(log))
+        counts = request_counts(log)
     assert counts["write"] >= 4, counts
 
 
@@ -203,7 +202,7 @@ def test_an_upper_dir_on_overlayfs_gets_no_passthrough(tmp_path: Path) -> None:
             debug_daemon(tmp_path, lower, upper_in=kernel) as (mnt, log):
         new, appended = run_isolated(_create_append_read, str(mnt))
         text = log.read_text()
-        counts = Counter(op for op, _ in requests(log))
+        counts = request_counts(log)
     assert new == b"A" * CHUNK + b"B" * CHUNK + b"C" * CHUNK and appended == b"from below\nappended"
     assert text.count("FUSE passthrough off for this mount") == 1, text
     assert "on a stacked filesystem" in text

@@ -8,14 +8,13 @@ reading which requests reached it. Timing is the benchmark's business (scripts/b
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from overlayfuse.daemon import readahead
 from tests.support.mounts import drop_caches, run_isolated
-from tests.support.requestlog import debug_daemon, requests
+from tests.support.requestlog import debug_daemon, request_counts, requests
 from tests.support.trees import File, make_tree
 
 pytestmark = pytest.mark.mount
@@ -56,7 +55,7 @@ def test_close_sends_no_flush_after_the_first(tmp_path: Path) -> None:
 
     with debug_daemon(tmp_path, lower) as (mnt, log):
         assert run_isolated(_read_each, [str(mnt / f"f{i}") for i in range(20)]) == 20
-        counts = Counter(op for op, _ in requests(log))
+        counts = request_counts(log)
     assert counts["open"] == 20 and counts["release"] == 20
     # The first FLUSH is answered ENOSYS, and the kernel stops sending them.
     assert counts["flush"] <= 1, counts

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,3 +66,8 @@ def requests(log: Path, since: int = 0) -> list[tuple[str, str]]:
         text.seek(since)
         lines = text.read().decode(errors="replace").splitlines()
     return [m.groups() for m in map(_REQUEST.search, lines) if m and " -> " not in m.group(2)]
+
+
+def request_counts(log: Path, since: int = 0) -> Counter[str]:
+    """How many requests of each operation LOG shows after byte SINCE."""
+    return Counter(op for op, _ in requests(log, since))
