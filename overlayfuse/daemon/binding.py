@@ -17,6 +17,7 @@ than assumes, and runs correctly on a stock pyfuse3 too, only slower:
   `overlayfuse.overlay.workers`).
 - ``backing_open`` (0007): FUSE passthrough, where pyfuse3 was built against libfuse 3.17 (see
   `passthrough`); built against an older libfuse the calls exist and the kernel is never asked.
+- ``killpriv_v2_active`` (0008): killpriv v2, likewise only with libfuse 3.17 (see `killpriv`).
 
 ``OVERLAYFUSE_BINDING=stock`` makes the daemon use none of it, as on a stock pyfuse3 (for tests
 and for comparison with a patched build).
@@ -55,6 +56,9 @@ class Binding:
     passthrough: bool = False
     """``pyfuse3.backing_open``: opens may name a backing file for the kernel to read and write
     itself (`overlayfuse.daemon.passthrough`), if the kernel and libfuse agree at init."""
+    killpriv_v2: bool = False
+    """``Operations.enable_killpriv_v2``: the daemon clears set-id bits and file capabilities
+    itself (`overlayfuse.daemon.killpriv`), if the kernel and libfuse agree at init."""
 
     def describe(self) -> str:
         extras = [name for name, on in (
@@ -64,6 +68,7 @@ class Binding:
             ("request polling", self.poll),
             ("worker handoff", self.handoff),
             ("passthrough", self.passthrough),
+            ("killpriv v2", self.killpriv_v2),
         ) if on]  # fmt: skip
         return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
 
@@ -102,6 +107,7 @@ def detect() -> Binding:
         poll="poll_us" in _parameters(pyfuse3.main),
         handoff=hasattr(pyfuse3, "Handoff"),
         passthrough=hasattr(pyfuse3, "backing_open"),
+        killpriv_v2=hasattr(pyfuse3, "killpriv_v2_active"),
     )
 
 

@@ -30,7 +30,7 @@ from ..overlay.layers import Fd, Resolved
 from ..overlay.merged import KEPT_LISTINGS, Caller, MergedTree
 from ..overlay.metachange import MetadataChange
 from ..overlay.ownership import DiskOwner
-from . import binding, passthrough
+from . import binding, killpriv, passthrough
 from .compat import ViewOptions
 from .control import FreezeGate
 from .handles import HandleTable, UnknownHandle
@@ -193,6 +193,7 @@ class FileHandle:
     writable: bool
     dev: int  # the real file's st_dev, for `nowait.read_cached`
     passed_through: bool = False  # the kernel reads and writes it itself (see `passthrough`)
+    opener: killpriv.Requester | None = None  # who writes through it, for set-id bits (see `killpriv`)
 
 
 class OverlayOperations(pyfuse3.Operations):
@@ -207,6 +208,7 @@ class OverlayOperations(pyfuse3.Operations):
         owners: Ownership | None = None,
         acl: bool = False,
         passthrough: bool = False,
+        killpriv_v2: bool = False,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -238,12 +240,19 @@ class OverlayOperations(pyfuse3.Operations):
         self.enable_passthrough = passthrough and self.binding.passthrough
         self.passthrough_stack_depth = BACKING_STACK_DEPTH
         self.backing = BackingFiles()
+        # Killpriv v2 (see `killpriv`): set-id bits and file capabilities cleared here, not by the
+        # kernel, which then stops asking for security.capability before writes.
+        self.enable_killpriv_v2 = killpriv_v2 and self.binding.killpriv_v2
+        self.killpriv = False
 
     def init(self) -> None:
         """After the kernel's INIT: whether it agreed to passthrough."""
         self.backing.active = self.enable_passthrough and passthrough.active()
         if self.enable_passthrough:
             log.debug("FUSE passthrough: %s", "on" if self.backing.active else "not offered by the kernel")
+        self.killpriv = self.enable_killpriv_v2 and killpriv.active()
+        if self.enable_killpriv_v2:
+            log.debug("killpriv v2: %s", "on" if self.killpriv else "not offered by the kernel")
 
     def _new_handle(self) -> int:
         handle = self._next_handle
@@ -339,8 +348,14 @@ class OverlayOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:  # fmt: skip
         self._check_writable()
         node = self.tree.node(inode)
+        if self.killpriv and _changes_nothing(fields) and node.resolved.layer.writable:
+            # Under killpriv v2 the kernel's own clearing before a passed-through write by a caller
+            # without CAP_FSETID (file_remove_privs, fs/fuse/dir.c's fuse_setattr) arrives as a
+            # SETATTR that changes nothing: the bits go here, by that caller's rights.
+            await self.tree.on_object(node, _clearing_set_id(ctx))
         if fields.update_size:
-            await self.tree.truncate(node, attr.st_size)
+            # With killpriv v2 a truncate clears set-id bits here, by the caller's rights (`killpriv`).
+            await self.tree.truncate(node, attr.st_size, then=_clearing_set_id(ctx) if self.killpriv else None)
         if self.owners is not None and (fields.update_uid or fields.update_gid):
             uid, gid = self.owners.chown_on_disk(attr.st_uid if fields.update_uid else -1,
                                                  attr.st_gid if fields.update_gid else -1)  # fmt: skip
@@ -491,14 +506,18 @@ class OverlayOperations(pyfuse3.Operations):
                 self._check_writable()
                 await self.tree.copy_up(node, size=0 if flags & os.O_TRUNC else None, for_open=True)
             resolved, fd = await self._open_node(node, flags)
-            if flags & os.O_TRUNC and ctx.uid != 0:
-                await self.workers.run(_drop_set_id, fd)  # as truncate(2) by an unprivileged caller
+            if flags & os.O_TRUNC and (ctx.uid != 0 or os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID)):
+                # As truncate(2) by a caller without CAP_FSETID (the kernel leaves this to us with
+                # or without killpriv v2: an open with O_TRUNC sends no SETATTR). Root's other
+                # opens skip the hop (a fstat of an open file reads no disk).
+                await self.workers.run(killpriv.clear_set_id, fd, _requester(ctx))
             if not writing and not resolved.layer.writable:
                 nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
         except BaseException:
             node.opened -= 1
             raise
-        return self._file_info(FileHandle(node, fd, resolved, writing, resolved.stat.st_dev), counted=True)
+        return self._file_info(FileHandle(node, fd, resolved, writing, resolved.stat.st_dev,
+                                          opener=_requester(ctx) if writing else None), counted=True)
 
     def _names_of_a_broken_link(self, node: Node) -> bool:
         """NODE has several names on a mount whose upper keeps no hardlink index: there a copy-up
@@ -515,18 +534,22 @@ class OverlayOperations(pyfuse3.Operations):
         node = handle.node
         if not counted:
             node.opened += 1
-        if self.backing.active and (self.read_only or handle.resolved.layer.writable):
-            # Data that stays put: passed through where the kernel allows it (every open of an
-            # inode passed through or none: `node.opened` counts this one and those in flight).
-            passed = self.backing.opens(node.ino)
-            if passed or (node.opened == 1 and passthrough.stays_put(handle.resolved, read_only=self.read_only)
-                          and not self._names_of_a_broken_link(node)):
-                backing_id = self.backing.acquire(node.ino, handle.fd, identity(handle.resolved))
-                if backing_id is not None:
-                    handle.passed_through = True
-                    return passthrough.file_info(number, backing_id)
+        # Data that stays put: passed through where the kernel allows it (every open of an inode
+        # passed through or none: `node.opened` counts this one and those in flight).
+        if self.backing.active and (self.read_only or handle.resolved.layer.writable) and (
+                self.backing.opens(node.ino) or (node.opened == 1 and self._stays_put(handle))):
+            backing_id = self.backing.acquire(node.ino, handle.fd, identity(handle.resolved))
+            if backing_id is not None:
+                handle.passed_through = True
+                return passthrough.file_info(number, backing_id)
         # Every change to the data goes through this daemon, which the kernel sees: keep its cache.
         return pyfuse3.FileInfo(fh=number, keep_cache=True)
+
+    def _stays_put(self, handle: FileHandle) -> bool:
+        """HANDLE's file may be passed through (`passthrough.stays_put`; its mode as it is now: a
+        fstat of an open file, which reads no disk)."""
+        return passthrough.stays_put(handle.resolved, lambda: os.fstat(handle.fd).st_mode,
+                                     read_only=self.read_only) and not self._names_of_a_broken_link(handle.node)
 
     async def _open_node(self, node: Node, flags: int) -> tuple[Resolved, int]:
         """Open NODE's real file: by its name in its held directory (inline when the caches can
@@ -579,7 +602,8 @@ class OverlayOperations(pyfuse3.Operations):
                 raise
             return await self._open_existing(parent_inode, name, flags, ctx)
         assert fd is not None
-        info = self._file_info(FileHandle(node, fd, node.resolved, True, node.resolved.stat.st_dev))
+        info = self._file_info(FileHandle(node, fd, node.resolved, True, node.resolved.stat.st_dev,
+                                          opener=_requester(ctx)))
         return info, await self._node_attributes(node)
 
     async def _open_existing(
@@ -633,7 +657,13 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     @_change
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.workers.run(os.pwrite, self._files[fh].fd, buf, off)
+        handle = self._files[fh]
+        if not self.killpriv or handle.opener is None:
+            return await self.workers.run(os.pwrite, handle.fd, buf, off)
+        written, cleared = await self.workers.run(killpriv.write, handle.fd, buf, off, handle.opener)
+        if cleared:  # the kernel's cached mode still has the bits
+            await self.workers.run(_invalidate_attributes, handle.node.ino)
+        return written
 
     @_boundary
     async def flush(self, fh: int) -> None:
@@ -885,6 +915,11 @@ def _dot_attributes(ino: int) -> pyfuse3.EntryAttributes:
     return attrs
 
 
+def _changes_nothing(fields: pyfuse3.SetattrFields) -> bool:
+    return not (fields.update_uid or fields.update_gid or fields.update_mode or fields.update_size
+                or fields.update_atime or fields.update_mtime or fields.update_ctime)  # fmt: skip
+
+
 def _metadata_changes(
     attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, owner: DiskOwner | None = None
 ) -> MetadataChange | None:
@@ -945,16 +980,21 @@ def _lstat_now(resolved: Resolved) -> os.stat_result | None:
     return st if resolved.same_object(st) else None
 
 
-def _drop_set_id(fd: int) -> None:
-    """What the kernel does when an unprivileged caller truncates a file (open with O_TRUNC
-    included): set-user-ID goes, and set-group-ID where group execute is set (else it is a
-    mandatory-locking mark, not a privilege)."""
-    mode = os.fstat(fd).st_mode
-    drop = stat.S_ISUID if mode & stat.S_ISUID else 0
-    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
-        drop |= stat.S_ISGID
-    if drop:
-        os.fchmod(fd, stat.S_IMODE(mode) & ~drop)
+def _requester(ctx: pyfuse3.RequestContext) -> killpriv.Requester:
+    return killpriv.Requester(ctx.pid, ctx.uid, ctx.gid)
+
+
+def _clearing_set_id(ctx: pyfuse3.RequestContext) -> Callable[[str], bool]:
+    """`killpriv.clear_set_id` by the request's caller, for a path of the object (`MergedTree.on_object`)."""
+    return functools.partial(killpriv.clear_set_id, requester=_requester(ctx))
+
+
+def _invalidate_attributes(ino: int) -> None:
+    """Make the kernel ask for INO's attributes again (in a worker thread: it writes to /dev/fuse)."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError as exc:  # ENOENT: the kernel has forgotten it, nothing is cached
+        log.debug("invalidating the attributes of inode %d: %s", ino, exc)
 
 
 def _permitted(st: os.stat_result, mode: int, ctx: pyfuse3.RequestContext) -> bool:

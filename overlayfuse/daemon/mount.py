@@ -30,7 +30,7 @@ from ..overlay.layers import LayerStack
 from ..overlay.merged import MergedTree
 from ..overlay.upper import UpperDir
 from ..overlay.workers import HandoffTimes, HopStats, Workers
-from . import binding, control, inuse, owners, passthrough, polling, readahead, timeline
+from . import binding, control, inuse, killpriv, owners, passthrough, polling, readahead, timeline
 from .fs import OverlayOperations
 from .notify import notify
 from .options import MountOptions
@@ -102,6 +102,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         acl="default_permissions" in options.fuse_options,
         passthrough=passthrough.wanted(asked=options.passthrough, control=options.control is not None,
                                        xattr_permissions=options.view.xattr_permissions != 0),
+        killpriv_v2=killpriv.wanted(owners=ownership is not None and ownership.active),
     )  # fmt: skip
     control_server = _control_server(options, operations.gate)  # freezes the mount for commits
     if timeline.enabled():

@@ -2,8 +2,8 @@
 
 With passthrough (Linux 6.9, libfuse 3.17, pyfuse3 patch 0007) an open or create reply may name a
 backing file: the kernel then serves that open file's reads, writes and mmap from the backing file
-directly, and sends no READ or WRITE (the GETXATTR of ``security.capability`` before each write
-still comes: only FUSE_HANDLE_KILLPRIV_V2, not taken, would stop it). For overlayfuse that is every
+directly, and sends no READ or WRITE (it still asks for ``security.capability`` before a write:
+with killpriv v2, `killpriv`, only before a file's first). For overlayfuse that is every
 open of a file whose data is in the upper dir, the writable layer: a new file, a copied-up one;
 and on a read-only mount, every open (nothing is ever copied up there). It is not used for data in
 a lower layer of a writable mount: the kernel binds an open file to its backing file for good, and
@@ -22,8 +22,9 @@ Passthrough writes do not go through the inode's page cache, and none can be sta
 passthrough open has no ``keep_cache`` (the kernel refuses it), so opening one drops the pages that
 cached opens left, and no cached open can fill them again while it lasts.
 
-Not passed through (a cached open instead): a set-id file (a write by an unprivileged caller must
-clear the bits; a passthrough write runs with the daemon's credentials, which keep them), any open
+Not passed through (a cached open instead): a file with S_ISUID or S_ISGID at its open (a write by
+a caller without CAP_FSETID must clear them, and the daemon sees the writes of a cached open; for a
+bit set while a passthrough open lasts, see `killpriv`), any open
 on a mount with a control socket (a freeze for ``overlayctl commit`` must hold back writes, and a
 passthrough write never reaches the daemon), and mounts with ``xattr_permissions`` (the mode shown is
 not the mode on disk). Registering a backing file needs CAP_SYS_ADMIN, so rootless mounts never ask.
@@ -74,15 +75,17 @@ def file_info(fh: int, backing_id: int) -> pyfuse3.FileInfo:
     return info
 
 
-def stays_put(resolved: Resolved, *, read_only: bool) -> bool:
+def stays_put(resolved: Resolved, mode: Callable[[], int], *, read_only: bool) -> bool:
     """Whether an open of RESOLVED, the real file an open reads, may be passed through: a regular
     file, not set-id, whose data stays where it is while the open lasts. That is a file in the
     upper dir with all its data (a metacopy file's data is copied in at its first open to write,
-    to another file), or any file of a read-only mount."""
-    mode = resolved.stat.st_mode
-    set_id = mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP)
+    to another file), or any file of a read-only mount. MODE gives the file's mode as it is now
+    (RESOLVED's stat may predate a chmod), asked only for a file that stays put."""
     in_upper = resolved.layer.writable and resolved.data is None
-    return (read_only or in_upper) and stat.S_ISREG(mode) and not set_id
+    if not (read_only or in_upper) or not stat.S_ISREG(resolved.stat.st_mode):
+        return False
+    # S_ISGID without group execute too: an unprivileged caller outside the file's group clears it.
+    return not mode() & (stat.S_ISUID | stat.S_ISGID)
 
 
 _REFUSALS = {

@@ -785,11 +785,12 @@ class MergedTree:
 
     # -- attributes --------------------------------------------------------------------------------
 
-    async def truncate(self, node: Node, size: int) -> Resolved:
+    async def truncate(self, node: Node, size: int, then: Callable[[str], object] | None = None) -> Resolved:
+        """Truncate NODE to SIZE (copied up first), then run THEN on its object in the same hop."""
         resolved = node.resolved
         if not resolved.layer.writable or resolved.data is not None:
             resolved = await self.copy_up(node, size=size)
-        await self.on_object(node, lambda path: _truncate(path, size))
+        await self.on_object(node, lambda path: _truncate(path, size, then))
         return node.resolved
 
     async def change_metadata(self, node: Node, change: Callable[[str], None]) -> os.stat_result | None:
@@ -940,12 +941,14 @@ def _remove_in_upper(
         up.covered(covered)
 
 
-def _truncate(path: str, size: int) -> None:
+def _truncate(path: str, size: int, then: Callable[[str], object] | None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+    if then is not None:
+        then(path)
 
 
 #: Optimistic reads of a listing before taking the change lock (a directory under constant change).
