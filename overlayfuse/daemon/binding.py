@@ -14,7 +14,8 @@ than assumes, and runs correctly on a stock pyfuse3 too, only slower:
   `polling`).
 - ``Handoff`` (0006): a worker that just finished a job spins for the next, and the event loop
   spins a bounded time for that job's result, both without the GIL (see
-  `overlayfuse.overlay.workers`).
+  `overlayfuse.overlay.workers`); with ``HANDOFF_WATCHES_REQUESTS`` (0009) the loop's wait also
+  ends when a request waits.
 - ``backing_open`` (0007): FUSE passthrough, where pyfuse3 was built against libfuse 3.17 (see
   `passthrough`); built against an older libfuse the calls exist and the kernel is never asked.
 - ``killpriv_v2_active`` (0008): killpriv v2, likewise only with libfuse 3.17 (see `killpriv`).
@@ -53,6 +54,9 @@ class Binding:
     handoff: bool = False
     """``pyfuse3.Handoff``: worker threads take jobs from the event loop and hand results back
     without either side sleeping or taking the GIL to wait (`overlayfuse.overlay.workers`)."""
+    handoff_watch: bool = False
+    """``Handoff.post_and_wait(watch_requests=True)``: the loop's wait for a result ends when a
+    request waits, so its window may be long (`overlayfuse.overlay.workers.HandoffTimes`)."""
     passthrough: bool = False
     """``pyfuse3.backing_open``: opens may name a backing file for the kernel to read and write
     itself (`overlayfuse.daemon.passthrough`), if the kernel and libfuse agree at init."""
@@ -67,6 +71,7 @@ class Binding:
             ("inline request loop", self.inline_loop),
             ("request polling", self.poll),
             ("worker handoff", self.handoff),
+            ("handoff watching requests", self.handoff_watch),
             ("passthrough", self.passthrough),
             ("killpriv v2", self.killpriv_v2),
         ) if on]  # fmt: skip
@@ -106,6 +111,7 @@ def detect() -> Binding:
         inline_loop=hasattr(getattr(pyfuse3, "_pyfuse3", None), "InlineFirst"),
         poll="poll_us" in _parameters(pyfuse3.main),
         handoff=hasattr(pyfuse3, "Handoff"),
+        handoff_watch=hasattr(pyfuse3, "HANDOFF_WATCHES_REQUESTS"),
         passthrough=hasattr(pyfuse3, "backing_open"),
         killpriv_v2=hasattr(pyfuse3, "killpriv_v2_active"),
     )

@@ -93,7 +93,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     # One pool for the tree's blocking work and the handlers' (reads, writes).
     poll = polling.poll_us(options.poll_us)
     # Handing jobs to waiting workers (pyfuse3 patch 0006) is polling too: off where polling is.
-    times = HandoffTimes.choose(poll) if binding.detect().handoff else HandoffTimes(0, 0)
+    extras = binding.detect()
+    times = HandoffTimes.choose(poll, watch=extras.handoff_watch) if extras.handoff else HandoffTimes(0, 0)
     workers = Workers(stats=HopStats.from_environment(), standby=1,
                       handoff=binding.new_handoff() if times.on else None, times=times)
     tree = MergedTree(stack, upper_dir, workers)

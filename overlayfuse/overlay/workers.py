@@ -41,6 +41,10 @@ HOP_STATS_ENV = "OVERLAYFUSE_HOP_STATS"
 #: (`HandoffTimes`); ``OVERLAYFUSE_HOP_SPIN_US`` overrides it, 0 turns the handoff off.
 DEFAULT_SPIN_US = 100
 
+#: The same where the loop's wait also ends when a request waits (pyfuse3 patch 0009): then a
+#: long window holds no request back, and covers a create's or a small copy-up's work.
+DEFAULT_WATCHED_SPIN_US = 1000
+
 #: How long, in µs, a worker that finished a job waits on the handoff for the next
 #: (``OVERLAYFUSE_HOP_WAIT_US`` overrides it).
 DEFAULT_WAIT_US = 500
@@ -141,14 +145,18 @@ class HandoffTimes:
 
     spin_us: int
     wait_us: int
+    watch: bool = False
+    """The loop's wait also ends as soon as a request waits on the FUSE device (patch 0009)."""
 
     @classmethod
-    def choose(cls, poll_us: int) -> HandoffTimes:
+    def choose(cls, poll_us: int, *, watch: bool = False) -> HandoffTimes:
         """The windows from the environment, else the defaults; off when POLL_US is 0 (polling
-        off, or one CPU only, where a spinning thread takes the CPU from the one it waits for)."""
+        off, or one CPU only, where a spinning thread takes the CPU from the one it waits for).
+        WATCH: the binding's handoff can watch for requests (a longer loop window by default)."""
         if poll_us <= 0:
             return cls(0, 0)
-        return cls(env_us(SPIN_ENV, DEFAULT_SPIN_US, MAX_SPIN_US), env_us(WAIT_ENV, DEFAULT_WAIT_US, MAX_SPIN_US))
+        spin = env_us(SPIN_ENV, DEFAULT_WATCHED_SPIN_US if watch else DEFAULT_SPIN_US, MAX_SPIN_US)
+        return cls(spin, env_us(WAIT_ENV, DEFAULT_WAIT_US, MAX_SPIN_US), watch)
 
     @property
     def on(self) -> bool:
@@ -184,7 +192,7 @@ class Workers:
     """
 
     __slots__ = ("_guard", "_handoff", "_idle", "_in_flight", "_jobs", "_queued", "_spin_ns", "_standby",
-                 "_threads", "_wait_ns", "max_threads", "stats")
+                 "_threads", "_wait_ns", "_watch", "max_threads", "stats")
 
     def __init__(self, threads: int = IO_THREADS, stats: HopStats | None = None, standby: int = 0,
                  handoff: Handoff | None = None, times: HandoffTimes = HandoffTimes(0, 0)) -> None:
@@ -196,6 +204,7 @@ class Workers:
         self.stats = stats
         self._standby = min(standby, threads)
         self._spin_ns = times.spin_us * 1000
+        self._watch = times.watch
         self._wait_ns = times.wait_us * 1000
         self._handoff = handoff if times.on else None
         self._in_flight = 0  # hops the event loop's tasks wait for (touched by the loop thread only)
@@ -227,8 +236,9 @@ class Workers:
         if (self._handoff is not None and self._in_flight == 1
                 and trio.lowlevel.current_statistics().tasks_runnable == 0):
             task = trio.lowlevel.current_task()
-            posted = self._handoff.post_and_wait((func, args, task, trio.lowlevel.current_trio_token()),
-                                                 self._spin_ns)
+            job = (func, args, task, trio.lowlevel.current_trio_token())
+            posted = self._handoff.post_and_wait(job, self._spin_ns, True) if self._watch \
+                else self._handoff.post_and_wait(job, self._spin_ns)
             if posted is not None:  # else no worker was waiting: queue it as usual
                 taken, delivered = posted
                 del posted
@@ -341,7 +351,7 @@ class Handoff(Protocol):
     it, neither side holding the GIL meanwhile (a Python spin loop takes the GIL back every turn
     and fights the other thread for it). Typed here so the overlay package needs no pyfuse3."""
 
-    def post_and_wait(self, job: _Job, wait_ns: int) -> tuple[bool, object] | None: ...
+    def post_and_wait(self, job: _Job, wait_ns: int, watch_requests: bool = ...) -> tuple[bool, object] | None: ...
     def wait_job(self, spin_ns: int) -> _Job | None: ...
     def finish(self, result: object, spin_ns: int) -> tuple[bool, _Job | None]: ...
 

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pyfuse3
 import pytest
@@ -23,6 +24,7 @@ import trio
 from overlayfuse.daemon import binding
 from overlayfuse.overlay import workers as workers_module
 from overlayfuse.overlay.workers import HandoffTimes, HopStats, Workers
+from tests.support.gatefs import FILE_NAME, gate_fs, wait_held
 
 pytestmark = pytest.mark.skipif(not binding.detect().handoff,
                                 reason="pyfuse3 without patch 0006 (stock): no worker handoff")
@@ -218,3 +220,35 @@ async def test_off_without_a_window(tmp_path: os.PathLike[str]) -> None:
             assert await pool.run(os.getpid) == os.getpid()
     assert pool.stats is not None
     assert pool.stats.routes == {"queued": 5}
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(not binding.detect().handoff_watch, reason="pyfuse3 without patch 0009")
+def test_a_waiting_request_ends_the_loops_wait(tmp_path: Path) -> None:
+    """With watch_requests, the event loop's wait for a handed job's result ends as soon as a
+    request waits on the FUSE device (patch 0009), however long its window: gatefs's read hands
+    a job that waits for the test and spins for it up to a minute; a lookup from here must end
+    that spin (CONTROL/parked) while the job still waits, and be answered."""
+    control, mnt = tmp_path / "control", tmp_path / "mnt"
+    with gate_fs(control, mnt, handoff=True):
+        def read_one_page() -> None:  # one READ request, no readahead (gatefs opens with direct_io)
+            fd = os.open(mnt / FILE_NAME.decode(), os.O_RDONLY)
+            try:
+                os.read(fd, 4096)
+            finally:
+                os.close(fd)
+
+        reader = threading.Thread(target=read_one_page, daemon=True)
+        reader.start()
+        wait_held(control, HANG_GUARD)
+        # A LOOKUP, which the spin must let through (in a thread: if it does not, the test fails
+        # after HANG_GUARD, and gate_fs's teardown ends the job, and with it the spin).
+        looker = threading.Thread(target=(mnt / "nothing here").exists, daemon=True)
+        looker.start()
+        looker.join(HANG_GUARD)
+        assert not looker.is_alive(), "the event loop kept spinning with a request waiting"
+        assert (control / "parked").exists()
+        assert not (control / "release").exists()  # the job had not finished: the request ended it
+        (control / "release").touch()
+        reader.join(HANG_GUARD)
+        assert not reader.is_alive()

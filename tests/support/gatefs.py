@@ -1,12 +1,17 @@
 """A tiny FUSE filesystem whose one file cannot be read until the test says so.
 
-    python -m tests.support.gatefs CONTROL_DIR MOUNTPOINT
+    python -m tests.support.gatefs CONTROL_DIR MOUNTPOINT [--handoff]
 
 It serves a single regular file, `gated` (1 MiB).  A read of it first creates
 CONTROL_DIR/waiting, then waits (without blocking gatefs itself) until
 CONTROL_DIR/release exists.  Used as a lower layer, it gives a test a lower-layer read
 that stays blocked for exactly as long as the test wants: a real, slow filesystem
 rather than a mock, and no timing guesses.
+
+With ``--handoff`` the wait runs in a worker thread handed the job through pyfuse3's ``Handoff``
+(patch 0006), while the event loop spins for its result, watching for requests (patch 0009), for
+up to ten minutes (longer than any test may take): CONTROL_DIR/parked says the loop stopped spinning before the job was done. Only a
+request that waited on the FUSE device can make it stop that early.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import errno
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,13 +90,15 @@ class GateFS(FlatReadOnlyFS):
 
 
 @contextlib.contextmanager
-def gate_fs(control: Path, mnt: Path) -> Iterator[Path]:
-    """Mount gatefs; on exit release every waiting read, unmount, reap the process."""
+def gate_fs(control: Path, mnt: Path, *, handoff: bool = False) -> Iterator[Path]:
+    """Mount gatefs (HANDOFF: its ``--handoff`` kind); on exit release every waiting read,
+    unmount, reap the process."""
     control.mkdir()
     mnt.mkdir()
     log = control / "gatefs.log"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.support.gatefs", str(control), str(mnt)],
+        proc = subprocess.Popen([sys.executable, "-m", "tests.support.gatefs", str(control), str(mnt),
+                                 *(["--handoff"] if handoff else [])],
                                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     try:
         deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -121,9 +129,44 @@ def wait_held(control: Path, timeout: float) -> None:
         time.sleep(0.02)
 
 
+class HandoffGateFS(GateFS):
+    """GateFS whose read waits in a worker thread while the event loop spins for it (see above)."""
+
+    #: The loop's window: far longer than any test waits, so that only a request ends it.
+    WINDOW_NS = 600 * 10**9
+
+    def __init__(self, control: Path) -> None:
+        super().__init__(control)
+        self.handoff = pyfuse3.Handoff()  # type: ignore[attr-defined]  # patch 0006
+        self.done = threading.Event()
+        threading.Thread(target=self._worker, daemon=True).start()
+
+    def _worker(self) -> None:
+        while (job := self.handoff.wait_job(10**9)) is None:
+            pass
+        job()
+        self.handoff.finish(None, 0)
+        self.done.set()
+
+    def _wait_for_release(self) -> None:
+        self.waiting_marker.touch()  # the worker has the job: the loop spins for it now
+        while not self.release_marker.exists():
+            time.sleep(POLL_SECONDS)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        while (posted := self.handoff.post_and_wait(self._wait_for_release, self.WINDOW_NS, True)) is None:
+            await trio.sleep(POLL_SECONDS)  # the worker is not waiting yet
+        if posted == (False, None):
+            (self.waiting_marker.parent / "parked").touch()
+        while not self.done.is_set():
+            await trio.sleep(POLL_SECONDS)
+        return b"g" * max(0, min(size, FILE_SIZE - off))
+
+
 def main(argv: list[str]) -> int:
     control, mountpoint = Path(argv[0]), argv[1]
-    return serve(GateFS(control), mountpoint, "gatefs")
+    fs = HandoffGateFS(control) if argv[2:] == ["--handoff"] else GateFS(control)
+    return serve(fs, mountpoint, "gatefs")
 
 
 if __name__ == "__main__":
