@@ -10,8 +10,9 @@ rather than a mock, and no timing guesses.
 
 With ``--handoff`` the wait runs in a worker thread handed the job through pyfuse3's ``Handoff``
 (patch 0006), while the event loop spins for its result, watching for requests (patch 0009), for
-up to ten minutes (longer than any test may take): CONTROL_DIR/parked says the loop stopped spinning before the job was done. Only a
-request that waited on the FUSE device can make it stop that early.
+up to ten minutes (longer than any test may take): CONTROL_DIR/parked says the loop stopped
+spinning before the job was done. Only a request that waited on the FUSE device can make it stop
+that early.
 """
 
 from __future__ import annotations
