@@ -203,6 +203,8 @@ def test_windows_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     default = HandoffTimes.choose(50)
     assert default == HandoffTimes(workers_module.DEFAULT_SPIN_US, workers_module.DEFAULT_WAIT_US)
     assert default.on
+    watched = HandoffTimes.choose(50, watch=True)  # patch 0009: a long window, watching for requests
+    assert watched == HandoffTimes(workers_module.DEFAULT_WATCHED_SPIN_US, workers_module.DEFAULT_WAIT_US, True)
     assert not HandoffTimes.choose(0).on  # polling off (or one CPU): no handoff either
     monkeypatch.setenv(workers_module.SPIN_ENV, "0")
     assert not HandoffTimes.choose(50).on
