@@ -41,6 +41,7 @@ from typing import cast
 import pyfuse3
 
 from ..linux.namespaces import in_initial_user_namespace
+from ..linux.peers import status_of
 
 #: include/uapi/linux/capability.h
 CAP_FSETID = 4
@@ -76,15 +77,11 @@ def active() -> bool:
 
 
 def credentials(requester: Requester) -> Credentials:
-    """CALLER's credentials, read from /proc. A process that is gone is judged by its uid: root
+    """REQUESTER's credentials, read from /proc. A process that is gone is judged by its uid: root
     holds CAP_FSETID, anyone else does not."""
-    fields: dict[str, str] = {}
     try:
-        with open(f"/proc/{requester.pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
-        same_namespace = os.stat(f"/proc/{requester.pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino
+        fields = status_of(requester.pid)
+        same_namespace = os.readlink(f"/proc/{requester.pid}/ns/user") == os.readlink("/proc/self/ns/user")
     except OSError:
         return Credentials(requester.uid == 0, requester.gid, frozenset())
     gids = fields.get("Gid", "").split()

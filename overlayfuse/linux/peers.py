@@ -58,13 +58,20 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
-def privileges_of(pid: int | str) -> Privileges:
-    """PID's privileges (``"self"`` for ours). OSError if it is gone or its /proc is closed to us."""
+def status_of(pid: int | str) -> dict[str, str]:
+    """PID's /proc/PID/status as ``{"CapEff": "000001ffffffffff", "Gid": "0\t0\t0\t0", ...}``
+    (``"self"`` for ours). OSError if it is gone or its /proc is closed to us."""
     fields: dict[str, str] = {}
-    with open(f"/proc/{pid}/status") as f:
+    with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
         for line in f:
             key, _, value = line.partition(":")
             fields[key] = value.strip()
+    return fields
+
+
+def privileges_of(pid: int | str) -> Privileges:
+    """PID's privileges (``"self"`` for ours). OSError if it is gone or its /proc is closed to us."""
+    fields = status_of(pid)
     label = None
     with contextlib.suppress(OSError), open(f"/proc/{pid}/attr/current", "rb") as f:
         label = f.read().rstrip(b"\0\n").decode(errors="replace")
