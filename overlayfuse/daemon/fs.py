@@ -140,6 +140,13 @@ class Cookies:
     by_name: dict[str, int]
     next: int = FIRST_COOKIE
 
+    @classmethod
+    def numbering(cls, names: Sequence[str]) -> Cookies:
+        """A directory's first listing (every name new): NAMES numbered in their order, so they are
+        in cookie order already (most directories of a walk are listed once)."""
+        values = _shared_cookies(FIRST_COOKIE, len(names))
+        return cls(dict(zip(names, values, strict=True)), FIRST_COOKIE + len(names))
+
     def of(self, name: str) -> int:
         cookie = self.by_name.get(name)
         if cookie is None:
@@ -157,6 +164,16 @@ def _shared_cookie(value: int) -> int:
     while len(values) <= value and len(values) < SHARED_COOKIES:
         values.append(len(values))
     return values[value] if value < len(values) else value
+
+
+def _shared_cookies(start: int, count: int) -> list[int]:
+    """`_shared_cookie` of START, START + 1, ... (COUNT of them), made in one go."""
+    values = _COOKIE_VALUES
+    end = start + count
+    if len(values) < min(end, SHARED_COOKIES):
+        values.extend(range(len(values), min(end, SHARED_COOKIES)))
+    shared = values[start:end]
+    return shared + list(range(start + len(shared), end))
 
 
 #: Cookie values shared across directories (`_shared_cookie`), made as the largest listing needs
@@ -712,12 +729,14 @@ class OverlayOperations(pyfuse3.Operations):
         if replies is None or replies.source is not entries:
             cookies = self._cookies.get(node.ino)
             if cookies is None:
-                cookies = self._cookies[node.ino] = Cookies({})
-            numbered = sorted((cookies.of(name), name, resolved) for name, resolved in entries)
-            replies = ListingReplies(
-                [(name, resolved) for _, name, resolved in numbered], [c for c, _, _ in numbered],
-                [None] * len(numbered), entries,
-            )  # fmt: skip
+                cookies = self._cookies[node.ino] = Cookies.numbering([name for name, _ in entries])
+                replies = ListingReplies(entries, list(cookies.by_name.values()), [None] * len(entries), entries)
+            else:
+                numbered = sorted((cookies.of(name), name, resolved) for name, resolved in entries)
+                replies = ListingReplies(
+                    [(name, resolved) for _, name, resolved in numbered], [c for c, _, _ in numbered],
+                    [None] * len(numbered), entries,
+                )  # fmt: skip
         self._replies[node.ino] = replies
         while len(self._replies) > KEPT_LISTINGS:  # as the tree bounds the listings themselves
             del self._replies[next(iter(self._replies))]

@@ -209,7 +209,13 @@ class MergedTree:
         return node, entries
 
     async def _read_listing(self, resolved: Resolved) -> list[tuple[str, Resolved]]:
-        entries = await self.in_thread(layers.list_dir, resolved.branches)
+        return await self.in_thread(self._list_merged, resolved.branches)
+
+    def _list_merged(self, branches: tuple[Branch, ...]) -> list[tuple[str, Resolved]]:
+        """(In a worker thread.) The merged listing of BRANCHES, each lower name of a hardlinked
+        file that was copied up through another name showing its upper copy: finding that copy
+        reads the index (a handle and an lstat per such file), disk work the loop must not do."""
+        entries = layers.list_dir(branches)
         if self.upper_dir is not None:
             entries = [(name, self._through_index(r) or r) for name, r in entries]
         return entries

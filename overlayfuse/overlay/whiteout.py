@@ -87,6 +87,14 @@ def is_device_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+def may_be_whiteout(st: os.stat_result, parent: DirMarkers) -> bool:
+    """False when ST (an entry of a directory with PARENT's markers) is surely no whiteout: the test
+    of `is_whiteout` without its path or xattr reads, which a listing makes for every entry."""
+    return is_device_whiteout(st) or (
+        parent.has_xattr_whiteouts and stat.S_ISREG(st.st_mode) and st.st_size == 0
+    )
+
+
 def is_whiteout(path: str, st: os.stat_result, parent: DirMarkers) -> bool:
     """Whether the entry at PATH (already lstat'ed) is a whiteout in either on-disk entry format."""
     if is_device_whiteout(st):
