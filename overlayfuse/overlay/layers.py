@@ -303,25 +303,16 @@ def list_dir(parent: Sequence[Branch]) -> list[tuple[str, Resolved]]:
     try:
         for branch in parent:
             listings.append(_Listing.read(branch))
+        probe = _ListedProbe(dict(zip(parent, listings, strict=True)))
+        if len(parent) == 1 and not parent[0].layer.writable:
+            return _list_lower_alone(parent[0], listings[0], probe)
         order: dict[str, None] = {}
         for listing in listings:
             for name in listing.entries:
                 if not whiteout.is_reserved_name(name):
                     order.setdefault(name, None)
-        probe = _ListedProbe(dict(zip(parent, listings, strict=True)))
-        alone = parent[0] if len(parent) == 1 and not parent[0].layer.writable else None
         result = []
         for name in order:
-            if alone is not None:
-                # A lower directory with nothing merged into it (most of a cold walk): a file here
-                # is itself, and can hide nothing; `_merge` only for what it may still resolve
-                # further (a directory: markers, redirects) or hide (a whiteout).
-                st = probe.lstat(alone, name)
-                if st is not None and not stat.S_ISDIR(st.st_mode) and not whiteout.may_be_whiteout(
-                    st, alone.markers
-                ):
-                    result.append((name, Resolved(alone.layer, alone, name, st, ())))
-                    continue
             resolved = _merge(parent, name, probe)
             if resolved is not None:
                 result.append((name, resolved))
@@ -329,6 +320,30 @@ def list_dir(parent: Sequence[Branch]) -> list[tuple[str, Resolved]]:
     finally:
         for listing in listings:
             os.close(listing.fd)
+
+
+def _list_lower_alone(branch: Branch, listing: _Listing, probe: _ListedProbe) -> list[tuple[str, Resolved]]:
+    """`list_dir` of a lower directory with nothing merged into it (most directories of a cold
+    walk): a file there is itself and hides nothing, so only what may resolve further (a directory:
+    its markers, a redirect) or be a whiteout (a character device; a zero-size file where xattr
+    whiteouts may be) goes through `_merge`. The same answers, with a third less work per name."""
+    result = []
+    layer, xattr_whiteouts = branch.layer, branch.markers.has_xattr_whiteouts
+    for name, entry in listing.entries.items():
+        if whiteout.is_reserved_name(name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # gone since the directory was read
+        mode = st.st_mode
+        if stat.S_ISDIR(mode) or stat.S_ISCHR(mode) or (xattr_whiteouts and stat.S_ISREG(mode) and not st.st_size):
+            resolved = _merge((branch,), name, probe)
+            if resolved is not None:
+                result.append((name, resolved))
+        else:
+            result.append((name, Resolved(layer, branch, name, st, ())))
+    return result
 
 
 class _LiveProbe:

@@ -133,6 +133,34 @@ def test_listing_and_lookup_agree(tmp_path: Path) -> None:
         assert _shape(looked_up) == _shape(resolved)
 
 
+def test_listing_a_lower_directory_alone_agrees_with_lookup(tmp_path: Path) -> None:
+    """A lower directory with nothing merged into it has a shorter listing path (`list_dir`): it
+    must hide and show exactly what the full merge does, whiteouts of every form included."""
+    stack = _stack(
+        tmp_path,
+        [],
+        [
+            File("d/f"), File("d/empty", b""), Dir("d/sub"), File("d/sub/x"), Symlink("d/link", "/etc"),
+            CharDev("d/null", 1, 3), Whiteout("d/gone"), OciWhiteout("d/hidden"), File("d/xw", b""),
+            File("d/xw-full", b"data"),
+        ],
+    )
+    layer1 = tmp_path / "layer1"
+    os.setxattr(layer1 / "d", "trusted.overlay.opaque", b"x")  # xattr whiteouts inside (not opaque)
+    os.setxattr(layer1 / "d/xw", "trusted.overlay.whiteout", b"")
+    os.setxattr(layer1 / "d/xw-full", "trusted.overlay.whiteout", b"")  # not empty: not a whiteout
+    d = _resolve(stack, "d")
+    assert d is not None and len(d.branches) == 1 and not d.branches[0].layer.writable
+    listed = dict(layers.list_dir(d.branches))
+    assert sorted(listed) == ["empty", "f", "link", "null", "sub", "xw-full"]
+    for name, resolved in listed.items():
+        looked_up = layers.lookup(d.branches, name)
+        assert looked_up is not None
+        assert _shape(looked_up) == _shape(resolved)
+    for hidden in ("gone", "hidden", "xw"):
+        assert layers.lookup(d.branches, hidden) is None
+
+
 def test_long_name_reports_enametoolong(tmp_path: Path) -> None:
     stack = _stack(tmp_path, [File("a")], [File("b")])
     with pytest.raises(OSError) as excinfo:
