@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,13 +304,13 @@ def list_dir(parent: Sequence[Branch]) -> list[tuple[str, Resolved]]:
         for branch in parent:
             listings.append(_Listing.read(branch))
         probe = _ListedProbe(dict(zip(parent, listings, strict=True)))
-        if len(parent) == 1 and not parent[0].layer.writable:
-            return _list_lower_alone(parent[0], listings[0], probe)
         order: dict[str, None] = {}
         for listing in listings:
             for name in listing.entries:
                 if not whiteout.is_reserved_name(name):
                     order.setdefault(name, None)
+        if not any(branch.layer.writable for branch in parent):
+            return _list_lower(parent, listings, order, probe)
         result = []
         for name in order:
             resolved = _merge(parent, name, probe)
@@ -322,27 +322,37 @@ def list_dir(parent: Sequence[Branch]) -> list[tuple[str, Resolved]]:
             os.close(listing.fd)
 
 
-def _list_lower_alone(branch: Branch, listing: _Listing, probe: _ListedProbe) -> list[tuple[str, Resolved]]:
-    """`list_dir` of a lower directory with nothing merged into it (most directories of a cold
-    walk): a file there is itself and hides nothing, so only what may resolve further (a directory:
-    its markers, a redirect) or be a whiteout (a character device; a zero-size file where xattr
-    whiteouts may be) goes through `_merge`. The same answers, with a third less work per name."""
+def _list_lower(
+    parent: Sequence[Branch], listings: Sequence[_Listing], names: Iterable[str], probe: _ListedProbe
+) -> list[tuple[str, Resolved]]:
+    """`list_dir` of a directory with no upper branch (nearly every directory of a fresh mount's
+    walk): NAMES resolved as `_merge` would, with a third less work for most. A lower file cannot
+    be a metacopy file, so a name's first branch from the top that has it, or has a ".wh." whiteout
+    of it, decides; a file found there is itself. Only what may resolve further (a directory: its
+    markers, a redirect, what is merged under it) or be a whiteout (a character device; a zero-size
+    file where xattr whiteouts may be) goes through `_merge`."""
     result = []
-    layer, xattr_whiteouts = branch.layer, branch.markers.has_xattr_whiteouts
-    for name, entry in listing.entries.items():
-        if whiteout.is_reserved_name(name):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # gone since the directory was read
-        mode = st.st_mode
-        if stat.S_ISDIR(mode) or stat.S_ISCHR(mode) or (xattr_whiteouts and stat.S_ISREG(mode) and not st.st_size):
-            resolved = _merge((branch,), name, probe)
-            if resolved is not None:
-                result.append((name, resolved))
-        else:
-            result.append((name, Resolved(layer, branch, name, st, ())))
+    pairs = list(zip(parent, listings, strict=True))
+    for name in names:
+        for branch, listing in pairs:
+            entry = listing.entries.get(name)
+            if entry is None:
+                if whiteout.oci_whiteout_name(name) in listing.entries:
+                    break  # whited out here: hidden
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # gone since the directory was read: the full rules
+                st = None
+            if st is None or stat.S_ISDIR(st.st_mode) or stat.S_ISCHR(st.st_mode) or (
+                branch.markers.has_xattr_whiteouts and stat.S_ISREG(st.st_mode) and not st.st_size
+            ):
+                resolved = _merge(parent, name, probe)
+                if resolved is not None:
+                    result.append((name, resolved))
+            else:
+                result.append((name, Resolved(branch.layer, branch, name, st, ())))
+            break
     return result
 
 

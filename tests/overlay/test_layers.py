@@ -161,6 +161,40 @@ def test_listing_a_lower_directory_alone_agrees_with_lookup(tmp_path: Path) -> N
         assert layers.lookup(d.branches, hidden) is None
 
 
+def test_listing_lower_directories_merged_agrees_with_lookup(tmp_path: Path) -> None:
+    """The same for a directory merged from two lower layers and no upper one: whichever branch
+    from the top has a name, or a whiteout of it, decides."""
+    stack = _stack(
+        tmp_path,
+        [],
+        [
+            File("d/top"), Whiteout("d/dev-gone"), OciWhiteout("d/oci-gone"), File("d/xw", b""),
+            File("d/file-over-dir"), Dir("d/dir-over-file"), Dir("d/both"), File("d/both/up"),
+            File("d/shadows", b"top"),
+        ],
+        [
+            File("d/below"), File("d/dev-gone"), File("d/oci-gone"), File("d/xw"), Dir("d/file-over-dir"),
+            File("d/file-over-dir/x"), File("d/dir-over-file"), Dir("d/both"), File("d/both/down"),
+            File("d/shadows", b"below"), Dir("d/only-below"),
+        ],
+    )
+    layer1 = tmp_path / "layer1"
+    os.setxattr(layer1 / "d", "trusted.overlay.opaque", b"x")  # xattr whiteouts inside (not opaque)
+    os.setxattr(layer1 / "d/xw", "trusted.overlay.whiteout", b"")
+    d = _resolve(stack, "d")
+    assert d is not None and len(d.branches) == 2 and not any(b.layer.writable for b in d.branches)
+    listed = dict(layers.list_dir(d.branches))
+    assert sorted(listed) == ["below", "both", "dir-over-file", "file-over-dir", "only-below", "shadows", "top"]
+    for name, resolved in listed.items():
+        looked_up = layers.lookup(d.branches, name)
+        assert looked_up is not None
+        assert _shape(looked_up) == _shape(resolved)
+    assert Path(listed["shadows"].path).read_bytes() == b"top"
+    assert listed["both"].is_merged
+    for hidden in ("dev-gone", "oci-gone", "xw"):
+        assert layers.lookup(d.branches, hidden) is None
+
+
 def test_long_name_reports_enametoolong(tmp_path: Path) -> None:
     stack = _stack(tmp_path, [File("a")], [File("b")])
     with pytest.raises(OSError) as excinfo:
