@@ -21,10 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import trio
-
 from ..linux import syscalls
 from . import layers, treecopy, upper
+from .changelock import ChangeLock
 from .copyup import Workspace
 from .features import REDIRECT_MAX
 from .inodes import ROOT_INODE, InodeTable, Name, Node, identity
@@ -65,7 +64,7 @@ class MergedTree:
             stack.resolve_root(), [os.lstat(layer.root).st_dev for layer in stack.layers]
         )
         self.workers = workers or Workers()
-        self._changes = trio.Lock()
+        self._changes = ChangeLock()  # one change at a time (see `changelock`)
         self._kept: OrderedDict[int, Node] = OrderedDict()
         """Directories whose listing is kept (`list_dir`), least recently used first."""
         self.listing_epoch = 0
