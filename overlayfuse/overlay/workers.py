@@ -245,9 +245,12 @@ class Workers:
                 if self.stats is not None:
                     self.stats.routes["handed" if taken else "parked"] += 1
                 if taken:
-                    # The task never left the run queue: let the others (and the I/O poll) run once,
-                    # as a hop through trio would.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    # The result is here and the task never left the run queue: it goes on without
+                    # a checkpoint. In the binding's inline request loop a handler's first suspension
+                    # hands the reading of /dev/fuse to another task (a scheduler pass, a lock handed
+                    # over, an epoll registration), which a hop that did not wait need not pay; the
+                    # loop checkpoints itself every few requests, so other tasks still run. (Measured
+                    # in docs/performance.md, "Requests that do not wait do not yield".)
                     try:
                         return cast("outcome.Outcome[T]", delivered).unwrap()
                     finally:

@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import pytest
@@ -85,6 +86,45 @@ async def test_hops_are_handed_and_results_come_back(tmp_path: os.PathLike[str])
     # The first hop starts a thread through the queue; after it, the thread waits on the handoff.
     assert pool.stats.routes["queued"] >= 1
     assert pool.stats.routes["handed"] >= 25, pool.stats.routes
+
+
+class _FirstSuspension:
+    """Await CORO, recording whether it ever suspended (gave trio control)."""
+
+    def __init__(self, coro: Any) -> None:
+        self.coro = coro
+        self.suspended = False
+
+    def __await__(self) -> Any:
+        value: Any = None
+        while True:
+            try:
+                trap = self.coro.send(value)
+            except StopIteration as done:
+                return done.value
+            self.suspended = True
+            value = yield trap
+
+
+async def test_a_handed_hop_does_not_suspend(tmp_path: os.PathLike[str]) -> None:
+    """A hop whose result the loop took while spinning returns without a checkpoint: the request
+    goes on as if it had made the call itself (in the binding's request loop, a suspension would
+    hand /dev/fuse over to another task). A parked or queued hop suspends, as it must."""
+    pool = _pool(tmp_path)
+    assert pool.stats is not None
+    handed_without_suspending = 0
+    with trio.fail_after(HANG_GUARD):
+        await pool.run(os.getpid)  # a thread now waits on the handoff
+        for _ in range(50):
+            handed = pool.stats.routes["handed"]
+            call = _FirstSuspension(pool.run(os.getpid))
+            assert await call == os.getpid()
+            if pool.stats.routes["handed"] > handed:
+                assert not call.suspended, "a handed hop yielded to the scheduler"
+                handed_without_suspending += 1
+            else:
+                assert call.suspended  # parked or queued: it waited
+    assert handed_without_suspending >= 25, pool.stats.routes
 
 
 def _sleep(seconds: float) -> str:
