@@ -29,6 +29,8 @@ PER_REQUEST_CALLS = 20000
 WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "walk-cold": ("s", True, "find MNT -printf '%s %i %m\\n', caches dropped"),
     "walk-warm": ("s", False, "the same find again, same mount"),
+    "walk-again": ("s", False, "the same find a third time: every listing cached by now (walk-warm still "
+                   "pays one GETATTR per directory in a FUSE mount, see docs/performance.md)"),
     "stat-ls": ("s", False, "ls -lR MNT/usr, fresh mount"),
     "read-all": ("s", True, "tar cf - -C MNT --exclude=./opt/bench . | wc -c, caches dropped"),
     "seqread-1G": ("MB/s", True, "dd bs=1M of the big lower file, caches dropped"),

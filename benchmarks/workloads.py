@@ -49,7 +49,11 @@ def job_walk(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     cmd = bash('find "$1" -printf "%s %i %m\\n" >/dev/null', m.mnt)
     cold = timed(cmd, sc.cmd_timeout)
     sync()
-    return {"walk-cold": cold, "walk-warm": timed(cmd, sc.cmd_timeout)}
+    warm = timed(cmd, sc.cmd_timeout)
+    # A FUSE mount's first walk after the cold one still sends a GETATTR per directory: the kernel
+    # drops a directory's atime after listing it from the daemon (fs/fuse/readdir.c), and find's
+    # fstat of the directory asks again. The third walk is the steady state.
+    return {"walk-cold": cold, "walk-warm": warm, "walk-again": timed(cmd, sc.cmd_timeout)}
 
 
 def job_stat_ls(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
@@ -268,7 +272,7 @@ def _git_layer(s: Stack) -> list[Path]:
 
 
 JOBS = [
-    Job("walk", ("walk-cold", "walk-warm"), job_walk, True),
+    Job("walk", ("walk-cold", "walk-warm", "walk-again"), job_walk, True),
     Job("stat-ls", ("stat-ls",), job_stat_ls, False),
     Job("read-all", ("read-all",), job_read_all, True),
     Job("seqread-1G", ("seqread-1G",), job_seqread, True),

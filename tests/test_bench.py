@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mount]
 
 BENCH = REPO_ROOT / "scripts" / "bench"
 TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
-WORKLOADS = ("walk-cold", "walk-warm", "stat-ls", "read-all", "seqread-1G", "copyup-big",
+WORKLOADS = ("walk-cold", "walk-warm", "walk-again", "stat-ls", "read-all", "seqread-1G", "copyup-big",
              "create-small", "copyup-many", "copyup-big-nosync", "copyup-many-nosync", "rm-tree",
              "parallel", "mount-to-first-read", "git-status", "random-read-4t", "build-like", "chown-tree")
 #: overlayctl's listings: one column, overlayfuse's.
