@@ -191,8 +191,8 @@ class Workers:
     even when cancelled.
     """
 
-    __slots__ = ("_guard", "_handoff", "_idle", "_in_flight", "_jobs", "_queued", "_spin_ns", "_standby",
-                 "_threads", "_wait_ns", "_watch", "max_threads", "stats")
+    __slots__ = ("_guard", "_handed_run", "_handoff", "_idle", "_in_flight", "_jobs", "_queued", "_spin_ns",
+                 "_standby", "_threads", "_wait_ns", "_watch", "max_threads", "stats")
 
     def __init__(self, threads: int = IO_THREADS, stats: HopStats | None = None, standby: int = 0,
                  handoff: Handoff | None = None, times: HandoffTimes = HandoffTimes(0, 0)) -> None:
@@ -208,6 +208,7 @@ class Workers:
         self._wait_ns = times.wait_us * 1000
         self._handoff = handoff if times.on else None
         self._in_flight = 0  # hops the event loop's tasks wait for (touched by the loop thread only)
+        self._handed_run = 0  # handed hops since the last one that yielded (`HANDED_BURST`)
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._guard = threading.Lock()  # the three counts below; held for a few instructions only
         self._queued = 0  # jobs put and not yet taken
@@ -250,7 +251,13 @@ class Workers:
                     # hands the reading of /dev/fuse to another task (a scheduler pass, a lock handed
                     # over, an epoll registration), which a hop that did not wait need not pay; the
                     # loop checkpoints itself every few requests, so other tasks still run. (Measured
-                    # in docs/performance.md, "Requests that do not wait do not yield".)
+                    # in docs/performance.md, "Requests that do not wait do not yield".) A request
+                    # that makes many handed hops still yields every HANDED_BURST of them, so it
+                    # cannot hold the loop for long whatever the binding watches.
+                    self._handed_run += 1
+                    if self._handed_run >= HANDED_BURST:
+                        self._handed_run = 0
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     try:
                         return cast("outcome.Outcome[T]", delivered).unwrap()
                     finally:
@@ -259,10 +266,12 @@ class Workers:
                         # job's frames held (directory descriptors) would stay open until the
                         # cyclic collector next ran (scripts/stress saw the daemon's fds grow).
                         del delivered
+                self._handed_run = 0  # it waits: the task yields here
                 parked: T = await trio.lowlevel.wait_task_rescheduled(_not_abortable)
                 return parked
         if self.stats is not None:
             self.stats.routes["queued"] += 1
+        self._handed_run = 0  # it waits: the task yields here
         self._jobs.put((func, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token()))
         with self._guard:
             self._queued += 1
@@ -359,6 +368,11 @@ class Handoff(Protocol):
     def finish(self, result: object, spin_ns: int) -> tuple[bool, _Job | None]: ...
 
 
+#: Handed hops (which do not suspend their task) in a row before one yields to the scheduler anyway,
+#: as pyfuse3's inline loop does after as many requests: a request that hops many times (a copy of
+#: many small files, say) lets the other tasks run between them.
+HANDED_BURST = 32
+
 #: A worker thread with nothing to do for this long ends (as trio's thread cache does).
 IDLE_SECONDS = 10.0
 
@@ -377,6 +391,7 @@ def _not_abortable(_raise_cancel: Any) -> trio.lowlevel.Abort:
 
 
 __all__ = [
-    "DEFAULT_SPIN_US", "DEFAULT_WAIT_US", "HOP_STATS_ENV", "IDLE_SECONDS", "IO_THREADS", "MAX_SPIN_US", "SPIN_ENV",
-    "WAIT_ENV", "Handoff", "HandoffTimes", "HopStats", "Workers", "current_request", "env_us",
+    "DEFAULT_SPIN_US", "DEFAULT_WAIT_US", "HANDED_BURST", "HOP_STATS_ENV", "IDLE_SECONDS", "IO_THREADS",
+    "MAX_SPIN_US", "SPIN_ENV", "WAIT_ENV", "Handoff", "HandoffTimes", "HopStats", "Workers", "current_request",
+    "env_us",
 ]
