@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from ..linux import nowait
+from ..linux.peers import Peer
 from ..overlay import whiteout
 from ..overlay.inodes import Node, UnknownInode, identity
 from ..overlay.layers import Fd, Resolved
@@ -210,7 +211,7 @@ class FileHandle:
     writable: bool
     dev: int  # the real file's st_dev, for `nowait.read_cached`
     passed_through: bool = False  # the kernel reads and writes it itself (see `passthrough`)
-    opener: killpriv.Requester | None = None  # who writes through it, for set-id bits (see `killpriv`)
+    opener: Peer | None = None  # who writes through it, for set-id bits (see `killpriv`)
 
 
 class OverlayOperations(pyfuse3.Operations):
@@ -999,8 +1000,9 @@ def _lstat_now(resolved: Resolved) -> os.stat_result | None:
     return st if resolved.same_object(st) else None
 
 
-def _requester(ctx: pyfuse3.RequestContext) -> killpriv.Requester:
-    return killpriv.Requester(ctx.pid, ctx.uid, ctx.gid)
+def _requester(ctx: pyfuse3.RequestContext) -> Peer:
+    """The request's caller: who the kernel's set-id rules judge (`killpriv`)."""
+    return Peer(ctx.pid, ctx.uid, ctx.gid)
 
 
 def _clearing_set_id(ctx: pyfuse3.RequestContext) -> Callable[[str], bool]:

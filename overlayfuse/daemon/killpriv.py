@@ -41,19 +41,10 @@ from typing import cast
 import pyfuse3
 
 from ..linux.namespaces import in_initial_user_namespace
-from ..linux.peers import status_of
+from ..linux.peers import Peer, status_of
 
 #: include/uapi/linux/capability.h
 CAP_FSETID = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Requester:
-    """The process behind a request, as the request names it (`pyfuse3.RequestContext`)."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +67,7 @@ def active() -> bool:
     return cast(Callable[[], bool], vars(pyfuse3)["killpriv_v2_active"])()
 
 
-def credentials(requester: Requester) -> Credentials:
+def credentials(requester: Peer) -> Credentials:
     """REQUESTER's credentials, read from /proc. A process that is gone is judged by its uid: root
     holds CAP_FSETID, anyone else does not."""
     try:
@@ -109,7 +100,7 @@ def set_id_to_clear(st: os.stat_result, who: Callable[[], Credentials]) -> int:
     return clear
 
 
-def clear_set_id(target: int | str, requester: Requester) -> bool:
+def clear_set_id(target: int | str, requester: Peer) -> bool:
     """Clear what a write or truncate by REQUESTER clears from TARGET, a descriptor or a /proc/self/fd
     path of the file (blocking: in a worker thread); True if a bit went."""
     st = os.stat(target)
@@ -119,11 +110,11 @@ def clear_set_id(target: int | str, requester: Requester) -> bool:
     return bool(clear)
 
 
-def write(fd: int, data: bytes, offset: int, requester: Requester) -> tuple[int, bool]:
+def write(fd: int, data: bytes, offset: int, requester: Peer) -> tuple[int, bool]:
     """A write through FD by REQUESTER, set-id bits cleared first as the kernel would (blocking: in
     a worker thread): the bytes written, and whether a bit went."""
     cleared = clear_set_id(fd, requester)
     return os.pwrite(fd, data, offset), cleared
 
 
-__all__ = ["Credentials", "Requester", "active", "clear_set_id", "credentials", "set_id_to_clear", "wanted", "write"]
+__all__ = ["Credentials", "active", "clear_set_id", "credentials", "set_id_to_clear", "wanted", "write"]

@@ -33,7 +33,8 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A socket's peer as SO_PEERCRED gives it (ids as seen from our user namespace)."""
+    """A process and the ids it acts with, as the kernel names them to us (ids as seen from our user
+    namespace): a socket's peer (SO_PEERCRED), or the caller of a FUSE request (its context)."""
 
     pid: int
     uid: int

@@ -155,8 +155,6 @@ _SHARED: dict[int, int] = {}
 _SHARED_MAX = 4096
 
 
-
-
 def compact_stat(st: os.stat_result) -> os.stat_result:
     """ST as a `Resolved` keeps it: an ``os.stat_result`` of a third of the memory (about 300 bytes
     instead of 600 on CPython 3.11, most of a node's cost in a walk of many files).
@@ -329,8 +327,8 @@ def _list_lower(
     walk): NAMES resolved as `_merge` would, with a third less work for most. A lower file cannot
     be a metacopy file, so a name's first branch from the top that has it, or has a ".wh." whiteout
     of it, decides; a file found there is itself. Only what may resolve further (a directory: its
-    markers, a redirect, what is merged under it) or be a whiteout (a character device; a zero-size
-    file where xattr whiteouts may be) goes through `_merge`."""
+    markers, a redirect, what is merged under it) or be a whiteout (`whiteout.may_be_whiteout`)
+    goes through `_merge`."""
     result = []
     pairs = list(zip(parent, listings, strict=True))
     for name in names:
@@ -344,9 +342,7 @@ def _list_lower(
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:  # gone since the directory was read: the full rules
                 st = None
-            if st is None or stat.S_ISDIR(st.st_mode) or stat.S_ISCHR(st.st_mode) or (
-                branch.markers.has_xattr_whiteouts and stat.S_ISREG(st.st_mode) and not st.st_size
-            ):
+            if st is None or stat.S_ISDIR(st.st_mode) or whiteout.may_be_whiteout(st, branch.markers):
                 resolved = _merge(parent, name, probe)
                 if resolved is not None:
                     result.append((name, resolved))
