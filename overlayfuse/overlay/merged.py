@@ -267,6 +267,10 @@ class MergedTree:
                 copied = await self._copy_up_dirs(list(reversed(missing)), (node, then))
                 assert copied is not None
                 return copied
+            if resolved.is_dir and then is None:
+                # a directory is copied up alone, as its parents are: in the same hop as them
+                await self._copy_up_dirs([*reversed(missing), node])
+                return node.resolved
             await self._copy_up_dirs(list(reversed(missing)))
         copied = await self._copy_up_one(node, size, for_open, meta_only, then)
         if copied.data is not None and not meta_only:
@@ -647,14 +651,18 @@ class MergedTree:
         """TARGET: what NEW's name resolved to just now (its link count is current)."""
         old_parent, old_name, source_node = old
         new_parent, new_name, target_node = new
+        samedir = old_parent.ino == new_parent.ino
+        # The source first: its copy-up brings its missing parents up in the same hop.
+        redirects: list[tuple[str, str]] = []
+        source_redirected = await self._make_movable(up, source_node, old_parent, old_name, redirects, samedir=samedir)
         await self._ensure_upper(old_parent)
         await self._ensure_upper(new_parent)
-        samedir = old_parent.ino == new_parent.ino
-        source_redirected = await self._make_movable(up, source_node, old_parent, old_name, samedir=samedir)
         target_redirected = False
         if exchange:
             assert target_node is not None
-            target_redirected = await self._make_movable(up, target_node, new_parent, new_name, samedir=samedir)
+            target_redirected = await self._make_movable(
+                up, target_node, new_parent, new_name, redirects, samedir=samedir
+            )
         old_res, new_res = old_parent.resolved, new_parent.resolved
         overwritten = target if target_node is not None and not exchange else None
         if overwritten is not None:
@@ -664,19 +672,19 @@ class MergedTree:
         source_path = old_dir.child(old_name)
         target_path = new_dir.child(new_name)
         if exchange:
+            opaque_at_a = not target_redirected and self._lower_has(old_res, old_name)
+            opaque_at_b = not source_redirected and self._lower_has(new_res, new_name)
             await self.in_thread(
-                lambda: up.exchange(
-                    source_path, target_path,
-                    opaque_at_a=not target_redirected and self._lower_has(old_res, old_name),
-                    opaque_at_b=not source_redirected and self._lower_has(new_res, new_name),
-                )
+                _redirect_then, up, redirects,
+                lambda: up.exchange(source_path, target_path, opaque_at_a=opaque_at_a, opaque_at_b=opaque_at_b),
             )  # fmt: skip
         else:
             leave_whiteout = self._lower_has(old_res, old_name)
             make_opaque = not source_redirected and self._lower_has(new_res, new_name)
             await self.in_thread(
-                lambda: up.rename(source_path, target_path, leave_whiteout=leave_whiteout, make_opaque=make_opaque)
-            )
+                _redirect_then, up, redirects,
+                lambda: up.rename(source_path, target_path, leave_whiteout=leave_whiteout, make_opaque=make_opaque),
+            )  # fmt: skip
         old_key, new_key = (old_parent.ino, old_name), (new_parent.ino, new_name)
         if target_node is not None:
             if exchange:
@@ -721,7 +729,9 @@ class MergedTree:
         if node is not None and indexed is not None:
             self.inodes.rebind(node, indexed)
 
-    async def _make_movable(self, up: UpperDir, node: Node, parent: Node, name: str, *, samedir: bool) -> bool:
+    async def _make_movable(
+        self, up: UpperDir, node: Node, parent: Node, name: str, redirects: list[tuple[str, str]], *, samedir: bool
+    ) -> bool:
         """An object about to be renamed from NAME in PARENT must live in upper, under that name:
         copy it up. A directory with lower content moves by redirect where the mount writes them
         (the kernel's redirect_dir=on: the directory alone is copied up and records where its lower
@@ -729,6 +739,9 @@ class MergedTree:
         nothing of a tree copy that fails (ENOSPC, say) is left behind. SAMEDIR: the rename keeps
         the parent (a redirect is then a bare name). Returns whether the directory moves by
         redirect: it must not be made opaque where it lands, or its lower content would be hidden.
+        The redirect to set (the upper directory's path, the redirect) goes into REDIRECTS: the
+        rename's own hop sets it just before it moves the directory (`_redirect_then`), as the
+        kernel's ovl_rename does, rather than a hop of its own.
 
         A hardlinked file may be in upper already under another name (its node then holds that
         copy) while NAME is still a lower name showing it through the link index: NAME is linked
@@ -745,7 +758,7 @@ class MergedTree:
         redirect = self._redirect_for(node, name, samedir)
         if redirect is not None:
             if redirect:
-                await self.in_thread(up.set_redirect, resolved.branches[0].path, redirect)
+                redirects.append((resolved.branches[0].path, redirect))
                 log.debug("%s: redirect %s", name, redirect)
             return True
         copied = await self.in_thread(treecopy.copy_up_tree, up, resolved)
@@ -930,6 +943,15 @@ def _copy_then(then: FollowUp | None, target: str, copy: Callable[..., T], *args
     finally:
         os.close(fd)
     return result
+
+
+def _redirect_then(up: UpperDir, redirects: list[tuple[str, str]], move: Callable[[], None]) -> None:
+    """Set each of REDIRECTS (a directory's path in upper, its redirect), then MOVE: the blocking
+    part of a rename, in one worker call. A redirect left by a move that then fails names the
+    directory's own place, where its lower content is found anyway (the kernel's order too)."""
+    for path, redirect in redirects:
+        up.set_redirect(path, redirect)
+    move()
 
 
 def _remove_in_upper(

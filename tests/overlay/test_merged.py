@@ -471,6 +471,39 @@ async def test_a_chown_deep_in_a_lower_tree_without_metacopy_takes_two_hops(tmp_
     assert os.lstat(tmp_path / "lower/a/b/f").st_uid == 0
 
 
+async def test_a_directory_rename_deep_in_a_lower_tree_takes_two_hops(tmp_path: Path) -> None:
+    """``mv /opt/app /opt/app.old`` on a fresh container: the directory and its missing parents are
+    copied up in one hop, and its redirect is set in the rename's own hop, just before the move;
+    its content stays below. The next rename in that parent: the directory, then the move."""
+    lower = make_tree(tmp_path / "lower", File("opt/app/bin/tool", b"tool"), File("opt/lib/x", b"x"))
+    tree, hops = _tree_counting_hops(tmp_path, lower)
+    opt = _ino(tree, "opt")
+    await tree.rename(opt, "app", opt, "app.old", 0)
+    assert hops == ["_copy_dirs", "_redirect_then"], hops
+    upper = tmp_path / "upper"
+    assert _redirect(upper / "opt/app.old") == b"app" and _is_whiteout(upper / "opt/app")
+    assert os.listdir(upper / "opt/app.old") == []
+    assert await _names(tree, _ino(tree, "opt/app.old")) == ["bin"]
+    tool = tree.lookup(_ino(tree, "opt/app.old/bin"), "tool")
+    assert Path(tool.resolved.path).read_bytes() == b"tool"
+    hops.clear()
+    await tree.rename(opt, "lib", ROOT_INODE, "lib", 0)
+    assert hops == ["_copy_then", "_redirect_then"], hops
+    assert _redirect(upper / "lib") == b"/opt/lib" and await _names(tree, _ino(tree, "lib")) == ["x"]
+
+
+async def test_a_create_deep_in_a_lower_tree_takes_two_hops(tmp_path: Path) -> None:
+    """The parent of a new file goes up with its own missing parents in one hop; then the create."""
+    lower = make_tree(tmp_path / "lower", File("a/b/c/f", b"f"))
+    tree, hops = _tree_counting_hops(tmp_path, lower)
+    _node, fd = await tree.create(_ino(tree, "a/b/c"), "new", stat.S_IFREG | 0o644, ROOT)
+    if fd is not None:
+        os.close(fd)
+    assert len(hops) == 2, hops
+    assert (tmp_path / "upper/a/b/c/new").is_file() and not (tmp_path / "upper/a/b/c/f").exists()
+    assert await _names(tree, _ino(tree, "a/b/c")) == ["f", "new"]
+
+
 async def test_a_change_failing_after_its_copy_up_leaves_the_copy_in_place(
     tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
 ) -> None:
