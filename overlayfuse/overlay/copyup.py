@@ -198,7 +198,9 @@ def fill_metacopy(ws: Workspace, path: str, data: str, size: int | None) -> os.s
             os.close(src)
         if ws.durable:
             os.fsync(dst)
-        for name in (*whiteout.METACOPY_XATTRS, *whiteout.REDIRECT_XATTRS):
+        # only the marker goes: a redirect stays, as the kernel's ovl_copy_up_meta_inode_data
+        # leaves it (neither reads one on a file that holds its data)
+        for name in whiteout.METACOPY_XATTRS:
             try:
                 os.removexattr(dst, name)
             except OSError as exc:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from ..linux import syscalls
-from . import layers, treecopy, upper
+from . import layers, treecopy, upper, whiteout
 from .changelock import ChangeLock
 from .copyup import Workspace
 from .features import REDIRECT_MAX
@@ -739,23 +739,24 @@ class MergedTree:
         nothing of a tree copy that fails (ENOSPC, say) is left behind. SAMEDIR: the rename keeps
         the parent (a redirect is then a bare name). Returns whether the directory moves by
         redirect: it must not be made opaque where it lands, or its lower content would be hidden.
-        The redirect to set (the upper directory's path, the redirect) goes into REDIRECTS: the
-        rename's own hop sets it just before it moves the directory (`_redirect_then`), as the
+        The redirect to set (the upper object's path, the redirect) goes into REDIRECTS: the
+        rename's own hop sets it just before it moves the object (`_redirect_then`), as the
         kernel's ovl_rename does, rather than a hop of its own.
+
+        A lower regular file moves as a metacopy file where the mount writes them (the kernel's
+        metacopy=on copies up no data for a rename either): its data stays below, found after the
+        move through a redirect, as a moved directory's content is. A metacopy file that cannot get
+        one (redirects off, or too long) gets its data first.
 
         A hardlinked file may be in upper already under another name (its node then holds that
         copy) while NAME is still a lower name showing it through the link index: NAME is linked
         to the copy in upper first, or the rename would find nothing there to move."""
+        if not node.resolved.is_dir:
+            return await self._make_file_movable(node, parent, name, redirects, samedir=samedir)
         resolved = await self._ensure_upper(node)
-        if not resolved.is_dir:
-            into = parent.resolved.branches[0]
-            here = self.find(parent.resolved, name)
-            if here is not None and self._indexed(here):  # an index entry is never NAME itself
-                await self._name_indexed_copy(node, here, into)
-            return False
         if len(resolved.branches) <= 1:
             return False
-        redirect = self._redirect_for(node, name, samedir)
+        redirect = self._redirect_for(node, name, samedir, resolved.branches[0].markers.redirect or "")
         if redirect is not None:
             if redirect:
                 redirects.append((resolved.branches[0].path, redirect))
@@ -771,18 +772,47 @@ class MergedTree:
         self._changed(node)
         return False
 
-    def _redirect_for(self, node: Node, name: str, samedir: bool) -> str | None:
-        """The redirect the directory NODE (in upper, with lower content, still at its old NAME)
-        needs before it moves, as the kernel's ovl_set_redirect computes it: "" if the one it has
-        will do, None if it cannot move by redirect (feature off or unavailable, or an absolute path
-        longer than the kernel's redirect_max, where the kernel says EXDEV and tools copy).
+    async def _make_file_movable(
+        self, node: Node, parent: Node, name: str, redirects: list[tuple[str, str]], *, samedir: bool
+    ) -> bool:
+        """`_make_movable` of a file: copied up (a lower regular file as a metacopy file, which
+        keeps its data below through a redirect where redirects are written), or linked to its
+        index copy."""
+        redirecting = self.upper_dir is not None and bool(self.upper_dir.features.redirect)
+        was_upper = node.resolved.layer.writable
+        resolved = await self._ensure_upper(node, meta_only=redirecting)
+        into = parent.resolved.branches[0]
+        here = self.find(parent.resolved, name)
+        if here is not None and self._indexed(here):  # an index entry is never NAME itself
+            await self._name_indexed_copy(node, here, into)
+            resolved = node.resolved
+        if resolved.data is None:
+            return False
+        # a metacopy file: where its data is must survive the move (one copied up just now has no
+        # redirect yet; one that was in upper may have one, from an earlier move)
+        # (not a file with other names: a redirect is the inode's, and names one place only)
+        alone = resolved.stat.st_nlink == 1 and not self._indexed(resolved)
+        current = await self.in_thread(whiteout.file_redirect, resolved.path) if was_upper and alone else None
+        redirect = self._redirect_for(node, name, samedir, current or "") if alone else None
+        if redirect is None:
+            await self._ensure_upper(node)  # its data comes in: it moves as a whole file
+        elif redirect:
+            redirects.append((resolved.path, redirect))
+            log.debug("%s: redirect %s", name, redirect)
+        return False
+
+    def _redirect_for(self, node: Node, name: str, samedir: bool, current: str) -> str | None:
+        """The redirect the upper object NODE (a directory with lower content, or a metacopy file),
+        still at its old NAME with the redirect CURRENT ("": none), needs before it moves, as the
+        kernel's ovl_set_redirect computes it: "" if the one it has will do, None if it cannot move
+        by redirect (feature off or unavailable, or an absolute path longer than the kernel's
+        redirect_max, where the kernel says EXDEV and tools copy).
 
         Same parent: its old name, unless it has a redirect already. Another parent: the absolute
         path of its old place, each ancestor named by its own redirect where it has one (an
         absolute one ends the walk), unless it has an absolute redirect already."""
         if self.upper_dir is None or not self.upper_dir.features.redirect:
             return None
-        current = node.resolved.branches[0].markers.redirect
         if current and (samedir or current.startswith("/")):
             return ""
         if samedir:
@@ -796,8 +826,7 @@ class MergedTree:
         redirect = "/".join(reversed(parts))
         redirect = redirect if redirect.startswith("/") else "/" + redirect
         if len(os.fsencode(redirect)) > REDIRECT_MAX:
-            log.info("%s: redirect longer than %d bytes: copying the directory's tree up instead",
-                     node.name, REDIRECT_MAX)
+            log.info("%s: redirect longer than %d bytes: moving a copy of it instead", node.name, REDIRECT_MAX)
             return None
         return redirect
 

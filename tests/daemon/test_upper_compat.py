@@ -56,6 +56,16 @@ SCENARIOS: dict[str, list[Step]] = {
         ("rename", "target", "merged/target"), ("rename", "full", "emptydir"),
         ("rename", "merged/l1file", "moved/y/l1file"),
     ],
+    # lower files moved as metacopy files with redirects: in place then elsewhere (the absolute
+    # redirect names the lower place, not the name between), a big sparse one, one chmod'ed first,
+    # one written after its move (its data comes in), two swapped, moves into and inside a moved dir
+    "file-moves": [
+        ("rename", "full/f2", "full/f2-moved"), ("rename", "full/f2-moved", "d/f2-far"),
+        ("rename", "big/sparse", "sparse-moved"), ("chmod", "gone/g", 0o600), ("rename", "gone/g", "g-moved"),
+        ("rename", "full/f1", "f1-moved"), ("write", "f1-moved", 0, b"W"),
+        ("rename_exchange", "target", "d/sub/g"), ("rename", "rd", "rd2"), ("rename", "rd2/x", "rd2/y/x2"),
+        ("rename", "merged/l1file", "rd2/l1file"), ("rename", F, "rd2/y/f"),
+    ],
     # copy-up of one name of a hardlinked lower file, and a new link to a lower file
     "hardlinks": [
         ("write", "hl/a", 0, b"ONE"), ("link", F, "merged/f-link"),
@@ -120,3 +130,29 @@ def test_kernel_reads_upper_after_both(tmp_path: Path, overlayfuse_bin: Path) ->
         kernel = take_snapshot(ls.mnt)
         assert_same_view(kernel, ours)
     assert not os.listdir(ls.work / "work"), "staging left behind"
+
+
+def _file_markers(upper: Path, rel: str) -> tuple[bool, bytes | None, bool]:
+    """What an upper file records of a lower one: metacopy, its redirect, whether it holds data."""
+    path = upper / rel
+    names = os.listxattr(path, follow_symlinks=False)
+    redirect = os.getxattr(path, "trusted.overlay.redirect") if "trusted.overlay.redirect" in names else None
+    return "trusted.overlay.metacopy" in names, redirect, os.lstat(path).st_blocks > 8
+
+
+def test_moved_lower_files_are_written_as_the_kernel_writes_them(tmp_path: Path, overlayfuse_bin: Path) -> None:
+    """A lower file renamed is a metacopy file with the kernel's redirect, its data left below (a
+    big sparse one included); one written after its move holds its data (its redirect stays)."""
+    moved = ["d/f2-far", "sparse-moved", "g-moved", "f1-moved", "target", "d/sub/g", "rd2/y/x2",
+             "rd2/l1file", "rd2/y/f"]
+    markers = {}
+    for side in ("kernel", "ours"):
+        ls = build_layer_set(tmp_path / side, standard_layers(), kernel=True)
+        assert ls.upper is not None and ls.work is not None
+        with kernel_overlay(ls.mnt, ls.lowers, ls.upper, ls.work, OPTS) if side == "kernel" else mount_ours(ls, OPTS):
+            _apply(ls.mnt, SCENARIOS["file-moves"])
+        markers[side] = {rel: _file_markers(ls.upper, rel) for rel in moved}
+    assert markers["ours"] == markers["kernel"]
+    assert markers["ours"]["d/f2-far"] == (True, b"/full/f2", False)
+    assert markers["ours"]["sparse-moved"] == (True, b"/big/sparse", False)
+    assert markers["ours"]["f1-moved"] == (False, b"/full/f1", True)  # its redirect stays, as the kernel leaves it

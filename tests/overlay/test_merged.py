@@ -58,6 +58,18 @@ def _is_whiteout(path: Path) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+REDIRECT = "trusted.overlay.redirect"
+METACOPY = "trusted.overlay.metacopy"
+
+
+def _redirect(path: Path) -> bytes | None:
+    try:
+        return os.getxattr(path, REDIRECT, follow_symlinks=False)
+    except OSError as exc:
+        assert exc.errno == errno.ENODATA
+        return None
+
+
 async def _names(tree: MergedTree, ino: int) -> list[str]:
     _, entries = await tree.list_dir(ino)
     return sorted(name for name, _ in entries)
@@ -166,10 +178,16 @@ async def test_mkdir_over_a_whiteout_is_opaque(tree: MergedTree, dirs: tuple[Pat
 
 
 async def test_rename_of_a_lower_file(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """A lower file moves as the kernel's metacopy=on moves it: a metacopy file (no data) with a
+    redirect to where its data stays below, absolute for another parent; a whiteout where it was."""
     etc = _ino(tree, "etc")
     await tree.rename(etc, "passwd", ROOT_INODE, "moved", 0)
     upper = _upper(dirs)
-    assert (upper / "moved").read_bytes() == b"root\n" and _is_whiteout(upper / "etc/passwd")
+    assert _is_whiteout(upper / "etc/passwd")
+    assert METACOPY in os.listxattr(upper / "moved") and _redirect(upper / "moved") == b"/etc/passwd"
+    assert os.lstat(upper / "moved").st_blocks * 512 <= 8192  # no data: at most a block of xattrs
+    moved = tree.lookup(ROOT_INODE, "moved")
+    assert Path(moved.resolved.readable.path).read_bytes() == b"root\n"
     with pytest.raises(OSError) as excinfo:
         await tree.rename(etc, "hosts", ROOT_INODE, "moved", RENAME_NOREPLACE)
     assert excinfo.value.errno == errno.EEXIST
@@ -178,7 +196,9 @@ async def test_rename_of_a_lower_file(tree: MergedTree, dirs: tuple[Path, Path, 
 async def test_exchange_of_a_file_and_a_dir(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
     await tree.rename(_ino(tree, "etc"), "hosts", ROOT_INODE, "empty", RENAME_EXCHANGE)
     upper = _upper(dirs)
-    assert (upper / "etc/hosts").is_dir() and (upper / "empty").read_bytes() == b"top hosts\n"
+    assert (upper / "etc/hosts").is_dir() and _redirect(upper / "empty") == b"/etc/hosts"
+    empty = tree.lookup(ROOT_INODE, "empty")
+    assert Path(empty.resolved.readable.path).read_bytes() == b"top hosts\n"  # its data, still below
     assert await _names(tree, _ino(tree, "etc")) == ["hosts", "link", "passwd"]
 
 
@@ -261,16 +281,6 @@ async def test_dir_rename_keeps_hardlinks(dirs: tuple[Path, Path, Path, Path]) -
 
 # -- directory renames by redirect (redirect_dir=on, the default) -----------------------------------
 
-REDIRECT = "trusted.overlay.redirect"
-
-
-def _redirect(path: Path) -> bytes | None:
-    try:
-        return os.getxattr(path, REDIRECT, follow_symlinks=False)
-    except OSError as exc:
-        assert exc.errno == errno.ENODATA
-        return None
-
 
 async def test_dir_rename_in_place_writes_a_relative_redirect(
     tree: MergedTree, dirs: tuple[Path, Path, Path, Path]
@@ -325,8 +335,6 @@ async def test_dir_moved_back_and_removed(tree: MergedTree, dirs: tuple[Path, Pa
 
 
 # -- metadata-only copy-up (metacopy=on, the default) ----------------------------------------------
-
-METACOPY = "trusted.overlay.metacopy"
 
 
 async def test_chmod_copies_up_metadata_only(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
