@@ -44,6 +44,7 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
     "parallel": ("s", True, "dd of big.bin + dd of big2.bin + find, at once, caches dropped"),
     "chown-big": ("s", False, "chown -R of the dir of big lower files (kernel: metacopy=on)"),
     "mv-big-dir": ("s", False, "mv of the dir of big lower files (kernel: redirect_dir=on)"),
+    "mv-big-file": ("s", False, "mv of the big lower file within its dir (kernel: metacopy=on)"),
     "chown-tree": ("s", False, "chown -R of a dir of many small files and one big one (issue 18's case), "
                    "a layer of its own (kernel: metacopy=on)"),
     "per-request": ("us", False, f"one getxattr of a name no file has, which no cache answers: "

@@ -147,6 +147,12 @@ def job_mv_big_dir(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
     return {"mv-big-dir": timed(cmd, sc.cmd_timeout)}
 
 
+def job_mv_big_file(m: Mount, s: Stack, sc: Scale) -> dict[str, float]:
+    # A file rename by metacopy: a metacopy file with a redirect moves, its data stays below.
+    cmd = bash('mv "$1" "$1.moved" && sync -f "$1.moved"', m.mnt / BIG_DIR / "big.bin")
+    return {"mv-big-file": timed(cmd, sc.cmd_timeout)}
+
+
 _PER_REQUEST = """
 import os, sys, time
 path, calls = sys.argv[1], int(sys.argv[2])
@@ -290,6 +296,7 @@ JOBS = [
     Job("mount-to-first-read", ("mount-to-first-read",), job_mount_to_first_read, False, first_read=True),
     Job("chown-big", ("chown-big",), job_chown_big, False, kernel_opts=METADATA_ONLY_OPTS),
     Job("mv-big-dir", ("mv-big-dir",), job_mv_big_dir, False, kernel_opts=METADATA_ONLY_OPTS),
+    Job("mv-big-file", ("mv-big-file",), job_mv_big_file, False, kernel_opts=METADATA_ONLY_OPTS),
     Job("chown-tree", ("chown-tree",), job_chown_tree, False, kernel_opts=METADATA_ONLY_OPTS,
         lowers=_chown_layer),
     Job("git-status", ("git-status",), job_git_status, False, lowers=_git_layer),
