@@ -743,14 +743,7 @@ class MergedTree:
         rename's own hop sets it just before it moves the object (`_redirect_then`), as the
         kernel's ovl_rename does, rather than a hop of its own.
 
-        A lower regular file moves as a metacopy file where the mount writes them (the kernel's
-        metacopy=on copies up no data for a rename either): its data stays below, found after the
-        move through a redirect, as a moved directory's content is. A metacopy file that cannot get
-        one (redirects off, or too long) gets its data first.
-
-        A hardlinked file may be in upper already under another name (its node then holds that
-        copy) while NAME is still a lower name showing it through the link index: NAME is linked
-        to the copy in upper first, or the rename would find nothing there to move."""
+        A file: see `_make_file_movable`."""
         if not node.resolved.is_dir:
             return await self._make_file_movable(node, parent, name, redirects, samedir=samedir)
         resolved = await self._ensure_upper(node)
@@ -775,9 +768,15 @@ class MergedTree:
     async def _make_file_movable(
         self, node: Node, parent: Node, name: str, redirects: list[tuple[str, str]], *, samedir: bool
     ) -> bool:
-        """`_make_movable` of a file: copied up (a lower regular file as a metacopy file, which
-        keeps its data below through a redirect where redirects are written), or linked to its
-        index copy."""
+        """`_make_movable` of a file. A lower regular file moves as a metacopy file where the mount
+        writes them (the kernel's metacopy=on copies up no data for a rename either): its data
+        stays below, found after the move through a redirect, as a moved directory's content is.
+        A metacopy file that cannot get one (redirects off or too long, or other names: a redirect
+        is the inode's, and names one place only) gets its data first.
+
+        A hardlinked file may be in upper already under another name (its node then holds that
+        copy) while NAME is still a lower name showing it through the link index: NAME is linked
+        to the copy in upper first, or the rename would find nothing there to move."""
         redirecting = self.upper_dir is not None and bool(self.upper_dir.features.redirect)
         was_upper = node.resolved.layer.writable
         resolved = await self._ensure_upper(node, meta_only=redirecting)
@@ -790,7 +789,6 @@ class MergedTree:
             return False
         # a metacopy file: where its data is must survive the move (one copied up just now has no
         # redirect yet; one that was in upper may have one, from an earlier move)
-        # (not a file with other names: a redirect is the inode's, and names one place only)
         alone = resolved.stat.st_nlink == 1 and not self._indexed(resolved)
         current = await self.in_thread(whiteout.file_redirect, resolved.path) if was_upper and alone else None
         redirect = self._redirect_for(node, name, samedir, current or "") if alone else None
@@ -975,9 +973,10 @@ def _copy_then(then: FollowUp | None, target: str, copy: Callable[..., T], *args
 
 
 def _redirect_then(up: UpperDir, redirects: list[tuple[str, str]], move: Callable[[], None]) -> None:
-    """Set each of REDIRECTS (a directory's path in upper, its redirect), then MOVE: the blocking
-    part of a rename, in one worker call. A redirect left by a move that then fails names the
-    directory's own place, where its lower content is found anyway (the kernel's order too)."""
+    """Set each of REDIRECTS (the path in upper of a directory or a metacopy file, its redirect),
+    then MOVE: the blocking part of a rename, in one worker call. A redirect left by a move that
+    then fails names the object's own place, where its lower content is found anyway (the kernel's
+    order too)."""
     for path, redirect in redirects:
         up.set_redirect(path, redirect)
     move()
