@@ -510,16 +510,37 @@ class MergedTree:
             node = self.inodes.get(ino)
             if not node.names and node.detached is not None:
                 raise _error(errno.ENOENT, name)  # no name left to link to (the kernel refuses too)
-            source = await self._ensure_upper(node)
+            source, redirects = await self._make_linkable(node)
             parent_res = await self._ensure_upper(parent)
             into = parent_res.branches[0]
             obj = NewObject(source.stat.st_mode, 0, 0, link_source=source.path)
             self._changed(parent)
             try:
-                st, _ = await self.in_thread(up.create, into.path, name, obj)
+                st, _ = await self.in_thread(_redirect_then, up, redirects, lambda: up.create(into.path, name, obj))
             finally:
                 self._changed(parent)
+            if source.data is not None:  # a metacopy file: the new name reads the same lower data
+                return self.inodes.remember(parent.ino, name, Resolved(source.layer, into, name, st, (), source.data))
             return self._remember_new(parent, parent_res, name, st)
+
+    async def _make_linkable(self, node: Node) -> tuple[Resolved, list[tuple[str, str]]]:
+        """NODE's object in upper, ready for a new name, and the redirect to set first: a lower
+        regular file is copied up as a metacopy file where the mount writes them, and gets an
+        absolute redirect to its data, which every name then finds (the kernel's ovl_link with
+        metacopy=on does the same); a metacopy file that cannot have one gets its data first."""
+        redirects: list[tuple[str, str]] = []
+        redirecting = self.upper_dir is not None and bool(self.upper_dir.features.redirect)
+        was_upper = node.resolved.layer.writable
+        source = await self._ensure_upper(node, meta_only=redirecting)
+        if source.data is None:
+            return source, redirects
+        current = await self.in_thread(whiteout.file_redirect, source.path) if was_upper else None
+        redirect = self._redirect_for(node, node.name, False, current or "") if not self._indexed(source) else None
+        if redirect is None:
+            return await self._ensure_upper(node), redirects  # its data comes in: a whole file is linked
+        if redirect:
+            redirects.append((source.path, redirect))
+        return source, redirects
 
     def _remember_new(self, parent: Node, parent_res: Resolved, name: str, st: os.stat_result) -> Node:
         into = parent_res.branches[0]
@@ -771,8 +792,8 @@ class MergedTree:
         """`_make_movable` of a file. A lower regular file moves as a metacopy file where the mount
         writes them (the kernel's metacopy=on copies up no data for a rename either): its data
         stays below, found after the move through a redirect, as a moved directory's content is.
-        A metacopy file that cannot get one (redirects off or too long, or other names: a redirect
-        is the inode's, and names one place only) gets its data first.
+        A metacopy file that cannot get one (redirects off or too long, or other names without an
+        absolute one: a redirect is the inode's) gets its data first.
 
         A hardlinked file may be in upper already under another name (its node then holds that
         copy) while NAME is still a lower name showing it through the link index: NAME is linked
@@ -789,9 +810,13 @@ class MergedTree:
             return False
         # a metacopy file: where its data is must survive the move (one copied up just now has no
         # redirect yet; one that was in upper may have one, from an earlier move)
-        alone = resolved.stat.st_nlink == 1 and not self._indexed(resolved)
-        current = await self.in_thread(whiteout.file_redirect, resolved.path) if was_upper and alone else None
-        redirect = self._redirect_for(node, name, samedir, current or "") if alone else None
+        current = await self.in_thread(whiteout.file_redirect, resolved.path) if was_upper else None
+        if self._indexed(resolved):
+            redirect = None
+        elif resolved.stat.st_nlink == 1:
+            redirect = self._redirect_for(node, name, samedir, current or "")
+        else:  # a redirect is the inode's: only an absolute one (a link wrote it) serves every name
+            redirect = "" if current and current.startswith("/") else None
         if redirect is None:
             await self._ensure_upper(node)  # its data comes in: it moves as a whole file
         elif redirect:
@@ -972,14 +997,14 @@ def _copy_then(then: FollowUp | None, target: str, copy: Callable[..., T], *args
     return result
 
 
-def _redirect_then(up: UpperDir, redirects: list[tuple[str, str]], move: Callable[[], None]) -> None:
+def _redirect_then(up: UpperDir, redirects: list[tuple[str, str]], change: Callable[[], T]) -> T:
     """Set each of REDIRECTS (the path in upper of a directory or a metacopy file, its redirect),
-    then MOVE: the blocking part of a rename, in one worker call. A redirect left by a move that
-    then fails names the object's own place, where its lower content is found anyway (the kernel's
-    order too)."""
+    then CHANGE (a rename, or a link): its blocking part in one worker call. A redirect left by a
+    change that then fails names the object's own place, where its lower content is found anyway
+    (the kernel's order too)."""
     for path, redirect in redirects:
         up.set_redirect(path, redirect)
-    move()
+    return change()
 
 
 def _remove_in_upper(

@@ -58,13 +58,15 @@ SCENARIOS: dict[str, list[Step]] = {
     ],
     # lower files moved as metacopy files with redirects: in place then elsewhere (the absolute
     # redirect names the lower place, not the name between), a big sparse one, one chmod'ed first,
-    # one written after its move (its data comes in), two swapped, moves into and inside a moved dir
+    # one written after its move (its data comes in), two swapped, moves into and inside a moved dir;
+    # a lower file linked (an absolute redirect, which its moved link keeps)
     "file-moves": [
         ("rename", "full/f2", "full/f2-moved"), ("rename", "full/f2-moved", "d/f2-far"),
         ("rename", "big/sparse", "sparse-moved"), ("chmod", "gone/g", 0o600), ("rename", "gone/g", "g-moved"),
         ("rename", "full/f1", "f1-moved"), ("write", "f1-moved", 0, b"W"),
         ("rename_exchange", "target", "d/sub/g"), ("rename", "rd", "rd2"), ("rename", "rd2/x", "rd2/y/x2"),
         ("rename", "merged/l1file", "rd2/l1file"), ("rename", F, "rd2/y/f"),
+        ("link", "merged/l2file", "l2-link"), ("rename", "l2-link", "d/l2-link-moved"),
     ],
     # copy-up of one name of a hardlinked lower file, and a new link to a lower file
     "hardlinks": [
@@ -141,10 +143,10 @@ def _file_markers(upper: Path, rel: str) -> tuple[bool, bytes | None, bool]:
 
 
 def test_moved_lower_files_are_written_as_the_kernel_writes_them(tmp_path: Path, overlayfuse_bin: Path) -> None:
-    """A lower file renamed is a metacopy file with the kernel's redirect, its data left below (a
-    big sparse one included); one written after its move holds its data (its redirect stays)."""
+    """A lower file renamed or linked is a metacopy file with the kernel's redirect, its data left
+    below (a big sparse one included); one written after its move holds its data (its redirect stays)."""
     moved = ["d/f2-far", "sparse-moved", "g-moved", "f1-moved", "target", "d/sub/g", "rd2/y/x2",
-             "rd2/l1file", "rd2/y/f"]
+             "rd2/l1file", "rd2/y/f", "merged/l2file", "d/l2-link-moved"]
     markers = {}
     for side in ("kernel", "ours"):
         ls = build_layer_set(tmp_path / side, standard_layers(), kernel=True)
@@ -155,4 +157,5 @@ def test_moved_lower_files_are_written_as_the_kernel_writes_them(tmp_path: Path,
     assert markers["ours"] == markers["kernel"]
     assert markers["ours"]["d/f2-far"] == (True, b"/full/f2", False)
     assert markers["ours"]["sparse-moved"] == (True, b"/big/sparse", False)
+    assert markers["ours"]["d/l2-link-moved"] == (True, b"/merged/l2file", False)  # one inode, two names
     assert markers["ours"]["f1-moved"] == (False, b"/full/f1", True)  # its redirect stays, as the kernel leaves it

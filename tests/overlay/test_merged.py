@@ -193,6 +193,24 @@ async def test_rename_of_a_lower_file(tree: MergedTree, dirs: tuple[Path, Path, 
     assert excinfo.value.errno == errno.EEXIST
 
 
+async def test_link_of_a_lower_file(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
+    """A lower file linked is copied up as the kernel's metacopy=on does it: a metacopy file with an
+    absolute redirect to its data, which both names (one inode) read; renaming either keeps it so."""
+    etc = _ino(tree, "etc")
+    passwd = tree.lookup(etc, "passwd")
+    linked = await tree.link(passwd.ino, ROOT_INODE, "pw-link")
+    upper = _upper(dirs)
+    assert os.lstat(upper / "pw-link").st_ino == os.lstat(upper / "etc/passwd").st_ino
+    assert METACOPY in os.listxattr(upper / "pw-link") and _redirect(upper / "pw-link") == b"/etc/passwd"
+    assert linked.ino == passwd.ino
+    for parent, name in ((ROOT_INODE, "pw-link"), (etc, "passwd")):
+        assert Path(tree.lookup(parent, name).resolved.readable.path).read_bytes() == b"root\n"
+    await tree.rename(ROOT_INODE, "pw-link", _ino(tree, "empty"), "moved", 0)
+    assert _redirect(upper / "empty/moved") == b"/etc/passwd" and METACOPY in os.listxattr(upper / "empty/moved")
+    moved = tree.lookup(_ino(tree, "empty"), "moved")
+    assert Path(moved.resolved.readable.path).read_bytes() == b"root\n"
+
+
 async def test_exchange_of_a_file_and_a_dir(tree: MergedTree, dirs: tuple[Path, Path, Path, Path]) -> None:
     await tree.rename(_ino(tree, "etc"), "hosts", ROOT_INODE, "empty", RENAME_EXCHANGE)
     upper = _upper(dirs)
