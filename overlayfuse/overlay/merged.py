@@ -528,19 +528,34 @@ class MergedTree:
         regular file is copied up as a metacopy file where the mount writes them, and gets an
         absolute redirect to its data, which every name then finds (the kernel's ovl_link with
         metacopy=on does the same); a metacopy file that cannot have one gets its data first."""
-        redirects: list[tuple[str, str]] = []
-        redirecting = self.upper_dir is not None and bool(self.upper_dir.features.redirect)
         was_upper = node.resolved.layer.writable
-        source = await self._ensure_upper(node, meta_only=redirecting)
+        source = await self._ensure_upper(node, meta_only=self._redirecting)
         if source.data is None:
-            return source, redirects
-        current = await self.in_thread(whiteout.file_redirect, source.path) if was_upper else None
-        redirect = self._redirect_for(node, node.name, False, current or "") if not self._indexed(source) else None
+            return source, []
+        redirect = await self._metacopy_redirect(node, source, was_upper, node.name, samedir=False)
         if redirect is None:
-            return await self._ensure_upper(node), redirects  # its data comes in: a whole file is linked
-        if redirect:
-            redirects.append((source.path, redirect))
-        return source, redirects
+            return await self._ensure_upper(node), []  # its data comes in: a whole file is linked
+        return source, [(source.path, redirect)] if redirect else []
+
+    @property
+    def _redirecting(self) -> bool:
+        """Whether the mount writes redirects (so a metacopy file may move or get more names)."""
+        return self.upper_dir is not None and bool(self.upper_dir.features.redirect)
+
+    async def _metacopy_redirect(
+        self, node: Node, resolved: Resolved, was_upper: bool, name: str, *, samedir: bool
+    ) -> str | None:
+        """The redirect the metacopy file RESOLVED (NODE's object, at NAME; WAS_UPPER: it was a
+        metacopy file before this change, which may have one already) needs before it moves or gets
+        another name, as `_redirect_for` computes it: "" if it has the one it needs, None if it
+        cannot keep its data below (the caller brings the data in). A redirect is the inode's: a
+        file with other names keeps only an absolute one, which every name follows."""
+        if self._indexed(resolved):
+            return None
+        current = await self.in_thread(whiteout.file_redirect, resolved.path) if was_upper else None
+        if resolved.stat.st_nlink == 1:
+            return self._redirect_for(node, name, samedir, current or "")
+        return "" if current and current.startswith("/") else None
 
     def _remember_new(self, parent: Node, parent_res: Resolved, name: str, st: os.stat_result) -> Node:
         into = parent_res.branches[0]
@@ -798,9 +813,8 @@ class MergedTree:
         A hardlinked file may be in upper already under another name (its node then holds that
         copy) while NAME is still a lower name showing it through the link index: NAME is linked
         to the copy in upper first, or the rename would find nothing there to move."""
-        redirecting = self.upper_dir is not None and bool(self.upper_dir.features.redirect)
         was_upper = node.resolved.layer.writable
-        resolved = await self._ensure_upper(node, meta_only=redirecting)
+        resolved = await self._ensure_upper(node, meta_only=self._redirecting)
         into = parent.resolved.branches[0]
         here = self.find(parent.resolved, name)
         if here is not None and self._indexed(here):  # an index entry is never NAME itself
@@ -808,15 +822,8 @@ class MergedTree:
             resolved = node.resolved
         if resolved.data is None:
             return False
-        # a metacopy file: where its data is must survive the move (one copied up just now has no
-        # redirect yet; one that was in upper may have one, from an earlier move)
-        current = await self.in_thread(whiteout.file_redirect, resolved.path) if was_upper else None
-        if self._indexed(resolved):
-            redirect = None
-        elif resolved.stat.st_nlink == 1:
-            redirect = self._redirect_for(node, name, samedir, current or "")
-        else:  # a redirect is the inode's: only an absolute one (a link wrote it) serves every name
-            redirect = "" if current and current.startswith("/") else None
+        # a metacopy file: where its data is must survive the move
+        redirect = await self._metacopy_redirect(node, resolved, was_upper, name, samedir=samedir)
         if redirect is None:
             await self._ensure_upper(node)  # its data comes in: it moves as a whole file
         elif redirect:
