@@ -181,9 +181,15 @@ def test_exceptions_in_the_daemon_log_are_named() -> None:
 
 
 #: Errnos the kernel's own overlay (6.18) has answered under this stress that the rules call
-#: failures, tolerated in the oracle run only: overlayfuse is held to the rules. Seen once in one
-#: of many runs: an open(O_CREAT|O_TRUNC) without O_EXCL answered EEXIST (1 in 3,338 that run).
-KERNEL_RACES = frozenset({("create-trunc", "EEXIST"), ("create", "EEXIST")})
+#: failures, tolerated in the oracle run only: overlayfuse is held to the rules. Each seen once in
+#: one of many runs: an open(O_CREAT|O_TRUNC) without O_EXCL answered EEXIST (1 in 3,338 that run),
+#: and an open(O_RDWR) of an existing file, which copies it up, answered EEXIST (1 in 4,508): an
+#: open for writing of a lower file is a copy-up in the kernel whatever its flags, so the writers
+#: that open without creating may meet it too.
+KERNEL_RACES = frozenset({
+    ("create-trunc", "EEXIST"), ("create", "EEXIST"),
+    ("overwrite", "EEXIST"), ("append", "EEXIST"), ("truncate", "EEXIST"),
+})
 
 
 def _run_stress(tmp_path: Path, *args: str, seconds: float,
