@@ -7,7 +7,8 @@
 - `namespaces`: setns and an fchroot, to enter a caller's namespaces and root by descriptor;
 - `peers`: a socket peer's uid and privileges (capabilities, no_new_privs, seccomp, LSM label);
 - `mounttable`: /proc/self/mountinfo, /proc/PID parsing, detaching dead FUSE mounts;
-- `journal`: log lines journald files under the right priority.
+- `journal`: log lines journald files under the right priority;
+- `ownwrite`: an owner's change to its own read-only object (a ``user.*`` xattr, a directory's move).
 
 The bottom of the package: imports only the standard library (and `overlayfuse.errors`).
 """

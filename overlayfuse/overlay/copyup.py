@@ -23,6 +23,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 
+from ..linux import ownwrite
 from ..linux.syscalls import rename_noreplace, start_writeback
 from . import origin, whiteout
 from .metachange import MetadataChange
@@ -165,7 +166,7 @@ def copy_up_metadata(
         try:
             os.ftruncate(dst, st.st_size)
             folded = _copy_metadata(src, dst, st, ws, change)
-            os.setxattr(dst, metacopy_xattr, b"")
+            ownwrite.setxattr(dst, metacopy_xattr, b"", follow_symlinks=True)
             _publish(staged, target)
             published = os.fstat(dst)  # after the rename, which sets its ctime
         finally:
@@ -448,7 +449,7 @@ def _copy_xattrs(src: int | str, dst: int | str, is_link: bool, names: list[str]
                 continue
             raise
         try:
-            os.setxattr(dst, name, value, follow_symlinks=isinstance(dst, int))
+            ownwrite.setxattr(dst, name, value, follow_symlinks=isinstance(dst, int))
         except OSError as exc:
             if is_link and name.startswith("user.") and exc.errno in (errno.ENOTSUP, errno.EPERM):
                 log.debug("skipping xattr %s on symlink %s: %s", name, dst, exc)
@@ -461,7 +462,8 @@ def _copy_xattrs(src: int | str, dst: int | str, is_link: bool, names: list[str]
 def _publish(staged: str, target: str) -> None:
     """Rename the finished copy into place, never over an object that appeared there meanwhile."""
     try:
-        rename_noreplace(staged, target)
+        # a read-only directory leaving the staging dir needs its owner's write bit (`ownwrite`)
+        ownwrite.retry(lambda: rename_noreplace(staged, target), staged, False, moved_to=target)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOSYS):
             raise

@@ -41,6 +41,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from ..linux import ownwrite
 from . import origin, whiteout
 from .layers import Branch, Fd, Layer, Resolved, root_branch
 from .whiteout import NO_MARKERS
@@ -267,4 +268,4 @@ def _legacy_name(lower: os.stat_result) -> str:
 
 
 def _set(path: str, xattr: str, value: bytes) -> None:
-    os.setxattr(path, xattr, value, follow_symlinks=False)
+    ownwrite.setxattr(path, xattr, value, follow_symlinks=False)

@@ -34,7 +34,7 @@ import stat
 import struct
 import sys
 
-from ..linux import syscalls
+from ..linux import ownwrite, syscalls
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def set_origin(target: int | str, xattr: str, value: bytes) -> None:
     """Store VALUE as TARGET's origin (an fd, or a path never followed). A ``user.`` xattr cannot go
     on a symlink or a device (EPERM): skipped there, as the kernel's ``ovl_set_origin_fh`` does."""
     try:
-        os.setxattr(target, xattr, value, follow_symlinks=isinstance(target, int))
+        ownwrite.setxattr(target, xattr, value, follow_symlinks=isinstance(target, int))
     except PermissionError:
         if not xattr.startswith("user."):
             raise

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..linux import syscalls
+from ..linux import ownwrite, syscalls
 from . import copyup, layers, whiteout
 from .copyup import Workspace
 from .features import DEFAULT as features_default
@@ -188,8 +188,8 @@ class UpperDir:
             return
         # "DIR/.": a held directory's /proc/self/fd/N link is followed to it (never a name's symlink)
         try:
-            os.setxattr(os.path.join(dir_path, "."), self.features.impure, b"y", os.XATTR_CREATE,
-                        follow_symlinks=False)  # fmt: skip
+            ownwrite.setxattr(os.path.join(dir_path, "."), self.features.impure, b"y", os.XATTR_CREATE,
+                                follow_symlinks=False)  # fmt: skip
         except FileExistsError:
             pass
         except OSError as exc:  # as the kernel's: never fail a change because the mark cannot go on
@@ -216,7 +216,7 @@ class UpperDir:
 
         Written before the rename that needs it, as the kernel does: a crash in between leaves a
         redirect naming the place the directory still is, which reads the same."""
-        os.setxattr(dir_path, self.features.redirect, os.fsencode(redirect), follow_symlinks=False)
+        ownwrite.setxattr(dir_path, self.features.redirect, os.fsencode(redirect), follow_symlinks=False)
 
     # -- changes -----------------------------------------------------------------------------------
 
@@ -313,11 +313,12 @@ class UpperDir:
                     whiteout.write_oci_whiteout(source_dir, source_name)
                 self._move_out(source, stat.S_ISDIR(existing.st_mode))
         elif leave_whiteout and style.device_whiteouts:
-            syscalls.rename_whiteout(source, target)
+            # (a read-only directory moving to another parent needs its owner's write bit: `ownwrite`)
+            ownwrite.retry(lambda: syscalls.rename_whiteout(source, target), source, False, moved_to=target)
         else:
             if leave_whiteout:
                 whiteout.write_oci_whiteout(source_dir, source_name)
-            os.rename(source, target)
+            ownwrite.retry(lambda: os.rename(source, target), source, False, moved_to=target)
         whiteout.remove_oci_whiteout(target_dir, target_name)
 
     def exchange(self, a: str, b: str, *, opaque_at_a: bool, opaque_at_b: bool) -> None:

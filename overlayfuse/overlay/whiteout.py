@@ -21,6 +21,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ..linux import ownwrite
+
 OCI_WHITEOUT_PREFIX = ".wh."
 OCI_OPAQUE_MARKER = ".wh..wh..opq"
 
@@ -284,7 +286,7 @@ def mark_opaque_fd(dir_fd: int, xattr: str = TRUSTED_OPAQUE) -> None:
     if not xattr:
         write_oci_marker_at(dir_fd, OCI_OPAQUE_MARKER)
         return
-    os.setxattr(dir_fd, xattr, b"y")
+    ownwrite.setxattr(dir_fd, xattr, b"y", follow_symlinks=True)
 
 
 def remove_oci_whiteout(layer_dir: str, name: str) -> None:
@@ -304,7 +306,7 @@ def mark_opaque(dir_path: str, style: MarkerStyle) -> None:
         finally:
             os.close(fd)
         return
-    os.setxattr(dir_path, style.opaque_xattr, b"y", follow_symlinks=False)
+    ownwrite.setxattr(dir_path, style.opaque_xattr, b"y", follow_symlinks=False)
 
 
 def is_marker_entry(name: str, st: os.stat_result) -> bool:

@@ -281,3 +281,45 @@ def test_unprivileged_redirect_and_metacopy_use_user_xattrs(rootless: RootlessUs
     finally:
         rootless.run("fusermount3", "-u", str(mnt), check=False)
     assert read == written
+
+
+def test_unprivileged_changes_to_read_only_lower_objects(rootless: RootlessUser) -> None:
+    """An unprivileged daemon owns the copies it makes, but a ``user.*`` xattr needs write permission
+    on the object and a 0444 file or 0555 directory gives its owner none: its markers still go on
+    (the owner's write bit is set for the one call), as fuse-overlayfs's do. A read-only lower file
+    is chmod'ed, touched, moved and linked; a read-only lower directory is renamed in place (to
+    another parent no user may move it: its ``..`` would change); mounted again, all reads the same."""
+    root = rootless.mkdir("readonly")
+    lower = _lower(root, rootless)
+    (lower / "ro").write_text("ro\n")
+    (lower / "rodir").mkdir()
+    (lower / "rodir" / "f").write_text("f\n")
+    for path, mode in ((lower / "ro", 0o444), (lower / "rodir" / "f", 0o444), (lower / "rodir", 0o555)):
+        os.chown(path, rootless.uid, rootless.gid)
+        path.chmod(mode)
+    upper, work, mnt = (rootless.mkdir("readonly", name) for name in ("upper", "work", "m"))
+    changes = (f"chmod 0440 {mnt}/ro && touch -d 2020-01-01 {mnt}/ro && mv {mnt}/ro {mnt}/d/ro2 && "
+               f"ln {mnt}/d/ro2 {mnt}/ro-link && mv {mnt}/rodir {mnt}/rodir2 && "
+               f"! mv {mnt}/rodir2 {mnt}/d/rodir3 2>/dev/null")
+    shown = (f"stat -c '%n %a %h %Y' {mnt}/d/ro2 {mnt}/ro-link {mnt}/rodir2; "
+             f"cat {mnt}/d/ro2 {mnt}/ro-link {mnt}/rodir2/f; ls {mnt}")
+    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
+    try:
+        rootless.run("sh", "-c", changes)
+        written = rootless.run("sh", "-c", shown).stdout
+    finally:
+        rootless.run("fusermount3", "-u", str(mnt), check=False)
+    assert written.splitlines() == [
+        f"{mnt}/d/ro2 440 2 1577836800", f"{mnt}/ro-link 440 2 1577836800", f"{mnt}/rodir2 555 1 "
+        f"{int((lower / 'rodir').stat().st_mtime)}", "ro", "ro", "f", "a", "b", "d", "e", "ro-link", "rodir2"]
+    ro2 = upper / "d" / "ro2"
+    assert os.getxattr(ro2, "user.overlay.metacopy") == b"" and not has_data(ro2)
+    assert os.getxattr(ro2, "user.overlay.redirect") == b"/ro" and (ro2.stat().st_mode & 0o777) == 0o440
+    assert os.getxattr(upper / "rodir2", "user.overlay.redirect") == b"rodir"
+    assert (upper / "rodir2").stat().st_mode & 0o777 == 0o555 and os.listdir(upper / "rodir2") == []
+    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
+    try:
+        read = rootless.run("sh", "-c", shown).stdout
+    finally:
+        rootless.run("fusermount3", "-u", str(mnt), check=False)
+    assert read == written
