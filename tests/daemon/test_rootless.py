@@ -183,6 +183,16 @@ def _mount_cmd(program: str, lower: Path, upper: Path, work: Path, mnt: Path) ->
     return [program, "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)]
 
 
+def _as_user_on_overlayfuse(user: RootlessUser, dirs: tuple[Path, Path, Path, Path], *scripts: str) -> str:
+    """Mount overlayfuse as USER on DIRS (lower, upper, work, mountpoint), run each shell script of
+    SCRIPTS there as USER, unmount (also on failure); the last script's output."""
+    user.run(*_mount_cmd(str(overlayfuse_binary()), *dirs))
+    try:
+        return [user.run("sh", "-c", script).stdout for script in scripts][-1]
+    finally:
+        user.run("fusermount3", "-u", str(dirs[3]), check=False)
+
+
 LISTING = "find {m} -mindepth 1 | sort; cat {m}/b {m}/c {m}/d/z {m}/n/f"
 
 
@@ -261,12 +271,7 @@ def test_unprivileged_redirect_and_metacopy_use_user_xattrs(rootless: RootlessUs
     upper, work, mnt = (rootless.mkdir("userxattr", name) for name in ("upper", "work", "m"))
     changes = f"chmod 600 {mnt}/a; mv {mnt}/e {mnt}/d/moved"
     shown = f"stat -c '%n %a' {mnt}/a; cat {mnt}/a; ls {mnt} {mnt}/d/moved; cat {mnt}/d/moved/kept"
-    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
-    try:
-        rootless.run("sh", "-c", changes)
-        written = rootless.run("sh", "-c", shown).stdout
-    finally:
-        rootless.run("fusermount3", "-u", str(mnt), check=False)
+    written = _as_user_on_overlayfuse(rootless, (lower, upper, work, mnt), changes, shown)
     assert written.splitlines() == [f"{mnt}/a 600", "a", f"{mnt}:", "a", "b", "d", "", f"{mnt}/d/moved:",
                                     "kept", "y", "kept"]
     a, moved = upper / "a", upper / "d" / "moved"
@@ -275,12 +280,7 @@ def test_unprivileged_redirect_and_metacopy_use_user_xattrs(rootless: RootlessUs
     for path in (a, moved, upper / "d"):
         names = os.listxattr(path)
         assert "user.overlay.origin" in names and not [n for n in names if n.startswith("trusted.")], path
-    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
-    try:
-        read = rootless.run("sh", "-c", shown).stdout
-    finally:
-        rootless.run("fusermount3", "-u", str(mnt), check=False)
-    assert read == written
+    assert _as_user_on_overlayfuse(rootless, (lower, upper, work, mnt), shown) == written
 
 
 def test_unprivileged_changes_to_read_only_lower_objects(rootless: RootlessUser) -> None:
@@ -303,12 +303,7 @@ def test_unprivileged_changes_to_read_only_lower_objects(rootless: RootlessUser)
                f"! mv {mnt}/rodir2 {mnt}/d/rodir3 2>/dev/null")
     shown = (f"stat -c '%n %a %h %Y' {mnt}/d/ro2 {mnt}/ro-link {mnt}/rodir2; "
              f"cat {mnt}/d/ro2 {mnt}/ro-link {mnt}/rodir2/f; ls {mnt}")
-    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
-    try:
-        rootless.run("sh", "-c", changes)
-        written = rootless.run("sh", "-c", shown).stdout
-    finally:
-        rootless.run("fusermount3", "-u", str(mnt), check=False)
+    written = _as_user_on_overlayfuse(rootless, (lower, upper, work, mnt), changes, shown)
     assert written.splitlines() == [
         f"{mnt}/d/ro2 440 2 1577836800", f"{mnt}/ro-link 440 2 1577836800", f"{mnt}/rodir2 555 1 "
         f"{int((lower / 'rodir').stat().st_mtime)}", "ro", "ro", "f", "a", "b", "d", "e", "ro-link", "rodir2"]
@@ -317,9 +312,4 @@ def test_unprivileged_changes_to_read_only_lower_objects(rootless: RootlessUser)
     assert os.getxattr(ro2, "user.overlay.redirect") == b"/ro" and (ro2.stat().st_mode & 0o777) == 0o440
     assert os.getxattr(upper / "rodir2", "user.overlay.redirect") == b"rodir"
     assert (upper / "rodir2").stat().st_mode & 0o777 == 0o555 and os.listdir(upper / "rodir2") == []
-    rootless.run(*_mount_cmd(str(overlayfuse_binary()), lower, upper, work, mnt))
-    try:
-        read = rootless.run("sh", "-c", shown).stdout
-    finally:
-        rootless.run("fusermount3", "-u", str(mnt), check=False)
-    assert read == written
+    assert _as_user_on_overlayfuse(rootless, (lower, upper, work, mnt), shown) == written
