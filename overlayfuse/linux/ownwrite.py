@@ -40,10 +40,10 @@ def retry(call: Callable[[], T], target: int | str, follow_symlinks: bool, moved
             raise
     mode = stat.S_IMODE(st.st_mode)
     os.chmod(target, mode | stat.S_IWUSR, follow_symlinks=follow_symlinks)
-    done = False
     try:
         result = call()
-        done = True
-    finally:
-        os.chmod(moved_to if done and moved_to is not None else target, mode, follow_symlinks=follow_symlinks)
+    except BaseException:
+        os.chmod(target, mode, follow_symlinks=follow_symlinks)
+        raise
+    os.chmod(moved_to or target, mode, follow_symlinks=follow_symlinks)
     return result

@@ -532,30 +532,36 @@ class MergedTree:
         source = await self._ensure_upper(node, meta_only=self._redirecting)
         if source.data is None:
             return source, []
-        redirect = await self._metacopy_redirect(node, source, was_upper, node.name, samedir=False)
-        if redirect is None:
-            return await self._ensure_upper(node), []  # its data comes in: a whole file is linked
-        return source, [(source.path, redirect)] if redirect else []
+        redirects = await self._keep_data_below(node, source, was_upper, node.name, samedir=False)
+        return node.resolved, redirects  # (a file whose data came in is linked whole)
 
     @property
     def _redirecting(self) -> bool:
         """Whether the mount writes redirects (so a metacopy file may move or get more names)."""
         return self.upper_dir is not None and bool(self.upper_dir.features.redirect)
 
-    async def _metacopy_redirect(
+    async def _keep_data_below(
         self, node: Node, resolved: Resolved, was_upper: bool, name: str, *, samedir: bool
-    ) -> str | None:
-        """The redirect the metacopy file RESOLVED (NODE's object, at NAME; WAS_UPPER: it was a
-        metacopy file before this change, which may have one already) needs before it moves or gets
-        another name, as `_redirect_for` computes it: "" if it has the one it needs, None if it
-        cannot keep its data below (the caller brings the data in). A redirect is the inode's: a
+    ) -> list[tuple[str, str]]:
+        """The redirect (as ``[(path, redirect)]``, or none) the metacopy file RESOLVED (NODE's
+        object, at NAME; WAS_UPPER: it was a metacopy file before this change, which may have one
+        already) needs before it moves or gets another name, as `_redirect_for` computes it; where
+        it cannot keep its data below, its data comes in now instead. A redirect is the inode's: a
         file with other names keeps only an absolute one, which every name follows."""
-        if self._indexed(resolved):
-            return None
-        current = await self.in_thread(whiteout.file_redirect, resolved.path) if was_upper else None
-        if resolved.stat.st_nlink == 1:
-            return self._redirect_for(node, name, samedir, current or "")
-        return "" if current and current.startswith("/") else None
+        redirect = None
+        if not self._indexed(resolved):
+            current = await self.in_thread(whiteout.file_redirect, resolved.path) if was_upper else None
+            if resolved.stat.st_nlink == 1:
+                redirect = self._redirect_for(node, name, samedir, current or "")
+            elif current and current.startswith("/"):
+                redirect = ""
+        if redirect is None:
+            await self._ensure_upper(node)  # its data comes in: a whole file moves or gets the name
+            return []
+        if not redirect:
+            return []
+        log.debug("%s: redirect %s", name, redirect)
+        return [(resolved.path, redirect)]
 
     def _remember_new(self, parent: Node, parent_res: Resolved, name: str, st: os.stat_result) -> Node:
         into = parent_res.branches[0]
@@ -823,12 +829,7 @@ class MergedTree:
         if resolved.data is None:
             return False
         # a metacopy file: where its data is must survive the move
-        redirect = await self._metacopy_redirect(node, resolved, was_upper, name, samedir=samedir)
-        if redirect is None:
-            await self._ensure_upper(node)  # its data comes in: it moves as a whole file
-        elif redirect:
-            redirects.append((resolved.path, redirect))
-            log.debug("%s: redirect %s", name, redirect)
+        redirects += await self._keep_data_below(node, resolved, was_upper, name, samedir=samedir)
         return False
 
     def _redirect_for(self, node: Node, name: str, samedir: bool, current: str) -> str | None:
@@ -841,7 +842,7 @@ class MergedTree:
         Same parent: its old name, unless it has a redirect already. Another parent: the absolute
         path of its old place, each ancestor named by its own redirect where it has one (an
         absolute one ends the walk), unless it has an absolute redirect already."""
-        if self.upper_dir is None or not self.upper_dir.features.redirect:
+        if not self._redirecting:
             return None
         if current and (samedir or current.startswith("/")):
             return ""

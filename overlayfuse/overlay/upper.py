@@ -189,7 +189,7 @@ class UpperDir:
         # "DIR/.": a held directory's /proc/self/fd/N link is followed to it (never a name's symlink)
         try:
             ownwrite.setxattr(os.path.join(dir_path, "."), self.features.impure, b"y", os.XATTR_CREATE,
-                                follow_symlinks=False)  # fmt: skip
+                              follow_symlinks=False)  # fmt: skip
         except FileExistsError:
             pass
         except OSError as exc:  # as the kernel's: never fail a change because the mark cannot go on
