@@ -1,5 +1,6 @@
 """libc calls Python's os module lacks, bound once with ctypes: renameat2, sync_file_range, syncfs,
-umount2, name_to_handle_at; and the FS_IOC_GETFSUUID ioctl.
+umount2, name_to_handle_at, a linkat that follows (Python 3.11's os.link calls link(2) instead);
+and the FS_IOC_GETFSUUID ioctl.
 
 Each wrapper raises OSError (errno, strerror and the names involved) the way ``os`` functions do, so
 callers handle them like any other failed call. A function this libc lacks is bound as None and
@@ -32,6 +33,7 @@ SYNC_FILE_RANGE_WRITE = 2
 MNT_DETACH = 2
 
 AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_FOLLOW = 0x400
 #: include/linux/exportfs.h: the largest file handle any filesystem encodes (NFSv4's limit).
 MAX_HANDLE_SZ = 128
 #: _IOR(0x15, 0, struct fsuuid2 { __u8 len; __u8 uuid[16]; }) (include/uapi/linux/fs.h, Linux 6.5+).
@@ -52,6 +54,7 @@ def _bind(name: str, *argtypes: Any) -> Callable[..., int] | None:
 _renameat2 = _bind("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
 _sync_file_range = _bind("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _syncfs = _bind("syncfs", ctypes.c_int)
+_linkat = _bind("linkat", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
 _umount2 = _bind("umount2", ctypes.c_char_p, ctypes.c_int)
 _name_to_handle_at = _bind("name_to_handle_at", ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
                            ctypes.POINTER(ctypes.c_int), ctypes.c_int)
@@ -94,6 +97,18 @@ def rename_exchange(a: str, b: str) -> None:
 def rename_whiteout(src: str, dst: str) -> None:
     """Rename SRC to DST and leave a 0:0 whiteout device at SRC, in one step (needs CAP_MKNOD)."""
     renameat2(src, dst, RENAME_WHITEOUT)
+
+
+def link_open_file(fd: int, target: str) -> None:
+    """Give the open file FD the new name TARGET (EEXIST if TARGET exists): linkat(2) of
+    /proc/self/fd/FD with AT_SYMLINK_FOLLOW, the way open(2) documents to name an O_TMPFILE file
+    without CAP_DAC_READ_SEARCH (which AT_EMPTY_PATH needs). Python's os.link cannot: with no dir
+    fds it calls link(2), which links the /proc symlink itself (EXDEV)."""
+    source = f"/proc/self/fd/{fd}"
+    if _linkat is None:
+        raise _missing("linkat", source, None, target)
+    if _linkat(AT_FDCWD, source.encode(), AT_FDCWD, os.fsencode(target), AT_SYMLINK_FOLLOW) != 0:
+        raise _error(source, None, target)
 
 
 def start_writeback(fd: int, offset: int, count: int) -> None:

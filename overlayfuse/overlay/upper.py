@@ -231,23 +231,32 @@ class UpperDir:
         oci_whited = whiteout.oci_whiteout_exists(parent_dir, name)
         if existing is not None and not whiteout.is_device_whiteout(existing):
             raise FileExistsError(17, os.strerror(17), target)
-        staged = copyup.staging_path(self.workspace)
+        # a file linked into a free name is built unnamed (`_build`); one that replaces a whiteout,
+        # or is opened read-only (which O_TMPFILE refuses), under a name in staging, then renamed
+        unnamed = (existing is None and self.workspace.tmpfile and stat.S_ISREG(obj.mode) and not obj.link_source
+                   and obj.open_flags & os.O_ACCMODE != os.O_RDONLY)
+        staged = None if unnamed else copyup.staging_path(self.workspace)
         fd = None
         try:
             fd = _build(staged, obj, self.workspace)
-            if stat.S_ISDIR(obj.mode) and (existing is not None or oci_whited):
-                whiteout.mark_opaque(staged, self.style)
-            if existing is None:
-                syscalls.rename_noreplace(staged, target)
-            elif stat.S_ISDIR(obj.mode):
-                syscalls.rename_exchange(staged, target)  # rename(2) cannot put a dir over a device
-                os.unlink(staged)
+            if staged is None:
+                assert fd is not None
+                syscalls.link_open_file(fd, target)  # EEXIST if the name was taken meanwhile
             else:
-                os.rename(staged, target)
+                if stat.S_ISDIR(obj.mode) and (existing is not None or oci_whited):
+                    whiteout.mark_opaque(staged, self.style)
+                if existing is None:
+                    syscalls.rename_noreplace(staged, target)
+                elif stat.S_ISDIR(obj.mode):
+                    syscalls.rename_exchange(staged, target)  # rename(2) cannot put a dir over a device
+                    os.unlink(staged)
+                else:
+                    os.rename(staged, target)
         except BaseException:
             if fd is not None:
                 os.close(fd)
-            _discard(staged)
+            if staged is not None:
+                _discard(staged)
             raise
         if oci_whited:
             whiteout.remove_oci_whiteout(parent_dir, name)
@@ -374,23 +383,30 @@ def clear_markers(dir_path: str) -> None:
                 os.unlink(entry.path)
 
 
-def _build(staged: str, obj: NewObject, ws: Workspace) -> int | None:
-    """Create the object at STAGED with its final owner and mode; a regular file's fd is returned."""
+def _build(staged: str | None, obj: NewObject, ws: Workspace) -> int | None:
+    """Create the object at STAGED with its final owner and mode; a regular file's fd is returned.
+    STAGED None: a regular file with no name (O_TMPFILE in the staging dir), for the caller to link
+    into place, as the kernel's copy-up builds one (`copyup`): nothing is left if the daemon dies
+    first, and a link is one directory change where a rename out of staging is two."""
     kind = stat.S_IFMT(obj.mode)
     perms = stat.S_IMODE(obj.mode)
     fd = None
-    if obj.link_source:
-        os.link(obj.link_source, staged)
-        return None
-    if kind == stat.S_IFREG:
+    if kind == stat.S_IFREG and not obj.link_source:
         access = obj.open_flags & (os.O_ACCMODE | os.O_APPEND)
-        fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | access, 0o600)
+        if staged is None:
+            fd = os.open(ws.staging, os.O_TMPFILE | os.O_CLOEXEC | access, 0o600)
+        else:
+            fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | access, 0o600)
         if ws.owner is not None:  # override xattrs or squashed ids (see `ownership`)
             ws.owner.apply(fd, obj.uid, obj.gid, obj.mode)
             return fd
         os.fchown(fd, obj.uid, obj.gid)
         os.fchmod(fd, perms)  # after chown, which would clear setuid/setgid
         return fd
+    assert staged is not None, "only a new regular file is built unnamed"
+    if obj.link_source:
+        os.link(obj.link_source, staged)
+        return None
     if kind == stat.S_IFDIR:
         os.mkdir(staged, 0o700)
     elif kind == stat.S_IFLNK:

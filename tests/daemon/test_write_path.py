@@ -634,8 +634,10 @@ def _kill_daemon(pids: list[int]) -> None:
 def test_kill_during_copy_up_leaves_no_partial_file(tmp_path: Path, overlayfuse_bin: Path) -> None:
     """kill -9 while a file is being copied up: the kill lands mid-copy every time, because
     the lower layer is tests.support.gatefs, whose file cannot be read until the test releases it.
-    The half copy stays in WORKDIR/work, never at the file's name, and is gone at the next
-    mount, which shows the lower file whole."""
+    The half copy is an unnamed file (O_TMPFILE) in WORKDIR/work, held by the daemon alone: it
+    goes with the daemon, never shows at the file's name, and the next mount shows the lower
+    file whole. (The named fallback, for an upper without O_TMPFILE, has its kill test in
+    tests/overlay/test_copyup.py, and test_staging_leftovers_removed_at_mount below.)"""
     control, upper, work = tmp_path / "control", tmp_path / "upper", tmp_path / "work"
     upper.mkdir()
     work.mkdir()
@@ -644,17 +646,33 @@ def test_kill_during_copy_up_leaves_no_partial_file(tmp_path: Path, overlayfuse_
         with overlayfuse(tmp_path / "mnt", [gate], upper, work, KERNEL_OPTS.split(",")) as fuse:
             pids = daemon_pids(fuse.mnt)
             with _writer_held_mid_copy(control, fuse.mnt) as writer:  # the copy-up is reading the lower file
-                assert os.listdir(staging), "a copy-up under way has nothing in WORKDIR/work"
+                assert os.listdir(staging) == [], "a copy-up under way has a name in WORKDIR/work"
+                assert _unnamed_files_held(pids, staging) == 1, "the copy-up under way is not an unnamed file"
                 _kill_daemon(pids)
         assert writer.returncode != 0, "the write succeeded although its copy-up was killed"
         assert not os.path.lexists(upper / GATED), "a partial copy-up at the file's name"
-        assert os.listdir(staging), "the kill landed after the copy-up had finished"
+        assert os.listdir(staging) == [], "the unnamed half copy outlived the daemon"
         (control / "release").touch()
         with overlayfuse(tmp_path / "mnt", [gate], upper, work, KERNEL_OPTS.split(",")) as fuse:
             assert os.listdir(staging) == [], "interrupted copy-up left in WORKDIR/work"
             assert run_isolated(run_steps, str(fuse.mnt), [("stat", GATED)]) == \
                 [("ok", {"kind": "file", "mode": "0o100644", "uid": 0, "gid": 0,
                          "size": GATED_SIZE})]
+
+
+def _unnamed_files_held(pids: list[int], staging: Path) -> int:
+    """How many O_TMPFILE files in STAGING the processes PIDS hold open (/proc shows such a file as
+    ``STAGING/#INODE (deleted)``)."""
+    held = 0
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                link = os.readlink(os.path.join(fd_dir, fd))
+            except FileNotFoundError:  # closed meanwhile
+                continue
+            held += link.startswith(f"{staging}/#") and link.endswith(" (deleted)")
+    return held
 
 
 @pytest.mark.skipif(OURS_IS_KERNEL, reason="overlayfuse's own staging dir")

@@ -47,10 +47,19 @@ KINDS = {
 }
 
 
-def workspace(tmp_path: Path) -> Workspace:
+def workspace(tmp_path: Path, unnamed: bool = True) -> Workspace:
+    """A prepared workspace whose regular files are built in unnamed files (O_TMPFILE, which the
+    test filesystems make: checked) or, with UNNAMED false, under a name in staging (the fallback
+    for an upper filesystem without O_TMPFILE)."""
     (tmp_path / "upper").mkdir()
     (tmp_path / "workdir").mkdir()
-    return Workspace.prepare(str(tmp_path / "upper"), str(tmp_path / "workdir"))
+    ws = Workspace.prepare(str(tmp_path / "upper"), str(tmp_path / "workdir"))
+    assert ws.tmpfile, "the test's filesystem makes O_TMPFILE files: prepare should have found it"
+    return dataclasses.replace(ws, tmpfile=unnamed)
+
+
+#: Both ways a regular file's copy is built (`workspace`).
+BUILT = pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "staged"])
 
 
 def decorate(path: Path, mode: int | None, xattrs: dict[str, bytes]) -> None:
@@ -100,14 +109,15 @@ def write_random(path: Path, size: int) -> None:
             f.write(i.to_bytes(8, "little") + block[8:])
 
 
+@BUILT
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_file_type_round_trips(tmp_path: Path, kind: str) -> None:
+def test_each_file_type_round_trips(tmp_path: Path, kind: str, unnamed: bool) -> None:
     entry, mode, xattrs = KINDS[kind]
     lower = make_tree(tmp_path / "lower", entry)
     source = lower / "obj"
     decorate(source, mode, xattrs)
     before = os.lstat(source)
-    ws = workspace(tmp_path)
+    ws = workspace(tmp_path, unnamed)
     target = tmp_path / "upper" / "obj"
 
     result = copy_up(ws, str(source), str(target))
@@ -258,7 +268,8 @@ def test_prepare_creates_staging_with_mode_zero(tmp_path: Path) -> None:
     (tmp_path / "upper").mkdir()
     (tmp_path / "workdir").mkdir()
     ws = Workspace.prepare(str(tmp_path / "upper"), str(tmp_path / "workdir"))
-    assert ws == Workspace(upper=str(tmp_path / "upper"), staging=str(tmp_path / "workdir" / "work"))
+    assert ws == Workspace(upper=str(tmp_path / "upper"), staging=str(tmp_path / "workdir" / "work"),
+                           tmpfile=True)
     assert os.lstat(ws.staging).st_mode == stat.S_IFDIR | 0o000
 
 
@@ -295,9 +306,10 @@ def test_prepare_refuses_a_symlinked_staging_dir(tmp_path: Path) -> None:
     assert (victim / "f").read_bytes() == b"x"
 
 
-def test_failed_rename_leaves_nothing(tmp_path: Path) -> None:
+@BUILT
+def test_failed_rename_leaves_nothing(tmp_path: Path, unnamed: bool) -> None:
     lower = make_tree(tmp_path / "lower", File("f", b"data" * 10_000), Dir("d"), Fifo("p"))
-    ws = workspace(tmp_path)
+    ws = workspace(tmp_path, unnamed)
     for name in ("f", "d", "p"):
         target = tmp_path / "upper" / "missing-parent" / name
         with pytest.raises(FileNotFoundError):
@@ -306,10 +318,11 @@ def test_failed_rename_leaves_nothing(tmp_path: Path) -> None:
         assert staging_entries(ws) == []
 
 
-def test_existing_target_is_never_replaced(tmp_path: Path) -> None:
+@BUILT
+def test_existing_target_is_never_replaced(tmp_path: Path, unnamed: bool) -> None:
     lower = make_tree(tmp_path / "lower", File("f", b"lower"), Dir("d"))
     upper = tmp_path / "upper"
-    ws = workspace(tmp_path)
+    ws = workspace(tmp_path, unnamed)
     make_tree(upper, File("f", b"already copied up and written"), File("d/child"))
     with pytest.raises(FileExistsError):
         copy_up(ws, str(lower / "f"), str(upper / "f"))
@@ -332,30 +345,36 @@ def test_missing_source_leaves_nothing(tmp_path: Path) -> None:
 KILL_SCRIPT = """
 import sys
 from overlayfuse.overlay.copyup import Workspace, copy_up
-ws = Workspace(upper=sys.argv[1], staging=sys.argv[2])
+ws = Workspace(upper=sys.argv[1], staging=sys.argv[2], tmpfile=sys.argv[5] == "unnamed")
 print("ready", flush=True)
 copy_up(ws, sys.argv[3], sys.argv[4])
 print("done", flush=True)
 """
 
 
-def test_kill_during_copy_up_leaves_nothing_visible(tmp_path: Path) -> None:
+@BUILT
+def test_kill_during_copy_up_leaves_nothing_visible(tmp_path: Path, unnamed: bool) -> None:
     """SIGKILL mid-copy, every time: the source is tests.support.gatefs's file, whose read waits until
-    the test releases it, so the kill lands while the copy is under way, not by a race."""
+    the test releases it, so the kill lands while the copy is under way, not by a race. A copy in an
+    unnamed file leaves nothing at all; one under a name in staging leaves it for `prepare`."""
     control = tmp_path / "control"
     target = tmp_path / "upper" / "gated"
-    ws = workspace(tmp_path)
+    ws = workspace(tmp_path, unnamed)
     with gate_fs(control, tmp_path / "gate") as gate:
         proc = subprocess.Popen(
             [sys.executable, "-c", KILL_SCRIPT, ws.upper, ws.staging, str(gate / "gated"),
-             str(target)],
+             str(target), "unnamed" if unnamed else "staged"],
             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
         )
         try:
             assert proc.stdout is not None
             assert proc.stdout.readline() == "ready\n"
             wait_held(control, 60)  # copy_up is reading the source: mid-copy
-            assert staging_entries(ws) != [], "a copy under way has nothing in staging"
+            if unnamed:
+                assert staging_entries(ws) == []
+                assert unnamed_files_open(proc.pid, ws.staging) == 1, "the copy under way is not unnamed"
+            else:
+                assert staging_entries(ws) != [], "a copy under way has nothing in staging"
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
@@ -366,9 +385,20 @@ def test_kill_during_copy_up_leaves_nothing_visible(tmp_path: Path) -> None:
                 proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.lexists(target), "a half copy at the target's name"
-    assert staging_entries(ws) != []  # the half copy is in staging, where prepare finds it
+    if unnamed:
+        assert staging_entries(ws) == []  # the unnamed file went with the process
+    else:
+        assert staging_entries(ws) != []  # the half copy is in staging, where prepare finds it
     Workspace.prepare(ws.upper, str(tmp_path / "workdir"))
     assert staging_entries(ws) == []
+
+
+def unnamed_files_open(pid: int, staging: str) -> int:
+    """How many O_TMPFILE files in STAGING process PID holds open (/proc shows such a file as
+    ``STAGING/#INODE (deleted)``)."""
+    fd_dir = f"/proc/{pid}/fd"
+    links = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+    return sum(1 for link in links if link.startswith(staging + "/#") and link.endswith(" (deleted)"))
 
 
 def test_fallback_copy_lands_at_the_same_offsets(tmp_path: Path) -> None:
