@@ -6,8 +6,8 @@ Every object is built where nothing shows it and published in one step, so a cra
 any moment leaves either nothing or the complete object in upper:
 - a regular file, as the kernel's ``ovl_copy_up_tmpfile``, in an unnamed file (O_TMPFILE) in the
   staging dir, linked into place: a kill leaves nothing at all, and the link is one directory
-  change where a rename out of staging is two (the metacopy copy-up of ``chown -R`` is a third
-  cheaper for it on ext4);
+  change where a rename out of staging is two (the bare syscalls of a metacopy copy-up take a
+  quarter less time for it on ext4: docs/performance.md);
 - anything else, or a file where the upper filesystem makes no unnamed files, under a name in a
   private staging dir in the workdir (``WORKDIR/work``, as the kernel names it), renamed into
   place. Leftovers stay in staging, where `Workspace.prepare` removes them at the next mount.
