@@ -37,6 +37,7 @@ from tests.support.mounts import (
     run_isolated,
     teardown_overlayfuse,
     unmount_kernel,
+    unnamed_files_held,
     wait_pids_gone,
 )
 from tests.support.rich_tree import LayerSet, build_layer_set
@@ -647,7 +648,7 @@ def test_kill_during_copy_up_leaves_no_partial_file(tmp_path: Path, overlayfuse_
             pids = daemon_pids(fuse.mnt)
             with _writer_held_mid_copy(control, fuse.mnt) as writer:  # the copy-up is reading the lower file
                 assert os.listdir(staging) == [], "a copy-up under way has a name in WORKDIR/work"
-                assert _unnamed_files_held(pids, staging) == 1, "the copy-up under way is not an unnamed file"
+                assert unnamed_files_held(pids, staging) == 1, "the copy-up under way is not an unnamed file"
                 _kill_daemon(pids)
         assert writer.returncode != 0, "the write succeeded although its copy-up was killed"
         assert not os.path.lexists(upper / GATED), "a partial copy-up at the file's name"
@@ -658,21 +659,6 @@ def test_kill_during_copy_up_leaves_no_partial_file(tmp_path: Path, overlayfuse_
             assert run_isolated(run_steps, str(fuse.mnt), [("stat", GATED)]) == \
                 [("ok", {"kind": "file", "mode": "0o100644", "uid": 0, "gid": 0,
                          "size": GATED_SIZE})]
-
-
-def _unnamed_files_held(pids: list[int], staging: Path) -> int:
-    """How many O_TMPFILE files in STAGING the processes PIDS hold open (/proc shows such a file as
-    ``STAGING/#INODE (deleted)``)."""
-    held = 0
-    for pid in pids:
-        fd_dir = f"/proc/{pid}/fd"
-        for fd in os.listdir(fd_dir):
-            try:
-                link = os.readlink(os.path.join(fd_dir, fd))
-            except FileNotFoundError:  # closed meanwhile
-                continue
-            held += link.startswith(f"{staging}/#") and link.endswith(" (deleted)")
-    return held
 
 
 @pytest.mark.skipif(OURS_IS_KERNEL, reason="overlayfuse's own staging dir")

@@ -21,6 +21,7 @@ import pytest
 from overlayfuse.overlay import copyup
 from overlayfuse.overlay.copyup import Workspace, copy_up, copy_up_size
 from tests.support.gatefs import gate_fs, wait_held
+from tests.support.mounts import unnamed_files_held
 from tests.support.trees import BlockDev, CharDev, Dir, Fifo, File, Socket, Sparse, Symlink, make_tree
 
 MIB = 1 << 20
@@ -372,7 +373,7 @@ def test_kill_during_copy_up_leaves_nothing_visible(tmp_path: Path, unnamed: boo
             wait_held(control, 60)  # copy_up is reading the source: mid-copy
             if unnamed:
                 assert staging_entries(ws) == []
-                assert unnamed_files_open(proc.pid, ws.staging) == 1, "the copy under way is not unnamed"
+                assert unnamed_files_held([proc.pid], ws.staging) == 1, "the copy under way is not unnamed"
             else:
                 assert staging_entries(ws) != [], "a copy under way has nothing in staging"
             proc.send_signal(signal.SIGKILL)
@@ -392,13 +393,6 @@ def test_kill_during_copy_up_leaves_nothing_visible(tmp_path: Path, unnamed: boo
     Workspace.prepare(ws.upper, str(tmp_path / "workdir"))
     assert staging_entries(ws) == []
 
-
-def unnamed_files_open(pid: int, staging: str) -> int:
-    """How many O_TMPFILE files in STAGING process PID holds open (/proc shows such a file as
-    ``STAGING/#INODE (deleted)``)."""
-    fd_dir = f"/proc/{pid}/fd"
-    links = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
-    return sum(1 for link in links if link.startswith(staging + "/#") and link.endswith(" (deleted)"))
 
 
 def test_fallback_copy_lands_at_the_same_offsets(tmp_path: Path) -> None:

@@ -113,6 +113,22 @@ def daemon_pids(mnt: Path) -> list[int]:
     return pids
 
 
+def unnamed_files_held(pids: Sequence[int], directory: Path | str) -> int:
+    """How many unnamed (O_TMPFILE) files made in DIRECTORY the processes PIDS hold open: /proc
+    shows such a file as ``DIRECTORY/#INODE (deleted)``. A copy-up under way is one, in the staging
+    dir."""
+    held = 0
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                link = os.readlink(os.path.join(fd_dir, fd))
+            except FileNotFoundError:  # closed meanwhile
+                continue
+            held += link.startswith(f"{directory}/#") and link.endswith(" (deleted)")
+    return held
+
+
 def wait_pids_gone(pids: Sequence[int], timeout: float) -> list[int]:
     """Wait for processes to exit; return those still alive after `timeout`."""
     deadline = time.monotonic() + timeout
