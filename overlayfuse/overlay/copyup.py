@@ -243,9 +243,9 @@ def _copy_up(ws: Workspace, source: str, target: str, size: int | None) -> os.st
         code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
         raise OSError(code, "only a regular file can be copied up to a size", source)
     if stat.S_ISREG(st.st_mode):
-        _copy_up_file(ws, source, target, size)
+        copied = _copy_up_file(ws, source, target, size)
         log.debug("copied up %s to %s", source, target)
-        return os.lstat(target)
+        return copied
     staged = staging_path(ws)
     try:
         _build(source, staged, st, ws)
@@ -282,9 +282,10 @@ def _build(source: str, staged: str, st: os.stat_result, ws: Workspace) -> None:
     # of a lower directory ~3x the kernel's time.
 
 
-def _copy_up_file(ws: Workspace, source: str, target: str, size: int | None) -> None:
+def _copy_up_file(ws: Workspace, source: str, target: str, size: int | None) -> os.stat_result:
     """Copy the regular file SOURCE (its first SIZE bytes, or all) to TARGET: data, metadata, and
-    an fsync where the mount is durable, before it is published."""
+    an fsync where the mount is durable, before it is published. Returns the published copy's
+    stat, taken from its descriptor (no second walk of TARGET's path)."""
     src = _open_source(source)
     try:
         st = os.fstat(src)
@@ -297,6 +298,7 @@ def _copy_up_file(ws: Workspace, source: str, target: str, size: int | None) -> 
             if ws.durable:
                 os.fsync(dst)
             _publish_file(dst, staged, target)
+            return os.fstat(dst)  # after the link or rename, which sets its ctime
         except BaseException:
             if staged is not None:
                 _remove_staged(staged)
