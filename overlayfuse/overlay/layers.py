@@ -137,6 +137,11 @@ class Branch:
         fd, rel = self.at()
         return os.stat(_join(rel, name), dir_fd=fd.fd, follow_symlinks=False)
 
+    def read_markers(self) -> DirMarkers:
+        """This directory's markers as they are on disk (`whiteout.read_dir_markers_at`)."""
+        fd, rel = self.at()
+        return whiteout.read_dir_markers_at(fd.fd, rel)
+
 
 def _join(rel: str, name: str) -> str:
     return name if rel == "." else f"{rel}/{name}"
@@ -276,7 +281,7 @@ def resolve_alone(layer: Layer, parent: Branch, name: str, st: os.stat_result | 
     branches: tuple[Branch, ...] = ()
     if stat.S_ISDIR(st.st_mode):
         branch = Branch(layer, parent, name, whiteout.NO_MARKERS, st.st_dev, st.st_ino)
-        branch.markers = whiteout.read_dir_markers(branch.path)
+        branch.markers = branch.read_markers()
         branches = (branch,)
     return Resolved(layer, parent, name, st, branches)
 
@@ -462,7 +467,7 @@ def _merge(parent: Sequence[Branch], name: str, probe: _LiveProbe | _ListedProbe
         elif not stat.S_ISDIR(st.st_mode):
             break  # a non-directory below a directory ends the merge (the kernel stops there too)
         found = Branch(branch.layer, branch, here, whiteout.NO_MARKERS, st.st_dev, st.st_ino)
-        found.markers = markers = whiteout.read_dir_markers(found.path)
+        found.markers = markers = found.read_markers()
         branches.append(found)
         # A ".wh.NAME" beside NAME in the same layer means "replaced": nothing below shows through.
         if markers.opaque or probe.oci_whiteout(branch, here):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from overlayfuse.overlay import layers
+from overlayfuse.overlay import layers, whiteout
 from overlayfuse.overlay.layers import LayerStack, Resolved
 
 from ..support.trees import CharDev, Dir, File, OciWhiteout, Opaque, Symlink, Whiteout, make_tree
@@ -260,3 +263,80 @@ def _shape(resolved: Resolved) -> tuple[object, ...]:
     """What a resolution says, without the descriptors that hold it (branches compare by identity)."""
     return (resolved.layer, resolved.name, (resolved.stat.st_dev, resolved.stat.st_ino),
             [(b.layer, b.dev, b.ino, b.markers) for b in resolved.branches])
+
+
+_MARKED_DIRS = {
+    "opaque, trusted": {"trusted.overlay.opaque": b"y"},
+    "opaque, user": {"user.overlay.opaque": b"y"},
+    "xattr whiteouts": {"trusted.overlay.opaque": b"x"},
+    "redirect": {"trusted.overlay.redirect": b"/a/old"},
+    "opaque file": {},
+    "none": {},
+}
+
+
+@pytest.mark.parametrize("case", list(_MARKED_DIRS))
+def test_markers_read_through_a_descriptor_are_the_path_s(tmp_path: Path, case: str) -> None:
+    """Lookups and listings read a directory's markers through a descriptor of it; every form
+    reads as it does by path (which the unit and mount tests above pin against the kernel)."""
+    directory = tmp_path / "parent" / "d"
+    directory.mkdir(parents=True)
+    for name, value in _MARKED_DIRS[case].items():
+        os.setxattr(directory, name, value)
+    if case == "opaque file":
+        (directory / whiteout.OCI_OPAQUE_MARKER).touch()
+    parent = os.open(tmp_path / "parent", os.O_PATH | os.O_DIRECTORY)
+    try:
+        through_fd = whiteout.read_dir_markers_at(parent, "d")
+    finally:
+        os.close(parent)
+    assert through_fd == whiteout.read_dir_markers(str(directory))
+    assert (through_fd == whiteout.NO_MARKERS) == (case == "none")
+
+
+def test_markers_of_a_directory_its_reader_may_not_list(tmp_path: Path) -> None:
+    """A directory the daemon may search but not read (a rootless daemon, an owner it cannot map)
+    cannot be opened for its markers: they are read by path then, which needs search permission only."""
+    directory = tmp_path / "parent" / "d"
+    directory.mkdir(parents=True)
+    (directory / whiteout.OCI_OPAQUE_MARKER).touch()
+    for path in (directory, directory.parent):
+        path.chmod(0o711)
+    parent = os.open(tmp_path / "parent", os.O_PATH | os.O_DIRECTORY)  # the tmp dir is closed to nobody
+    try:
+        could_open, markers = _as_nobody(lambda: (_can_open(parent, "d"), whiteout.read_dir_markers_at(parent, "d")))
+    finally:
+        os.close(parent)
+    assert not could_open  # so the path answered
+    assert markers.opaque
+
+
+def _can_open(dir_fd: int, name: str) -> bool:
+    try:
+        os.close(os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd))
+    except PermissionError:
+        return False
+    return True
+
+
+def _as_nobody(func: Callable[[], Any]) -> Any:
+    """FUNC's result, run in a child that dropped root for nobody (65534)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, whatever happens
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write_end, pickle.dumps(func()))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and out, "the child as nobody failed"
+    return pickle.loads(out)
