@@ -36,6 +36,7 @@ from .compat import ViewOptions
 from .control import FreezeGate
 from .handles import HandleTable, UnknownHandle
 from .owners import ACL_XATTRS, Ownership
+from .pagecache import LowerDataStore
 from .passthrough import BACKING_STACK_DEPTH, BackingFiles
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._replies: dict[int, ListingReplies] = {}  # by directory inode, dropped on its forget
         self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
         self._files: HandleTable[FileHandle] = HandleTable("file handle")
+        self.lower_data = LowerDataStore()  # small lower files' data handed to the kernel at open
         self._absent: dict[tuple[int, str], os.stat_result] = {}  # see `_remember_absent`
         self._next_handle = 1
         self.binding = binding.detect()
@@ -353,6 +355,7 @@ class OverlayOperations(pyfuse3.Operations):
             if self.tree.forget(ino, count):
                 self._replies.pop(ino, None)
                 self._cookies.pop(ino, None)
+                self.lower_data.forget(ino)
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -529,13 +532,22 @@ class OverlayOperations(pyfuse3.Operations):
                 # or without killpriv v2: an open with O_TRUNC sends no SETATTR). Root's other
                 # opens skip the hop (a fstat of an open file reads no disk).
                 await self.workers.run(killpriv.clear_set_id, fd, _requester(ctx))
-            if not writing and not resolved.layer.writable:
-                nowait.prefetch(fd, resolved.stat.st_size)  # so the first read finds it cached
         except BaseException:
             node.opened -= 1
             raise
-        return self._file_info(FileHandle(node, fd, resolved, writing, resolved.stat.st_dev,
-                                          opener=_requester(ctx) if writing else None), counted=True)
+        handle = FileHandle(node, fd, resolved, writing, resolved.stat.st_dev,
+                            opener=_requester(ctx) if writing else None)
+        info = self._file_info(handle, counted=True)
+        if not writing and not resolved.layer.writable and not handle.passed_through:
+            self._cache_lower_data(handle)
+        return info
+
+    def _cache_lower_data(self, handle: FileHandle) -> None:
+        """A lower file just opened to read: its data in the kernel's cache now if the host's holds
+        it (`pagecache`); else on its way into the host's, so that the first READ finds it there."""
+        node, st = handle.node, handle.resolved.stat
+        if self._names_of_a_broken_link(node) or not self.lower_data.fill(node.ino, handle.fd, st):
+            nowait.prefetch(handle.fd, st.st_size)
 
     def _names_of_a_broken_link(self, node: Node) -> bool:
         """NODE has several names on a mount whose upper keeps no hardlink index: there a copy-up

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayfuse.daemon import binding
+from overlayfuse.daemon import binding, pagecache
 from tests.conftest import skip_or_fail
 from tests.support.mounts import kernel_overlay, run_isolated
 from tests.support.requestlog import debug_daemon, request_counts, requests
@@ -47,18 +47,21 @@ def _create_append_read(mnt: str) -> tuple[bytes, bytes]:
 
 def _read_lower_twice(mnt: str) -> bytes:
     """A lower file read through two opens one after the other: each a cached open."""
-    with open(f"{mnt}/lower", "rb") as f:
+    with open(f"{mnt}/big", "rb") as f:
         f.read()
-    with open(f"{mnt}/lower", "rb") as f:
+    with open(f"{mnt}/big", "rb") as f:
         return f.read()
 
 
 def test_lower_files_of_a_writable_mount_are_read_through_the_daemon(tmp_path: Path) -> None:
     """A read-only open of a lower file must read the upper copy once another open copies it
-    up, which a backing file bound at open could not: so lower data is never passed through."""
-    lower = make_tree(tmp_path / "lower", File("lower", b"from below\n"))
+    up, which a backing file bound at open could not: so lower data is never passed through. (A
+    file this big is read by READs; a small one is handed to the kernel's cache at its open, see
+    test_requests.)"""
+    data = os.urandom(pagecache.STORE_MAX + 1)
+    lower = make_tree(tmp_path / "lower", File("big", data))
     with debug_daemon(tmp_path, lower) as (mnt, log):
-        assert run_isolated(_read_lower_twice, str(mnt)) == b"from below\n"
+        assert run_isolated(_read_lower_twice, str(mnt)) == data
         counts = request_counts(log)
     assert counts["read"] >= 1, counts
 

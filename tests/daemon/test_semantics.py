@@ -306,6 +306,39 @@ def root_chown_set_id(mnt: str) -> Any:
     return stat.S_IMODE(os.lstat(path).st_mode), _try(lambda: os.lstat(path).st_uid)
 
 
+def reads_through_readers_opened_before_changes(mnt: str) -> list[Any]:
+    """Readers of small lower files opened, and not yet read, before other descriptors and names
+    change the files (overlayfuse hands such a file's data to the kernel's cache at its open)."""
+    os.chdir(os.path.join(mnt, "r"))
+    reader = os.open("f", os.O_RDONLY)
+    linked = os.open("b", os.O_RDONLY)  # a hardlink of "a", which the writes below go through
+    replaced = os.open("g", os.O_RDONLY)  # "f" is renamed over "g" at the end
+    out: list[Any] = []
+
+    def seen() -> None:
+        out.append([os.pread(reader, 4096, 0), os.fstat(reader).st_size, os.pread(linked, 4096, 0),
+                    os.pread(replaced, 4096, 0)])
+
+    writer = os.open("f", os.O_WRONLY)  # copies up while the reader is open
+    os.pwrite(writer, b"NEW", 100)
+    os.close(writer)
+    with open("a", "r+b") as through_other_name:
+        through_other_name.write(b"A-NEW")
+    seen()
+    os.truncate("f", 50)
+    seen()
+    fd = os.open("f", os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"short")
+    os.close(fd)
+    seen()
+    os.rename("f", "g")
+    seen()
+    for fd in (reader, linked, replaced):
+        os.close(fd)
+    out.append([Path(name).read_bytes() for name in ("a", "b", "g")])
+    return out
+
+
 # --- the tests --------------------------------------------------------------------------------------
 
 
@@ -488,3 +521,14 @@ def test_directory_rename_by_redirect_needs_no_space_for_data(tmp_path: Path, sm
     assert after == [(p.replace("big", "moved", 1), size) for p, size in before]
     assert sorted(p.name for p in upper.iterdir()) == ["big", "moved"]  # the whiteout and the dir
     assert list((upper / "moved").iterdir()) == []
+
+
+def test_readers_opened_before_changes_see_them(tmp_path: Path) -> None:
+    """As on the kernel's overlay, a read-only descriptor opened before a copy-up reads the copy,
+    and every change made through other descriptors or names, however its data was cached."""
+    data = bytes(range(256)) * 12
+    layers = {"l1": [Dir("r"), File("r/f", data), File("r/g", b"g" * 3000), File("r/a", data[::-1]),
+                     HardLink("r/b", "r/a")]}
+    out = _same(tmp_path, layers, reads_through_readers_opened_before_changes)
+    assert out[0][0][100:103] == b"NEW" and out[0][2].startswith(b"A-NEW")
+    assert out[3][0] == b"short"
