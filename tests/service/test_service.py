@@ -518,7 +518,7 @@ def test_debug_logs_each_request_at_debug_priority(dirs: Dirs, tmp_path: Path, o
         assert d.wait() == 0
     lines = d.log_text().splitlines()
     assert any(line.startswith("<7>lookup(") and "b'motd'" in line for line in lines), lines
-    assert any(line.startswith("<7>read(") for line in lines), lines
+    assert any(line.startswith("<7>open(") for line in lines), lines
 
 
 # --- service install -----------------------------------------------------------------------------
