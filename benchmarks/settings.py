@@ -55,6 +55,8 @@ WORKLOADS: dict[str, tuple[str, bool, str]] = {
                    "after one untimed git status"),
     "random-read-4t": ("s", True, "4 threads reading many small files of the view in a random order, "
                        "caches dropped"),
+    "random-read-warm": ("s", False, "random-read-4t on a fresh mount whose lower files the host's cache "
+                         "holds (a container of an image already read)"),
     "build-like": ("s", False, "untar a C-shaped source tree into MNT/bench-build, write a 3x-sized "
                    ".o for each .c (staged, renamed), link them into one file, rm -rf the tree"),
     "podman-run": ("s", False, "podman run --rm IMAGE true (busybox, runc, root, no network), target as "

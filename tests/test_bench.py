@@ -25,7 +25,8 @@ BENCH = REPO_ROOT / "scripts" / "bench"
 TARGETS = ("kernel", "fuse-overlayfs", "overlayfuse")
 WORKLOADS = ("walk-cold", "walk-warm", "walk-again", "stat-ls", "read-all", "seqread-1G", "copyup-big",
              "create-small", "copyup-many", "copyup-big-nosync", "copyup-many-nosync", "rm-tree",
-             "parallel", "mount-to-first-read", "git-status", "random-read-4t", "build-like", "chown-tree")
+             "parallel", "mount-to-first-read", "git-status", "random-read-4t", "random-read-warm", "build-like",
+             "chown-tree")
 #: overlayctl's listings: one column, overlayfuse's.
 CTL_WORKLOADS = ("ctl-image-ls", "ctl-ps")
 #: podman on a storage of its own per target: every target, no daemon RSS.
