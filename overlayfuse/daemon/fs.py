@@ -544,9 +544,12 @@ class OverlayOperations(pyfuse3.Operations):
 
     def _cache_lower_data(self, handle: FileHandle) -> None:
         """A lower file just opened to read: its data in the kernel's cache now if the host's holds
-        it (`pagecache`); else on its way into the host's, so that the first READ finds it there."""
+        it and no other open of it exists (`pagecache`: another open's READ in flight would hold
+        the pages the store must lock); else on its way into the host's cache, so that the first
+        READ finds it there."""
         node, st = handle.node, handle.resolved.stat
-        if self._names_of_a_broken_link(node) or not self.lower_data.fill(node.ino, handle.fd, st):
+        alone = node.opened == 1  # this open, counted from its request; others until their release
+        if not (alone and not self._names_of_a_broken_link(node) and self.lower_data.fill(node.ino, handle.fd, st)):
             nowait.prefetch(handle.fd, st.st_size)
 
     def _names_of_a_broken_link(self, node: Node) -> bool:

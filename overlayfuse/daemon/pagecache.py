@@ -17,6 +17,14 @@ never changes under the mount. What changes its data later goes through this dae
 as for pages a READ filled: a copy-up, then writes of a cached open (written through the page cache)
 or a truncate (which drops what lies beyond), or a passthrough open (which drops the inode's pages).
 
+Only while no other open of the inode exists (the caller's rule: the daemon counts an open from
+its request to its release). The kernel locks the pages it reads ahead until their READ is
+answered, and a store locks each page it fills: a store from the event loop while another open's
+READ of that file waits in /dev/fuse would wait for that READ, which only the blocked loop can
+answer. (Seen: eight threads reading the same files after their caches were dropped hung the
+daemon in ``fuse_dev_do_write``, in its first round.) With no other open there is no READ of the
+file in flight: the kernel sends RELEASE only once the last READ of an open is answered.
+
 Not stored: files of the upper dir (their data changes, and most are passed through), metacopy files,
 passthrough opens (a read-only mount: the kernel reads the backing file and no page cache), and a
 name of a lower hardlink whose other name was copied up without an index (one inode for two files).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayfuse.daemon import pagecache, readahead
+from overlayfuse.daemon import readahead
 from tests.support.mounts import drop_caches, run_isolated
 from tests.support.requestlog import debug_daemon, request_counts, requests
 from tests.support.trees import File, make_tree
@@ -79,36 +79,3 @@ def test_a_missing_name_is_asked_for_once(tmp_path: Path) -> None:
         assert run_isolated(_probe_missing, missing) == [True] * 10
         assert (mnt / "d" / "missing").read_bytes() == b"now here"
 
-
-def _contents(paths: list[str]) -> list[bytes]:
-    out = []
-    for path in paths:
-        with open(path, "rb") as f:
-            out.append(f.read())
-    return out
-
-
-def test_small_lower_files_are_read_without_read_requests(tmp_path: Path) -> None:
-    """At its open, a small lower file whose data the host's cache holds is handed to the kernel's
-    cache (daemon/pagecache.py): reading it sends no READ. A bigger file is read by READs, and so is
-    a small one the host's cache does not hold, once; afterwards the kernel has its pages."""
-    small = {f"s{i}": os.urandom(3000 + 1000 * i) for i in range(10)}
-    big = os.urandom(pagecache.STORE_MAX + 1)
-    lower = make_tree(tmp_path / "lower", *(File(name, data) for name, data in small.items()), File("big", big))
-    small_paths = sorted(small)
-    with debug_daemon(tmp_path, lower) as (mnt, log):
-        paths = [str(mnt / name) for name in small_paths]
-        assert run_isolated(_contents, paths) == [small[name] for name in small_paths]
-        assert request_counts(log)["read"] == 0
-        start = log.stat().st_size
-        assert run_isolated(_contents, [str(mnt / "big")]) == [big]
-        assert any(op == "read" for op, _ in requests(log, start))
-    (tmp_path / "cold").mkdir()
-    with debug_daemon(tmp_path / "cold", lower) as (mnt, log):
-        drop_caches()
-        paths = [str(mnt / name) for name in small_paths]
-        assert run_isolated(_contents, paths) == [small[name] for name in small_paths]
-        assert request_counts(log)["read"] >= 1
-        start = log.stat().st_size
-        assert run_isolated(_contents, paths) == [small[name] for name in small_paths]
-        assert not any(op == "read" for op, _ in requests(log, start))
