@@ -549,8 +549,9 @@ class OverlayOperations(pyfuse3.Operations):
         READ finds it there."""
         node, st = handle.node, handle.resolved.stat
         alone = node.opened == 1  # this open, counted from its request; others until their release
-        if not (alone and not self._names_of_a_broken_link(node) and self.lower_data.fill(node.ino, handle.fd, st)):
-            nowait.prefetch(handle.fd, st.st_size)
+        if alone and not self._names_of_a_broken_link(node) and self.lower_data.fill(node.ino, handle.fd, st):
+            return
+        nowait.prefetch(handle.fd, st.st_size)
 
     def _names_of_a_broken_link(self, node: Node) -> bool:
         """NODE has several names on a mount whose upper keeps no hardlink index: there a copy-up

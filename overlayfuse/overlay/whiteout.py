@@ -171,9 +171,10 @@ def _read_markers(directory: str | int, has_opaque_file: Callable[[], bool]) -> 
 
 
 def _lexists_at(dir_fd: int, name: str) -> bool:
+    """``os.path.lexists`` relative to DIR_FD: any error (no search permission) answers False, too."""
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
+    except OSError:
         return False
     return True
 
