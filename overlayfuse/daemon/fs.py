@@ -548,8 +548,8 @@ class OverlayOperations(pyfuse3.Operations):
         the pages the store must lock); else on its way into the host's cache, so that the first
         READ finds it there."""
         node, st = handle.node, handle.resolved.stat
-        alone = node.opened == 1  # this open, counted from its request; others until their release
-        if alone and not self._names_of_a_broken_link(node) and self.lower_data.fill(node.ino, handle.fd, st):
+        if not self._names_of_a_broken_link(node) and self.lower_data.fill(node.ino, handle.fd, st,
+                                                                           opens=node.opened):
             return
         nowait.prefetch(handle.fd, st.st_size)
 

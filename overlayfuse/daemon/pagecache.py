@@ -17,13 +17,14 @@ never changes under the mount. What changes its data later goes through this dae
 as for pages a READ filled: a copy-up, then writes of a cached open (written through the page cache)
 or a truncate (which drops what lies beyond), or a passthrough open (which drops the inode's pages).
 
-Only while no other open of the inode exists (the caller's rule: the daemon counts an open from
-its request to its release). The kernel locks the pages it reads ahead until their READ is
-answered, and a store locks each page it fills: a store from the event loop while another open's
-READ of that file waits in /dev/fuse would wait for that READ, which only the blocked loop can
-answer. (Seen: eight threads reading the same files after their caches were dropped hung the
-daemon in ``fuse_dev_do_write``, in its first round.) With no other open there is no READ of the
-file in flight: the kernel sends RELEASE only once the last READ of an open is answered.
+Only while no other open of the inode exists (the daemon counts an open from its request to its
+release, and `LowerDataStore.fill` is told how many there are). The kernel locks the pages it reads
+ahead until their READ is answered, and a store locks each page it fills: a store from the event
+loop while another open's READ of that file waits in /dev/fuse would wait for that READ, which only
+the blocked loop can answer. (Seen: eight threads reading the same files after their caches were
+dropped hung the daemon in ``fuse_dev_do_write``, in its first round.) With no other open there is
+no READ of the file in flight: the kernel sends RELEASE only once the last READ of an open is
+answered.
 
 Not stored: files of the upper dir (their data changes, and most are passed through), metacopy files,
 passthrough opens (a read-only mount: the kernel reads the backing file and no page cache), and a
@@ -55,9 +56,13 @@ class LowerDataStore:
 
     _stored: set[int] = field(default_factory=set)
 
-    def fill(self, ino: int, fd: int, st: os.stat_result) -> bool:
-        """Store the data of INO, a lower file open at FD (ST: its stat), if it is small and the
-        host's cache holds it all; True if stored now or before. Never waits for the disk."""
+    def fill(self, ino: int, fd: int, st: os.stat_result, *, opens: int) -> bool:
+        """Store the data of INO, a lower file open at FD (ST: its stat), if it is small, the host's
+        cache holds it all and this is its only open (OPENS: INO's opens, this one counted, from
+        their requests to their releases; see the module for the hang another one could cause);
+        True if stored now or before. Never waits for the disk."""
+        if opens != 1:
+            return False
         if ino in self._stored:
             return True
         if not 0 < st.st_size <= STORE_MAX:
