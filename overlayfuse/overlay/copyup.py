@@ -117,6 +117,12 @@ class Workspace:
                           staging)
         return cls(upper=upperdir, staging=staging, tmpfile=_makes_unnamed_files(staging))
 
+    def open_unnamed(self, access: int = os.O_WRONLY) -> int:
+        """A new regular file with no name in the staging dir (O_TMPFILE: only where `tmpfile`),
+        mode 0600 until its builder sets the final one, open with ACCESS (and O_APPEND if given);
+        `syscalls.link_open_file` names it."""
+        return os.open(self.staging, os.O_TMPFILE | os.O_CLOEXEC | access, 0o600)
+
 
 def _makes_unnamed_files(staging: str) -> bool:
     """Whether STAGING's filesystem makes O_TMPFILE files (ext4, xfs, btrfs, tmpfs do; some FUSE and
@@ -314,7 +320,7 @@ def _new_file(ws: Workspace) -> tuple[int, str | None]:
     None where it has none (O_TMPFILE, `Workspace.tmpfile`), so that nothing is left of it if the
     daemon dies before `_publish_file`."""
     if ws.tmpfile:
-        return os.open(ws.staging, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600), None
+        return ws.open_unnamed(), None
     staged = staging_path(ws)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     return os.open(staged, flags, 0o600), staged
