@@ -124,6 +124,8 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         raise _leaf(group) from group
     finally:
         pyfuse3.close(unmount=unmount)
+        if tree.workspace is not None:
+            tree.workspace.close()  # its files made ahead
         log.info("unmounted %s", options.mountpoint)
         timeline.flush()
         if workers.stats is not None:

@@ -26,13 +26,14 @@ import os
 import secrets
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..linux import ownwrite
 from ..linux.syscalls import link_open_file, rename_noreplace, start_writeback
 from . import origin, whiteout
 from .metachange import MetadataChange
 from .ownership import DiskOwner, source_override
+from .unnamed import UnnamedFiles
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ class Workspace:
     tmpfile: bool = False
     """The staging dir's filesystem makes unnamed files (O_TMPFILE): a regular file's copy is
     built in one and linked into place (`_new_file`)."""
+    ahead: UnnamedFiles | None = field(default=None, compare=False, repr=False)
+    """Unnamed files made ahead (`unnamed`), where `tmpfile`; shared by the copies
+    ``dataclasses.replace`` makes of this workspace."""
 
     @classmethod
     def prepare(cls, upperdir: str, workdir: str) -> Workspace:
@@ -115,13 +119,33 @@ class Workspace:
         if os.stat(staging).st_dev != os.stat(upperdir).st_dev:
             raise OSError(errno.EXDEV, f"staging dir is not on the filesystem of upperdir {upperdir}",
                           staging)
-        return cls(upper=upperdir, staging=staging, tmpfile=_makes_unnamed_files(staging))
+        tmpfile = _makes_unnamed_files(staging)
+        return cls(upper=upperdir, staging=staging, tmpfile=tmpfile, ahead=UnnamedFiles(staging) if tmpfile else None)
 
-    def open_unnamed(self, access: int = os.O_WRONLY) -> int:
+    def open_unnamed(self, access: int = os.O_WRONLY, *, new: bool = False) -> int:
         """A new regular file with no name in the staging dir (O_TMPFILE: only where `tmpfile`),
         mode 0600 until its builder sets the final one, open with ACCESS (and O_APPEND if given);
-        `syscalls.link_open_file` names it."""
+        `syscalls.link_open_file` names it. Write-only ones come made ahead where one is ready
+        (`unnamed`); NEW: a new file, whose times are its creation's, so a made-ahead one gets
+        its times set to now (a copy sets them to its source's itself)."""
+        if self.ahead is not None and access & ~os.O_APPEND == os.O_WRONLY:
+            fd = self.ahead.take()
+            if fd is not None:
+                try:
+                    if access & os.O_APPEND:
+                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+                    if new:
+                        os.utime(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
         return os.open(self.staging, os.O_TMPFILE | os.O_CLOEXEC | access, 0o600)
+
+    def close(self) -> None:
+        """Release what the workspace holds (its files made ahead); it still works after."""
+        if self.ahead is not None:
+            self.ahead.close()
 
 
 def _makes_unnamed_files(staging: str) -> bool:

@@ -394,7 +394,7 @@ def _build(staged: str | None, obj: NewObject, ws: Workspace) -> int | None:
     if kind == stat.S_IFREG and not obj.link_source:
         access = obj.open_flags & (os.O_ACCMODE | os.O_APPEND)
         if staged is None:
-            fd = ws.open_unnamed(access)
+            fd = ws.open_unnamed(access, new=True)
         else:
             fd = os.open(staged, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | access, 0o600)
         if ws.owner is not None:  # override xattrs or squashed ids (see `ownership`)

@@ -1,0 +1,187 @@
+"""Unnamed files made ahead: the new inode a copy-up or a create builds in, ready before it is asked for.
+
+Every copy-up of a regular file and every new regular file starts as an unnamed file (O_TMPFILE)
+in the staging dir (`copyup.Workspace.open_unnamed`). Making one is an inode allocation in the
+upper filesystem, the step of a metadata copy-up whose cost depends most on that filesystem: a few
+µs on tmpfs, hundreds on ext4 without a journal (this VM's) right after files were deleted there,
+where the allocator steps over every recently deleted inode of the group (fs/ext4/ialloc.c,
+``recently_deleted``). ``chown -R``, ``tar x`` and ``cp -r`` ask for one per file, one request
+after another, while the second CPU idles: a thread of its own makes a few ahead, so the request
+takes one that is ready (docs/performance.md, "Unnamed files made ahead").
+
+The rules:
+- nothing is made before the first file is asked for: a mount that never writes holds none;
+- at most AHEAD are held, and the thread is woken to make more when a take leaves half or fewer;
+- IDLE_SECONDS after the last take, the files held are closed (an unnamed file's inode is freed at
+  its last close) and the thread ends, so a quiet mount holds no inode and no descriptor for them;
+- none are made where the filesystem is low on inodes (`_has_room`): held files must not make
+  another object's creation fail with ENOSPC. A file the thread could not make is made by the
+  caller, which then gets the error the filesystem gives it;
+- a forked child never uses its parent's files (they would be one file in two processes).
+
+A made-ahead file is what ``open(staging, O_TMPFILE | O_WRONLY, 0o600)`` makes: mode 0600, owned by
+the daemon, with the times of its making. Its taker sets owner, mode and times as it would on a
+file it made itself (a new file sets its times to now: `copyup.Workspace.open_unnamed`); only its
+birth time (statx's btime) is older than the request, by up to IDLE_SECONDS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+
+log = logging.getLogger(__name__)
+
+#: Files held at most; the thread makes more when a take leaves AHEAD // 2 or fewer.
+AHEAD = 16
+
+#: Seconds after the last take before the files held are closed and the thread ends.
+IDLE_SECONDS = 2.0
+
+#: Free inodes below which no file is made ahead (where the filesystem counts inodes at all).
+MIN_FREE_INODES = 4096
+
+_FLAGS = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+
+
+def make(staging: str) -> int:
+    """A new unnamed regular file in STAGING, mode 0600, open for writing only."""
+    return os.open(staging, _FLAGS, 0o600)
+
+
+class UnnamedFiles:
+    """Unnamed files in one staging dir, made ahead by a thread of their own (see the module doc).
+
+    `take` is called from worker threads, several at once; `close` at unmount."""
+
+    __slots__ = ("__weakref__", "_ahead", "_closed", "_idle", "_last_take", "_lock", "_paused", "_ready",
+                 "_staging", "_thread", "_wake")
+
+    def __init__(self, staging: str, ahead: int = AHEAD, idle_seconds: float = IDLE_SECONDS) -> None:
+        self._staging = staging
+        self._ahead = ahead
+        self._idle = idle_seconds
+        self._ready: deque[int] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._last_take = 0.0
+        self._paused = False  # the last try made nothing: wait for the next take before another
+        self._closed = False
+        _pools.add(self)
+
+    def take(self) -> int | None:
+        """A file made ahead, open for writing only, now the caller's to close; None when none is
+        ready (the caller makes its own with `make`)."""
+        with self._lock:
+            if self._closed:
+                return None
+            fd = self._ready.popleft() if self._ready else None
+            self._last_take = time.monotonic()
+            if len(self._ready) <= self._ahead // 2:
+                self._paused = False
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._fill, name="overlayfuse-unnamed", daemon=True)
+                    self._thread.start()
+                else:
+                    self._wake.notify()
+        return fd
+
+    def held(self) -> int:
+        """How many files are ready now (for tests)."""
+        with self._lock:
+            return len(self._ready)
+
+    def close(self) -> None:
+        """Close every file held and stop the thread; later takes give None."""
+        with self._lock:
+            self._closed = True
+            fds = list(self._ready)
+            self._ready.clear()
+            self._wake.notify()
+        _close_all(fds)
+
+    def _fill(self) -> None:
+        """The thread: make files until AHEAD are held, then wait for takes; end when idle."""
+        while self._wanted():
+            if not _has_room(self._staging):
+                self._pause("the filesystem is low on inodes")
+                continue
+            while True:
+                try:
+                    fd = make(self._staging)
+                except OSError as exc:
+                    self._pause(f"cannot make one: {exc}")
+                    break
+                with self._lock:
+                    if self._closed:
+                        os.close(fd)
+                        return
+                    self._ready.append(fd)
+                    if len(self._ready) >= self._ahead:
+                        break
+
+    def _wanted(self) -> bool:
+        """Wait until more files are wanted (True), or until IDLE_SECONDS passed since the last take
+        or the pool closed (False: the files held are closed, and the thread ends)."""
+        with self._lock:
+            while not self._closed:
+                if not self._paused and len(self._ready) < self._ahead:
+                    return True
+                left = self._last_take + self._idle - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            fds = list(self._ready)
+            self._ready.clear()
+            self._thread = None
+        _close_all(fds)
+        return False
+
+    def _pause(self, why: str) -> None:
+        with self._lock:
+            self._paused = True
+        log.debug("no unnamed files made ahead in %s: %s", self._staging, why)
+
+    def _forget_in_child(self) -> None:
+        """In a forked child: the parent's files and thread are not this process's to use."""
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        fds = list(self._ready)
+        self._ready.clear()
+        self._thread = None
+        self._closed = True
+        _close_all(fds)
+
+
+def _has_room(staging: str) -> bool:
+    """Whether STAGING's filesystem has inodes to spare for files made ahead (one that does not
+    count them, as btrfs, reports no total)."""
+    try:
+        st = os.statvfs(staging)
+    except OSError:
+        return False
+    return st.f_files == 0 or st.f_favail >= MIN_FREE_INODES
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+_pools: weakref.WeakSet[UnnamedFiles] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
