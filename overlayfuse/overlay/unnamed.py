@@ -10,7 +10,9 @@ after another, while the second CPU idles: a thread of its own makes a few ahead
 takes one that is ready (docs/performance.md, "Unnamed files made ahead").
 
 The rules:
-- nothing is made before the first file is asked for: a mount that never writes holds none;
+- nothing is made before a burst of takes: the thread starts at the START_AFTER-th take less than
+  IDLE_SECONDS after the one before. A mount that never writes holds none, and a container start's
+  few copy-ups (or a chown of two files) pay neither a thread start nor files made for nothing;
 - at most AHEAD are held, and the thread is woken to make more when a take leaves half or fewer;
 - IDLE_SECONDS after the last take, the files held are closed (an unnamed file's inode is freed at
   its last close) and the thread ends, so a quiet mount holds no inode and no descriptor for them;
@@ -39,8 +41,12 @@ log = logging.getLogger(__name__)
 #: Files held at most; the thread makes more when a take leaves AHEAD // 2 or fewer.
 AHEAD = 16
 
-#: Seconds after the last take before the files held are closed and the thread ends.
+#: Seconds after the last take before the files held are closed and the thread ends; takes closer
+#: together than this are one burst.
 IDLE_SECONDS = 2.0
+
+#: The take of a burst that starts the thread (the ones before it make their own files).
+START_AFTER = 8
 
 #: Free inodes below which no file is made ahead (where the filesystem counts inodes at all).
 MIN_FREE_INODES = 4096
@@ -58,13 +64,16 @@ class UnnamedFiles:
 
     `take` is called from worker threads, several at once; `close` at unmount."""
 
-    __slots__ = ("__weakref__", "_ahead", "_closed", "_idle", "_last_take", "_lock", "_paused", "_ready",
-                 "_staging", "_thread", "_wake")
+    __slots__ = ("__weakref__", "_ahead", "_burst", "_closed", "_idle", "_last_take", "_lock", "_paused",
+                 "_ready", "_staging", "_start_after", "_thread", "_wake")
 
-    def __init__(self, staging: str, ahead: int = AHEAD, idle_seconds: float = IDLE_SECONDS) -> None:
+    def __init__(self, staging: str, ahead: int = AHEAD, idle_seconds: float = IDLE_SECONDS,
+                 start_after: int = START_AFTER) -> None:
         self._staging = staging
         self._ahead = ahead
         self._idle = idle_seconds
+        self._start_after = start_after
+        self._burst = 0  # takes in the current burst
         self._ready: deque[int] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -81,8 +90,10 @@ class UnnamedFiles:
             if self._closed:
                 return None
             fd = self._ready.popleft() if self._ready else None
-            self._last_take = time.monotonic()
-            if len(self._ready) <= self._ahead // 2:
+            now = time.monotonic()
+            self._burst = self._burst + 1 if now - self._last_take < self._idle else 1
+            self._last_take = now
+            if len(self._ready) <= self._ahead // 2 and self._burst >= self._start_after:
                 self._paused = False
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._fill, name="overlayfuse-unnamed", daemon=True)

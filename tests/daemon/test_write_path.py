@@ -192,8 +192,8 @@ def test_listing_after_a_change_shows_the_change(pair: Pair) -> None:
 
 
 def _times_after_a_pause(mnt: str) -> list[int]:
-    """Create a file, wait, create more: how far (ns) each later file's times are before its
-    creation's start (0 where they are not)."""
+    """Create a burst of files, wait, create more: how far (ns) each later file's times are before
+    its creation's start (0 where they are not)."""
     def create(name: str) -> os.stat_result:
         fd = os.open(os.path.join(mnt, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
@@ -201,8 +201,9 @@ def _times_after_a_pause(mnt: str) -> list[int]:
         finally:
             os.close(fd)
 
-    create("first")
-    time.sleep(1.2)
+    for i in range(12):  # a burst: files are made ahead from here on (`unnamed.START_AFTER`)
+        create(f"first{i}")
+    time.sleep(1.2)  # within the burst (`unnamed.IDLE_SECONDS`): the next creates take those files
     behind = []
     for i in range(3):
         start = time.time_ns()

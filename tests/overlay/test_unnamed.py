@@ -1,5 +1,5 @@
-"""Unnamed files made ahead (`overlayfuse.overlay.unnamed`): made only once asked for, ready for the
-next takes, closed when idle or closed, never made where inodes run low, never shared with a child.
+"""Unnamed files made ahead (`overlayfuse.overlay.unnamed`): made only in a burst of takes, ready for
+the next takes, closed when idle or closed, never made where inodes run low, never shared with a child.
 
 No mounts: the pool works on a plain staging dir (tmp_path, or a tmpfs with few inodes).
 """
@@ -46,19 +46,30 @@ def staging(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def pool(staging: Path) -> Iterator[UnnamedFiles]:
-    files = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=30)
+    files = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=30, start_after=1)
     try:
         yield files
     finally:
         files.close()
 
 
-def test_nothing_is_made_before_the_first_take(pool: UnnamedFiles, staging: Path) -> None:
-    time.sleep(0.1)
-    assert pool.held() == 0 and unnamed_files_held([os.getpid()], staging) == 0
-    assert pool.take() is None, "a first take finds nothing made: its caller makes its own"
-    _wait_for(lambda: pool.held() == AHEAD)
-    assert unnamed_files_held([os.getpid()], staging) == AHEAD
+def test_nothing_is_made_before_a_burst_of_takes(staging: Path) -> None:
+    _wait_for(lambda: _filler_threads() == 0)  # earlier tests' pools, closed or idle, are gone
+    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.5, start_after=3)
+    try:
+        time.sleep(0.1)
+        assert pool.held() == 0 and unnamed_files_held([os.getpid()], staging) == 0
+        for _ in range(2):
+            assert pool.take() is None, "nothing made before the burst: the caller makes its own"
+            time.sleep(0.6)  # takes farther apart than idle_seconds: never a burst
+        time.sleep(0.1)
+        assert pool.held() == 0 and _filler_threads() == 0, "files made for takes far apart"
+        for _ in range(3):
+            assert pool.take() is None
+        _wait_for(lambda: pool.held() == AHEAD)  # the third take close together started it
+        assert unnamed_files_held([os.getpid()], staging) == AHEAD
+    finally:
+        pool.close()
 
 
 def test_a_taken_file_is_a_new_unnamed_file_the_caller_can_name(pool: UnnamedFiles, staging: Path,
@@ -101,7 +112,7 @@ def test_takes_faster_than_the_thread_fall_back_to_none(pool: UnnamedFiles) -> N
 
 
 def test_idle_files_are_closed_and_the_thread_ends(staging: Path) -> None:
-    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.3)
+    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.3, start_after=1)
     try:
         _wait_for(lambda: _filler_threads() == 0)  # earlier tests' pools, closed or idle, are gone
         pool.take()
@@ -139,7 +150,7 @@ def few_inodes(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_none_are_made_where_inodes_run_low(few_inodes: Path) -> None:
-    pool = UnnamedFiles(str(few_inodes), ahead=AHEAD, idle_seconds=30)
+    pool = UnnamedFiles(str(few_inodes), ahead=AHEAD, idle_seconds=30, start_after=1)
     try:
         assert os.statvfs(few_inodes).f_favail < unnamed.MIN_FREE_INODES
         assert pool.take() is None
@@ -176,8 +187,8 @@ def _made_ahead_workspace(tmp_path: Path) -> Workspace:
     (tmp_path / "workdir").mkdir()
     ws = Workspace.prepare(str(tmp_path / "upper"), str(tmp_path / "workdir"))
     assert ws.ahead is not None, "the test's filesystem makes O_TMPFILE files: prepare should make a pool"
-    fd = ws.open_unnamed()  # the first: starts the pool
-    os.close(fd)
+    for _ in range(unnamed.START_AFTER):  # a burst: starts the pool
+        os.close(ws.open_unnamed())
     _wait_for(lambda: ws.ahead is not None and ws.ahead.held() >= unnamed.AHEAD)
     return ws
 
