@@ -13,7 +13,8 @@ The rules:
 - nothing is made before a burst of takes: the thread starts at the START_AFTER-th take less than
   IDLE_SECONDS after the one before. A mount that never writes holds none, and a container start's
   few copy-ups (or a chown of two files) pay neither a thread start nor files made for nothing;
-- at most AHEAD are held, and the thread is woken to make more when a take leaves half or fewer;
+- at most AHEAD are held: a take that leaves half or fewer asks the thread for a round, which
+  makes files until AHEAD are held;
 - IDLE_SECONDS after the last take, the files held are closed (an unnamed file's inode is freed at
   its last close) and the thread ends, so a quiet mount holds no inode and no descriptor for them;
 - none are made where the filesystem is low on inodes (`_has_room`): held files must not make
@@ -24,7 +25,7 @@ The rules:
 A made-ahead file is what ``open(staging, O_TMPFILE | O_WRONLY, 0o600)`` makes: mode 0600, owned by
 the daemon, with the times of its making. Its taker sets owner, mode and times as it would on a
 file it made itself (a new file sets its times to now: `copyup.Workspace.open_unnamed`); only its
-birth time (statx's btime) is older than the request, by up to IDLE_SECONDS.
+birth time (statx's btime) is older than the request, by as long as it waited to be taken.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class UnnamedFiles:
 
     `take` is called from worker threads, several at once; `close` at unmount."""
 
-    __slots__ = ("__weakref__", "_ahead", "_burst", "_closed", "_idle", "_last_take", "_lock", "_paused",
+    __slots__ = ("__weakref__", "_ahead", "_asked", "_burst", "_closed", "_idle", "_last_take", "_lock",
                  "_ready", "_staging", "_start_after", "_thread", "_wake")
 
     def __init__(self, staging: str, ahead: int = AHEAD, idle_seconds: float = IDLE_SECONDS,
@@ -79,7 +80,7 @@ class UnnamedFiles:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._last_take = 0.0
-        self._paused = False  # the last try made nothing: wait for the next take before another
+        self._asked = False  # a take asked for a round of making (the thread clears it as it starts one)
         self._closed = False
         _pools.add(self)
 
@@ -94,7 +95,7 @@ class UnnamedFiles:
             self._burst = self._burst + 1 if now - self._last_take < self._idle else 1
             self._last_take = now
             if len(self._ready) <= self._ahead // 2 and self._burst >= self._start_after:
-                self._paused = False
+                self._asked = True
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._fill, name="overlayfuse-unnamed", daemon=True)
                     self._thread.start()
@@ -117,16 +118,17 @@ class UnnamedFiles:
         _close_all(fds)
 
     def _fill(self) -> None:
-        """The thread: make files until AHEAD are held, then wait for takes; end when idle."""
+        """The thread: make files until AHEAD are held, then wait until a take asks again; end when
+        idle. A round that cannot make one (low on inodes, an error) ends there, until the next ask."""
         while self._wanted():
             if not _has_room(self._staging):
-                self._pause("the filesystem is low on inodes")
+                log.debug("no unnamed files made ahead in %s: the filesystem is low on inodes", self._staging)
                 continue
             while True:
                 try:
                     fd = make(self._staging)
                 except OSError as exc:
-                    self._pause(f"cannot make one: {exc}")
+                    log.debug("no unnamed files made ahead in %s: %s", self._staging, exc)
                     break
                 with self._lock:
                     if self._closed:
@@ -137,11 +139,13 @@ class UnnamedFiles:
                         break
 
     def _wanted(self) -> bool:
-        """Wait until more files are wanted (True), or until IDLE_SECONDS passed since the last take
-        or the pool closed (False: the files held are closed, and the thread ends)."""
+        """Wait until a take asks for more files (True: a round starts), or until IDLE_SECONDS passed
+        since the last take or the pool closed (False: the files held are closed, and the thread
+        ends)."""
         with self._lock:
             while not self._closed:
-                if not self._paused and len(self._ready) < self._ahead:
+                if self._asked:
+                    self._asked = False
                     return True
                 left = self._last_take + self._idle - time.monotonic()
                 if left <= 0:
@@ -152,11 +156,6 @@ class UnnamedFiles:
             self._thread = None
         _close_all(fds)
         return False
-
-    def _pause(self, why: str) -> None:
-        with self._lock:
-            self._paused = True
-        log.debug("no unnamed files made ahead in %s: %s", self._staging, why)
 
     def _forget_in_child(self) -> None:
         """In a forked child: the parent's files and thread are not this process's to use."""

@@ -126,6 +126,27 @@ def test_idle_files_are_closed_and_the_thread_ends(staging: Path) -> None:
         pool.close()
 
 
+def test_an_idle_pool_makes_no_more_before_closing_its_files(staging: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the end of a burst the thread closes what it holds; it does not first make up for the
+    takes since its last round (files nobody would take)."""
+    made = []
+    make = unnamed.make
+    monkeypatch.setattr(unnamed, "make", lambda where: made.append(1) or make(where))
+    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.3, start_after=1)
+    try:
+        pool.take()
+        _wait_for(lambda: pool.held() == AHEAD)
+        fd = pool.take()  # more than half left: no refill asked for
+        assert fd is not None
+        os.close(fd)
+        _wait_for(lambda: pool.held() == 0)
+        time.sleep(0.1)
+        assert len(made) == AHEAD, f"{len(made) - AHEAD} made after the burst"
+    finally:
+        pool.close()
+
+
 def test_close_releases_every_file_and_later_takes_get_none(pool: UnnamedFiles, staging: Path) -> None:
     pool.take()
     _wait_for(lambda: pool.held() == AHEAD)
