@@ -44,7 +44,7 @@ AHEAD = 16
 
 #: Seconds after the last take before the files held are closed and the thread ends; takes closer
 #: together than this are one burst.
-IDLE_SECONDS = 2.0
+IDLE_SECONDS = 0.5
 
 #: The take of a burst that starts the thread (the ones before it make their own files).
 START_AFTER = 8

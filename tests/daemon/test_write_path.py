@@ -203,7 +203,7 @@ def _times_after_a_pause(mnt: str) -> list[int]:
 
     for i in range(12):  # a burst: files are made ahead from here on (`unnamed.START_AFTER`)
         create(f"first{i}")
-    time.sleep(1.2)  # within the burst (`unnamed.IDLE_SECONDS`): the next creates take those files
+    time.sleep(0.3)  # within the burst (`unnamed.IDLE_SECONDS`): the next creates take those files
     behind = []
     for i in range(3):
         start = time.time_ns()
