@@ -128,19 +128,18 @@ class Workspace:
         `syscalls.link_open_file` names it. Write-only ones come made ahead where one is ready
         (`unnamed`); NEW: a new file, whose times are its creation's, so a made-ahead one gets
         its times set to now (a copy sets them to its source's itself)."""
-        if self.ahead is not None and access & ~os.O_APPEND == os.O_WRONLY:
-            fd = self.ahead.take()
-            if fd is not None:
-                try:
-                    if access & os.O_APPEND:
-                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
-                    if new:
-                        os.utime(fd)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                return fd
-        return os.open(self.staging, os.O_TMPFILE | os.O_CLOEXEC | access, 0o600)
+        if self.ahead is None or access & ~os.O_APPEND != os.O_WRONLY:
+            return os.open(self.staging, os.O_TMPFILE | os.O_CLOEXEC | access, 0o600)
+        fd, made_ahead = self.ahead.new()
+        try:
+            if access & os.O_APPEND:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+            if new and made_ahead:
+                os.utime(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def close(self) -> None:
         """Release what the workspace holds (its files made ahead); it still works after."""

@@ -13,6 +13,12 @@ The rules:
 - nothing is made before a burst of takes: the thread starts at the START_AFTER-th take less than
   IDLE_SECONDS after the one before. A mount that never writes holds none, and a container start's
   few copy-ups (or a chown of two files) pay neither a thread start nor files made for nothing;
+- nothing is made ahead while making one is fast: only where the recent makes (the takers' own,
+  and the thread's) took SLOW_MAKE_US on average or more. A thread making files costs the takers a
+  few µs each (the GIL, wake-ups; docs/performance.md): on tmpfs, where a make takes 2 µs, a
+  metadata copy-up took 40 µs with the thread against 22 without, and on this VM's ext4 with
+  nothing deleted lately (45 µs a make) about the same either way; after a mass deletion (200-300
+  µs a make) the thread saves most of that;
 - at most AHEAD are held: a take that leaves half or fewer asks the thread for a round, which
   makes files until AHEAD are held;
 - IDLE_SECONDS after the last take, the files held are closed (an unnamed file's inode is freed at
@@ -37,6 +43,8 @@ import time
 import weakref
 from collections import deque
 
+from .workers import env_us
+
 log = logging.getLogger(__name__)
 
 #: Files held at most; the thread makes more when a take leaves AHEAD // 2 or fewer.
@@ -52,6 +60,14 @@ START_AFTER = 8
 #: Free inodes below which no file is made ahead (where the filesystem counts inodes at all).
 MIN_FREE_INODES = 4096
 
+#: The average make, in µs, from which files are made ahead; ``OVERLAYFUSE_AHEAD_SLOW_US`` overrides
+#: it (0: always, for tests and benches' A/B runs; a large value: never).
+SLOW_MAKE_US = 100
+SLOW_ENV = "OVERLAYFUSE_AHEAD_SLOW_US"
+
+#: The most `SLOW_ENV` may say (a second: never, in practice).
+MAX_SLOW_MAKE_US = 1_000_000
+
 _FLAGS = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
 
 
@@ -63,17 +79,22 @@ def make(staging: str) -> int:
 class UnnamedFiles:
     """Unnamed files in one staging dir, made ahead by a thread of their own (see the module doc).
 
-    `take` is called from worker threads, several at once; `close` at unmount."""
+    `new` is called from worker threads, several at once; `close` at unmount."""
 
     __slots__ = ("__weakref__", "_ahead", "_asked", "_burst", "_closed", "_idle", "_last_take", "_lock",
-                 "_ready", "_staging", "_start_after", "_thread", "_wake")
+                 "_make_ns", "_ready", "_slow_ns", "_staging", "_start_after", "_thread", "_wake")
 
     def __init__(self, staging: str, ahead: int = AHEAD, idle_seconds: float = IDLE_SECONDS,
-                 start_after: int = START_AFTER) -> None:
+                 start_after: int = START_AFTER, slow_make_us: int | None = None) -> None:
+        """SLOW_MAKE_US: from the environment (`SLOW_ENV`) or `SLOW_MAKE_US` when None."""
         self._staging = staging
         self._ahead = ahead
         self._idle = idle_seconds
         self._start_after = start_after
+        if slow_make_us is None:
+            slow_make_us = env_us(SLOW_ENV, SLOW_MAKE_US, MAX_SLOW_MAKE_US)
+        self._slow_ns = slow_make_us * 1000
+        self._make_ns = 0  # recent makes' average (each new one weighs a quarter)
         self._burst = 0  # takes in the current burst
         self._ready: deque[int] = deque()
         self._lock = threading.Lock()
@@ -84,9 +105,20 @@ class UnnamedFiles:
         self._closed = False
         _pools.add(self)
 
+    def new(self) -> tuple[int, bool]:
+        """A new unnamed file, open for writing only, now the caller's to close, and whether it was
+        made ahead (then its times are those of its making, not of this call)."""
+        fd = self.take()
+        if fd is not None:
+            return fd, True
+        start = time.perf_counter_ns()
+        fd = make(self._staging)
+        self._made(time.perf_counter_ns() - start)
+        return fd, False
+
     def take(self) -> int | None:
         """A file made ahead, open for writing only, now the caller's to close; None when none is
-        ready (the caller makes its own with `make`)."""
+        ready (`new` then makes one)."""
         with self._lock:
             if self._closed:
                 return None
@@ -94,7 +126,8 @@ class UnnamedFiles:
             now = time.monotonic()
             self._burst = self._burst + 1 if now - self._last_take < self._idle else 1
             self._last_take = now
-            if len(self._ready) <= self._ahead // 2 and self._burst >= self._start_after:
+            if (len(self._ready) <= self._ahead // 2 and self._burst >= self._start_after
+                    and self._make_ns >= self._slow_ns):
                 self._asked = True
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._fill, name="overlayfuse-unnamed", daemon=True)
@@ -102,6 +135,11 @@ class UnnamedFiles:
                 else:
                     self._wake.notify()
         return fd
+
+    def _made(self, ns: int) -> None:
+        """A make took NS: into the recent makes' average."""
+        with self._lock:
+            self._make_ns = (self._make_ns * 3 + ns) // 4
 
     def held(self) -> int:
         """How many files are ready now (for tests)."""
@@ -125,12 +163,14 @@ class UnnamedFiles:
                 log.debug("no unnamed files made ahead in %s: the filesystem is low on inodes", self._staging)
                 continue
             while True:
+                start = time.perf_counter_ns()
                 try:
                     fd = make(self._staging)
                 except OSError as exc:
                     log.debug("no unnamed files made ahead in %s: %s", self._staging, exc)
                     break
                 with self._lock:
+                    self._make_ns = (self._make_ns * 3 + time.perf_counter_ns() - start) // 4
                     if self._closed:
                         os.close(fd)
                         return

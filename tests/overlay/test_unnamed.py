@@ -46,7 +46,7 @@ def staging(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def pool(staging: Path) -> Iterator[UnnamedFiles]:
-    files = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=30, start_after=1)
+    files = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=30, start_after=1, slow_make_us=0)
     try:
         yield files
     finally:
@@ -55,7 +55,7 @@ def pool(staging: Path) -> Iterator[UnnamedFiles]:
 
 def test_nothing_is_made_before_a_burst_of_takes(staging: Path) -> None:
     _wait_for(lambda: _filler_threads() == 0)  # earlier tests' pools, closed or idle, are gone
-    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.5, start_after=3)
+    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.5, start_after=3, slow_make_us=0)
     try:
         time.sleep(0.1)
         assert pool.held() == 0 and unnamed_files_held([os.getpid()], staging) == 0
@@ -112,7 +112,7 @@ def test_takes_faster_than_the_thread_fall_back_to_none(pool: UnnamedFiles) -> N
 
 
 def test_idle_files_are_closed_and_the_thread_ends(staging: Path) -> None:
-    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.3, start_after=1)
+    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.3, start_after=1, slow_make_us=0)
     try:
         _wait_for(lambda: _filler_threads() == 0)  # earlier tests' pools, closed or idle, are gone
         pool.take()
@@ -133,7 +133,7 @@ def test_an_idle_pool_makes_no_more_before_closing_its_files(staging: Path,
     made = []
     make = unnamed.make
     monkeypatch.setattr(unnamed, "make", lambda where: made.append(1) or make(where))
-    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.3, start_after=1)
+    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=0.3, start_after=1, slow_make_us=0)
     try:
         pool.take()
         _wait_for(lambda: pool.held() == AHEAD)
@@ -171,7 +171,7 @@ def few_inodes(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_none_are_made_where_inodes_run_low(few_inodes: Path) -> None:
-    pool = UnnamedFiles(str(few_inodes), ahead=AHEAD, idle_seconds=30, start_after=1)
+    pool = UnnamedFiles(str(few_inodes), ahead=AHEAD, idle_seconds=30, start_after=1, slow_make_us=0)
     try:
         assert os.statvfs(few_inodes).f_favail < unnamed.MIN_FREE_INODES
         assert pool.take() is None
@@ -203,7 +203,44 @@ def test_a_forked_child_never_uses_its_parents_files(pool: UnnamedFiles) -> None
     assert pool.held() == AHEAD, "the parent's files went with the child"
 
 
-def _made_ahead_workspace(tmp_path: Path) -> Workspace:
+def test_nothing_is_made_ahead_while_making_one_is_fast(staging: Path) -> None:
+    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=30, start_after=1, slow_make_us=1_000_000)
+    try:
+        made = [pool.new() for _ in range(3 * AHEAD)]
+        for fd, _ in made:
+            os.close(fd)
+        assert not any(ahead for _, ahead in made)
+        time.sleep(0.1)
+        assert pool.held() == 0, "files made ahead although every make was fast"
+    finally:
+        pool.close()
+
+
+def test_slow_makes_are_made_ahead(staging: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes slower than the threshold (here slowed to 300 µs each): from the burst's third take
+    on, the thread keeps files ready, and `new` hands them out."""
+    make = unnamed.make
+
+    def slow_make(where: str) -> int:
+        time.sleep(0.0003)
+        return make(where)
+
+    monkeypatch.setattr(unnamed, "make", slow_make)
+    pool = UnnamedFiles(str(staging), ahead=AHEAD, idle_seconds=30, start_after=3, slow_make_us=100)
+    try:
+        first = [pool.new() for _ in range(3)]
+        assert not any(ahead for _, ahead in first)
+        _wait_for(lambda: pool.held() == AHEAD)
+        fd, ahead = pool.new()
+        assert ahead
+        for other, _ in [*first, (fd, ahead)]:
+            os.close(other)
+    finally:
+        pool.close()
+
+
+def _made_ahead_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
+    monkeypatch.setenv(unnamed.SLOW_ENV, "0")  # made ahead however fast this filesystem makes them
     (tmp_path / "upper").mkdir()
     (tmp_path / "workdir").mkdir()
     ws = Workspace.prepare(str(tmp_path / "upper"), str(tmp_path / "workdir"))
@@ -214,10 +251,11 @@ def _made_ahead_workspace(tmp_path: Path) -> Workspace:
     return ws
 
 
-def test_a_new_file_made_ahead_gets_the_times_of_its_creation(tmp_path: Path) -> None:
+def test_a_new_file_made_ahead_gets_the_times_of_its_creation(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A file made ahead was made before the request: a new file's times are set to now, as a file
     made at the request has them (a copy-up sets its source's itself)."""
-    ws = _made_ahead_workspace(tmp_path)
+    ws = _made_ahead_workspace(tmp_path, monkeypatch)
     try:
         time.sleep(0.3)  # within the burst (`unnamed.IDLE_SECONDS`), and longer than the slack below
         before = time.time_ns()
@@ -233,8 +271,8 @@ def test_a_new_file_made_ahead_gets_the_times_of_its_creation(tmp_path: Path) ->
         ws.close()
 
 
-def test_a_new_file_opened_for_appending_appends(tmp_path: Path) -> None:
-    ws = _made_ahead_workspace(tmp_path)
+def test_a_new_file_opened_for_appending_appends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = _made_ahead_workspace(tmp_path, monkeypatch)
     try:
         fd = ws.open_unnamed(os.O_WRONLY | os.O_APPEND, new=True)
         try:
