@@ -17,8 +17,8 @@ The rules:
   and the thread's) took SLOW_MAKE_US on average or more. A thread making files costs the takers a
   few µs each (the GIL, wake-ups; docs/performance.md): on tmpfs, where a make takes 2 µs, a
   metadata copy-up took 40 µs with the thread against 22 without, and on this VM's ext4 with
-  nothing deleted lately (45 µs a make) about the same either way; after a mass deletion (200-300
-  µs a make) the thread saves most of that;
+  nothing deleted lately (45 µs a make) 56-59 µs against 53; after a mass deletion (200-300 µs a
+  make) the thread saves most of that;
 - at most AHEAD are held: a take that leaves half or fewer asks the thread for a round, which
   makes files until AHEAD are held;
 - IDLE_SECONDS after the last take, the files held are closed (an unnamed file's inode is freed at
