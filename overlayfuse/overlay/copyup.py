@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 
 from ..linux import ownwrite
 from ..linux.syscalls import link_open_file, rename_noreplace, start_writeback
-from . import origin, whiteout
+from . import origin, unnamed, whiteout
 from .metachange import MetadataChange
 from .ownership import DiskOwner, source_override
-from .unnamed import UnnamedFiles
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ class Workspace:
     tmpfile: bool = False
     """The staging dir's filesystem makes unnamed files (O_TMPFILE): a regular file's copy is
     built in one and linked into place (`_new_file`)."""
-    ahead: UnnamedFiles | None = field(default=None, compare=False, repr=False)
+    ahead: unnamed.UnnamedFiles | None = field(default=None, compare=False, repr=False)
     """Unnamed files made ahead (`unnamed`), where `tmpfile`; shared by the copies
     ``dataclasses.replace`` makes of this workspace."""
 
@@ -120,7 +119,8 @@ class Workspace:
             raise OSError(errno.EXDEV, f"staging dir is not on the filesystem of upperdir {upperdir}",
                           staging)
         tmpfile = _makes_unnamed_files(staging)
-        return cls(upper=upperdir, staging=staging, tmpfile=tmpfile, ahead=UnnamedFiles(staging) if tmpfile else None)
+        ahead = unnamed.UnnamedFiles(staging) if tmpfile else None
+        return cls(upper=upperdir, staging=staging, tmpfile=tmpfile, ahead=ahead)
 
     def open_unnamed(self, access: int = os.O_WRONLY, *, new: bool = False) -> int:
         """A new regular file with no name in the staging dir (O_TMPFILE: only where `tmpfile`),
@@ -151,7 +151,7 @@ def _makes_unnamed_files(staging: str) -> bool:
     """Whether STAGING's filesystem makes O_TMPFILE files (ext4, xfs, btrfs, tmpfs do; some FUSE and
     network filesystems do not, and say so with EOPNOTSUPP, or EISDIR from kernels older than it)."""
     try:
-        os.close(os.open(staging, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        os.close(unnamed.make(staging))
     except OSError as exc:
         log.debug("staging dir %s: no unnamed files (%s): copies are built under a name", staging, exc)
         return False

@@ -94,7 +94,7 @@ class UnnamedFiles:
         if slow_make_us is None:
             slow_make_us = env_us(SLOW_ENV, SLOW_MAKE_US, MAX_SLOW_MAKE_US)
         self._slow_ns = slow_make_us * 1000
-        self._make_ns = 0  # recent makes' average (each new one weighs a quarter)
+        self._make_ns = 0  # recent makes' average (`_average_in`)
         self._burst = 0  # takes in the current burst
         self._ready: deque[int] = deque()
         self._lock = threading.Lock()
@@ -139,7 +139,17 @@ class UnnamedFiles:
     def _made(self, ns: int) -> None:
         """A make took NS: into the recent makes' average."""
         with self._lock:
-            self._make_ns = (self._make_ns * 3 + ns) // 4
+            self._average_in(ns)
+
+    def _average_in(self, ns: int) -> None:
+        """NS into the recent makes' average, each new make weighing a quarter (the lock held)."""
+        self._make_ns = (self._make_ns * 3 + ns) // 4
+
+    def _take_all(self) -> list[int]:
+        """Every file held, now the caller's to close (the lock held)."""
+        fds = list(self._ready)
+        self._ready.clear()
+        return fds
 
     def held(self) -> int:
         """How many files are ready now (for tests)."""
@@ -150,8 +160,7 @@ class UnnamedFiles:
         """Close every file held and stop the thread; later takes give None."""
         with self._lock:
             self._closed = True
-            fds = list(self._ready)
-            self._ready.clear()
+            fds = self._take_all()
             self._wake.notify()
         _close_all(fds)
 
@@ -170,7 +179,7 @@ class UnnamedFiles:
                     log.debug("no unnamed files made ahead in %s: %s", self._staging, exc)
                     break
                 with self._lock:
-                    self._make_ns = (self._make_ns * 3 + time.perf_counter_ns() - start) // 4
+                    self._average_in(time.perf_counter_ns() - start)
                     if self._closed:
                         os.close(fd)
                         return
@@ -191,8 +200,7 @@ class UnnamedFiles:
                 if left <= 0:
                     break
                 self._wake.wait(left)
-            fds = list(self._ready)
-            self._ready.clear()
+            fds = self._take_all()
             self._thread = None
         _close_all(fds)
         return False
@@ -201,8 +209,7 @@ class UnnamedFiles:
         """In a forked child: the parent's files and thread are not this process's to use."""
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        fds = list(self._ready)
-        self._ready.clear()
+        fds = self._take_all()
         self._thread = None
         self._closed = True
         _close_all(fds)
