@@ -56,6 +56,8 @@ FIRST_COOKIE = 3
 #: getxattr answers "no such attribute" remembered (see `OverlayOperations._remember_absent`);
 #: all are dropped when there are more, so memory stays bounded (about 200 bytes each).
 ABSENT_XATTRS = 4096
+#: The errno of "no such attribute" (ENODATA on Linux), looked up once: getxattr answers it most.
+ENOATTR = pyfuse3.ENOATTR
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _FD = TypeVar("_FD", bound="int | None")  # os.open gives an fd; nowait.open_cached may give None
@@ -248,7 +250,7 @@ class OverlayOperations(pyfuse3.Operations):
         self._cookies: dict[int, Cookies] = {}  # by directory inode, dropped on its forget
         self._files: HandleTable[FileHandle] = HandleTable("file handle")
         self.lower_data = LowerDataStore()  # small lower files' data handed to the kernel at open
-        self._absent: dict[tuple[int, str], os.stat_result] = {}  # see `_remember_absent`
+        self._absent: dict[tuple[int, bytes], os.stat_result] = {}  # see `_remember_absent`
         self._next_handle = 1
         self.binding = binding.detect()
         log.debug("pyfuse3 extras in use: %s", self.binding.describe())
@@ -426,19 +428,21 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        resolved = self.tree.fresh(self.tree.node(inode))
+        if self._absent.get((inode, name)) is resolved.stat:
+            # Asked before, and nothing has set it since. First, before the checks below: a name
+            # is remembered only once it passed them, and what they test is fixed at mount.
+            raise pyfuse3.FUSEError(ENOATTR)
         attr = os.fsdecode(name)
         self._check_xattr(attr)
         if whiteout.is_private_xattr(attr):
-            raise _fuse_error(pyfuse3.ENOATTR)
-        resolved = self.tree.fresh(self.tree.node(inode))
-        if self._absent.get((inode, attr)) is resolved.stat:
-            raise _fuse_error(pyfuse3.ENOATTR)  # asked before, and nothing has set it since
+            raise _fuse_error(ENOATTR)
         try:
             value = os.getxattr(resolved.path, attr, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno == pyfuse3.ENOATTR:
-                self._remember_absent(inode, attr, resolved.stat)
-                raise _fuse_error(pyfuse3.ENOATTR) from None
+            if exc.errno == ENOATTR:
+                self._remember_absent(inode, name, resolved.stat)
+                raise _fuse_error(ENOATTR) from None
             if exc.errno == errno.EOPNOTSUPP and attr in ACL_XATTRS:
                 # A layer with no ACLs (ramfs, an upper without xattrs) holds none: no ACL, as the
                 # kernel's overlay answers. EOPNOTSUPP would fail the permission checks the kernel
@@ -449,8 +453,9 @@ class OverlayOperations(pyfuse3.Operations):
             return self.owners.acl_shown(value)
         return value
 
-    def _remember_absent(self, inode: int, attr: str, found: os.stat_result) -> None:
-        """INODE's object has no ATTR: answer the next getxattr of it without asking the disk, while
+    def _remember_absent(self, inode: int, name: bytes, found: os.stat_result) -> None:
+        """INODE's object has no xattr NAME (as the kernel sent it: the cache is asked before the
+        name is decoded): answer the next getxattr of it without asking the disk, while
         the node still leads to that object and until a setxattr through the mount
         (`_xattrs_may_change`).
 
@@ -466,7 +471,7 @@ class OverlayOperations(pyfuse3.Operations):
         security.capability before every write and security.selinux on every ``ls -l``."""
         if len(self._absent) >= ABSENT_XATTRS:
             self._absent.clear()
-        self._absent[(inode, attr)] = found
+        self._absent[(inode, name)] = found
 
     def _xattrs_may_change(self) -> None:
         self._absent.clear()
