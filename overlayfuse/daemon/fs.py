@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from ..linux import nowait
+from ..linux import nowait, syscalls
 from ..linux.peers import Peer
 from ..overlay import whiteout
 from ..overlay.inodes import Node, UnknownInode, identity
@@ -844,7 +844,25 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+        """fsync(2) of a directory writes out its upper dir, as the kernel's overlay does
+        (``ovl_dir_fsync``): a name created or renamed, then made durable by an fsync of its
+        directory, survives a crash. A directory with nothing in upper has nothing to write.
+
+        In no-opendir mode (the patched binding) the kernel sends FSYNCDIR with no handle of ours,
+        and pyfuse3 does not say which directory: then the upper filesystem is written out whole
+        (syncfs), more than was asked, never less. fsync=0 and volatile: ENOSYS, and the kernel
+        stops asking, as it does for files."""
+        if not self.view.fsync:
+            raise _fuse_error(errno.ENOSYS)
+        if self.tree.upper_dir is None:
+            return  # read-only: nothing of this mount's is waiting to be written
+        if fh:
+            resolved = self._dirs[fh].node.resolved
+            if resolved.layer.writable:
+                await self.workers.run(_sync_directory, resolved.path, False)
+            return
+        upper_root = self.tree.node(pyfuse3.ROOT_INODE).resolved
+        await self.workers.run(_sync_directory, upper_root.path, True)
 
     # -- namespace changes ------------------------------------------------------------------------
 
@@ -923,6 +941,19 @@ class OverlayOperations(pyfuse3.Operations):
 def _opens_to_write(flags: int) -> bool:
     """Whether an open with FLAGS changes the file (copy-up, truncation)."""
     return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+def _sync_directory(path: str, whole_filesystem: bool) -> None:
+    """fsync the directory PATH, or with WHOLE_FILESYSTEM syncfs the filesystem it is on (in a
+    worker thread). Opened to read: neither call takes the O_PATH descriptors the tree holds."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if whole_filesystem:
+            syscalls.syncfs(fd)
+        else:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _invalidate_inodes(inodes: Sequence[int]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
+from overlayfuse.daemon import binding
 from overlayfuse.daemon.fs import OverlayOperations, _boundary
 from overlayfuse.daemon.handles import HandleTable, UnknownHandle
 from overlayfuse.overlay.inodes import ROOT_INODE, UnknownInode
@@ -158,3 +159,18 @@ async def test_a_missing_xattr_is_remembered_until_one_is_set(operations: Overla
     os.setxattr(tmp_path / "upper", "user.probe", b"behind")
     with pytest.raises(pyfuse3.FUSEError):
         await operations.getxattr(ROOT_INODE, b"user.probe", CTX)
+
+
+async def test_fsyncdir_through_a_handle(operations: OverlayOperations) -> None:
+    """On a stock binding FSYNCDIR names the directory by its opendir handle: one in upper (the
+    root) is fsynced, one only below (etc) has nothing to write; both answer. (The no-handle case,
+    and that a sync is made, are checked on a mount: test_compat_options.)"""
+    operations.binding = binding.STOCK
+    etc = await operations.lookup(ROOT_INODE, b"etc", CTX)
+    for ino in (ROOT_INODE, etc.st_ino):
+        handle = await operations.opendir(ino, CTX)
+        assert await operations.fsyncdir(handle, False) is None
+        await operations.releasedir(handle)
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await operations.fsyncdir(424242, False)
+    assert excinfo.value.errno == errno.ESTALE

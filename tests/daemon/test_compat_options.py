@@ -341,6 +341,30 @@ def test_fsync_off_makes_no_fsync(
     assert (mnt / "owned").read_text() == "x\nmore\n"
 
 
+def _fsync_a_directory(mnt: Path) -> None:
+    os.rename(mnt / "owned", mnt / "renamed")  # the durable-rename pattern: rename, fsync the dir
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize(("options", "synced"), [((), True), (("fsync=0",), False)])
+def test_fsync_of_a_directory_writes_out_its_upper_dir(
+    fuse_mount: Mounter, layers: tuple, tmp_path: Path, options: tuple[str, ...], synced: bool
+) -> None:
+    """As the kernel's overlay does (ovl_dir_fsync): the upper dir is fsynced, or, where FSYNCDIR
+    does not say which directory (no-opendir mode), the upper filesystem is (syncfs)."""
+    mnt = _mount(fuse_mount, layers, *options)
+    pids = daemon_pids(mnt)
+    assert len(pids) == 1
+    count = syscalls_during(pids[0], ("fsync", "syncfs"), lambda: _fsync_a_directory(mnt), tmp_path / "strace.out")
+    assert (count > 0) is synced, f"{count} fsync or syncfs calls"
+    assert (mnt / "renamed").read_text() == "x\n"
+
+
 @pytest.mark.mount
 def test_metadata_only_copy_ups_make_no_fsync(fuse_mount: Mounter, layers: tuple, tmp_path: Path) -> None:
     """chown of a lower file in a lower dir copies up the dir and a metacopy file: no data, so no
