@@ -712,11 +712,25 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
+        """Writes out the file's upper copy through any open of it, read-only ones too (coreutils'
+        ``sync FILE`` opens it read-only), as the kernel's overlay does (``ovl_fsync``). A lower
+        file has nothing of this mount's to write, and is never synced (nor by the kernel: a
+        read-only layer's filesystem may refuse it)."""
         if not self.view.fsync:  # fsync=0 / volatile: ENOSYS, and the kernel stops asking (as the peer)
             raise _fuse_error(errno.ENOSYS)
         handle = self._files[fh]
+        sync = os.fdatasync if datasync else os.fsync
         if handle.writable:
-            await self.workers.run(os.fdatasync if datasync else os.fsync, handle.fd)
+            await self.workers.run(sync, handle.fd)
+            return
+        fd = self._readable_fd(handle)  # an open made before a copy-up follows it, as its reads do
+        if handle.resolved.layer.writable:
+            await self.workers.run(sync, fd)
+        elif not datasync and handle.node.resolved.layer.writable:
+            # copied up since as a metacopy file, its data still below: its metadata is in upper
+            held = self.tree.hold_object(handle.node)
+            if held is not None:
+                await self.workers.run(_fsync_held, held)
 
     @_boundary
     async def release(self, fh: int) -> None:
@@ -941,6 +955,15 @@ class OverlayOperations(pyfuse3.Operations):
 def _opens_to_write(flags: int) -> bool:
     """Whether an open with FLAGS changes the file (copy-up, truncation)."""
     return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+def _fsync_held(held: Fd) -> None:
+    """fsync the object HELD holds (in a worker thread): opened to read through it."""
+    fd = _reopen(held, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync_directory(path: str, whole_filesystem: bool) -> None:

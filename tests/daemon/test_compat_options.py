@@ -469,3 +469,26 @@ def test_layer_and_mountpoint_nesting_is_refused(tmp_path: Path, overlayfuse_bin
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, timeout=TIMEOUT)
+
+
+def _fsync_read_only(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # as coreutils' `sync FILE` opens it
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.mount
+def test_fsync_through_a_read_only_open(fuse_mount: Mounter, layers: tuple, tmp_path: Path) -> None:
+    """As the kernel's overlay (ovl_fsync): an fsync through any open of a file in upper writes it
+    out, a read-only one too; a lower file, a read-only layer's, is never synced."""
+    mnt = _mount(fuse_mount, layers)
+    pids = daemon_pids(mnt)
+    assert len(pids) == 1
+    (mnt / "fresh").write_text("in upper\n")
+    upper = syscalls_during(pids[0], ("fsync", "fdatasync"), lambda: _fsync_read_only(mnt / "fresh"),
+                            tmp_path / "upper.strace")
+    lower = syscalls_during(pids[0], ("fsync", "fdatasync"), lambda: _fsync_read_only(mnt / "owned"),
+                            tmp_path / "lower.strace")
+    assert (upper, lower) == (1, 0)
