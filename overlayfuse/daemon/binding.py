@@ -63,6 +63,9 @@ class Binding:
     killpriv_v2: bool = False
     """``Operations.enable_killpriv_v2``: the daemon clears set-id bits and file capabilities
     itself (`overlayfuse.daemon.killpriv`), if the kernel and libfuse agree at init."""
+    lseek: bool = False
+    """``Operations.lseek``: lseek(2)'s SEEK_DATA and SEEK_HOLE reach the daemon, which asks the
+    real file, so holes show through the mount (without it the kernel sees every file as data)."""
 
     def describe(self) -> str:
         extras = [name for name, on in (
@@ -74,6 +77,7 @@ class Binding:
             ("handoff watching requests", self.handoff_watch),
             ("passthrough", self.passthrough),
             ("killpriv v2", self.killpriv_v2),
+            ("holes (SEEK_DATA, SEEK_HOLE)", self.lseek),
         ) if on]  # fmt: skip
         return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
 
@@ -114,6 +118,7 @@ def detect() -> Binding:
         handoff_watch=hasattr(pyfuse3, "HANDOFF_WATCHES_REQUESTS"),
         passthrough=hasattr(pyfuse3, "backing_open"),
         killpriv_v2=hasattr(pyfuse3, "killpriv_v2_active"),
+        lseek=hasattr(pyfuse3.Operations, "lseek"),
     )
 
 

@@ -711,6 +711,21 @@ class OverlayOperations(pyfuse3.Operations):
         raise _fuse_error(errno.ENOSYS)
 
     @_boundary
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """lseek(2)'s SEEK_DATA and SEEK_HOLE (pyfuse3 patch 0010; the kernel answers the other
+        whences itself), asked of the real file: a sparse file's holes show through the mount as
+        through the kernel's overlay (``ovl_llseek``), so cp, tar --sparse and rsync -S keep them.
+        ENXIO where there is none, as lseek(2) says. In a worker: finding a hole may read the
+        file's extent map from the disk. The fd's own position moves, which nothing here uses
+        (reads and writes give their offsets)."""
+        if not self.binding.lseek:
+            raise _fuse_error(errno.ENOSYS)  # OVERLAYFUSE_BINDING=stock: what a stock pyfuse3 answers
+        handle = self._files[fh]
+        fd = handle.fd if handle.writable else self._readable_fd(handle)
+        offset_found: int = await self.workers.run(os.lseek, fd, offset, whence)
+        return offset_found
+
+    @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         """Writes out the file's upper copy through any open of it, read-only ones too (coreutils'
         ``sync FILE`` opens it read-only), as the kernel's overlay does (``ovl_fsync``). A lower
