@@ -66,6 +66,9 @@ class Binding:
     lseek: bool = False
     """``Operations.lseek``: lseek(2)'s SEEK_DATA and SEEK_HOLE reach the daemon, which asks the
     real file, so holes show through the mount (without it the kernel sees every file as data)."""
+    fallocate: bool = False
+    """``Operations.fallocate``: fallocate(2) reaches the daemon, which passes it to the real file
+    (without it the kernel fails it with EOPNOTSUPP)."""
 
     def describe(self) -> str:
         extras = [name for name, on in (
@@ -78,6 +81,7 @@ class Binding:
             ("passthrough", self.passthrough),
             ("killpriv v2", self.killpriv_v2),
             ("holes (SEEK_DATA, SEEK_HOLE)", self.lseek),
+            ("fallocate", self.fallocate),
         ) if on]  # fmt: skip
         return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
 
@@ -119,6 +123,7 @@ def detect() -> Binding:
         passthrough=hasattr(pyfuse3, "backing_open"),
         killpriv_v2=hasattr(pyfuse3, "killpriv_v2_active"),
         lseek=hasattr(pyfuse3.Operations, "lseek"),
+        fallocate=hasattr(pyfuse3.Operations, "fallocate"),
     )
 
 

@@ -726,6 +726,19 @@ class OverlayOperations(pyfuse3.Operations):
         return offset_found
 
     @_boundary
+    @_change
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) (pyfuse3 patch 0011) on the real file, which an open for writing copied up
+        (the kernel checks the open's mode before it asks): allocation, FALLOC_FL_KEEP_SIZE, hole
+        punching and zeroing, as the kernel's overlay passes them on (``ovl_fallocate``). A
+        change, so a frozen mount holds it back. Set-id bits: the kernel clears them first, as
+        for a write (a SETATTR under killpriv v2, see `setattr`)."""
+        if not self.binding.fallocate:
+            raise _fuse_error(errno.ENOSYS)  # OVERLAYFUSE_BINDING=stock: what a stock pyfuse3 answers
+        handle = self._files[fh]
+        await self.workers.run(syscalls.fallocate, handle.fd, mode, offset, length)
+
+    @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         """Writes out the file's upper copy through any open of it, read-only ones too (coreutils'
         ``sync FILE`` opens it read-only), as the kernel's overlay does (``ovl_fsync``). A lower

@@ -1,5 +1,5 @@
 """libc calls Python's os module lacks, bound once with ctypes: renameat2, sync_file_range, syncfs,
-umount2, name_to_handle_at, a linkat that follows (Python 3.11's os.link calls link(2) instead);
+fallocate with a mode, umount2, name_to_handle_at, a linkat that follows (Python 3.11's os.link calls link(2) instead);
 and the FS_IOC_GETFSUUID ioctl.
 
 Each wrapper raises OSError (errno, strerror and the names involved) the way ``os`` functions do, so
@@ -54,6 +54,9 @@ def _bind(name: str, *argtypes: Any) -> Callable[..., int] | None:
 _renameat2 = _bind("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
 _sync_file_range = _bind("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _syncfs = _bind("syncfs", ctypes.c_int)
+# the 64-bit-offset name, which is the plain one's alias on 64-bit systems
+_fallocate = _bind("fallocate64", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64) or \
+    _bind("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _linkat = _bind("linkat", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
 _umount2 = _bind("umount2", ctypes.c_char_p, ctypes.c_int)
 _name_to_handle_at = _bind("name_to_handle_at", ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
@@ -123,6 +126,15 @@ def syncfs(fd: int) -> None:
     if _syncfs is None:
         raise _missing("syncfs")
     if _syncfs(fd) != 0:
+        raise _error()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2): allocate (or, by MODE's FALLOC_FL_* flags, punch or zero) LENGTH bytes at
+    OFFSET of FD. Python's os has posix_fallocate only, which takes no mode."""
+    if _fallocate is None:
+        raise _missing("fallocate")
+    if _fallocate(fd, mode, offset, length) != 0:
         raise _error()
 
 
