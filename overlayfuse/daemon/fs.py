@@ -428,7 +428,8 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        resolved = self.tree.fresh(self.tree.node(inode))
+        node = self.tree.node(inode)
+        resolved = self.tree.fresh(node)
         if self._absent.get((inode, name)) is resolved.stat:
             # Asked before, and nothing has set it since. First, before the checks below: a name
             # is remembered only once it passed them, and what they test is fixed at mount.
@@ -438,7 +439,8 @@ class OverlayOperations(pyfuse3.Operations):
         if whiteout.is_private_xattr(attr):
             raise _fuse_error(ENOATTR)
         try:
-            value = os.getxattr(resolved.path, attr, follow_symlinks=False)
+            path, follow = _xattr_target(node)
+            value = os.getxattr(path, attr, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno == ENOATTR:
                 self._remember_absent(inode, name, resolved.stat)
@@ -479,7 +481,8 @@ class OverlayOperations(pyfuse3.Operations):
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._check_xattr("")
-        names = os.listxattr(self.tree.fresh(self.tree.node(inode)).path, follow_symlinks=False)
+        path, follow = _xattr_target(self.tree.node(inode))
+        names = os.listxattr(path, follow_symlinks=follow)
         if not self.view.acl:
             names = [n for n in names if n not in ACL_XATTRS]
         return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
@@ -510,7 +513,8 @@ class OverlayOperations(pyfuse3.Operations):
             raise _fuse_error(pyfuse3.ENOATTR)
         node = self.tree.node(inode)
         # Removing what is not there fails without a copy-up, as in the kernel.
-        os.getxattr(self.tree.fresh(node).path, attr, follow_symlinks=False)
+        path, follow = _xattr_target(node)
+        os.getxattr(path, attr, follow_symlinks=follow)
         await self.tree.change_metadata(node, lambda path: os.removexattr(path, attr))
 
     # -- file data --------------------------------------------------------------------------------
@@ -983,6 +987,17 @@ class OverlayOperations(pyfuse3.Operations):
 def _opens_to_write(flags: int) -> bool:
     """Whether an open with FLAGS changes the file (copy-up, truncation)."""
     return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+def _xattr_target(node: Node) -> tuple[str, bool]:
+    """Where NODE's xattrs are read, as (path, follow_symlinks) for ``os.getxattr``'s path and
+    keyword: its object by its name, a symlink's own (not followed); or, once its last name went
+    while the kernel still holds it (open and unlinked, or renamed over), the object itself,
+    through the /proc link of the descriptor that holds it (followed: it leads to the object),
+    as the kernel's overlay reads the real inode. By the name, that one would be another file's."""
+    if node.detached is not None and not node.names:
+        return node.detached.proc, True
+    return node.resolved.path, False
 
 
 def _fsync_held(held: Fd) -> None:

@@ -117,6 +117,27 @@ def open_then_unlink(mnt: str, name: str, create: bool) -> list[Any]:
     return out
 
 
+def xattrs_of_an_open_file_whose_name_went(mnt: str, name: str, create: bool) -> list[Any]:
+    """An open file's xattrs, read and changed through its descriptor after its name went to a new
+    file: the open file's own, never the new file's (fgetxattr, flistxattr, fsetxattr,
+    fremovexattr reach the daemon by inode, not by name)."""
+    os.chdir(os.path.join(mnt, "t"))
+    fd = os.open(name, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    os.setxattr(fd, "user.a", b"old")
+    os.unlink(name)
+    with open(name, "wb") as new:
+        new.write(b"new")
+    os.setxattr(name, "user.a", b"new")
+    out: list[Any] = [_try(os.getxattr, fd, "user.a"), _try(lambda: sorted(os.listxattr(fd)))]
+    out.append(_try(os.setxattr, fd, "user.b", b"through the descriptor"))
+    out.append(_try(os.getxattr, name, "user.b"))
+    out.append(_try(os.removexattr, fd, "user.a"))
+    out.append(_try(os.getxattr, fd, "user.a"))
+    out.append(_try(os.getxattr, name, "user.a"))
+    os.close(fd)
+    return out
+
+
 def open_read_only_then_unlink(mnt: str) -> list[Any]:
     os.chdir(os.path.join(mnt, "t"))
     fd = os.open("lowerfile", os.O_RDONLY)
@@ -395,6 +416,13 @@ def test_a_hardlinked_file_changed_through_descriptors_after_its_names_went(tmp_
 def test_open_file_works_after_its_name_is_unlinked(tmp_path: Path, name: str, create: bool) -> None:
     out = _same(tmp_path, {"l1": [Dir("t"), File("t/lowerfile", b"xyz")]}, open_then_unlink, name, create)
     assert out[3] in (b"aZc", b"xZz")
+
+
+@pytest.mark.parametrize("name,create", [("tmpf", True), ("lowerfile", False)])
+def test_xattrs_of_an_open_file_whose_name_went_to_another(tmp_path: Path, name: str, create: bool) -> None:
+    out = _same(tmp_path, {"l1": [Dir("t"), File("t/lowerfile", b"xyz")]}, xattrs_of_an_open_file_whose_name_went,
+                name, create)  # fmt: skip
+    assert out[0] == b"old" and out[3] == "ENODATA" and out[6] == b"new"
 
 
 def test_read_only_open_file_survives_its_whiteout(tmp_path: Path) -> None:
