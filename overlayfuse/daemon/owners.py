@@ -53,12 +53,14 @@ class Ownership:
 
     # -- shown --------------------------------------------------------------------------------
 
-    def present(self, attrs: pyfuse3.EntryAttributes, st: os.stat_result, layer_root: str, path: str | None) -> None:
-        """Turn ATTRS (filled from ST, the real lstat of the object at PATH) into what the mount shows."""
+    def present(self, attrs: pyfuse3.EntryAttributes, st: os.stat_result, layer_root: str, path: str | None,
+                follow: bool = False) -> None:
+        """Turn ATTRS (filled from ST, the real lstat of the object at PATH) into what the mount shows.
+        FOLLOW: PATH is a /proc link to the object (one whose name went), to be followed."""
         uid, gid = st.st_uid, st.st_gid
         xattr = self.layer_xattrs.get(layer_root) if self.reads_overrides else None
         if xattr is not None and path is not None:
-            found = effective(path, st, xattr)
+            found = effective(path, st, xattr, follow=follow)
             uid, gid = found.uid, found.gid
             attrs.st_mode = stat.S_IFMT(st.st_mode) | found.mode
         attrs.st_uid = self.shown_uid(uid)

@@ -224,6 +224,23 @@ def test_xattr_permissions_keeps_owner_and_mode_in_a_hidden_xattr(
 
 
 @pytest.mark.mount
+def test_xattr_permissions_of_an_open_file_whose_name_went(fuse_mount: Mounter, layers: tuple) -> None:
+    """An open file's owner and mode come from its own override xattr after its name went to a
+    new file (fstat asks the daemon: the kernel dropped the attributes at the unlink)."""
+    mnt = _mount(fuse_mount, layers, "xattr_permissions=2", "force_mask=0700")
+    (mnt / "f").write_text("old\n")
+    os.chmod(mnt / "f", 0o604)
+    fd = os.open(mnt / "f", os.O_RDONLY)
+    try:
+        os.unlink(mnt / "f")
+        (mnt / "f").write_text("new\n")
+        os.chmod(mnt / "f", 0o640)
+        assert (os.fstat(fd).st_mode & 0o7777, os.lstat(mnt / "f").st_mode & 0o7777) == (0o604, 0o640)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.mount
 def test_containers_override_on_a_lower_layer_is_read_and_hidden(fuse_mount: Mounter, layers: tuple) -> None:
     lower = layers[0]
     name = "user.containers.override_stat"
