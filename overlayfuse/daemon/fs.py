@@ -257,6 +257,9 @@ class OverlayOperations(pyfuse3.Operations):
         # Symlinks never change (a new target is a new symlink, with an inode of its own), so the
         # kernel may keep their targets; pyfuse3 reads this at init where the binding offers it.
         self.enable_symlink_cache = self.binding.symlink_cache
+        # The mode of create, mkdir and mknod as asked, umask not applied: `_caller` applies it, or
+        # the directory's default ACL in its place, as the kernel does (pyfuse3 patch 0012).
+        self.enable_dont_mask = self.binding.dont_mask
         # FUSE passthrough for files whose data is in the upper dir (see `passthrough`): asked for
         # at init where the binding has it and the caller allows it (`passthrough.wanted`).
         self.enable_passthrough = passthrough and self.binding.passthrough
@@ -316,10 +319,12 @@ class OverlayOperations(pyfuse3.Operations):
         return attrs
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
-        """The owner a caller's new object gets on disk."""
-        if self.owners is None:
-            return Caller(ctx.uid, ctx.gid)
-        return Caller(*self.owners.caller_on_disk(ctx.uid, ctx.gid))
+        """The owner a caller's new object gets on disk, and its umask: the kernel passes the mode
+        as the caller asked for it (`enable_dont_mask`), and a directory's default ACL, where it has
+        one, takes the umask's place (`overlay.acl`). Without that capability the kernel applied
+        the umask already, and applying it again changes nothing."""
+        uid, gid = (ctx.uid, ctx.gid) if self.owners is None else self.owners.caller_on_disk(ctx.uid, ctx.gid)
+        return Caller(uid, gid, ctx.umask, self.enable_acl)
 
     def _check_xattr(self, attr: str) -> None:
         """``noxattrs``: no xattrs at all (ENOSYS: the kernel stops asking); ``noacl``: no ACLs."""

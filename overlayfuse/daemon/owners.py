@@ -21,22 +21,18 @@ import errno
 import logging
 import os
 import stat
-import struct
 from collections.abc import Callable, Sequence
 
 import pyfuse3
 
+from ..overlay import acl
 from ..overlay.layers import Layer
 from ..overlay.ownership import DiskOwner, effective, layer_override_xattr, prepare_upper
 from .compat import OVERFLOW_ID, ViewOptions
 
 log = logging.getLogger(__name__)
 
-ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
-_ACL_HEADER = struct.Struct("<I")
-_ACL_ENTRY = struct.Struct("<HHI")
-_ACL_USER = 0x02
-_ACL_GROUP = 0x08
+ACL_XATTRS = acl.XATTRS
 
 
 class Ownership:
@@ -128,17 +124,9 @@ def _overflow_id(name: str) -> int:
 
 def _map_acl(value: bytes, map_uid: Callable[[int], int], map_gid: Callable[[int], int]) -> bytes:
     """VALUE (posix_acl_xattr_header + entries) with the ids of ACL_USER/ACL_GROUP entries mapped."""
-    if len(value) < _ACL_HEADER.size or (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size:
-        raise OSError(errno.EINVAL, "malformed POSIX ACL xattr value")
-    out = bytearray(value[: _ACL_HEADER.size])
-    for offset in range(_ACL_HEADER.size, len(value), _ACL_ENTRY.size):
-        tag, perm, ident = _ACL_ENTRY.unpack_from(value, offset)
-        if tag == _ACL_USER:
-            ident = map_uid(ident)
-        elif tag == _ACL_GROUP:
-            ident = map_gid(ident)
-        out += _ACL_ENTRY.pack(tag, perm, ident)
-    return bytes(out)
+    mapped = [(tag, perm, map_uid(ident) if tag == acl.USER else map_gid(ident) if tag == acl.GROUP else ident)
+              for tag, perm, ident in acl.entries(value)]
+    return value[: acl.HEADER.size] + b"".join(acl.ENTRY.pack(*entry) for entry in mapped)
 
 
 def for_mount(

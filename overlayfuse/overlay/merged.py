@@ -44,6 +44,10 @@ class Caller:
 
     uid: int
     gid: int
+    umask: int = 0
+    """Applied to a new object's mode where its directory has no default ACL (0: the kernel did)."""
+    inherits_acl: bool = False
+    """New objects inherit their directory's default ACL (the mount has POSIX ACLs)."""
 
 
 def _error(code: int, what: str = "") -> OSError:
@@ -493,7 +497,8 @@ class MergedTree:
                 gid = parent_res.stat.st_gid  # BSD group semantics of setgid directories
                 if stat.S_ISDIR(mode):
                     mode |= stat.S_ISGID
-            obj = NewObject(mode, caller.uid, gid, rdev, symlink_target, "", open_flags)
+            obj = NewObject(mode, caller.uid, gid, rdev, symlink_target, "", open_flags, caller.umask,
+                            caller.inherits_acl)
             self._changed(parent)
             try:
                 st, fd = await self.in_thread(up.create, into.path, name, obj)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..linux import ownwrite, syscalls
-from . import copyup, layers, whiteout
+from . import acl, copyup, layers, whiteout
 from .copyup import Workspace
 from .features import DEFAULT as features_default
 from .features import NONE as features_none
@@ -55,6 +55,11 @@ class NewObject:
     """For a hard link: the upper path of the object to link."""
     open_flags: int = 0
     """For a regular file: the access mode and O_APPEND of the descriptor to return."""
+    umask: int = 0
+    """The caller's umask, applied here where the parent has no default ACL (0: MODE is final)."""
+    inherits_acl: bool = False
+    """The parent's default ACL, if it has one, decides the permissions in the umask's place, as
+    `acl.inherit` says (mounts with POSIX ACLs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +241,12 @@ class UpperDir:
         unnamed = (existing is None and self.workspace.tmpfile and stat.S_ISREG(obj.mode) and not obj.link_source
                    and obj.open_flags & os.O_ACCMODE != os.O_RDONLY)
         staged = None if unnamed else copyup.staging_path(self.workspace)
+        inherited = self._inherited(parent_dir, obj)
+        obj = dataclasses.replace(obj, mode=inherited.mode)
         fd = None
         try:
             fd = _build(staged, obj, self.workspace)
+            _set_acls(fd if fd is not None else staged, inherited)
             if staged is None:
                 assert fd is not None
                 syscalls.link_open_file(fd, target)  # EEXIST if the name was taken meanwhile
@@ -261,6 +269,17 @@ class UpperDir:
         if oci_whited:
             whiteout.remove_oci_whiteout(parent_dir, name)
         return os.lstat(target), fd
+
+    def _inherited(self, parent_dir: str, obj: NewObject) -> acl.Inherited:
+        """OBJ's mode and ACLs in PARENT_DIR: the parent's default ACL where the mount has ACLs
+        and owners are not kept in override xattrs (a mode there is not the disk's), else the
+        umask. A hard link is what it is."""
+        if obj.link_source:
+            return acl.Inherited(obj.mode)
+        default = None
+        if obj.inherits_acl and self.workspace.owner is None:
+            default = acl.default_of(os.path.join(parent_dir, "."))
+        return acl.inherit(default, obj.mode, obj.umask)
 
     def remove(self, parent_dir: str, name: str, *, leave_whiteout: bool) -> None:
         """Remove NAME (a file, or a directory holding only markers) from upper; whiteout if lower has NAME."""
@@ -420,6 +439,19 @@ def _build(staged: str | None, obj: NewObject, ws: Workspace) -> int | None:
     if kind != stat.S_IFLNK:
         os.chmod(staged, perms)
     return None
+
+
+def _set_acls(target: int | str | None, inherited: acl.Inherited) -> None:
+    """Give the object just built (a regular file's fd, else its staged path) its inherited ACLs,
+    before it is published: the access ACL also sets the mode's group bits to its mask."""
+    if target is None:
+        return
+    for name, value in ((acl.ACCESS, inherited.access), (acl.DEFAULT, inherited.default)):
+        if value is not None:
+            if isinstance(target, int):
+                os.setxattr(target, name, value)
+            else:
+                os.setxattr(target, name, value, follow_symlinks=False)
 
 
 def _discard(path: str) -> None:

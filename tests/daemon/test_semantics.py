@@ -138,6 +138,35 @@ def xattrs_of_an_open_file_whose_name_went(mnt: str, name: str, create: bool) ->
     return out
 
 
+def _acl_of(path: str) -> str:
+    done = subprocess.run(["getfacl", "-cnp", path], capture_output=True, text=True, timeout=60)
+    return done.stdout if done.returncode == 0 else done.stderr.strip()
+
+
+def new_objects_and_default_acls(mnt: str, umask: int) -> list[Any]:
+    """New objects in a directory with no default ACL (the umask applies), one given a default ACL
+    through the mount, and a lower one given one (copied up with it): there the ACL, masked by the
+    mode asked for, takes the umask's place (the kernel's posix_acl_create)."""
+    os.chdir(mnt)
+    os.umask(umask)
+    os.mkdir("plain")
+    os.mkdir("inherits")
+    for d in ("inherits", "low"):
+        subprocess.run(["setfacl", "-d", "-m", "u:7:rwx,g:8:r-x", d], check=True, timeout=60)
+    out: list[Any] = []
+    for d in ("plain", "inherits", "low"):
+        os.close(os.open(f"{d}/f", os.O_CREAT | os.O_WRONLY, 0o666))
+        os.close(os.open(f"{d}/g", os.O_CREAT | os.O_WRONLY, 0o640))
+        os.mkdir(f"{d}/sub", 0o777)
+        os.mkfifo(f"{d}/fifo", 0o664)
+        os.symlink("f", f"{d}/link")
+        for name in ("f", "g", "sub", "fifo"):
+            out.append((d, name, oct(os.lstat(f"{d}/{name}").st_mode), _acl_of(f"{d}/{name}")))
+        os.close(os.open(f"{d}/sub/deeper", os.O_CREAT | os.O_WRONLY, 0o600))
+        out.append((d, "sub/deeper", oct(os.lstat(f"{d}/sub/deeper").st_mode), _acl_of(f"{d}/sub/deeper")))
+    return out
+
+
 def open_read_only_then_unlink(mnt: str) -> list[Any]:
     os.chdir(os.path.join(mnt, "t"))
     fd = os.open("lowerfile", os.O_RDONLY)
@@ -423,6 +452,12 @@ def test_xattrs_of_an_open_file_whose_name_went_to_another(tmp_path: Path, name:
     out = _same(tmp_path, {"l1": [Dir("t"), File("t/lowerfile", b"xyz")]}, xattrs_of_an_open_file_whose_name_went,
                 name, create)  # fmt: skip
     assert out[0] == b"old" and out[3] == "ENODATA" and out[6] == b"new"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_new_objects_inherit_default_acls(tmp_path: Path, umask: int) -> None:
+    out = _same(tmp_path, {"l1": [Dir("low")]}, new_objects_and_default_acls, umask)
+    assert "user:7:rwx" in out[5][3] and "default:user:7:rwx" in out[7][3]  # the oracle inherits
 
 
 def test_read_only_open_file_survives_its_whiteout(tmp_path: Path) -> None:
