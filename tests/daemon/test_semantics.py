@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from overlayfuse.daemon import binding
 from tests.support import syscalls
 from tests.support.mounts import overlayfuse, run_isolated
 from tests.support.trees import Dir, Fifo, File, HardLink
@@ -454,8 +455,12 @@ def test_xattrs_of_an_open_file_whose_name_went_to_another(tmp_path: Path, name:
     assert out[0] == b"old" and out[3] == "ENODATA" and out[6] == b"new"
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("umask", [0, 0o022, 0o077])
 def test_new_objects_inherit_default_acls(tmp_path: Path, umask: int) -> None:
+    if umask and not binding.detect().dont_mask:
+        # README, "POSIX ACLs": without patch 0012 the kernel applies the umask before the daemon
+        # sees the mode, and an inherited ACL's mask is narrowed by it (the stock-binding venv).
+        pytest.skip("a stock pyfuse3 cannot ask for the mode as asked (FUSE_CAP_DONT_MASK)")
     out = _same(tmp_path, {"l1": [Dir("low")]}, new_objects_and_default_acls, umask)
     assert "user:7:rwx" in out[5][3] and "default:user:7:rwx" in out[7][3]  # the oracle inherits
 
