@@ -69,6 +69,9 @@ class Binding:
     fallocate: bool = False
     """``Operations.fallocate``: fallocate(2) reaches the daemon, which passes it to the real file
     (without it the kernel fails it with EOPNOTSUPP)."""
+    tmpfile: bool = False
+    """``Operations.tmpfile`` is registered (pyfuse3 built against libfuse 3.17): open(2) with
+    O_TMPFILE reaches the daemon (without it the kernel fails it with EOPNOTSUPP)."""
     dont_mask: bool = False
     """``Operations.enable_dont_mask``: new objects' modes come as asked, umask not applied, so a
     directory's default ACL can take the umask's place exactly (without it the kernel applied the
@@ -86,6 +89,7 @@ class Binding:
             ("killpriv v2", self.killpriv_v2),
             ("holes (SEEK_DATA, SEEK_HOLE)", self.lseek),
             ("fallocate", self.fallocate),
+            ("O_TMPFILE", self.tmpfile),
             ("modes as asked (dont_mask)", self.dont_mask),
         ) if on]  # fmt: skip
         return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
@@ -129,6 +133,7 @@ def detect() -> Binding:
         killpriv_v2=hasattr(pyfuse3, "killpriv_v2_active"),
         lseek=hasattr(pyfuse3.Operations, "lseek"),
         fallocate=hasattr(pyfuse3.Operations, "fallocate"),
+        tmpfile=bool(getattr(pyfuse3, "TMPFILE_SUPPORTED", False)),
         dont_mask=hasattr(pyfuse3.Operations, "enable_dont_mask"),
     )
 

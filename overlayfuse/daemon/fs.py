@@ -659,6 +659,23 @@ class OverlayOperations(pyfuse3.Operations):
                                           opener=_requester(ctx)))
         return info, await self._node_attributes(node)
 
+    @_boundary
+    @_change
+    async def tmpfile(
+        self, parent_inode: int, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """open(2) with O_TMPFILE in a directory of the mount (pyfuse3 patch 0013; the kernel sends
+        it from Linux 6.3): a regular file with no name, made in upper, open, as the kernel's
+        overlay makes one (Linux 6.6); linkat(2) of the open file may name it (`link`)."""
+        if not self.binding.tmpfile:
+            raise _fuse_error(errno.ENOSYS)  # OVERLAYFUSE_BINDING=stock: what a stock pyfuse3 answers
+        self._check_writable()
+        node, fd = await self.tree.create_unnamed(parent_inode, stat.S_IFREG | stat.S_IMODE(mode),
+                                                  self._caller(ctx), flags)
+        info = self._file_info(FileHandle(node, fd, node.resolved, True, node.resolved.stat.st_dev,
+                                          opener=_requester(ctx)))
+        return info, await self._node_attributes(node)
+
     async def _open_existing(
         self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:

@@ -115,6 +115,9 @@ class Node:
     """Open file handles on this object: if its last name goes meanwhile, it is `detached`."""
     detached: Fd | None = None
     """The object itself (O_PATH), once it has no name left but is still open (unlinked, in use)."""
+    linkable: bool = False
+    """Made with no name (open(2) with O_TMPFILE, without O_EXCL) and not named yet: `link` may
+    give it its first name, as the kernel allows for such a file (I_LINKABLE)."""
     dir_state: DirState | None = None
     """A directory's listing state, made the first time it is listed or changed (see `DirState`)."""
 

@@ -492,19 +492,35 @@ class MergedTree:
                 raise _error(errno.EEXIST, name)
             parent_res = await self._ensure_upper(parent)
             into = parent_res.branches[0]
-            gid = caller.gid
-            if parent_res.stat.st_mode & stat.S_ISGID:
-                gid = parent_res.stat.st_gid  # BSD group semantics of setgid directories
-                if stat.S_ISDIR(mode):
-                    mode |= stat.S_ISGID
-            obj = NewObject(mode, caller.uid, gid, rdev, symlink_target, "", open_flags, caller.umask,
-                            caller.inherits_acl)
+            obj = _new_object(parent_res, mode, caller, rdev=rdev, symlink_target=symlink_target,
+                              open_flags=open_flags)
             self._changed(parent)
             try:
                 st, fd = await self.in_thread(up.create, into.path, name, obj)
             finally:
                 self._changed(parent)
             return self._remember_new(parent, parent_res, name, st), fd
+
+    async def create_unnamed(self, parent_ino: int, mode: int, caller: Caller, open_flags: int) -> tuple[Node, int]:
+        """A regular file with no name in directory PARENT_INO, open (open(2) with O_TMPFILE), as
+        the kernel's overlay makes one (``ovl_tmpfile``): in upper, the directory copied up first,
+        owned and moded as a create there would make it. Its node holds it by descriptor, with
+        no name, until `link` names it (linkat(2) of the open file) or the kernel forgets it,
+        which frees it. Returns the node (one reference counted) and the open fd."""
+        up = self._require_writable()
+        async with self._changes:
+            parent, parent_res = self.directory(parent_ino)
+            parent_res = await self._ensure_upper(parent)
+            into = parent_res.branches[0]
+            obj = _new_object(parent_res, mode, caller, open_flags=open_flags)
+            st, fd, held = await self.in_thread(up.create_unnamed, into.path, obj)
+        # Remembered under the name "", which nothing has (an empty name resolves to nothing), and
+        # then under none: every path to it goes through the descriptor (`hold_object`).
+        node = self.inodes.remember(parent.ino, "", Resolved(self.stack.layers[0], into, "", st, ()))
+        node.names.clear()
+        node.detached = held
+        node.linkable = not open_flags & os.O_EXCL
+        return node, fd
 
     async def link(self, ino: int, parent_ino: int, name: str) -> Node:
         up = self._require_writable()
@@ -514,7 +530,9 @@ class MergedTree:
                 raise _error(errno.EEXIST, name)
             node = self.inodes.get(ino)
             if not node.names and node.detached is not None:
-                raise _error(errno.ENOENT, name)  # no name left to link to (the kernel refuses too)
+                if not node.linkable:
+                    raise _error(errno.ENOENT, name)  # no name left to link to (the kernel refuses too)
+                return await self._name_unnamed(node, up, parent, name)
             source, redirects = await self._make_linkable(node)
             parent_res = await self._ensure_upper(parent)
             into = parent_res.branches[0]
@@ -527,6 +545,22 @@ class MergedTree:
             if source.data is not None:  # a metacopy file: the new name reads the same lower data
                 return self.inodes.remember(parent.ino, name, Resolved(source.layer, into, name, st, (), source.data))
             return self._remember_new(parent, parent_res, name, st)
+
+    async def _name_unnamed(self, node: Node, up: UpperDir, parent: Node, name: str) -> Node:
+        """Give NODE, made with no name (`create_unnamed`), its first name NAME in PARENT: linked
+        through the descriptor that holds it, over a whiteout as a create is (caller holds the
+        change lock and checked that NAME is free)."""
+        assert node.detached is not None
+        parent_res = await self._ensure_upper(parent)
+        into = parent_res.branches[0]
+        obj = NewObject(node.resolved.stat.st_mode, 0, 0, link_fd=node.detached.fd)
+        self._changed(parent)
+        try:
+            st, _ = await self.in_thread(up.create, into.path, name, obj)
+        finally:
+            self._changed(parent)
+        node.linkable = False  # the kernel lets such a file be linked with no name once only
+        return self._remember_new(parent, parent_res, name, st)
 
     async def _make_linkable(self, node: Node) -> tuple[Resolved, list[tuple[str, str]]]:
         """NODE's object in upper, ready for a new name, and the redirect to set first: a lower
@@ -922,6 +956,18 @@ class MergedTree:
         if resolved.same_object(os.fstat(held.fd)):
             return held
         return node.detached
+
+
+def _new_object(parent: Resolved, mode: int, caller: Caller, **extra: Any) -> NewObject:
+    """What CALLER's new object of MODE in the upper directory PARENT is made as: the caller's,
+    with BSD group semantics in a setgid directory (its group, and a new directory setgid too);
+    EXTRA: the rest of `NewObject`."""
+    gid = caller.gid
+    if parent.stat.st_mode & stat.S_ISGID:
+        gid = parent.stat.st_gid
+        if stat.S_ISDIR(mode):
+            mode |= stat.S_ISGID
+    return NewObject(mode, caller.uid, gid, umask=caller.umask, inherits_acl=caller.inherits_acl, **extra)
 
 
 #: Longest path (below a held upper dir) a chain of missing parents is copied up through in one hop;

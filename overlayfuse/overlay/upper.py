@@ -53,6 +53,8 @@ class NewObject:
     symlink_target: str = ""
     link_source: str = ""
     """For a hard link: the upper path of the object to link."""
+    link_fd: int | None = None
+    """For naming a file made with no name (`UpperDir.create_unnamed`): the descriptor holding it."""
     open_flags: int = 0
     """For a regular file: the access mode and O_APPEND of the descriptor to return."""
     umask: int = 0
@@ -60,6 +62,11 @@ class NewObject:
     inherits_acl: bool = False
     """The parent's default ACL, if it has one, decides the permissions in the umask's place, as
     `acl.inherit` says (mounts with POSIX ACLs)."""
+
+    @property
+    def is_link(self) -> bool:
+        """A new name for an object that exists: nothing is made, and it keeps its mode and ACLs."""
+        return bool(self.link_source) or self.link_fd is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +245,7 @@ class UpperDir:
             raise FileExistsError(17, os.strerror(17), target)
         # a file linked into a free name is built unnamed (`_build`); one that replaces a whiteout,
         # or is opened read-only (which O_TMPFILE refuses), under a name in staging, then renamed
-        unnamed = (existing is None and self.workspace.tmpfile and stat.S_ISREG(obj.mode) and not obj.link_source
+        unnamed = (existing is None and self.workspace.tmpfile and stat.S_ISREG(obj.mode) and not obj.is_link
                    and obj.open_flags & os.O_ACCMODE != os.O_RDONLY)
         staged = None if unnamed else copyup.staging_path(self.workspace)
         inherited = self._inherited(parent_dir, obj)
@@ -274,12 +281,31 @@ class UpperDir:
         """OBJ's mode and ACLs in PARENT_DIR: the parent's default ACL where the mount has ACLs
         and owners are not kept in override xattrs (a mode there is not the disk's), else the
         umask. A hard link is what it is."""
-        if obj.link_source:
+        if obj.is_link:
             return acl.Inherited(obj.mode)
         default = None
         if obj.inherits_acl and self.workspace.owner is None:
             default = acl.default_of(os.path.join(parent_dir, "."))
         return acl.inherit(default, obj.mode, obj.umask)
+
+    def create_unnamed(self, parent_dir: str, obj: NewObject) -> tuple[os.stat_result, int, Fd]:
+        """A regular file with no name, as open(2) with O_TMPFILE in PARENT_DIR makes one: built in
+        the staging dir (the upper's filesystem, so a link can name it anywhere in upper) with the
+        owner, mode and ACLs a create in PARENT_DIR would give it. Returns its fstat, an fd open
+        as OBJ asks, and an O_PATH descriptor that holds it (`create` with ``link_fd`` names it).
+        EOPNOTSUPP where the upper filesystem has no O_TMPFILE (the kernel's overlay says the same)."""
+        if not self.workspace.tmpfile:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), parent_dir)
+        inherited = self._inherited(parent_dir, obj)
+        fd = _build(None, dataclasses.replace(obj, mode=inherited.mode), self.workspace)
+        assert fd is not None
+        try:
+            _set_acls(fd, inherited)
+            held = Fd(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC))
+            return os.fstat(fd), fd, held
+        except BaseException:
+            os.close(fd)
+            raise
 
     def remove(self, parent_dir: str, name: str, *, leave_whiteout: bool) -> None:
         """Remove NAME (a file, or a directory holding only markers) from upper; whiteout if lower has NAME."""
@@ -410,7 +436,7 @@ def _build(staged: str | None, obj: NewObject, ws: Workspace) -> int | None:
     kind = stat.S_IFMT(obj.mode)
     perms = stat.S_IMODE(obj.mode)
     fd = None
-    if kind == stat.S_IFREG and not obj.link_source:
+    if kind == stat.S_IFREG and not obj.is_link:
         access = obj.open_flags & (os.O_ACCMODE | os.O_APPEND)
         if staged is None:
             fd = ws.open_unnamed(access, new=True)
@@ -423,6 +449,9 @@ def _build(staged: str | None, obj: NewObject, ws: Workspace) -> int | None:
         os.fchmod(fd, perms)  # after chown, which would clear setuid/setgid
         return fd
     assert staged is not None, "only a new regular file is built unnamed"
+    if obj.link_fd is not None:
+        syscalls.link_open_file(obj.link_fd, staged)  # through /proc: the file has no name to link
+        return None
     if obj.link_source:
         os.link(obj.link_source, staged)
         return None
