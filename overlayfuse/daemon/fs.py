@@ -292,11 +292,11 @@ class OverlayOperations(pyfuse3.Operations):
 
     def _attributes(
         self, ino: int, resolved: Resolved, st: os.stat_result, held: Fd | None = None,
-        xattrs_at: tuple[str, bool] | None = None,
+        node: Node | None = None,
     ) -> pyfuse3.EntryAttributes:
         """The attributes the kernel is given for RESOLVED's object (lstat ST); HELD: the
-        descriptor holding it once its name went; XATTRS_AT: where its override xattrs are read
-        (`_xattr_target`), by default by its name."""
+        descriptor holding it once its name went; NODE: its node, whose override xattrs are then
+        read through HELD (`_xattr_target`; else by RESOLVED's name)."""
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = ino
         attrs.generation = 0
@@ -314,7 +314,7 @@ class OverlayOperations(pyfuse3.Operations):
         attrs.st_mtime_ns = st.st_mtime_ns
         attrs.st_ctime_ns = st.st_ctime_ns
         if self.owners is not None:  # ID mapping, squash, override xattrs, static nlink
-            path, follow = xattrs_at or (resolved.path, False)
+            path, follow = _xattr_target(node) if node is not None else (resolved.path, False)
             self.owners.present(attrs, st, resolved.layer.root, path, follow)
         return attrs
 
@@ -335,7 +335,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         st = await self._current_stat(node)
-        return self._attributes(node.ino, node.resolved, st, node.detached, _xattr_target(node))
+        return self._attributes(node.ino, node.resolved, st, node.detached, node)
 
     async def _current_stat(self, node: Node) -> os.stat_result:
         """NODE's object's lstat; if a change is moving it right now, after that change."""
@@ -398,7 +398,7 @@ class OverlayOperations(pyfuse3.Operations):
         if changes is not None:
             st = await self.tree.change_metadata(node, changes)
             if st is not None:  # folded into its copy-up: the copy's stat is the final one
-                return self._attributes(node.ino, node.resolved, st, node.detached, _xattr_target(node))
+                return self._attributes(node.ino, node.resolved, st, node.detached, node)
         return await self._node_attributes(node)
 
     @_boundary
