@@ -530,37 +530,27 @@ class MergedTree:
                 raise _error(errno.EEXIST, name)
             node = self.inodes.get(ino)
             if not node.names and node.detached is not None:
+                # No name left to link to: the kernel refuses too, but for a file made with no
+                # name (`create_unnamed`), linked through the descriptor that holds it.
                 if not node.linkable:
-                    raise _error(errno.ENOENT, name)  # no name left to link to (the kernel refuses too)
-                return await self._name_unnamed(node, up, parent, name)
-            source, redirects = await self._make_linkable(node)
+                    raise _error(errno.ENOENT, name)
+                source = node.resolved
+                redirects: list[tuple[str, str]] = []
+                obj = NewObject(source.stat.st_mode, 0, 0, link_fd=node.detached.fd)
+            else:
+                source, redirects = await self._make_linkable(node)
+                obj = NewObject(source.stat.st_mode, 0, 0, link_source=source.path)
             parent_res = await self._ensure_upper(parent)
             into = parent_res.branches[0]
-            obj = NewObject(source.stat.st_mode, 0, 0, link_source=source.path)
             self._changed(parent)
             try:
                 st, _ = await self.in_thread(_redirect_then, up, redirects, lambda: up.create(into.path, name, obj))
             finally:
                 self._changed(parent)
+            node.linkable = False  # the kernel lets a file made with no name be linked so once only
             if source.data is not None:  # a metacopy file: the new name reads the same lower data
                 return self.inodes.remember(parent.ino, name, Resolved(source.layer, into, name, st, (), source.data))
             return self._remember_new(parent, parent_res, name, st)
-
-    async def _name_unnamed(self, node: Node, up: UpperDir, parent: Node, name: str) -> Node:
-        """Give NODE, made with no name (`create_unnamed`), its first name NAME in PARENT: linked
-        through the descriptor that holds it, over a whiteout as a create is (caller holds the
-        change lock and checked that NAME is free)."""
-        assert node.detached is not None
-        parent_res = await self._ensure_upper(parent)
-        into = parent_res.branches[0]
-        obj = NewObject(node.resolved.stat.st_mode, 0, 0, link_fd=node.detached.fd)
-        self._changed(parent)
-        try:
-            st, _ = await self.in_thread(up.create, into.path, name, obj)
-        finally:
-            self._changed(parent)
-        node.linkable = False  # the kernel lets such a file be linked with no name once only
-        return self._remember_new(parent, parent_res, name, st)
 
     async def _make_linkable(self, node: Node) -> tuple[Resolved, list[tuple[str, str]]]:
         """NODE's object in upper, ready for a new name, and the redirect to set first: a lower
