@@ -291,19 +291,18 @@ class OverlayOperations(pyfuse3.Operations):
     # -- attributes -------------------------------------------------------------------------------
 
     def _attributes(
-        self, ino: int, resolved: Resolved, st: os.stat_result, held: Fd | None = None,
-        node: Node | None = None,
+        self, ino: int, resolved: Resolved, st: os.stat_result, node: Node | None = None
     ) -> pyfuse3.EntryAttributes:
-        """The attributes the kernel is given for RESOLVED's object (lstat ST); HELD: the
-        descriptor holding it once its name went; NODE: its node, whose override xattrs are then
-        read through HELD (`_xattr_target`; else by RESOLVED's name)."""
+        """The attributes the kernel is given for RESOLVED's object (lstat ST). NODE: its node,
+        whose descriptor holds the object once its name went (its link count and override xattrs
+        are then read through it, `_xattr_target`); else RESOLVED's name is the object's."""
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = ino
         attrs.generation = 0
         attrs.entry_timeout = self._timeout
         attrs.attr_timeout = self._timeout
         attrs.st_mode = st.st_mode
-        attrs.st_nlink = self.tree.link_count(resolved, st, held)
+        attrs.st_nlink = self.tree.link_count(resolved, st, node.detached if node is not None else None)
         attrs.st_uid = st.st_uid
         attrs.st_gid = st.st_gid
         attrs.st_rdev = st.st_rdev
@@ -335,7 +334,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     async def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         st = await self._current_stat(node)
-        return self._attributes(node.ino, node.resolved, st, node.detached, node)
+        return self._attributes(node.ino, node.resolved, st, node)
 
     async def _current_stat(self, node: Node) -> os.stat_result:
         """NODE's object's lstat; if a change is moving it right now, after that change."""
@@ -398,7 +397,7 @@ class OverlayOperations(pyfuse3.Operations):
         if changes is not None:
             st = await self.tree.change_metadata(node, changes)
             if st is not None:  # folded into its copy-up: the copy's stat is the final one
-                return self._attributes(node.ino, node.resolved, st, node.detached, node)
+                return self._attributes(node.ino, node.resolved, st, node)
         return await self._node_attributes(node)
 
     @_boundary
@@ -655,9 +654,7 @@ class OverlayOperations(pyfuse3.Operations):
                 raise
             return await self._open_existing(parent_inode, name, flags, ctx)
         assert fd is not None
-        info = self._file_info(FileHandle(node, fd, node.resolved, True, node.resolved.stat.st_dev,
-                                          opener=_requester(ctx)))
-        return info, await self._node_attributes(node)
+        return await self._opened_new(node, fd, ctx)
 
     @_boundary
     @_change
@@ -672,6 +669,13 @@ class OverlayOperations(pyfuse3.Operations):
         self._check_writable()
         node, fd = await self.tree.create_unnamed(parent_inode, stat.S_IFREG | stat.S_IMODE(mode),
                                                   self._caller(ctx), flags)
+        return await self._opened_new(node, fd, ctx)
+
+    async def _opened_new(
+        self, node: Node, fd: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """The reply to a create or tmpfile: a handle on the new file's fd (CTX's process writes
+        through it) and the file's attributes."""
         info = self._file_info(FileHandle(node, fd, node.resolved, True, node.resolved.stat.st_dev,
                                           opener=_requester(ctx)))
         return info, await self._node_attributes(node)
