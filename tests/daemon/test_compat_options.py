@@ -17,7 +17,7 @@ import pytest
 
 from overlayfuse.daemon.compat import IdMap, IdRange
 from overlayfuse.daemon.options import UsageError, parse_args
-from tests.support.mounts import FuseMount, daemon_pids, is_mounted, kernel_overlay, overlayfuse_cmd, syscalls_during
+from tests.support.mounts import FuseMount, is_mounted, kernel_overlay, mount_syscalls, overlayfuse_cmd
 
 BASE = "lowerdir=/l,upperdir=/u,workdir=/w"
 TIMEOUT = 60.0
@@ -351,9 +351,7 @@ def test_fsync_off_makes_no_fsync(
     fuse_mount: Mounter, layers: tuple, tmp_path: Path, options: tuple[str, ...], synced: bool
 ) -> None:
     mnt = _mount(fuse_mount, layers, *options)
-    pids = daemon_pids(mnt)
-    assert len(pids) == 1
-    count = syscalls_during(pids[0], ("fsync", "fdatasync"), lambda: _write_and_copy_up(mnt), tmp_path / "strace.out")
+    count = mount_syscalls(mnt, ("fsync", "fdatasync"), lambda: _write_and_copy_up(mnt), tmp_path / "strace.out")
     assert (count > 0) is synced, f"{count} fsyncs"
     assert (mnt / "owned").read_text() == "x\nmore\n"
 
@@ -375,11 +373,30 @@ def test_fsync_of_a_directory_writes_out_its_upper_dir(
     """As the kernel's overlay does (ovl_dir_fsync): the upper dir is fsynced, or, where FSYNCDIR
     does not say which directory (no-opendir mode), the upper filesystem is (syncfs)."""
     mnt = _mount(fuse_mount, layers, *options)
-    pids = daemon_pids(mnt)
-    assert len(pids) == 1
-    count = syscalls_during(pids[0], ("fsync", "syncfs"), lambda: _fsync_a_directory(mnt), tmp_path / "strace.out")
+    count = mount_syscalls(mnt, ("fsync", "syncfs"), lambda: _fsync_a_directory(mnt), tmp_path / "strace.out")
     assert (count > 0) is synced, f"{count} fsync or syncfs calls"
     assert (mnt / "renamed").read_text() == "x\n"
+
+
+def _fsync_read_only(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # as coreutils' `sync FILE` opens it
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.mount
+def test_fsync_through_a_read_only_open(fuse_mount: Mounter, layers: tuple, tmp_path: Path) -> None:
+    """As the kernel's overlay (ovl_fsync): an fsync through any open of a file in upper writes it
+    out, a read-only one too; a lower file, a read-only layer's, is never synced."""
+    mnt = _mount(fuse_mount, layers)
+    (mnt / "fresh").write_text("in upper\n")
+    upper = mount_syscalls(mnt, ("fsync", "fdatasync"), lambda: _fsync_read_only(mnt / "fresh"),
+                           tmp_path / "upper.strace")
+    lower = mount_syscalls(mnt, ("fsync", "fdatasync"), lambda: _fsync_read_only(mnt / "owned"),
+                           tmp_path / "lower.strace")
+    assert (upper, lower) == (1, 0)
 
 
 @pytest.mark.mount
@@ -388,10 +405,8 @@ def test_metadata_only_copy_ups_make_no_fsync(fuse_mount: Mounter, layers: tuple
     fsync (the kernel's default: its fsync=strict is what syncs metadata copy-ups); still there."""
     _, upper, _, _ = layers
     mnt = _mount(fuse_mount, layers)
-    pids = daemon_pids(mnt)
-    assert len(pids) == 1
-    count = syscalls_during(pids[0], ("fsync", "fdatasync"), lambda: os.chown(mnt / "d" / "f", 7, 8),
-                            tmp_path / "strace.out")
+    count = mount_syscalls(mnt, ("fsync", "fdatasync"), lambda: os.chown(mnt / "d" / "f", 7, 8),
+                           tmp_path / "strace.out")
     assert count == 0, f"{count} fsyncs"
     assert os.lstat(upper / "d" / "f").st_uid == 7 and (mnt / "d" / "f").read_text() == "f\n"
 
@@ -486,26 +501,3 @@ def test_layer_and_mountpoint_nesting_is_refused(tmp_path: Path, overlayfuse_bin
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, timeout=TIMEOUT)
-
-
-def _fsync_read_only(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # as coreutils' `sync FILE` opens it
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@pytest.mark.mount
-def test_fsync_through_a_read_only_open(fuse_mount: Mounter, layers: tuple, tmp_path: Path) -> None:
-    """As the kernel's overlay (ovl_fsync): an fsync through any open of a file in upper writes it
-    out, a read-only one too; a lower file, a read-only layer's, is never synced."""
-    mnt = _mount(fuse_mount, layers)
-    pids = daemon_pids(mnt)
-    assert len(pids) == 1
-    (mnt / "fresh").write_text("in upper\n")
-    upper = syscalls_during(pids[0], ("fsync", "fdatasync"), lambda: _fsync_read_only(mnt / "fresh"),
-                            tmp_path / "upper.strace")
-    lower = syscalls_during(pids[0], ("fsync", "fdatasync"), lambda: _fsync_read_only(mnt / "owned"),
-                            tmp_path / "lower.strace")
-    assert (upper, lower) == (1, 0)

@@ -16,7 +16,7 @@ import pytest
 
 from overlayfuse.daemon import binding, polling
 from overlayfuse.daemon.options import UsageError, parse_args
-from tests.support.mounts import FuseMount, daemon_pids, syscalls_during
+from tests.support.mounts import FuseMount, mount_syscalls
 
 TIMEOUT = 30.0
 
@@ -79,8 +79,6 @@ def test_request_loop_polls_only_with_a_window(
 ) -> None:
     lower, upper, work, mnt = layers
     fuse_mount(mnt, [lower], upper, work, (option,))
-    pids = daemon_pids(mnt)
-    assert len(pids) == 1
-    count = syscalls_during(pids[0], ("sched_yield",), lambda: _missing_xattrs(mnt), tmp_path / "strace.out")
+    count = mount_syscalls(mnt, ("sched_yield",), lambda: _missing_xattrs(mnt), tmp_path / "strace.out")
     assert (count > 0) is polls, f"{count} sched_yield calls with {option}"
     assert (mnt / "f").read_text() == "f\n"

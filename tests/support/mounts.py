@@ -459,3 +459,10 @@ def syscalls_during(pid: int, names: Sequence[str], action: Callable[[], None], 
         tracer.terminate()
         tracer.wait(timeout=STRACE_TIMEOUT)
     return sum(1 for line in out.read_text().splitlines() if any(f"{name}(" in line for name in names))
+
+
+def mount_syscalls(mnt: Path, names: Sequence[str], action: Callable[[], None], out: Path) -> int:
+    """`syscalls_during` of the daemon that serves MNT (there must be exactly one)."""
+    pids = daemon_pids(mnt)
+    assert len(pids) == 1, pids
+    return syscalls_during(pids[0], names, action, out)
