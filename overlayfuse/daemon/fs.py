@@ -199,7 +199,10 @@ class ListingReplies:
     entries: list[tuple[str, Resolved]]
     """The listing, sorted by cookie."""
     cookies: list[int]
-    lower: list[tuple[bytes, pyfuse3.EntryAttributes] | None]
+    lower: list[tuple[bytes, pyfuse3.EntryAttributes, int] | None]
+    """A lower entry's reply once built: its name, its attributes and its inode number (the int
+    `number_for` gave, kept as that object: the node the kernel's acceptance makes holds it, where
+    reading ``st_ino`` back from the attributes would make another int per node)."""
     source: list[tuple[str, Resolved]]
     """The listing object these replies were built from (replaced when the directory changes)."""
 
@@ -869,14 +872,14 @@ class OverlayOperations(pyfuse3.Operations):
                     if now is None:
                         continue  # gone since the listing was read: never send a stale pairing
                     st = now
-                attrs = self._attributes(self.tree.number_for(resolved), resolved, st)
-                reply = (os.fsencode(name), attrs)
+                number = self.tree.number_for(resolved)
+                reply = (os.fsencode(name), self._attributes(number, resolved, st), number)
                 if not resolved.layer.writable:
                     lower[index] = reply
             if not pyfuse3.readdir_reply(token, reply[0], reply[1], cookies[index]):
                 return
             # An accepted readdirplus entry counts as a lookup ("." and ".." do not).
-            self.tree.remember_listed(node, name, resolved, reply[1].st_ino)
+            self.tree.remember_listed(node, name, resolved, reply[2])
         if self.binding.readdir_inode and asked >= (cookies[-1] if cookies else 2):
             # The end of the listing, asked for after its last entry went out: with kernel-cached
             # listings the kernel now holds it, so ours (a Resolved and a reply per entry, about a

@@ -96,8 +96,24 @@ class DirState:
 
 
 @dataclass(slots=True)
+class RareState:
+    """What few nodes ever need (another identity, several names, an open object with no name, a
+    file made with no name): apart from `Node`, so that the many plain nodes carry one empty slot
+    for all four, not four (a walk of 200,000 files keeps a node for each, see `Node`)."""
+
+    own_identity: Identity | None = None
+    own_names: Names | None = None
+    detached: Fd | None = None
+    linkable: bool = False
+
+
+@dataclass(slots=True)
 class Node:
-    """One merged object the kernel knows about."""
+    """One merged object the kernel knows about.
+
+    The kernel keeps a node for every object it has met until it forgets them, so their count is
+    the size of a walk: every slot here is 8 bytes per object the kernel holds. What few nodes need
+    is in `RareState`, read and written through the properties below as if it were here."""
 
     ino: int
     resolved: Resolved
@@ -107,19 +123,58 @@ class Node:
     name: str
     """One live name of the object (parent inode, name): where a copy-up puts it."""
     lookups: int = 0
-    own_identity: Identity | None = None
-    """`identity` once it is not `identity(resolved)`; None while it is (nearly every node: no tuple)."""
-    own_names: Names | None = None
-    """`names` once it is not just (parent, name); None while it is (nearly every object: no list)."""
     opened: int = 0
     """Open file handles on this object: if its last name goes meanwhile, it is `detached`."""
-    detached: Fd | None = None
-    """The object itself (O_PATH), once it has no name left but is still open (unlinked, in use)."""
-    linkable: bool = False
-    """Made with no name (open(2) with O_TMPFILE, without O_EXCL) and not named yet: `link` may
-    give it its first name, as the kernel allows for such a file (I_LINKABLE)."""
     dir_state: DirState | None = None
     """A directory's listing state, made the first time it is listed or changed (see `DirState`)."""
+    rare: RareState | None = None
+    """Made the first time one of its fields is set to other than its default."""
+
+    @property
+    def own_identity(self) -> Identity | None:
+        """`identity` once it is not `identity(resolved)`; None while it is (nearly every node)."""
+        return None if self.rare is None else self.rare.own_identity
+
+    @own_identity.setter
+    def own_identity(self, value: Identity | None) -> None:
+        if self.rare is not None or value is not None:
+            self._rare().own_identity = value
+
+    @property
+    def own_names(self) -> Names | None:
+        """`names` once it is not just (parent, name); None while it is (nearly every object)."""
+        return None if self.rare is None else self.rare.own_names
+
+    @own_names.setter
+    def own_names(self, value: Names | None) -> None:
+        if self.rare is not None or value is not None:
+            self._rare().own_names = value
+
+    @property
+    def detached(self) -> Fd | None:
+        """The object itself (O_PATH), once it has no name left but is still open (unlinked, in use)."""
+        return None if self.rare is None else self.rare.detached
+
+    @detached.setter
+    def detached(self, value: Fd | None) -> None:
+        if self.rare is not None or value is not None:
+            self._rare().detached = value
+
+    @property
+    def linkable(self) -> bool:
+        """Made with no name (open(2) with O_TMPFILE, without O_EXCL) and not named yet: `link` may
+        give it its first name, as the kernel allows for such a file (I_LINKABLE)."""
+        return self.rare is not None and self.rare.linkable
+
+    @linkable.setter
+    def linkable(self, value: bool) -> None:
+        if self.rare is not None or value:
+            self._rare().linkable = value
+
+    def _rare(self) -> RareState:
+        if self.rare is None:
+            self.rare = RareState()
+        return self.rare
 
     @property
     def is_dir(self) -> bool:
@@ -189,7 +244,8 @@ class InodeTable:
         self._next_allocated = 1
         root_identity = identity(root)
         self._pinned[root_identity] = ROOT_INODE
-        self.root = Node(ROOT_INODE, root, ROOT_INODE, "", lookups=1, own_names=Names())
+        self.root = Node(ROOT_INODE, root, ROOT_INODE, "", lookups=1)
+        self.root.own_names = Names()  # the root has no name in any directory
         self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
 
     def __len__(self) -> int:

@@ -114,12 +114,17 @@ def test_a_node_with_one_name_keeps_no_list_and_no_identity(tmp_path: Path) -> N
     stack, table = _table(tmp_path)
     u = _remember(stack, table, "u")
     assert u.own_names is None and u.own_identity is None
+    u.detached, u.linkable = None, False  # what every re-lookup sets: still no rare state
+    assert u.rare is None and u.detached is None and not u.linkable
     assert list(u.names) == [(ROOT_INODE, "u")]
     table.renamed(u, (ROOT_INODE, "u"), (ROOT_INODE, "v"))
     assert list(u.names) == [(ROOT_INODE, "v")] and (u.parent, u.name) == (ROOT_INODE, "v")
     a = _remember(stack, table, "a")
     table.retire(a)
     assert a.identity == (False, -1, a.ino)  # set apart from its resolution's
+    assert a.rare is not None and not a.linkable and a.detached is None
+    a.linkable = True
+    assert a.linkable and a.own_identity == (False, -1, a.ino)
 
 
 def test_compact_stat_keeps_every_field_the_overlay_reads(tmp_path: Path) -> None:
