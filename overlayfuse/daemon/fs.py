@@ -560,19 +560,42 @@ class OverlayOperations(pyfuse3.Operations):
                             opener=_requester(ctx) if writing else None)
         info = self._file_info(handle, counted=True)
         if not writing and not resolved.layer.writable and not handle.passed_through:
-            self._cache_lower_data(handle)
+            await self._cache_lower_data(handle)
         return info
 
-    def _cache_lower_data(self, handle: FileHandle) -> None:
-        """A lower file just opened to read: its data in the kernel's cache now if the host's holds
-        it and no other open of it exists (`pagecache`: another open's READ in flight would hold
-        the pages the store must lock); else on its way into the host's cache, so that the first
-        READ finds it there."""
+    async def _cache_lower_data(self, handle: FileHandle) -> None:
+        """A lower file just opened to read: a small one's data in the kernel's cache before the
+        open is answered, so that its reads send no READ (`pagecache`), taken from the host's cache
+        at once where it holds it, else read by a worker (the disk); a larger one on its way into
+        the host's cache, so that the first READ finds it there.
+
+        A READ is a round trip, and its reply makes the kernel drop the file's atime, so the
+        reader's next fstat (tar's after each file) is a GETATTR: two requests a file, which a
+        store at the open saves where the host's cache is cold too. The worker's read waits for
+        the disk as the first READ would have. Only while no other open of the file exists, also
+        when the read is done (`pagecache`: another open's READ in flight would hold the pages
+        the store must lock)."""
         node, st = handle.node, handle.resolved.stat
-        if not self._names_of_a_broken_link(node) and self.lower_data.fill(node.ino, handle.fd, st,
-                                                                           opens=node.opened):
+        if self.lower_data.stored(node.ino):
             return
-        nowait.prefetch(handle.fd, st.st_size)
+        if self._names_of_a_broken_link(node) or not self.lower_data.may_store(st, opens=node.opened):
+            nowait.prefetch(handle.fd, st.st_size)
+            return
+        data = nowait.read_cached(handle.fd, st.st_size, 0, handle.dev)
+        if data is None:
+            if not self.workers.would_hand():
+                # Readers at once (other hops out): a queued hop costs two wake-ups, more than the
+                # READ it saves, whose data the prefetch has brought in by the time it comes.
+                nowait.prefetch(handle.fd, st.st_size)
+                return
+            try:
+                data = await self.workers.run(os.pread, handle.fd, st.st_size, 0)
+            except OSError as exc:  # the open stands; its READs will meet the error themselves
+                log.debug("reading inode %d's data ahead: %s", node.ino, exc)
+                return
+            if node.opened != 1 or self.lower_data.stored(node.ino):
+                return  # opened again meanwhile: that open's READs go as READs
+        self.lower_data.store(node.ino, data, st)
 
     def _names_of_a_broken_link(self, node: Node) -> bool:
         """NODE has several names on a mount whose upper keeps no hardlink index: there a copy-up

@@ -3,14 +3,16 @@
 A read of a file whose pages the kernel does not hold is a round trip through this daemon: a READ
 request, its reply, the reader woken. For a small file that is the whole read, and a fresh mount
 of an image reads many small files (a container's start: its configuration, its interpreter's
-modules, its libraries' data) whose data the host's page cache usually holds already (every
-container of an image after the first, any image whose layers were just unpacked). So at the open
-of a small file of a lower layer, when the host's cache holds all of it (`nowait.read_cached`, which
-never waits for the disk), the daemon stores it in the FUSE inode's page cache at once
-(FUSE_NOTIFY_STORE, ``pyfuse3.notify_store``, in every pyfuse3 release): the kernel then serves the
-open's reads, and later opens' (lower files are opened with ``keep_cache``), as it serves any cached
-page. Where the host's cache does not hold it, the open starts reading it instead (`nowait.prefetch`)
-and the first READ finds it there, as before.
+modules, its libraries' data). So at the open of a small file of a lower layer the daemon stores
+its data in the FUSE inode's page cache before it answers (FUSE_NOTIFY_STORE,
+``pyfuse3.notify_store``, in every pyfuse3 release): the kernel then serves the open's reads, and
+later opens' (lower files are opened with ``keep_cache``), as it serves any cached page. Where the
+host's cache holds the data (every container of an image after the first, any image whose layers
+were just unpacked) it is taken from there on the event loop (`nowait.read_cached`, which never
+waits for the disk); elsewhere a worker thread reads it, and the open waits for the disk as its
+first READ would have. A READ's reply also makes the kernel drop the file's atime, so a reader's
+fstat after it is a GETATTR: tar, reading a cold tree, sent two requests a file that the store saves.
+Larger files are read by READs, started into the host's cache at the open (`nowait.prefetch`).
 
 Why the pages stay right: they hold what a READ would have returned at that moment, and a lower file
 never changes under the mount. What changes its data later goes through this daemon and the kernel
@@ -24,7 +26,8 @@ loop while another open's READ of that file waits in /dev/fuse would wait for th
 the blocked loop can answer. (Seen: eight threads reading the same files after their caches were
 dropped hung the daemon in ``fuse_dev_do_write``, in its first round.) With no other open there is
 no READ of the file in flight: the kernel sends RELEASE only once the last READ of an open is
-answered.
+answered. A worker's read lets other requests run meanwhile, so the count is asked again when the
+read is done.
 
 Not stored: files of the upper dir (their data changes, and most are passed through), metacopy files,
 passthrough opens (a read-only mount: the kernel reads the backing file and no page cache), and a
@@ -41,8 +44,6 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from ..linux import nowait
-
 log = logging.getLogger(__name__)
 
 #: The largest file stored at its open. Larger ones are read as they are asked for: a program may
@@ -56,19 +57,20 @@ class LowerDataStore:
 
     _stored: set[int] = field(default_factory=set)
 
-    def fill(self, ino: int, fd: int, st: os.stat_result, *, opens: int) -> bool:
-        """Store the data of INO, a lower file open at FD (ST: its stat), if it is small, the host's
-        cache holds it all and this is its only open (OPENS: INO's opens, this one counted, from
-        their requests to their releases; see the module for the hang another one could cause);
-        True if stored now or before. Never waits for the disk."""
-        if opens != 1:
-            return False
-        if ino in self._stored:
-            return True
-        if not 0 < st.st_size <= STORE_MAX:
-            return False
-        data = nowait.read_cached(fd, st.st_size, 0, st.st_dev)
-        if data is None or len(data) != st.st_size:
+    def stored(self, ino: int) -> bool:
+        """INO's data was stored since the kernel last learnt of it."""
+        return ino in self._stored
+
+    def may_store(self, st: os.stat_result, *, opens: int) -> bool:
+        """Whether a lower file of stat ST may be stored now: small, not empty, and this its only
+        open (OPENS: the inode's opens, this one counted, from their requests to their releases;
+        see the module for the hang another one could cause)."""
+        return opens == 1 and 0 < st.st_size <= STORE_MAX
+
+    def store(self, ino: int, data: bytes | memoryview, st: os.stat_result) -> bool:
+        """Hand DATA, the whole of INO's file (ST: its stat), to the kernel's cache; True if it took
+        it. Call only where `may_store` said yes and nothing could have opened the inode since."""
+        if len(data) != st.st_size:
             return False
         try:
             # The stub says bytes; the binding takes any buffer, and a memoryview saves a copy.

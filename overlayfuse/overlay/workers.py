@@ -224,6 +224,14 @@ class Workers:
             return await self._counted(func, args)
         return await self._hop(func, args)
 
+    def would_hand(self) -> bool:
+        """Whether a hop made now could be handed to a waiting worker while the loop spins for its
+        result (`_hand_or_queue`): no other hop out and no task ready. A queued hop wakes a sleeping
+        worker and then the loop, each a wake-up of an idle CPU on this kind of VM: worth it for
+        work that must leave the loop, not for work a later request could do without a hop."""
+        return (self._handoff is not None and self._in_flight == 0
+                and trio.lowlevel.current_statistics().tasks_runnable == 0)
+
     async def _hop(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._in_flight += 1
