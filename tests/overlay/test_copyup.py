@@ -412,3 +412,23 @@ def test_fallback_copy_lands_at_the_same_offsets(tmp_path: Path) -> None:
     data, copied = source.read_bytes(), target.read_bytes()
     assert copied[MIB + 3 : 3 * MIB + 3] == data[MIB + 3 : 3 * MIB + 3]
     assert copied[: MIB + 3] == bytes(MIB + 3) and copied[3 * MIB + 3 :] == bytes(MIB - 3)
+
+
+def test_a_copy_ending_in_data_is_not_truncated_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose data runs to its end has its length once copied: a truncate to that length
+    would still zero the last page's tail on ext4 and wait for the writeback started on it. One
+    with a trailing hole is given its length by a truncate."""
+    lower = make_tree(tmp_path / "lower", File("full", os.urandom(3309)), Sparse("holed", 4 * MIB, {0: b"head" * 1000}))
+    truncated: list[int] = []
+    real_ftruncate = os.ftruncate
+
+    def counting_ftruncate(fd: int, length: int) -> None:
+        truncated.append(length)
+        real_ftruncate(fd, length)
+
+    monkeypatch.setattr(copyup.os, "ftruncate", counting_ftruncate)
+    ws = workspace(tmp_path)
+    copy_up(ws, str(lower / "full"), str(tmp_path / "upper" / "full"))
+    assert truncated == [] and (tmp_path / "upper" / "full").read_bytes() == (lower / "full").read_bytes()
+    copy_up(ws, str(lower / "holed"), str(tmp_path / "upper" / "holed"))
+    assert truncated == [4 * MIB] and os.stat(tmp_path / "upper" / "holed").st_size == 4 * MIB
