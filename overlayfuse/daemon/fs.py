@@ -593,8 +593,10 @@ class OverlayOperations(pyfuse3.Operations):
             except OSError as exc:  # the open stands; its READs will meet the error themselves
                 log.debug("reading inode %d's data ahead: %s", node.ino, exc)
                 return
-            if node.opened != 1 or self.lower_data.stored(node.ino):
-                return  # opened again meanwhile: that open's READs go as READs
+            if node.opened != 1 or node.resolved.layer.writable or self.lower_data.stored(node.ino):
+                # Opened again meanwhile (that open's READs go as READs), or copied up (a
+                # truncate(2) sends no OPEN): the lower data may no longer be the file's.
+                return
         self.lower_data.store(node.ino, data, st)
 
     def _names_of_a_broken_link(self, node: Node) -> bool:

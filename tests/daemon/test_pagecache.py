@@ -10,12 +10,14 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from overlayfuse.daemon import pagecache
+from tests.support.gatefs import FILE_NAME, gate_fs, wait_held
 from tests.support.mounts import drop_caches, mount_at, overlayfuse, run_isolated
 from tests.support.requestlog import debug_daemon, request_counts, requests
 from tests.support.trees import File, make_tree
@@ -150,3 +152,36 @@ def _abort_connection(mnt: Path, fusectl: Path) -> None:
         (fusectl / minor / "abort").write_text("1")
     finally:
         subprocess.run(["umount", str(fusectl)], check=False, timeout=30)
+
+
+def test_a_file_copied_up_while_its_open_reads_ahead_is_not_stored(tmp_path: Path) -> None:
+    """A small lower file opened to read, its data not in the host's cache, is read by a worker at
+    the open and stored when the read is done. A truncate(2) meanwhile sends no OPEN (the count of
+    opens stays one) but copies the file up and cuts it, and another gives it its length back: the
+    lower data read ahead is no longer the file's, and stored it would be what the open reads. The
+    lower layer is tests.support.gatefs, whose file cannot be read until the test says so, so the
+    truncate lands while the open's read waits, every time."""
+    control = tmp_path / "control"
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    size = pagecache.STORE_MAX // 2
+    with gate_fs(control, tmp_path / "gate", size=size) as gate, \
+            overlayfuse(tmp_path / "mnt", [gate], upper, work) as fuse:
+        path = fuse.mnt / FILE_NAME.decode()
+        opened: list[int] = []
+        opener = threading.Thread(target=lambda: opened.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)))
+        opener.start()
+        try:
+            wait_held(control, READERS_TIMEOUT)  # the open's read ahead waits at the gate
+            os.truncate(path, 0)  # no data is left of the lower file's...
+            os.truncate(path, size)  # ...and its old length again: zeros, which a store would hide
+        finally:
+            (control / "release").touch()
+            opener.join(READERS_TIMEOUT)
+        assert not opener.is_alive() and len(opened) == 1
+        try:
+            assert os.pread(opened[0], size, 0) == bytes(size)
+        finally:
+            os.close(opened[0])
+        assert path.read_bytes() == bytes(size)

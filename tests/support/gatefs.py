@@ -1,8 +1,8 @@
 """A tiny FUSE filesystem whose one file cannot be read until the test says so.
 
-    python -m tests.support.gatefs CONTROL_DIR MOUNTPOINT [--handoff]
+    python -m tests.support.gatefs CONTROL_DIR MOUNTPOINT [--handoff | --size BYTES]
 
-It serves a single regular file, `gated` (1 MiB).  A read of it first creates
+It serves a single regular file, `gated` (1 MiB unless --size says).  A read of it first creates
 CONTROL_DIR/waiting, then waits (without blocking gatefs itself) until
 CONTROL_DIR/release exists.  Used as a lower layer, it gives a test a lower-layer read
 that stays blocked for exactly as long as the test wants: a real, slow filesystem
@@ -44,10 +44,11 @@ FIXED_NS = 1_600_000_000_000_000_000
 class GateFS(FlatReadOnlyFS):
     """Root directory with one file whose reads wait for `control/release`."""
 
-    def __init__(self, control: Path) -> None:
+    def __init__(self, control: Path, size: int = FILE_SIZE) -> None:
         super().__init__()
         self.waiting_marker = control / "waiting"
         self.release_marker = control / "release"
+        self.size = size
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -55,7 +56,7 @@ class GateFS(FlatReadOnlyFS):
         if inode == pyfuse3.ROOT_INODE:
             attr.st_mode, attr.st_nlink, attr.st_size = stat.S_IFDIR | 0o755, 2, 0
         elif inode == FILE_INODE:
-            attr.st_mode, attr.st_nlink, attr.st_size = stat.S_IFREG | 0o644, 1, FILE_SIZE
+            attr.st_mode, attr.st_nlink, attr.st_size = stat.S_IFREG | 0o644, 1, self.size
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attr.st_uid = attr.st_gid = 0
@@ -87,19 +88,19 @@ class GateFS(FlatReadOnlyFS):
         self.waiting_marker.touch()
         while not self.release_marker.exists():
             await trio.sleep(POLL_SECONDS)
-        return b"g" * max(0, min(size, FILE_SIZE - off))
+        return b"g" * max(0, min(size, self.size - off))
 
 
 @contextlib.contextmanager
-def gate_fs(control: Path, mnt: Path, *, handoff: bool = False) -> Iterator[Path]:
-    """Mount gatefs (HANDOFF: its ``--handoff`` kind); on exit release every waiting read,
-    unmount, reap the process."""
+def gate_fs(control: Path, mnt: Path, *, handoff: bool = False, size: int = FILE_SIZE) -> Iterator[Path]:
+    """Mount gatefs (HANDOFF: its ``--handoff`` kind; SIZE: its file's, for the plain kind); on
+    exit release every waiting read, unmount, reap the process."""
     control.mkdir()
     mnt.mkdir()
     log = control / "gatefs.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "tests.support.gatefs", str(control), str(mnt),
-                                 *(["--handoff"] if handoff else [])],
+                                 *(["--handoff"] if handoff else ["--size", str(size)])],
                                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     try:
         deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -161,12 +162,15 @@ class HandoffGateFS(GateFS):
             (self.waiting_marker.parent / "parked").touch()
         while not self.done.is_set():
             await trio.sleep(POLL_SECONDS)
-        return b"g" * max(0, min(size, FILE_SIZE - off))
+        return b"g" * max(0, min(size, self.size - off))
 
 
 def main(argv: list[str]) -> int:
     control, mountpoint = Path(argv[0]), argv[1]
-    fs = HandoffGateFS(control) if argv[2:] == ["--handoff"] else GateFS(control)
+    if argv[2:] == ["--handoff"]:
+        fs: GateFS = HandoffGateFS(control)
+    else:
+        fs = GateFS(control, int(argv[3]) if argv[2:3] == ["--size"] else FILE_SIZE)
     return serve(fs, mountpoint, "gatefs")
 
 
