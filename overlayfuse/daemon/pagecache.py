@@ -27,7 +27,8 @@ the blocked loop can answer. (Seen: eight threads reading the same files after t
 dropped hung the daemon in ``fuse_dev_do_write``, in its first round.) With no other open there is
 no READ of the file in flight: the kernel sends RELEASE only once the last READ of an open is
 answered. A worker's read lets other requests run meanwhile, so the count is asked again when the
-read is done.
+read is done, and whether the file was copied up meanwhile: a truncate(2) sends no OPEN, and a
+truncate to 0 and back would leave zeros where the store would put the old lower data.
 
 Not stored: files of the upper dir (their data changes, and most are passed through), metacopy files,
 passthrough opens (a read-only mount: the kernel reads the backing file and no page cache), and a
