@@ -574,7 +574,7 @@ class OverlayOperations(pyfuse3.Operations):
         store at the open saves where the host's cache is cold too. The worker's read waits for
         the disk as the first READ would have. Only while no other open of the file exists, also
         when the read is done (`pagecache`: another open's READ in flight would hold the pages
-        the store must lock)."""
+        the store must lock), and only if the file was not copied up meanwhile."""
         node, st = handle.node, handle.resolved.stat
         if self.lower_data.stored(node.ino):
             return
