@@ -72,6 +72,9 @@ class Binding:
     tmpfile: bool = False
     """``Operations.tmpfile`` is registered (pyfuse3 built against libfuse 3.17): open(2) with
     O_TMPFILE reaches the daemon (without it the kernel fails it with EOPNOTSUPP)."""
+    ioctl: bool = False
+    """``Operations.ioctl``: the file attribute flags of lsattr and chattr (and xfs_io's fsxattr)
+    reach the daemon, which reads and changes them on the real file (without it they fail)."""
     dont_mask: bool = False
     """``Operations.enable_dont_mask``: new objects' modes come as asked, umask not applied, so a
     directory's default ACL can take the umask's place exactly (without it the kernel applied the
@@ -90,6 +93,7 @@ class Binding:
             ("holes (SEEK_DATA, SEEK_HOLE)", self.lseek),
             ("fallocate", self.fallocate),
             ("O_TMPFILE", self.tmpfile),
+            ("file attributes (lsattr, chattr)", self.ioctl),
             ("modes as asked (dont_mask)", self.dont_mask),
         ) if on]  # fmt: skip
         return ", ".join(extras) if extras else "none (stock pyfuse3: every listing and readlink reaches the daemon)"
@@ -134,6 +138,7 @@ def detect() -> Binding:
         lseek=hasattr(pyfuse3.Operations, "lseek"),
         fallocate=hasattr(pyfuse3.Operations, "fallocate"),
         tmpfile=bool(getattr(pyfuse3, "TMPFILE_SUPPORTED", False)),
+        ioctl=hasattr(pyfuse3.Operations, "ioctl"),
         dont_mask=hasattr(pyfuse3.Operations, "enable_dont_mask"),
     )
 

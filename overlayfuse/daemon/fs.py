@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from ..linux import nowait, syscalls
+from ..linux import fileattr, nowait, syscalls
 from ..linux.peers import Peer
 from ..overlay import whiteout
 from ..overlay.inodes import Node, UnknownInode, identity
@@ -789,6 +789,35 @@ class OverlayOperations(pyfuse3.Operations):
         return offset_found
 
     @_boundary
+    async def ioctl(self, inode: int, fh: int, cmd: int, in_data: bytes, out_size: int, flags: int) -> bytes:
+        """The file attribute flags lsattr reads and chattr changes, and xfs_io's fsxattr (pyfuse3
+        patch 0014; the kernel passes a daemon no other ioctl): read from the object's real file,
+        the upper copy or the lower one, as the kernel's overlay reads them (``ovl_fileattr_get``);
+        a change copies the object up, its metadata only, and is made on the upper copy
+        (``ovl_fileattr_set``), by the daemon: the kernel has checked the caller's rights
+        (ownership, CAP_LINUX_IMMUTABLE). Append-only and immutable go on the upper object itself,
+        as fuse-overlayfs and kernels before 5.15 put them, where the kernel's overlay now keeps
+        them in ``overlay.protattr``: read here too, so an upper dir a kernel wrote shows them.
+        Any other command: ENOTTY."""
+        if not self.binding.ioctl:
+            raise _fuse_error(errno.ENOSYS)  # OVERLAYFUSE_BINDING=stock: what a stock pyfuse3 answers
+        if cmd not in fileattr.COMMANDS:
+            raise _fuse_error(errno.ENOTTY)
+        node = self.tree.node(inode)
+        if fileattr.reads(cmd):
+            upper = self.tree.upper_dir
+            protattr = upper.features.protattr if upper is not None and node.resolved.layer.writable else ""
+            read = functools.partial(_read_fileattr, cmd=cmd, size=out_size, protattr=protattr)
+            data: bytes = await self.tree.on_object(node, read)
+            return data
+        self._check_writable()
+        async with self._changing():
+            await self.tree.copy_up(node, meta_only=True)
+            await self.tree.on_object(node, functools.partial(fileattr.set_, cmd=cmd, data=in_data))
+        await self.workers.run(_invalidate_attributes, node.ino)  # its ctime moved
+        return b""
+
+    @_boundary
     @_change
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) (pyfuse3 patch 0011) on the real file, which an open for writing copied up
@@ -1185,6 +1214,21 @@ def _requester(ctx: pyfuse3.RequestContext) -> Peer:
 def _clearing_set_id(ctx: pyfuse3.RequestContext) -> Callable[[str], bool]:
     """`killpriv.clear_set_id` by the request's caller, for a path of the object (`MergedTree.on_object`)."""
     return functools.partial(killpriv.clear_set_id, requester=_requester(ctx))
+
+
+def _read_fileattr(path: str, *, cmd: int, size: int, protattr: str) -> bytes:
+    """`fileattr.get` of PATH (a held object's /proc/self/fd path), with the append-only and
+    immutable flags the kernel's overlay keeps in the xattr PROTATTR ("" for none) set."""
+    data = fileattr.get(path, cmd, size)
+    if not protattr:
+        return data
+    try:
+        kept = os.getxattr(path, protattr)  # the /proc link is followed to the held object itself
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return data
+        raise
+    return fileattr.with_protected(cmd, data, append=b"a" in kept, immutable=b"i" in kept)
 
 
 def _invalidate_attributes(ino: int) -> None:

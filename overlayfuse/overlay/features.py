@@ -47,6 +47,9 @@ class FeatureXattrs:
     rename into it from another directory), as the kernel's ``ovl_set_impure`` does whatever its
     options: a kernel mounted later reads it to give those children their lower inode numbers in
     readdir's d_ino, the numbers their st_ino shows."""
+    protattr: str = ""
+    """Where the kernel's overlay keeps an object's append-only and immutable flags ("a", "i"),
+    read here so that an upper dir a kernel wrote shows them (this daemon sets them on the object)."""
 
 
 #: The options' defaults (both on), and a mount writing neither.
@@ -70,4 +73,5 @@ def xattrs_for(features: CopyUpFeatures, opaque_xattr: str) -> FeatureXattrs:
         metacopy=prefix + "metacopy" if features.metacopy else "",
         origin=prefix + "origin",
         impure=prefix + "impure",
+        protattr=prefix + "protattr",
     )

@@ -1,0 +1,76 @@
+"""File attribute flags (lsattr, chattr) and the ``struct fsxattr`` (xfs_io's lsattr and chattr),
+read and changed with the ioctls that carry them.
+
+The kernel's FUSE sends a daemon exactly these four ioctls for its fileattr operations
+(fs/fuse/ioctl.c, ``fuse_fileattr_get`` and ``fuse_fileattr_set``): the flags as a 4-byte int,
+the struct as its 28 bytes, both in the host's byte order. The daemon asks the real file with the
+same ioctl, through a descriptor of its own: an O_PATH one cannot carry an ioctl.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+
+#: _IOR('f', 1, long), _IOW('f', 2, long), _IOR('X', 31, struct fsxattr), _IOW('X', 32, ...) on a
+#: 64-bit kernel, which sends these numbers whatever the caller used (its fileattr operations).
+GETFLAGS = 0x80086601
+SETFLAGS = 0x40086602
+FSGETXATTR = 0x801C581F
+FSSETXATTR = 0x401C5820
+COMMANDS = frozenset({GETFLAGS, SETFLAGS, FSGETXATTR, FSSETXATTR})
+
+#: FS_APPEND_FL and FS_IMMUTABLE_FL (linux/fs.h), and their fsxattr forms.
+APPEND_FL = 0x20
+IMMUTABLE_FL = 0x10
+XFLAG_IMMUTABLE = 0x8
+XFLAG_APPEND = 0x10
+
+#: Room for what any of the four carries (the flags as a long, the 28-byte struct).
+_BUFFER = 32
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def reads(cmd: int) -> bool:
+    return cmd in (GETFLAGS, FSGETXATTR)
+
+
+def get(path: str, cmd: int, size: int) -> bytes:
+    """The first SIZE bytes CMD (GETFLAGS or FSGETXATTR) answers for the file or directory PATH (a
+    /proc/self/fd path of a held object: opened anew, read-only)."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        buf = bytearray(_BUFFER)
+        fcntl.ioctl(fd, cmd, buf)
+    finally:
+        os.close(fd)
+    return bytes(buf[:size])
+
+
+def set_(path: str, cmd: int, data: bytes) -> None:
+    """CMD (SETFLAGS or FSSETXATTR) with DATA on the file or directory PATH."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        fcntl.ioctl(fd, cmd, bytearray(data.ljust(_BUFFER, b"\0")))
+    finally:
+        os.close(fd)
+
+
+def with_protected(cmd: int, data: bytes, append: bool, immutable: bool) -> bytes:
+    """DATA (what GETFLAGS or FSGETXATTR answered) with the append-only and immutable bits set
+    where APPEND and IMMUTABLE say (the kernel's overlay keeps those two in an xattr of the upper
+    object, ``overlay.protattr``, not on the object itself)."""
+    if not (append or immutable) or len(data) < 4:
+        return data
+    word = int.from_bytes(data[:4], sys.byteorder)
+    if cmd == GETFLAGS:
+        word |= (APPEND_FL if append else 0) | (IMMUTABLE_FL if immutable else 0)
+    else:
+        word |= (XFLAG_APPEND if append else 0) | (XFLAG_IMMUTABLE if immutable else 0)
+    return word.to_bytes(4, sys.byteorder) + data[4:]
+
+
+__all__ = ["COMMANDS", "FSGETXATTR", "FSSETXATTR", "GETFLAGS", "SETFLAGS", "get", "reads", "set_",
+           "with_protected"]
