@@ -9,9 +9,12 @@ same ioctl, through a descriptor of its own: an O_PATH one cannot carry an ioctl
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import sys
+from collections.abc import Iterator
 
 #: _IOR('f', 1, long), _IOW('f', 2, long), _IOR('X', 31, struct fsxattr), _IOW('X', 32, ...) on a
 #: 64-bit kernel, which sends these numbers whatever the caller used (its fileattr operations).
@@ -26,6 +29,11 @@ APPEND_FL = 0x20
 IMMUTABLE_FL = 0x10
 XFLAG_IMMUTABLE = 0x8
 XFLAG_APPEND = 0x10
+
+#: FS_SYNC_FL and FS_NOATIME_FL: the flags the kernel's overlay carries to a copy-up's copy
+#: (``OVL_COPY_FS_FLAGS_MASK``).
+SYNC_FL = 0x8
+NOATIME_FL = 0x80
 
 #: Room for what any of the four carries (the flags as a long, the 28-byte struct).
 _BUFFER = 32
@@ -58,6 +66,45 @@ def set_(path: str, cmd: int, data: bytes) -> None:
         os.close(fd)
 
 
+def copy_kept_flags(src: int | str, dst: int | str) -> None:
+    """Give DST the sync and noatime flags SRC has, as the kernel's overlay does at a copy-up
+    (``ovl_copy_fileattr``); each is an fd, or a directory's path (never followed). Nothing where
+    either filesystem keeps no flags."""
+    try:
+        with _opened(src) as src_fd:
+            kept = _flags(src_fd) & (SYNC_FL | NOATIME_FL)
+        if kept:
+            with _opened(dst) as dst_fd:
+                flags = (_flags(dst_fd) & ~(SYNC_FL | NOATIME_FL)) | kept
+                fcntl.ioctl(dst_fd, SETFLAGS, bytearray(flags.to_bytes(4, sys.byteorder).ljust(_BUFFER, b"\0")))
+    except OSError as exc:
+        if exc.errno not in _NO_FLAGS:
+            raise
+
+
+#: What a filesystem that keeps no such flags answers (NTFS-3G: EINVAL, as the kernel notes).
+_NO_FLAGS = frozenset({errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
+
+
+def _flags(fd: int) -> int:
+    buf = bytearray(_BUFFER)
+    fcntl.ioctl(fd, GETFLAGS, buf)
+    return int.from_bytes(buf[:4], sys.byteorder)
+
+
+@contextlib.contextmanager
+def _opened(target: int | str) -> Iterator[int]:
+    """TARGET itself if it is an fd, else a descriptor of the directory TARGET, closed after."""
+    if isinstance(target, int):
+        yield target
+        return
+    fd = os.open(target, _OPEN_FLAGS | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def with_protected(cmd: int, data: bytes, append: bool, immutable: bool) -> bytes:
     """DATA (what GETFLAGS or FSGETXATTR answered) with the append-only and immutable bits set
     where APPEND and IMMUTABLE say (the kernel's overlay keeps those two in an xattr of the upper
@@ -72,5 +119,5 @@ def with_protected(cmd: int, data: bytes, append: bool, immutable: bool) -> byte
     return word.to_bytes(4, sys.byteorder) + data[4:]
 
 
-__all__ = ["COMMANDS", "FSGETXATTR", "FSSETXATTR", "GETFLAGS", "SETFLAGS", "get", "reads", "set_",
-           "with_protected"]
+__all__ = ["COMMANDS", "FSGETXATTR", "FSSETXATTR", "GETFLAGS", "SETFLAGS", "copy_kept_flags", "get", "reads",
+           "set_", "with_protected"]

@@ -28,7 +28,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 
-from ..linux import ownwrite
+from ..linux import fileattr, ownwrite
 from ..linux.syscalls import link_open_file, rename_noreplace, start_writeback
 from . import origin, unnamed, whiteout
 from .metachange import MetadataChange
@@ -501,6 +501,8 @@ def _copy_metadata(
     if not is_link and owner is None:  # a symlink's mode is fixed at 0777 and Linux cannot change it
         os.chmod(dst, found.mode)
     _copy_xattrs(src, dst, is_link, names)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        fileattr.copy_kept_flags(src, dst)  # sync and noatime, as the kernel's ovl_copy_fileattr
     if ws.origin_xattr and origin.wanted(st):
         origin.set_origin(dst, ws.origin_xattr, origin.encode(src, st))
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=isinstance(dst, int))

@@ -41,10 +41,13 @@ def _ioctl_binding() -> None:
 @pytest.fixture
 def mounts(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """(kernel overlay, overlayfuse) over one lower layer, each with its own upper dir. The lower
-    layer has a plain file and directory, and one of each carrying a flag (noatime, nodump)."""
-    lower = make_tree(tmp_path / "lower", File("plain", b"p"), File("noatime", b"n"), Dir("dir"), Dir("nodump"))
+    layer has a plain file and directory, a file carrying a flag (noatime) and two directories
+    (nodump, sync)."""
+    lower = make_tree(tmp_path / "lower", File("plain", b"p"), File("noatime", b"n"), Dir("dir"), Dir("nodump"),
+                      Dir("sync"))
     _chattr("+A", lower / "noatime")
     _chattr("+d", lower / "nodump")
+    _chattr("+S", lower / "sync")
     with ExitStack() as stack:
         dirs = {name: tmp_path / name for name in ("kupper", "kwork", "fupper", "fwork")}
         for path in dirs.values():
@@ -106,6 +109,20 @@ def test_a_change_copies_up_and_shows(mounts: tuple[Path, Path]) -> None:
     lower = mounts[0].parent / "lower"
     assert "d" not in _lsattr(lower / "plain") and "d" in _lsattr(lower / "nodump")
     assert (mounts[1].parent / "fupper" / "plain").exists()  # copied up
+
+
+def test_a_copy_up_keeps_sync_and_noatime(mounts: tuple[Path, Path]) -> None:
+    """A chmod copies up: the copy keeps the lower object's sync and noatime flags and no other
+    (nodump goes), as the kernel's ovl_copy_fileattr copies them."""
+    for mnt in mounts:
+        for name in ("noatime", "nodump", "sync"):
+            os.chmod(mnt / name, 0o700, follow_symlinks=False)
+    for name in ("noatime", "nodump", "sync"):
+        kernel, fuse = _both(mounts, name)
+        assert fuse == kernel, name
+    assert "A" in _both(mounts, "noatime")[1] and "S" in _both(mounts, "sync")[1]
+    assert "d" not in _both(mounts, "nodump")[0]
+    assert (mounts[1].parent / "fupper" / "noatime").exists()  # copied up
 
 
 def test_immutable_and_append_only_hold_on_both(mounts: tuple[Path, Path]) -> None:
