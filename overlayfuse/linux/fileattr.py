@@ -78,12 +78,14 @@ def copy_kept_flags(src: int | str, dst: int | str) -> None:
                 flags = (_flags(dst_fd) & ~(SYNC_FL | NOATIME_FL)) | kept
                 fcntl.ioctl(dst_fd, SETFLAGS, bytearray(flags.to_bytes(4, sys.byteorder).ljust(_BUFFER, b"\0")))
     except OSError as exc:
-        if exc.errno not in _NO_FLAGS:
+        if exc.errno not in _NOT_CARRIED:
             raise
 
 
-#: What a filesystem that keeps no such flags answers (NTFS-3G: EINVAL, as the kernel notes).
-_NO_FLAGS = frozenset({errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
+#: What a filesystem that keeps no such flags answers (NTFS-3G: EINVAL, as the kernel notes), and
+#: what a directory this daemon may not open for reading (a rootless one, a directory of an owner
+#: it cannot map) answers: its copy-up goes on without them, as it went before flags were carried.
+_NOT_CARRIED = frozenset({errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EACCES, errno.EPERM})
 
 
 def _flags(fd: int) -> int:
