@@ -140,7 +140,7 @@ def test_immutable_and_append_only_hold_on_both(mounts: tuple[Path, Path]) -> No
                            (os.unlink, (mnt / "frozen",)),
                            (os.open, (mnt / "log", os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW))):
             with pytest.raises(PermissionError) as caught:
-                call(*args)  # type: ignore[operator]
+                call(*args)
             assert caught.value.errno == errno.EPERM, (mnt, args)
         fd = os.open(mnt / "log", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         try:
