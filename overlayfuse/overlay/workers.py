@@ -226,11 +226,15 @@ class Workers:
 
     def would_hand(self) -> bool:
         """Whether a hop made now could be handed to a waiting worker while the loop spins for its
-        result (`_hand_or_queue`): no other hop out and no task ready. A queued hop wakes a sleeping
-        worker and then the loop, each a wake-up of an idle CPU on this kind of VM: worth it for
-        work that must leave the loop, not for work a later request could do without a hop."""
-        return (self._handoff is not None and self._in_flight == 0
-                and trio.lowlevel.current_statistics().tasks_runnable == 0)
+        result (`_hand_or_queue`). A queued hop wakes a sleeping worker and then the loop, each a
+        wake-up of an idle CPU on this kind of VM: worth it for work that must leave the loop, not
+        for work a later request could do without a hop."""
+        return self._handoff is not None and self._loop_idle_but(0)
+
+    def _loop_idle_but(self, hops: int) -> bool:
+        """The loop has nothing else to do but wait for HOPS hops (the caller's own, once counted):
+        no other hop out, no task ready. Only then may it spin for a handed hop's result."""
+        return self._in_flight == hops and trio.lowlevel.current_statistics().tasks_runnable == 0
 
     async def _hop(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -241,13 +245,12 @@ class Workers:
             self._in_flight -= 1
 
     async def _hand_or_queue(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
-        # The loop spins only when it has nothing else to do: no other hop out, no task ready.
-        if (self._handoff is not None and self._in_flight == 1
-                and trio.lowlevel.current_statistics().tasks_runnable == 0):
+        handoff = self._handoff
+        if handoff is not None and self._loop_idle_but(1):  # this hop is counted already
             task = trio.lowlevel.current_task()
             job = (func, args, task, trio.lowlevel.current_trio_token())
-            posted = self._handoff.post_and_wait(job, self._spin_ns, True) if self._watch \
-                else self._handoff.post_and_wait(job, self._spin_ns)
+            posted = handoff.post_and_wait(job, self._spin_ns, True) if self._watch \
+                else handoff.post_and_wait(job, self._spin_ns)
             if posted is not None:  # else no worker was waiting: queue it as usual
                 taken, delivered = posted
                 del posted
