@@ -48,22 +48,14 @@ def reads(cmd: int) -> bool:
 def get(path: str, cmd: int, size: int) -> bytes:
     """The first SIZE bytes CMD (GETFLAGS or FSGETXATTR) answers for the file or directory PATH (a
     /proc/self/fd path of a held object: opened anew, read-only)."""
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        buf = bytearray(_BUFFER)
-        fcntl.ioctl(fd, cmd, buf)
-    finally:
-        os.close(fd)
-    return bytes(buf[:size])
+    with _opened(path) as fd:
+        return _get(fd, cmd)[:size]
 
 
 def set_(path: str, cmd: int, data: bytes) -> None:
     """CMD (SETFLAGS or FSSETXATTR) with DATA on the file or directory PATH."""
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        fcntl.ioctl(fd, cmd, bytearray(data.ljust(_BUFFER, b"\0")))
-    finally:
-        os.close(fd)
+    with _opened(path) as fd:
+        _set(fd, cmd, data)
 
 
 def copy_kept_flags(src: int | str, dst: int | str) -> None:
@@ -71,12 +63,12 @@ def copy_kept_flags(src: int | str, dst: int | str) -> None:
     (``ovl_copy_fileattr``); each is an fd, or a directory's path (never followed). Nothing where
     either filesystem keeps no flags."""
     try:
-        with _opened(src) as src_fd:
+        with _opened(src, _DIRECTORY) as src_fd:
             kept = _flags(src_fd) & (SYNC_FL | NOATIME_FL)
         if kept:
-            with _opened(dst) as dst_fd:
+            with _opened(dst, _DIRECTORY) as dst_fd:
                 flags = (_flags(dst_fd) & ~(SYNC_FL | NOATIME_FL)) | kept
-                fcntl.ioctl(dst_fd, SETFLAGS, bytearray(flags.to_bytes(4, sys.byteorder).ljust(_BUFFER, b"\0")))
+                _set(dst_fd, SETFLAGS, flags.to_bytes(4, sys.byteorder))
     except OSError as exc:
         if exc.errno not in _NOT_CARRIED:
             raise
@@ -89,18 +81,31 @@ _NOT_CARRIED = frozenset({errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.EN
 
 
 def _flags(fd: int) -> int:
+    return int.from_bytes(_get(fd, GETFLAGS)[:4], sys.byteorder)
+
+
+def _get(fd: int, cmd: int) -> bytes:
     buf = bytearray(_BUFFER)
-    fcntl.ioctl(fd, GETFLAGS, buf)
-    return int.from_bytes(buf[:4], sys.byteorder)
+    fcntl.ioctl(fd, cmd, buf)
+    return bytes(buf)
+
+
+def _set(fd: int, cmd: int, data: bytes) -> None:
+    fcntl.ioctl(fd, cmd, bytearray(data.ljust(_BUFFER, b"\0")))
+
+
+#: How `copy_kept_flags` opens a directory it is given by path: its last component never followed.
+_DIRECTORY = os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 @contextlib.contextmanager
-def _opened(target: int | str) -> Iterator[int]:
-    """TARGET itself if it is an fd, else a descriptor of the directory TARGET, closed after."""
+def _opened(target: int | str, flags: int = 0) -> Iterator[int]:
+    """TARGET itself if it is an fd, else a read-only descriptor of TARGET (with FLAGS too), closed
+    after."""
     if isinstance(target, int):
         yield target
         return
-    fd = os.open(target, _OPEN_FLAGS | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fd = os.open(target, _OPEN_FLAGS | flags)
     try:
         yield fd
     finally:
