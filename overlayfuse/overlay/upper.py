@@ -476,11 +476,8 @@ def _set_acls(target: int | str | None, inherited: acl.Inherited) -> None:
     if target is None:
         return
     for name, value in ((acl.ACCESS, inherited.access), (acl.DEFAULT, inherited.default)):
-        if value is not None:
-            if isinstance(target, int):
-                os.setxattr(target, name, value)
-            else:
-                os.setxattr(target, name, value, follow_symlinks=False)
+        if value is not None:  # a descriptor is what it is: Python refuses follow_symlinks=False with one
+            os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
 
 
 def _discard(path: str) -> None:
